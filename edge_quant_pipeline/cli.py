@@ -1,0 +1,103 @@
+"""``edge-quant run``: materialize the whole graph for every checkpoint, then print the comparison.
+
+It runs the same jobs the Dagster UI launches, on the instance in ``DAGSTER_HOME``
+(the current directory by default, so ``dagster dev`` started there shows the
+same runs and materializations).
+"""
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="edge-quant", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="convert, quantize, evaluate and publish every (model, recipe)")
+    run.add_argument("--model", action="append", help="only this model id (repeatable); default: every checkpoint")
+    run.add_argument("--recipe", action="append", help="only this recipe (repeatable); default: the whole catalog")
+    return parser.parse_args(argv)
+
+
+class Runner:
+    """Runs one job for one partition and prints a line a human can follow."""
+
+    def __init__(self, defs, instance):
+        self.defs, self.instance, self.failures = defs, instance, 0
+
+    def __call__(self, job_name: str, partition_key) -> object | None:
+        started = time.perf_counter()
+        result = self.defs.resolve_job_def(job_name).execute_in_process(
+            partition_key=partition_key, instance=self.instance, raise_on_error=False, run_config=RUN_CONFIG)
+        line = f"  {job_name:<26} {str(partition_key):<42} {time.perf_counter() - started:6.1f}s"
+        if result.success:
+            print(f"{line}  ok", flush=True)
+            return result
+        self.failures += 1
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the Dagster UI"
+        print(f"{line}  FAILED\n      {reason.splitlines()[0]}", flush=True)
+        return None
+
+
+def materialize_all(defs, instance, models: list[str], recipes: list[str]) -> Runner:
+    """The whole graph: recipes, then per model its conversion, each recipe, and its report."""
+    import dagster as dg
+
+    from edge_quant_pipeline.report import to_markdown
+
+    instance.add_dynamic_partitions("model", [m for m in models if not instance.has_dynamic_partition("model", m)])
+    runner = Runner(defs, instance)
+    for recipe in recipes:
+        runner("resolve_recipe", recipe)
+    for model in models:
+        print(f"\n{model}")
+        if runner("convert_checkpoint", model) is None:
+            continue
+        for recipe in recipes:
+            runner("quantize_evaluate_publish", dg.MultiPartitionKey({"model": model, "recipe": recipe}))
+        report = runner("report", model)
+        if report is not None:
+            print("\n" + to_markdown(report.output_for_node("quantization_report")))
+    return runner
+
+
+def _quiet_third_party_noise() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
+    _quiet_third_party_noise()
+    import dagster as dg
+
+    from edge_quant_pipeline import settings
+    from edge_quant_pipeline.checkpoints import find_checkpoints
+    from edge_quant_pipeline.definitions import defs
+    from edge_quant_pipeline.defs.partitions import recipe_catalog
+
+    models = args.model or list(find_checkpoints(settings.checkpoint_dir()))
+    print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
+    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})")
+    runner = materialize_all(defs, dg.DagsterInstance.get(), models, args.recipe or recipe_catalog.names)
+    print(f"\nArtifacts:        {settings.artifact_dir()}  (<model>/<recipe>/<version>/model.tflite + manifest.json)")
+    print(f"Reports:          {settings.artifact_dir()}/<model>/report.parquet")
+    print(f"{runner.failures} run(s) failed; see them with `dagster dev`." if runner.failures else "All runs succeeded.")
+    return 1 if runner.failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Torch model -> float ``.tflite`` (once per checkpoint); float ``.tflite`` + recipe -> quantized.
+
+``litert_torch.convert(..., quant_config=...)`` lowers the model to a float
+flatbuffer and then runs ai-edge-quantizer on it. We split those two steps so
+the expensive export (torch.export + MLIR lowering) runs once per checkpoint
+and each recipe costs only the quantizer pass; the bytes are the same (see
+``tests/test_convert.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Shapes baked into the exported signatures."""
+
+    prefill_len: int = 32
+    kv_cache_len: int = 128
+
+    @property
+    def prefill_signature(self) -> str:
+        return f"prefill_{self.prefill_len}"
+
+
+class QuantizationError(RuntimeError):
+    """ai-edge-quantizer rejected a recipe for this model."""
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Readers never see a half-written file: write a sibling, then rename over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(content)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def export_float_tflite(model: Any, model_config: Any, settings: ExportSettings, output: Path) -> Path:
+    """Export prefill and decode signatures (external KV cache, logits on prefill)."""
+    from litert_torch.generative.utilities import converter
+
+    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+        exported = converter.convert_to_tflite(
+            model,
+            output_path=scratch,
+            output_name_prefix="model",
+            prefill_seq_len=settings.prefill_len,
+            kv_cache_max_len=settings.kv_cache_len,
+            quantize="none",
+            config=model_config,
+            # Logits on prefill let evaluation score every position of the eval text;
+            # litert-torch crashes on export_config=None despite its signature.
+            export_config=converter.ExportConfig(output_logits_on_prefill=True),
+        )
+        os.replace(exported, output)
+    return output
+
+
+def quantize_tflite(float_tflite: Path, quantizer_recipe: list[dict[str, Any]], output: Path) -> Path:
+    """Apply an ai-edge-quantizer recipe to a float flatbuffer; needs neither torch nor TF."""
+    from ai_edge_quantizer import quantizer
+
+    try:
+        result = quantizer.Quantizer(float_tflite.read_bytes(), quantizer_recipe).quantize()
+    except Exception as error:  # the quantizer raises bare ValueError/RuntimeError for unsupported shapes
+        raise QuantizationError(f"ai-edge-quantizer rejected the recipe for {float_tflite}: {error}") from error
+    write_atomically(output, bytes(result.quantized_model))
+    return output

@@ -1,0 +1,45 @@
+"""The code location: every asset, job and resource, in one Definitions object."""
+
+
+import dagster as dg
+
+from edge_quant_pipeline import settings
+from edge_quant_pipeline.defs.checkpoint import checkpoint
+from edge_quant_pipeline.defs.evaluation import evaluation
+from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
+from edge_quant_pipeline.defs.partitions import model_partitions, model_recipe_partitions, recipe_partitions
+from edge_quant_pipeline.defs.publishing import published_artifact
+from edge_quant_pipeline.defs.quantize import quantized_tflite
+from edge_quant_pipeline.defs.recipe import quant_recipe
+from edge_quant_pipeline.defs.report import quantization_report
+from edge_quant_pipeline.defs.resources import PipelineConfig
+
+# One job per partitioning: a Dagster run materializes one partition key, so the
+# graph for a model runs as convert -> recipes -> one run per recipe -> report.
+convert_checkpoint_job = dg.define_asset_job(
+    "convert_checkpoint", selection=[checkpoint, float_tflite, float_reference], partitions_def=model_partitions)
+resolve_recipe_job = dg.define_asset_job("resolve_recipe", selection=[quant_recipe], partitions_def=recipe_partitions)
+quantize_job = dg.define_asset_job(
+    "quantize_evaluate_publish", selection=[quantized_tflite, evaluation, published_artifact],
+    partitions_def=model_recipe_partitions)
+report_job = dg.define_asset_job("report", selection=[quantization_report], partitions_def=model_partitions)
+
+
+def pipeline_config_from_env() -> PipelineConfig:
+    return PipelineConfig(
+        checkpoint_dir=str(settings.checkpoint_dir()),
+        artifact_dir=str(settings.artifact_dir()),
+        work_dir=str(settings.work_dir()),
+        eval_text=str(settings.eval_text()),
+    )
+
+
+defs = dg.Definitions(
+    assets=[checkpoint, float_tflite, float_reference, quant_recipe, quantized_tflite, evaluation,
+            published_artifact, quantization_report],
+    jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job],
+    resources={"pipeline": pipeline_config_from_env()},
+    # Steps of one run share a process: for small models the ~2 GB, ~7 s import of
+    # torch + TensorFlow + litert-torch costs more than the work itself.
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,1 @@
+"""Dagster wiring only: assets, partitions, jobs and resources that call the domain modules."""

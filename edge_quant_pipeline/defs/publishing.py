@@ -1,0 +1,48 @@
+"""`published_artifact`: the evaluated model copied into the artifact store with its manifest."""
+
+
+import dagster as dg
+
+from edge_quant_pipeline.checkpoints import Checkpoint
+from edge_quant_pipeline.defs.outcomes import artifact_inputs
+from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
+from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.evaluate import Evaluation
+from edge_quant_pipeline.publish import PublishedArtifact, publish
+from edge_quant_pipeline.recipes import Recipe
+from edge_quant_pipeline.weights import TfliteModel
+
+
+@dg.asset(
+    partitions_def=model_recipe_partitions,
+    group_name="publishing",
+    ins={
+        "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
+        "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
+    },
+)
+def published_artifact(
+    context: dg.AssetExecutionContext,
+    pipeline: PipelineConfig,
+    checkpoint: Checkpoint,
+    quant_recipe: Recipe,
+    quantized_tflite: TfliteModel,
+    evaluation: Evaluation,
+) -> dg.Output[PublishedArtifact]:
+    """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage + metrics)."""
+    inputs = artifact_inputs(checkpoint, quant_recipe)
+    artifact = publish(pipeline.store, inputs, quantized_tflite.path, {
+        "artifact_path": str(pipeline.store / inputs.model_id / inputs.recipe / inputs.version),
+        "checkpoint_path": str(checkpoint.path),
+        "recipe_spec": quant_recipe.spec(),
+        "export": {"prefill_len": pipeline.prefill_len, "kv_cache_len": pipeline.kv_cache_len},
+        "metrics": evaluation.as_dict(),
+        "dagster_run_id": context.run.run_id,
+    })
+    context.log.info(f"{'Published' if artifact.newly_published else 'Already published'} {artifact.path}")
+    return dg.Output(artifact, metadata={
+        "artifact_path": dg.MetadataValue.path(str(artifact.path)),
+        "version": artifact.version,
+        "newly_published": artifact.newly_published,
+        **evaluation.as_dict(),
+    })

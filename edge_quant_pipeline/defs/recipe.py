@@ -1,0 +1,28 @@
+"""`quant_recipe`: one validated recipe per partition; its data version is the hash of its spec."""
+
+
+import json
+
+import dagster as dg
+
+from edge_quant_pipeline.defs.partitions import recipe_catalog, recipe_partitions
+from edge_quant_pipeline.recipes import Recipe, RecipeError
+
+
+@dg.asset(partitions_def=recipe_partitions, group_name="recipes")
+def quant_recipe(context: dg.AssetExecutionContext) -> dg.Output[Recipe]:
+    """A quantization recipe from the catalog (built-ins + recipes.yaml)."""
+    try:
+        recipe = recipe_catalog.get(context.partition_key)
+    except RecipeError as error:
+        raise dg.Failure(str(error)) from None
+    return dg.Output(
+        recipe,
+        data_version=dg.DataVersion(recipe.spec_hash),
+        metadata={
+            "description": recipe.description,
+            "source": recipe.source,
+            "spec": dg.MetadataValue.json(recipe.spec()),
+            "spec_sha256": recipe.spec_hash,
+        },
+    )

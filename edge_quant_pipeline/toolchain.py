@@ -1,0 +1,24 @@
+"""Versions of the converting and quantizing toolchain, recorded with every artifact."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+
+TOOLCHAIN_PACKAGES = ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch")
+
+
+@cache
+def toolchain_versions() -> dict[str, str]:
+    versions = {}
+    for package in TOOLCHAIN_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def toolchain_tag() -> str:
+    """One string that changes whenever any toolchain package changes version."""
+    return ",".join(f"{name}={v}" for name, v in toolchain_versions().items())

@@ -1,0 +1,38 @@
+"""Shared fixtures. The pipeline reads its paths from EDGE_QUANT_* variables when the
+code location loads, so they are pointed at a temporary directory before anything
+imports edge_quant_pipeline.definitions."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="edge-quant-tests-"))
+os.environ["EDGE_QUANT_ARTIFACT_DIR"] = str(SESSION_DIR / "artifacts")
+os.environ["EDGE_QUANT_WORK_DIR"] = str(SESSION_DIR / "work")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).parent.parent
+DEMO_MODEL = "tiny-llama-bytes"
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint_dir() -> Path:
+    from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+
+    return DEMO_CHECKPOINT_DIR / DEMO_MODEL
+
+
+@pytest.fixture(scope="session")
+def pipeline_run():
+    """The whole graph materialized once, through Dagster, for the bundled demo model."""
+    import dagster as dg
+
+    from edge_quant_pipeline.cli import materialize_all
+    from edge_quant_pipeline.definitions import defs
+    from edge_quant_pipeline.defs.partitions import recipe_catalog
+
+    with dg.instance_for_test() as instance:
+        runner = materialize_all(defs, instance, [DEMO_MODEL], recipe_catalog.names)
+        yield instance, runner

@@ -1,0 +1,33 @@
+"""Export once, quantize per recipe: the same bytes as litert-torch's one-shot convert."""
+
+import pytest
+
+from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
+from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
+from edge_quant_pipeline.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+
+
+@pytest.fixture(scope="module")
+def float_export(tmp_path_factory, demo_checkpoint_dir):
+    checkpoint = read_checkpoint(demo_checkpoint_dir)
+    model_config = architecture_of(checkpoint).model_config
+    model = load_float_model(checkpoint, ExportSettings.kv_cache_len)
+    output = tmp_path_factory.mktemp("convert") / "float.tflite"
+    return model, model_config, export_float_tflite(model, model_config, ExportSettings(), output)
+
+
+@pytest.mark.parametrize("recipe", ["dynamic_int8", "fp16"])
+def test_quantizing_the_float_export_equals_one_shot_convert(float_export, tmp_path, recipe):
+    from litert_torch.generative.utilities import converter
+
+    model, model_config, float_tflite = float_export
+    ours = quantize_tflite(float_tflite, ai_edge_quantizer_recipe(BUILTIN_RECIPES[recipe], model_config),
+                           tmp_path / "ours.tflite")
+    # litert-torch's own path: convert with quantization in one call.
+    upstream = converter.convert_to_tflite(
+        model, output_path=str(tmp_path), output_name_prefix="upstream",
+        prefill_seq_len=ExportSettings.prefill_len, kv_cache_max_len=ExportSettings.kv_cache_len,
+        quantize=recipe, config=model_config,
+        export_config=converter.ExportConfig(output_logits_on_prefill=True),
+    )
+    assert ours.read_bytes() == open(upstream, "rb").read()

@@ -1,0 +1,110 @@
+"""The whole asset graph materialized through Dagster for the bundled demo model,
+with real conversion, real quantization and the real LiteRT interpreter."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from edge_quant_pipeline.weights import read_weights
+
+from conftest import DEMO_MODEL
+
+
+def metadata(instance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    assert records, f"{asset} [{partition}] was not materialized"
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def key(recipe: str) -> str:
+    return str(dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": recipe}))
+
+
+def test_every_run_succeeds(pipeline_run):
+    _, runner = pipeline_run
+    assert runner.failures == 0
+
+
+def test_demo_model_has_learned_its_text(pipeline_run):
+    instance, _ = pipeline_run
+    assert metadata(instance, "float_reference", DEMO_MODEL)["perplexity"] < 20  # uniform over bytes: 256
+
+
+def test_float_tflite_matches_pytorch(pipeline_run):
+    instance, _ = pipeline_run
+    float_eval = metadata(instance, "evaluation", key("float"))
+    assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert float_eval["mean_kl"] < 1e-4
+    assert float_eval["top1_agreement"] > 0.999
+
+
+@pytest.mark.parametrize("recipe, low, high", [
+    ("dynamic_int8", 3.7, 4.0), ("weight_only_int8", 3.7, 4.0), ("fp16", 1.95, 2.0),
+    ("dynamic_int4_block32", 6.0, 8.0),
+])
+def test_weight_bytes_shrink_as_the_scheme_says(pipeline_run, recipe, low, high):
+    instance, _ = pipeline_run
+    evaluation = metadata(instance, "evaluation", key(recipe))
+    assert low <= evaluation["weight_ratio"] <= high
+    # float mask and RoPE constants do not shrink, so the whole file shrinks less
+    assert 1.0 < evaluation["file_ratio"] < evaluation["weight_ratio"]
+
+
+def test_quantization_costs_little_quality(pipeline_run):
+    instance, _ = pipeline_run
+    int8 = metadata(instance, "evaluation", key("dynamic_int8"))
+    int4 = metadata(instance, "evaluation", key("dynamic_int4_block128"))
+    assert int8["perplexity_ratio"] < 1.05 and int8["top1_agreement"] > 0.9
+    assert int4["mean_kl"] > int8["mean_kl"]
+
+
+def test_selective_recipe_weights_are_as_specified(pipeline_run):
+    instance, _ = pipeline_run
+    artifact = Path(metadata(instance, "published_artifact", key("selective_fp16_int8"))["artifact_path"])
+    kinds = {(w.component, w.dtype, w.compute) for w in read_weights(artifact / "model.tflite")}
+    assert kinds == {
+        ("embedding", "INT8", "integer"),     # int8 dynamic
+        ("lm_head", "INT8", "integer"),       # tied to the embedding, so it follows it
+        ("attention", "INT8", "float"),       # int8 weight-only: dequantized, float compute
+        ("feedforward", "INT8", "integer"),   # int8 dynamic
+    }
+
+
+def test_published_artifacts_carry_lineage(pipeline_run):
+    instance, _ = pipeline_run
+    artifact = Path(metadata(instance, "published_artifact", key("fp16"))["artifact_path"])
+    assert artifact.parent.name == "fp16" and artifact.parent.parent.name == DEMO_MODEL
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    checkpoint = metadata(instance, "checkpoint", DEMO_MODEL)
+    assert manifest["checkpoint_sha256"] == checkpoint["sha256"]
+    assert manifest["recipe_spec"] == {"default": "fp16", "embedding": None, "attention": None, "feedforward": None}
+    assert set(manifest["toolchain"]) == {"litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch"}
+    assert manifest["metrics"]["weight_ratio"] > 1.9
+    assert (artifact / "model.tflite").stat().st_size == manifest["metrics"]["file_bytes"]
+
+
+def test_report_lists_every_recipe(pipeline_run):
+    from edge_quant_pipeline.defs.partitions import recipe_catalog
+
+    instance, _ = pipeline_run
+    meta = metadata(instance, "quantization_report", DEMO_MODEL)
+    report = pd.read_parquet(meta["parquet"])
+    assert list(report["recipe"]) == recipe_catalog.names
+    assert set(report["status"]) == {"published"}
+    assert "| dynamic_int8 " in meta["report"]
+
+
+def test_republishing_the_same_inputs_is_a_no_op(pipeline_run):
+    from edge_quant_pipeline.definitions import defs
+
+    instance, _ = pipeline_run
+    before = metadata(instance, "published_artifact", key("fp16"))
+    result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
+        partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "fp16"}), instance=instance)
+    after = metadata(instance, "published_artifact", key("fp16"))
+    assert result.success
+    assert after["version"] == before["version"] and after["newly_published"] is False

@@ -1,0 +1,71 @@
+"""Recipe catalog: parsing, validation messages, canonical hashing, scope retargeting."""
+
+from pathlib import Path
+
+import pytest
+
+from edge_quant_pipeline.recipes import BUILTIN_RECIPES, RecipeError, load_catalog, parse_recipe, retarget_scope
+
+REPO = Path(__file__).parent.parent
+
+
+def test_catalog_has_builtins_and_the_selective_example():
+    catalog = load_catalog(REPO / "recipes.yaml")
+    assert list(BUILTIN_RECIPES) == ["float", "dynamic_int8", "weight_only_int8", "fp16",
+                                     "dynamic_int4_block32", "dynamic_int4_block128"]
+    selective = catalog.get("selective_fp16_int8")
+    assert selective.spec() == {"default": "fp16", "embedding": "int8_dynamic",
+                                "attention": "int8_weight_only", "feedforward": "int8_dynamic"}
+    assert catalog.errors == {}
+
+
+def test_hash_depends_on_spec_only():
+    a = parse_recipe("a", {"default": "fp16", "attention": {1: "int8_dynamic", 0: "fp16"}}, "x.yaml")
+    b = parse_recipe("b", {"attention": {0: "fp16", 1: "int8_dynamic"}, "default": "fp16", "description": "d"}, "y")
+    c = parse_recipe("c", {"default": "fp16", "attention": {0: "fp16", 1: "int8_weight_only"}}, "x.yaml")
+    assert a.spec_hash == b.spec_hash != c.spec_hash
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"defualt": "fp16"}, "unknown key(s) defualt. Allowed keys: description, default"),
+    ({"default": "int3"}, "field 'default': unknown scheme 'int3'. Allowed schemes: int8_dynamic"),
+    ({"embedding": {0: "fp16"}}, "per-block map is only allowed for attention and feedforward"),
+    ({"attention": {"first": "fp16"}}, "block index 'first' is not a non-negative integer"),
+    ({"feedforward": {2: "int9"}}, "field 'feedforward.2': unknown scheme 'int9'"),
+    ({"description": "nothing"}, "sets no scheme"),
+])
+def test_validation_names_recipe_field_and_allowed_values(body, message):
+    with pytest.raises(RecipeError, match="recipe 'bad'") as error:
+        parse_recipe("bad", body, "recipes.yaml")
+    assert message in str(error.value)
+
+
+def test_a_bad_recipe_fails_alone(tmp_path):
+    path = tmp_path / "recipes.yaml"
+    path.write_text("recipes:\n  good: {default: fp16}\n  bad: {default: int3}\n  fp16: {default: fp16}\n")
+    catalog = load_catalog(path)
+    assert "good" in catalog.recipes
+    assert set(catalog.errors) == {"bad", "fp16"}
+    assert catalog.names == [*BUILTIN_RECIPES, "good", "bad"]
+    with pytest.raises(RecipeError, match="unknown scheme 'int3'"):
+        catalog.get("bad")
+    with pytest.raises(RecipeError, match="built in"):
+        catalog.get("fp16")
+
+
+@pytest.mark.parametrize("upstream, ours", [
+    (".*", ".*"),
+    ("Embedding_tok_embedding", "Embedding_tok_embedding"),
+    ("StatefulPartitionedCall", "logits_output"),
+    ("transformer_block/litert_torch.generative.layers.attention",
+     r"TransformerBlock_\d+/litert_torch\.generative\.layers\.attention\.CausalSelfAttention"),
+    (r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward",
+     r"TransformerBlock_3/litert_torch\.generative\.layers\.feed_forward\."),
+])
+def test_scopes_are_retargeted_to_litert_torch_op_names(upstream, ours):
+    assert retarget_scope(upstream) == ours
+
+
+def test_unknown_upstream_scope_fails_loudly():
+    with pytest.raises(RecipeError, match="unexpected quantization scope"):
+        retarget_scope("some_new_layer_name")
