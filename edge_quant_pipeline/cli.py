@@ -1,4 +1,4 @@
-"""``edge-quant run``: materialize the whole graph for every checkpoint, then print the comparison.
+"""``edge-quant run``: bring every (model, recipe) up to date, then print the comparison.
 
 It runs the same jobs the Dagster UI launches, on the instance in ``DAGSTER_HOME``
 (the current directory by default, so ``dagster dev`` started there shows the
@@ -21,19 +21,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = commands.add_parser("run", help="convert, quantize, evaluate and publish every (model, recipe)")
     run.add_argument("--model", action="append", help="only this model id (repeatable); default: every checkpoint")
     run.add_argument("--recipe", action="append", help="only this recipe (repeatable); default: the whole catalog")
+    run.add_argument("--all", action="store_true", help="rebuild everything, not only what changed or failed")
     return parser.parse_args(argv)
 
 
 class Runner:
     """Runs one job for one partition and prints a line a human can follow."""
 
-    def __init__(self, defs, instance):
-        self.defs, self.instance, self.failures = defs, instance, 0
+    def __init__(self, defs, instance, pipeline):
+        self.defs, self.instance, self.pipeline, self.failures = defs, instance, pipeline, 0
 
     def __call__(self, job_name: str, partition_key) -> object | None:
         started = time.perf_counter()
         result = self.defs.resolve_job_def(job_name).execute_in_process(
-            partition_key=partition_key, instance=self.instance, raise_on_error=False, run_config=RUN_CONFIG)
+            partition_key=partition_key, instance=self.instance, raise_on_error=False, run_config=RUN_CONFIG,
+            resources={"pipeline": self.pipeline})
         line = f"  {job_name:<26} {str(partition_key):<42} {time.perf_counter() - started:6.1f}s"
         if result.success:
             print(f"{line}  ok", flush=True)
@@ -45,25 +47,32 @@ class Runner:
         return None
 
 
-def materialize_all(defs, instance, models: list[str], recipes: list[str]) -> Runner:
-    """The whole graph: recipes, then per model its conversion, each recipe, and its report."""
+def materialize(defs, instance, pipeline, models: list[str], recipes: list[str], rebuild_all: bool = False) -> Runner:
+    """Rebuild what is out of date (everything with ``rebuild_all``), in dependency order, then the reports.
+
+    The same plan the nightly schedules follow; here one process runs each stage
+    itself instead of leaving the cascade to the automation daemon.
+    """
     import dagster as dg
 
+    from edge_quant_pipeline.defs.rebuild import rebuild_plan
     from edge_quant_pipeline.report import to_markdown
 
     instance.add_dynamic_partitions("model", [m for m in models if not instance.has_dynamic_partition("model", m)])
-    runner = Runner(defs, instance)
-    for recipe in recipes:
+    plan = rebuild_plan(instance, pipeline, models, recipes, rebuild_all=rebuild_all)
+    runner = Runner(defs, instance, pipeline)
+    if plan.empty:
+        print("Everything is up to date: nothing to convert or quantize.")
+    for recipe in plan.resolve:
         runner("resolve_recipe", recipe)
+    for model in plan.convert:
+        runner("convert_checkpoint", model)
+    for model, recipe in plan.affected_pairs(models, recipes):
+        runner("quantize_evaluate_publish", dg.MultiPartitionKey({"model": model, "recipe": recipe}))
     for model in models:
-        print(f"\n{model}")
-        if runner("convert_checkpoint", model) is None:
-            continue
-        for recipe in recipes:
-            runner("quantize_evaluate_publish", dg.MultiPartitionKey({"model": model, "recipe": recipe}))
         report = runner("report", model)
         if report is not None:
-            print("\n" + to_markdown(report.output_for_node("quantization_report")))
+            print(f"\n{model}\n\n" + to_markdown(report.output_for_node("quantization_report")))
     return runner
 
 
@@ -81,13 +90,14 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_quant_pipeline import settings
     from edge_quant_pipeline.checkpoints import find_checkpoints
-    from edge_quant_pipeline.definitions import defs
+    from edge_quant_pipeline.definitions import defs, pipeline_config_from_env
     from edge_quant_pipeline.defs.partitions import recipe_catalog
 
     models = args.model or list(find_checkpoints(settings.checkpoint_dir()))
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
-    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})")
-    runner = materialize_all(defs, dg.DagsterInstance.get(), models, args.recipe or recipe_catalog.names)
+    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})\n")
+    runner = materialize(defs, dg.DagsterInstance.get(), pipeline_config_from_env(), models,
+                         args.recipe or recipe_catalog.names, rebuild_all=args.all)
     print(f"\nArtifacts:        {settings.artifact_dir()}  (<model>/<recipe>/<version>/model.tflite + manifest.json)")
     print(f"Reports:          {settings.artifact_dir()}/<model>/report.parquet")
     print(f"{runner.failures} run(s) failed; see them with `dagster dev`." if runner.failures else "All runs succeeded.")

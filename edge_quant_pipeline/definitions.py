@@ -1,9 +1,10 @@
 """The code location: every asset, job and resource, in one Definitions object."""
 
-
 import dagster as dg
 
 from edge_quant_pipeline import settings
+from edge_quant_pipeline.defs.automation import (automation_sensor, checkpoint_sensor, nightly_schedules_from_env,
+                                                 recipe_sensor)
 from edge_quant_pipeline.defs.checkpoint import checkpoint
 from edge_quant_pipeline.defs.evaluation import evaluation
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
@@ -38,6 +39,8 @@ defs = dg.Definitions(
     assets=[checkpoint, float_tflite, float_reference, quant_recipe, quantized_tflite, evaluation,
             published_artifact, quantization_report],
     jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job],
+    sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
+    schedules=nightly_schedules_from_env(),
     resources={"pipeline": pipeline_config_from_env()},
     # Steps of one run share a process: for small models the ~2 GB, ~7 s import of
     # torch + TensorFlow + litert-torch costs more than the work itself.

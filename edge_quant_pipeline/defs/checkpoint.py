@@ -1,8 +1,5 @@
 """`checkpoint`: find and validate the model's checkpoint folder; its data version is its bytes' hash."""
 
-
-from pathlib import Path
-
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint, weight_files
@@ -14,7 +11,7 @@ from edge_quant_pipeline.defs.resources import PipelineConfig
 def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[Checkpoint]:
     """A Hugging Face style checkpoint folder (config.json + weights), validated and hashed."""
     model_id = context.partition_key
-    root = Path(pipeline.checkpoint_dir)
+    root = pipeline.checkpoint_dir_path
     try:
         path = find_checkpoints(root).get(model_id)
         if path is None:

@@ -1,10 +1,10 @@
 """`evaluation`: the quantized model run in the LiteRT interpreter against the float reference."""
 
-
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
+from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate import Evaluation, FloatReference, RuntimeRejectedError, evaluate
@@ -15,6 +15,7 @@ from edge_quant_pipeline.weights import TfliteModel
 
 @dg.asset(
     partitions_def=model_recipe_partitions,
+    automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
     code_version=f"evaluation-1|{toolchain_tag()}",
     ins={

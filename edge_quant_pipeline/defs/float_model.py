@@ -11,6 +11,7 @@ import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, architecture_of, load_float_model
 from edge_quant_pipeline.convert import export_float_tflite
+from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate import FloatReference, build_float_reference
@@ -25,7 +26,13 @@ def _float_model(checkpoint: Checkpoint, pipeline: PipelineConfig):
         raise dg.Failure(str(error)) from None
 
 
-@dg.asset(partitions_def=model_partitions, group_name="conversion", code_version=f"float_tflite-1|{toolchain_tag()}")
+@dg.asset(
+    partitions_def=model_partitions,
+    automation_condition=ON_INPUT_OR_CODE_CHANGE,
+    group_name="conversion",
+    code_version=f"float_tflite-1|{toolchain_tag()}",
+    pool="litert_export",
+)
 def float_tflite(context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint) -> dg.Output[TfliteModel]:
     """The checkpoint exported once to a float32 .tflite with prefill and decode signatures."""
     model = _float_model(checkpoint, pipeline)
@@ -42,7 +49,12 @@ def float_tflite(context: dg.AssetExecutionContext, pipeline: PipelineConfig, ch
     })
 
 
-@dg.asset(partitions_def=model_partitions, group_name="evaluation", code_version=f"float_reference-1|{toolchain_tag()}")
+@dg.asset(
+    partitions_def=model_partitions,
+    automation_condition=ON_INPUT_OR_CODE_CHANGE,
+    group_name="evaluation",
+    code_version=f"float_reference-1|{toolchain_tag()}",
+)
 def float_reference(context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint) -> dg.Output[FloatReference]:
     """Logits of the float PyTorch model on the held-out text: what every recipe is compared with."""
     model = _float_model(checkpoint, pipeline)

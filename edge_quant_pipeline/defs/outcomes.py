@@ -1,6 +1,5 @@
 """What identifies a (model, recipe) result, and how a rejected one is recorded before it fails."""
 
-
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint

@@ -1,6 +1,5 @@
 """Partitions: one `model` per checkpoint (dynamic), one `recipe` per catalog entry, and their product."""
 
-
 import warnings
 
 import dagster as dg

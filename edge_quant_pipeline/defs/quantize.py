@@ -1,6 +1,5 @@
 """`quantized_tflite`: the float flatbuffer with one recipe applied by ai-edge-quantizer."""
 
-
 import shutil
 
 import dagster as dg
@@ -9,6 +8,7 @@ import pandas as pd
 from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
 from edge_quant_pipeline.convert import QuantizationError, quantize_tflite
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
+from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.recipes import Recipe, RecipeError, ai_edge_quantizer_recipe
@@ -29,6 +29,7 @@ def weights_table(model: TfliteModel) -> str:
 
 @dg.asset(
     partitions_def=model_recipe_partitions,
+    automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="conversion",
     code_version=f"quantized_tflite-1|{toolchain_tag()}",
     ins={

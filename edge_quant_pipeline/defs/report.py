@@ -1,11 +1,11 @@
 """`quantization_report`: every recipe of one model side by side, as Parquet and as a table in the UI."""
 
-
 import dagster as dg
 import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
+from edge_quant_pipeline.defs.conditions import ON_ANY_PUBLISH
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import failure_record, published_manifest
@@ -14,6 +14,7 @@ from edge_quant_pipeline.report import build_report, report_row, to_markdown, wr
 
 @dg.asset(
     partitions_def=model_partitions,
+    automation_condition=ON_ANY_PUBLISH,
     group_name="publishing",
     deps=[dg.AssetDep("published_artifact", partition_mapping=BY_MODEL)],
 )

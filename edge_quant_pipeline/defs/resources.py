@@ -31,6 +31,10 @@ class PipelineConfig(dg.ConfigurableResource):
         return EvalSettings(max_tokens=self.eval_max_tokens, num_threads=self.interpreter_threads)
 
     @property
+    def checkpoint_dir_path(self) -> Path:
+        return Path(self.checkpoint_dir)
+
+    @property
     def store(self) -> Path:
         return Path(self.artifact_dir)
 

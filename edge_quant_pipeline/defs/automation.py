@@ -1,0 +1,132 @@
+"""What runs unattended: a sensor on the checkpoint folder, one on the recipe catalog,
+nightly re-quantization schedules, and declarative automation downstream.
+
+Sensors and schedules only request the first stage that must run again (a model's
+conversion, a recipe's resolution, or a pair's quantization); the automation
+conditions on the assets below carry the change down the graph, partition by
+partition, in dependency order.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import dagster as dg
+
+from edge_quant_pipeline.checkpoints import find_checkpoints, hash_checkpoint
+from edge_quant_pipeline.defs.partitions import model_partitions, recipe_catalog
+from edge_quant_pipeline.defs.rebuild import rebuild_plan
+from edge_quant_pipeline.defs.resources import PipelineConfig
+
+CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
+
+@dataclass
+class SeenCheckpoint:
+    signature: str  # names, sizes and mtimes of its files
+    content_hash: str | None = None  # computed once the signature held still for a tick
+
+
+def folder_signature(path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return json.dumps([(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+@dg.sensor(
+    job_name=CONVERT_JOB,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches the checkpoint folder: adds a `model` partition per checkpoint and converts new or changed ones.",
+)
+def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineConfig) -> dg.SensorResult | dg.SkipReason:
+    root = pipeline.checkpoint_dir_path
+    if not root.is_dir():
+        return dg.SkipReason(f"{root} does not exist; set EDGE_QUANT_CHECKPOINT_DIR to your checkpoint folder.")
+    seen = {m: SeenCheckpoint(**s) for m, s in json.loads(context.cursor or "{}").items()}
+    found = find_checkpoints(root)  # folders without config.json are not checkpoints (yet)
+
+    for gone in sorted(set(seen) - set(found)):
+        context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
+        del seen[gone]
+
+    requests, settling = [], []
+    for model_id, path in found.items():
+        signature = folder_signature(path)
+        previous = seen.get(model_id)
+        if previous is None or previous.signature != signature:
+            seen[model_id] = SeenCheckpoint(signature)  # still being written, or just appeared
+            settling.append(model_id)
+            continue
+        previous.content_hash = previous.content_hash or hash_checkpoint(path)
+        # The run key makes one checkpoint version trigger once, across restarts.
+        requests.append(dg.RunRequest(partition_key=model_id, run_key=f"{model_id}@{previous.content_hash}"))
+
+    new_models = [r.partition_key for r in requests if not context.instance.has_dynamic_partition(model_partitions.name, r.partition_key)]
+    if settling:
+        context.log.info(f"Waiting for {', '.join(settling)} to stop changing")
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[model_partitions.build_add_request(new_models)] if new_models else [],
+        cursor=json.dumps({m: asdict(s) for m, s in seen.items()}),
+    )
+
+
+@dg.sensor(
+    job_name=RESOLVE_JOB,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Resolves each recipe of the catalog once per version of its spec.",
+)
+def recipe_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest]:
+    return [dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.spec_hash}")
+            for name, recipe in recipe_catalog.recipes.items() if name not in recipe_catalog.errors]
+
+
+def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.ScheduleDefinition]:
+    """One schedule per first stage (a schedule targets one job), all planned from the same state.
+
+    Their requests never overlap: a pair is quantized directly only when neither
+    its model nor its recipe is being rebuilt.
+    """
+
+    def requests_for(job_name: str, context: dg.ScheduleEvaluationContext, pipeline: PipelineConfig):
+        plan = rebuild_plan(context.instance, pipeline, rebuild_all=rebuild_all)
+        keys = {
+            CONVERT_JOB: plan.convert,
+            RESOLVE_JOB: plan.resolve,
+            QUANTIZE_JOB: [dg.MultiPartitionKey({"model": m, "recipe": r}) for m, r in plan.quantize],
+        }[job_name]
+        # Schedule run keys are scoped to one tick: they only tell this tick's requests apart.
+        return [dg.RunRequest(partition_key=key, run_key=str(key), tags={"edge_quant/trigger": "nightly"}) for key in keys]
+
+    def build(job_name: str) -> dg.ScheduleDefinition:
+        @dg.schedule(
+            name=f"nightly_{job_name}",
+            job_name=job_name,
+            cron_schedule=cron,
+            execution_timezone=timezone,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=f"Nightly: {job_name} for every stale or failed partition"
+                        + (" (EDGE_QUANT_NIGHTLY_REBUILD_ALL: everything)" if rebuild_all else ""),
+        )
+        def schedule(context: dg.ScheduleEvaluationContext, pipeline: PipelineConfig):
+            return requests_for(job_name, context, pipeline)
+
+        return schedule
+
+    return [build(job) for job in (CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB)]
+
+
+def nightly_schedules_from_env() -> list[dg.ScheduleDefinition]:
+    return nightly_schedules(
+        cron=os.environ.get("EDGE_QUANT_NIGHTLY_CRON", "0 2 * * *"),
+        timezone=os.environ.get("EDGE_QUANT_NIGHTLY_TIMEZONE", "UTC"),
+        rebuild_all=os.environ.get("EDGE_QUANT_NIGHTLY_REBUILD_ALL", "") in ("1", "true", "yes"),
+    )
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "downstream_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+)

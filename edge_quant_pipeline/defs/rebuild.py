@@ -1,0 +1,65 @@
+"""What is out of date right now, read from the checkpoint folder, the catalog, the instance and the store.
+
+Shared by the nightly schedules and `edge-quant run`, so both rebuild exactly
+what changed and nothing else.
+"""
+
+import dagster as dg
+
+from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint
+from edge_quant_pipeline.defs.float_model import float_tflite
+from edge_quant_pipeline.defs.outcomes import artifact_inputs
+from edge_quant_pipeline.defs.partitions import recipe_catalog
+from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.publish import published_manifest
+from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
+
+DATA_VERSION_TAG = "dagster/data_version"
+CODE_VERSION_TAG = "dagster/code_version"
+
+
+def latest_tags(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, str]:
+    """Tags of the latest materialization of one partition ({} if never materialized)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return dict(records[0].asset_materialization.tags or {}) if records else {}
+
+
+def _model_state(instance: dg.DagsterInstance, model_id: str, checkpoint: Checkpoint | None) -> ModelState:
+    converted = latest_tags(instance, "checkpoint", model_id)
+    exported = latest_tags(instance, "float_tflite", model_id)
+    return ModelState(
+        # An unreadable checkpoint is always "changed": its conversion then fails with the reason.
+        current_hash=checkpoint.content_hash if checkpoint else "unreadable",
+        converted_hash=converted.get(DATA_VERSION_TAG),
+        converted_with_current_toolchain=exported.get(CODE_VERSION_TAG) == float_tflite.code_versions_by_key[float_tflite.key],
+    )
+
+
+def rebuild_plan(
+    instance: dg.DagsterInstance, pipeline: PipelineConfig,
+    models: list[str] | None = None, recipes: list[str] | None = None, rebuild_all: bool = False,
+) -> RebuildPlan:
+    found = find_checkpoints(pipeline.checkpoint_dir_path)
+    checkpoints: dict[str, Checkpoint | None] = {}
+    for model_id in models or found:
+        try:
+            checkpoints[model_id] = read_checkpoint(found[model_id]) if model_id in found else None
+        except CheckpointError:
+            checkpoints[model_id] = None
+    usable = {name: recipe_catalog.recipes[name] for name in recipes or recipe_catalog.names
+              if name in recipe_catalog.recipes and name not in recipe_catalog.errors}
+    published = {
+        (model_id, name)
+        for model_id, checkpoint in checkpoints.items() if checkpoint is not None
+        for name, recipe in usable.items()
+        if published_manifest(pipeline.store, artifact_inputs(checkpoint, recipe)) is not None
+    }
+    return plan_rebuild(
+        models={m: _model_state(instance, m, c) for m, c in checkpoints.items()},
+        recipes={name: RecipeState(r.spec_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
+                 for name, r in usable.items()},
+        published=published,
+        rebuild_all=rebuild_all,
+    )

@@ -1,0 +1,135 @@
+"""Versioned re-materialization: only what changed is rebuilt, counted in real conversions.
+
+Two copies of the demo checkpoint, the whole recipe catalog, a real test instance; every run
+really converts, quantizes and evaluates."""
+
+import shutil
+
+import dagster as dg
+import pytest
+
+from edge_quant_pipeline.cli import materialize
+from edge_quant_pipeline.definitions import defs
+from edge_quant_pipeline.defs.automation import nightly_schedules
+from edge_quant_pipeline.defs.rebuild import rebuild_plan
+from edge_quant_pipeline.defs.partitions import recipe_catalog
+from edge_quant_pipeline.defs.resources import PipelineConfig
+
+RECIPES = recipe_catalog.names
+MODELS = ["alpha", "beta"]
+
+
+def materializations(instance, asset: str, partition: str) -> int:
+    return len(instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=100).records)
+
+
+def conversions(instance) -> dict[str, int]:
+    return {m: materializations(instance, "float_tflite", m) for m in MODELS}
+
+
+def quantizations(instance) -> dict[str, int]:
+    return {f"{m}|{r}": materializations(instance, "quantized_tflite", f"{m}|{r}") for m in MODELS for r in RECIPES}
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, demo_checkpoint_dir):
+    root = tmp_path_factory.mktemp("rebuild")
+    for model in MODELS:
+        shutil.copytree(demo_checkpoint_dir, root / "checkpoints" / model)
+    pipeline = PipelineConfig(checkpoint_dir=str(root / "checkpoints"), artifact_dir=str(root / "artifacts"),
+                              work_dir=str(root / "work"), eval_max_tokens=512)
+    with dg.instance_for_test() as instance:
+        runner = materialize(defs, instance, pipeline, MODELS, RECIPES)
+        assert runner.failures == 0
+        yield instance, pipeline, root
+
+
+def test_first_run_converts_each_model_once_and_quantizes_each_pair_once(world):
+    instance, _, _ = world
+    assert conversions(instance) == {"alpha": 1, "beta": 1}
+    assert set(quantizations(instance).values()) == {1}
+
+
+def test_nothing_changed_converts_and_quantizes_nothing(world):
+    instance, pipeline, _ = world
+    before = conversions(instance), quantizations(instance)
+    assert rebuild_plan(instance, pipeline, MODELS, RECIPES).empty
+    assert materialize(defs, instance, pipeline, MODELS, RECIPES).failures == 0
+    assert (conversions(instance), quantizations(instance)) == before
+
+
+def test_nightly_schedules_request_nothing_when_nothing_changed(world):
+    instance, pipeline, _ = world
+    for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=False):
+        context = dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
+                                             repository_def=defs.get_repository_def())
+        assert schedule.evaluate_tick(context).run_requests == []
+
+
+def test_rebuild_all_requests_every_model_and_recipe(world):
+    instance, pipeline, _ = world
+    requested = {}
+    for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=True):
+        context = dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
+                                             repository_def=defs.get_repository_def())
+        requested[schedule.job_name] = sorted(r.partition_key for r in schedule.evaluate_tick(context).run_requests)
+    assert requested["convert_checkpoint"] == MODELS
+    assert set(RECIPES) <= set(requested["resolve_recipe"])
+    assert requested["quantize_evaluate_publish"] == []  # covered by the conversions
+
+
+def test_a_failed_or_missing_pair_is_requested_nightly(world):
+    instance, pipeline, root = world
+    published = root / "artifacts" / "alpha" / "dynamic_int8"
+    hidden = root / "hidden"
+    shutil.move(published, hidden)  # as if its publish never happened
+    try:
+        requests = {}
+        for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=False):
+            context = dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
+                                             repository_def=defs.get_repository_def())
+            requests[schedule.job_name] = [str(r.partition_key) for r in schedule.evaluate_tick(context).run_requests]
+        assert requests == {"convert_checkpoint": [], "resolve_recipe": [], "quantize_evaluate_publish": ["alpha|dynamic_int8"]}
+    finally:
+        shutil.move(hidden, published)
+
+
+def test_changing_one_checkpoint_rebuilds_only_its_partitions(world):
+    instance, pipeline, root = world
+    before_q = quantizations(instance)
+    flip_last_byte(root / "checkpoints" / "beta" / "model.safetensors")
+    plan = rebuild_plan(instance, pipeline, MODELS, RECIPES)
+    assert (plan.convert, plan.resolve, plan.quantize) == (["beta"], [], [])
+
+    assert materialize(defs, instance, pipeline, MODELS, RECIPES).failures == 0
+    assert conversions(instance) == {"alpha": 1, "beta": 2}
+    after_q = quantizations(instance)
+    assert {k: after_q[k] - before_q[k] for k in after_q} == {
+        f"{m}|{r}": int(m == "beta") for m in MODELS for r in RECIPES}
+    assert rebuild_plan(instance, pipeline, MODELS, RECIPES).empty
+
+
+def test_automation_carries_a_conversion_downstream(world):
+    """After only the model-level job ran for a changed checkpoint, declarative automation
+    requests exactly that model's (model, recipe) partitions."""
+    instance, pipeline, root = world
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance)  # the daemon's first tick
+    assert before.total_requested == 0
+
+    flip_last_byte(root / "checkpoints" / "alpha" / "model.safetensors")
+    result = defs.resolve_job_def("convert_checkpoint").execute_in_process(
+        partition_key="alpha", instance=instance, resources={"pipeline": pipeline})
+    assert result.success
+
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
+    alpha_pairs = {f"alpha|{r}" for r in RECIPES}
+    for asset in ("quantized_tflite", "evaluation", "published_artifact"):
+        assert {str(k) for k in after.get_requested_partitions(dg.AssetKey(asset))} == alpha_pairs
+    assert after.get_requested_partitions(dg.AssetKey("float_tflite")) == set()  # already rebuilt by the run
