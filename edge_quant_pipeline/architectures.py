@@ -31,6 +31,31 @@ class Architecture:
     def tied_lm_head(self) -> bool:
         return bool(self.model_config.lm_head_share_weight_with_embedding)
 
+    @property
+    def shape(self) -> "ModelShape":
+        config = self.model_config
+        attention = config.block_config(0).attn_config
+        return ModelShape(
+            num_layers=config.num_layers,
+            tied_lm_head=self.tied_lm_head,
+            reduction_dims={
+                "embedding": (config.embedding_dim,),
+                "attention": (config.embedding_dim, attention.num_heads * attention.head_dim),
+                "feedforward": (config.embedding_dim, config.block_config(0).ff_config.intermediate_size),
+                "lm_head": (config.embedding_dim,),
+            },
+        )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What recipe validation needs to know about a model, without torch."""
+
+    num_layers: int
+    tied_lm_head: bool
+    # per component, the input (reduction) sizes of its weights: int4 blocks run along them
+    reduction_dims: dict[str, tuple[int, ...]]
+
 
 def rope_theta(hf_config: dict[str, Any]) -> float:
     """transformers >= 5 nests it under ``rope_parameters``; older versions do not."""

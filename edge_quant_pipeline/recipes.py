@@ -200,6 +200,50 @@ def load_catalog(recipes_yaml: Path | None) -> Catalog:
     return Catalog(recipes, errors)
 
 
+def scheme_for(recipe: Recipe, component: str, block: int | None, tied_lm_head: bool) -> tuple[str, str | None]:
+    """(field that decides, scheme) for one component: narrower rules win over ``default``.
+
+    A tied LM head shares the embedding's weights, so it follows the embedding.
+    """
+    if component in PER_BLOCK_COMPONENTS:
+        value = getattr(recipe, component)
+        specific = value.get(block) if isinstance(value, Mapping) else value
+        field_name = f"{component}.{block}" if isinstance(value, Mapping) else component
+    elif component == "embedding" or (component == "lm_head" and tied_lm_head):
+        specific, field_name = recipe.embedding, "embedding"
+    else:
+        specific, field_name = None, "default"
+    return (field_name, specific) if specific else ("default", recipe.default)
+
+
+def validate_for_model(recipe: Recipe, shape) -> None:
+    """Checks that need the model: block indices that exist, int4 blocks that divide its weights.
+
+    ``shape`` is an ``architectures.ModelShape``.
+    """
+    for component in PER_BLOCK_COMPONENTS:
+        value = getattr(recipe, component)
+        outside = sorted(b for b in value if b >= shape.num_layers) if isinstance(value, Mapping) else []
+        if outside:
+            raise RecipeError(
+                f"recipe {recipe.name!r}, field {component!r}: block index {outside[0]} is outside the model, "
+                f"which has {shape.num_layers} blocks (allowed indices: 0-{shape.num_layers - 1})."
+            )
+    for component, dims in shape.reduction_dims.items():
+        blocks = range(shape.num_layers) if component in PER_BLOCK_COMPONENTS else [None]
+        for block in blocks:
+            field_name, scheme = scheme_for(recipe, component, block, shape.tied_lm_head)
+            size = SCHEMES[scheme].block_size if scheme else None
+            bad = [d for d in dims if size and d % size]
+            if bad:
+                fitting = [n for n, s in SCHEMES.items() if s.block_size and all(d % s.block_size == 0 for d in dims)]
+                raise RecipeError(
+                    f"recipe {recipe.name!r}, field {field_name!r}: {scheme} needs the {component} weights' input "
+                    f"size divisible by {size}, but this model's is {bad[0]}. "
+                    f"int4 schemes that fit: {', '.join(fitting) or 'none'}; or use an int8 or fp16 scheme."
+                )
+
+
 # --- translation to ai-edge-quantizer -------------------------------------------------------------
 
 # litert-torch 0.10 translates a GenerativeQuantRecipe into ai-edge-quantizer rules

@@ -108,3 +108,14 @@ def test_republishing_the_same_inputs_is_a_no_op(pipeline_run):
     after = metadata(instance, "published_artifact", key("fp16"))
     assert result.success
     assert after["version"] == before["version"] and after["newly_published"] is False
+
+
+def test_every_quantized_model_passed_its_blocking_conformance_check(pipeline_run):
+    from edge_quant_pipeline.defs.partitions import recipe_catalog
+
+    instance, _ = pipeline_run
+    check = dg.AssetCheckKey(dg.AssetKey("quantized_tflite"), "matches_recipe")
+    history = instance.event_log_storage.get_asset_check_execution_history(check, limit=100)
+    assert len(history) >= len(recipe_catalog.names)
+    assert {record.status.value for record in history} == {"SUCCEEDED"}
+    assert "| embedding" in metadata(instance, "quantized_tflite", key("selective_fp16_int8"))["weights_by_component"]

@@ -69,3 +69,16 @@ def test_scopes_are_retargeted_to_litert_torch_op_names(upstream, ours):
 def test_unknown_upstream_scope_fails_loudly():
     with pytest.raises(RecipeError, match="unexpected quantization scope"):
         retarget_scope("some_new_layer_name")
+
+
+def test_editing_recipes_yaml_touches_only_the_edited_recipes(tmp_path):
+    """What a code-location reload sees: new partitions appear, untouched recipes keep their version."""
+    path = tmp_path / "recipes.yaml"
+    path.write_text((REPO / "recipes.yaml").read_text())
+    before = load_catalog(path)
+    path.write_text(path.read_text().replace("attention: int8_weight_only", "attention: fp16")
+                    + "  ffn_int4:\n    default: int8_dynamic\n    feedforward: {0: int4_dynamic_block32}\n")
+    after = load_catalog(path)
+    assert after.names == before.names + ["ffn_int4"]
+    changed = {n for n in before.names if before.get(n).spec_hash != after.get(n).spec_hash}
+    assert changed == {"selective_fp16_int8"}

@@ -11,20 +11,25 @@ from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.recipes import Recipe, RecipeError, ai_edge_quantizer_recipe
+from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
+from edge_quant_pipeline.recipes import Recipe, RecipeError, ai_edge_quantizer_recipe, validate_for_model
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
 
-def weights_table(model: TfliteModel) -> str:
-    """Per component: the dtype, granularity and bytes actually present in the file."""
-    frame = pd.DataFrame([vars(w) for w in model.weights])
-    summary = (
-        frame.assign(block=frame["block"].fillna(-1).astype(int))
-        .groupby(["component", "block", "dtype", "granularity", "compute"], as_index=False)["num_bytes"].sum()
-        .replace({"block": {-1: ""}})
-    )
-    return summary.to_markdown(index=False)
+def conformance_table(rows: list[ConformanceRow], model: TfliteModel) -> str:
+    """Per component and block: the storage the recipe asks for, what the file holds, and its bytes."""
+    sizes: dict[tuple[str, int | None], int] = {}
+    for w in model.weights:
+        sizes[(w.component, w.block)] = sizes.get((w.component, w.block), 0) + w.num_bytes
+    return pd.DataFrame([{
+        "component": row.component,
+        "block": "" if row.block is None else row.block,
+        "expected": " ".join(row.expected),
+        "actual": " ".join(row.actual),
+        "bytes": sizes.get((row.component, row.block), 0),
+        "ok": "yes" if row.ok else "NO",
+    } for row in rows]).to_markdown(index=False)
 
 
 @dg.asset(
@@ -37,6 +42,10 @@ def weights_table(model: TfliteModel) -> str:
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
     },
+    check_specs=[dg.AssetCheckSpec(
+        "matches_recipe", asset="quantized_tflite", blocking=True,
+        description="Every component's weights are stored with the dtype, granularity and compute its recipe asks for.",
+    )],
 )
 def quantized_tflite(
     context: dg.AssetExecutionContext,
@@ -44,25 +53,40 @@ def quantized_tflite(
     checkpoint: Checkpoint,
     float_tflite: TfliteModel,
     quant_recipe: Recipe,
-) -> dg.Output[TfliteModel]:
+):
     """The model quantized with one recipe (the `float` recipe is the float file itself)."""
     inputs = artifact_inputs(checkpoint, quant_recipe)
+    architecture = architecture_of(checkpoint)
     output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
+    try:
+        validate_for_model(quant_recipe, architecture.shape)
+    except RecipeError as error:
+        raise rejected(pipeline, inputs, "recipe validation", error) from None
     if quant_recipe.is_float:
         shutil.copyfile(float_tflite.path, output)
     else:
         try:
-            rules = ai_edge_quantizer_recipe(quant_recipe, architecture_of(checkpoint).model_config)
-            quantize_tflite(float_tflite.path, rules, output)
-        except (RecipeError, QuantizationError, ValueError) as error:
+            quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, architecture.model_config), output)
+        except (RecipeError, QuantizationError) as error:
             raise rejected(pipeline, inputs, "quantization", error) from None
     quantized = inspect_tflite(output)
+    rows = check_conformance(quant_recipe, quantized.weights, architecture.shape)
+    table = conformance_table(rows, quantized)
     context.log.info(f"{quant_recipe.name}: {quantized.file_bytes} bytes ({float_tflite.file_bytes / quantized.file_bytes:.2f}x smaller)")
-    return dg.Output(quantized, metadata={
+    yield dg.Output(quantized, metadata={
         "path": dg.MetadataValue.path(str(output)),
         "file_bytes": quantized.file_bytes,
         "weight_bytes": quantized.weight_bytes,
         "file_ratio_vs_float": float_tflite.file_bytes / quantized.file_bytes,
         "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
-        "weights": dg.MetadataValue.md(weights_table(quantized)),
+        "weights_by_component": dg.MetadataValue.md(table),
     })
+    mismatches = [row for row in rows if not row.ok]
+    yield dg.AssetCheckResult(
+        check_name="matches_recipe",
+        passed=not mismatches,
+        description=(f"{len(mismatches)} of {len(rows)} components differ from the recipe: "
+                     + ", ".join(f"{r.component}{'' if r.block is None else f'[{r.block}]'}" for r in mismatches))
+        if mismatches else f"all {len(rows)} components as specified",
+        metadata={"components": dg.MetadataValue.md(table)},
+    )
