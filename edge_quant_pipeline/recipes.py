@@ -14,15 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from edge_quant_pipeline.gates import DEFAULT_GATES, GateConfigError, parse_gates
+
 COMPONENTS = ("default", "embedding", "attention", "feedforward")
 PER_BLOCK_COMPONENTS = ("attention", "feedforward")
-RECIPE_KEYS = ("description",) + COMPONENTS
+RECIPE_KEYS = ("description", "gates") + COMPONENTS
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Recipe:
     attention: ComponentScheme = None
     feedforward: ComponentScheme = None
     source: str = "built-in"
-    _hash: str = field(default="", compare=False, repr=False)
+    # Thresholds for publishing; not part of the spec, since they do not change the model.
+    gates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
 
     @property
     def is_float(self) -> bool:
@@ -137,7 +140,7 @@ def _component(recipe: str, component: str, value: Any) -> ComponentScheme:
     return blocks
 
 
-def parse_recipe(name: str, body: Any, source: str) -> Recipe:
+def parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str, float] = DEFAULT_GATES) -> Recipe:
     if not isinstance(body, Mapping):
         raise RecipeError(f"recipe {name!r} in {source}: expected a mapping with keys {', '.join(RECIPE_KEYS)}.")
     unknown = sorted(set(body) - set(RECIPE_KEYS))
@@ -149,7 +152,11 @@ def parse_recipe(name: str, body: Any, source: str) -> Recipe:
     components = {c: _component(name, c, body.get(c)) for c in COMPONENTS}
     if all(v is None for v in components.values()):
         raise RecipeError(f"recipe {name!r} in {source}: sets no scheme; give at least one of {', '.join(COMPONENTS)}.")
-    return Recipe(name=name, description=str(body.get("description", "")), source=source, **components)
+    try:
+        gates = {**default_gates, **parse_gates(f"recipe {name!r} in {source}", body.get("gates"))}
+    except GateConfigError as error:
+        raise RecipeError(str(error)) from None
+    return Recipe(name=name, description=str(body.get("description", "")), source=source, gates=gates, **components)
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,8 @@ def load_catalog(recipes_yaml: Path | None) -> Catalog:
     A malformed recipe does not hide the others: it stays in the catalog with its
     error, so only its own partitions fail. A file that is not YAML at all fails whole.
     """
-    recipes, errors = dict(BUILTIN_RECIPES), {}
     if recipes_yaml is None or not recipes_yaml.exists():
-        return Catalog(recipes, errors)
+        return Catalog(dict(BUILTIN_RECIPES), {})
     try:
         document = yaml.safe_load(recipes_yaml.read_text()) or {}
     except yaml.YAMLError as error:
@@ -187,6 +193,12 @@ def load_catalog(recipes_yaml: Path | None) -> Catalog:
     entries = document.get("recipes", {}) if isinstance(document, Mapping) else None
     if not isinstance(entries, Mapping):
         raise RecipeError(f"{recipes_yaml}: expected a top-level 'recipes:' mapping of recipe name -> recipe.")
+    try:
+        default_gates = {**DEFAULT_GATES, **parse_gates(f"{recipes_yaml} (top level)", document.get("gates"))}
+    except GateConfigError as error:
+        raise RecipeError(str(error)) from None
+    recipes = {name: replace(recipe, gates=default_gates) for name, recipe in BUILTIN_RECIPES.items()}
+    errors = {}
     for name, body in entries.items():
         name = str(name)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -194,7 +206,7 @@ def load_catalog(recipes_yaml: Path | None) -> Catalog:
         try:
             if name in BUILTIN_RECIPES:
                 raise RecipeError(f"recipe {name!r} in {recipes_yaml}: this name is built in; give yours another name.")
-            recipes[name] = parse_recipe(name, body, str(recipes_yaml))
+            recipes[name] = parse_recipe(name, body, str(recipes_yaml), default_gates)
         except RecipeError as error:
             errors[name] = str(error)
     return Catalog(recipes, errors)

@@ -21,9 +21,13 @@ DISPLAY_COLUMNS = {
     "perplexity": ("ppl", ".3f"),
     "perplexity_ratio": ("ppl / float", ".4f"),
     "mean_kl": ("mean KL", ".5f"),
+    "p99_kl": ("p99 KL", ".4f"),
     "top1_agreement": ("top-1 agree", ".3f"),
+    "logits_sqnr_db": ("logit SQNR dB", ".1f"),
+    "generation_agreement": ("greedy agree", ".3f"),
     "prefill_ms": ("prefill ms", ".2f"),
     "decode_tokens_per_s": ("decode tok/s", ".0f"),
+    "peak_rss_mb": ("RSS MB", ".0f"),
 }
 
 

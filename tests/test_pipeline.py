@@ -119,3 +119,65 @@ def test_every_quantized_model_passed_its_blocking_conformance_check(pipeline_ru
     assert len(history) >= len(recipe_catalog.names)
     assert {record.status.value for record in history} == {"SUCCEEDED"}
     assert "| embedding" in metadata(instance, "quantized_tflite", key("selective_fp16_int8"))["weights_by_component"]
+
+
+def test_lm_metrics_respond_to_quantization(pipeline_run):
+    instance, _ = pipeline_run
+    float_eval = metadata(instance, "evaluation", key("float"))
+    int8 = metadata(instance, "evaluation", key("dynamic_int8"))
+    int4 = metadata(instance, "evaluation", key("dynamic_int4_block128"))
+    assert float_eval["generation_agreement"] == 1.0 and float_eval["max_kl"] < 1e-4
+    assert float_eval["logits_sqnr_db"] > 60
+    assert int8["logits_sqnr_db"] > int4["logits_sqnr_db"] > 5
+    assert int8["generation_agreement"] >= int4["generation_agreement"]
+    assert int4["p99_kl"] > int4["mean_kl"] and int4["max_kl"] >= int4["p99_kl"]
+    assert int4["delta_p_correct"] < 0  # quantization makes the true next token less likely
+    assert 10 < int8["peak_rss_mb"] < 500 and int8["decode_tokens_per_s"] > 0
+
+
+def test_error_hotspots_name_layers(pipeline_run):
+    instance, _ = pipeline_run
+    hotspots = metadata(instance, "evaluation", key("dynamic_int4_block32"))["error_hotspots"]
+    assert "SNR dB" in hotspots and ("feedforward" in hotspots or "attention" in hotspots)
+
+
+def scramble_weights(tflite: Path, component: str) -> bytes:
+    """The file with every weight buffer of ``component`` overwritten by random bytes (structure intact)."""
+    import numpy as np
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    data = bytearray(tflite.read_bytes())
+    model = flatbuffer_utils.read_model_from_bytearray(bytes(data))
+    rng = np.random.default_rng(0)
+    for weight in read_weights(tflite):
+        if weight.component == component:
+            stored = bytes(model.buffers[weight.buffer].data)
+            offset = bytes(data).find(stored)
+            assert offset > 0
+            data[offset:offset + len(stored)] = rng.integers(0, 256, len(stored), dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+def test_damaged_weights_fail_the_gate_and_are_not_published(pipeline_run):
+    """A quantized model whose weights were damaged after quantization is caught by its
+    quality gate: the blocking check fails, nothing is published, the report says why."""
+    from edge_quant_pipeline.definitions import defs, pipeline_config_from_env
+    from edge_quant_pipeline.publish import FAILURE_RECORD
+
+    instance, _ = pipeline_run
+    partition = dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "weight_only_int8"})
+    quantized = Path(metadata(instance, "quantized_tflite", str(partition))["tflite"])
+    published_before = metadata(instance, "published_artifact", str(partition))
+    original = quantized.read_bytes()
+    quantized.write_bytes(scramble_weights(quantized, "feedforward"))
+    try:
+        result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
+            partition_key=partition, instance=instance, raise_on_error=False,
+            asset_selection=[dg.AssetKey("evaluation"), dg.AssetKey("published_artifact")])
+    finally:
+        quantized.write_bytes(original)
+    (gate,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "quality_gates"]
+    assert not gate.passed
+    assert metadata(instance, "published_artifact", str(partition)) == published_before  # nothing new published
+    record = json.loads((pipeline_config_from_env().store / DEMO_MODEL / "weight_only_int8" / FAILURE_RECORD).read_text())
+    assert record["stage"] == "quality gate" and "perplexity_ratio" in record["error"]

@@ -27,7 +27,7 @@ def test_hash_depends_on_spec_only():
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"defualt": "fp16"}, "unknown key(s) defualt. Allowed keys: description, default"),
+    ({"defualt": "fp16"}, "unknown key(s) defualt. Allowed keys: description, gates, default"),
     ({"default": "int3"}, "field 'default': unknown scheme 'int3'. Allowed schemes: int8_dynamic"),
     ({"embedding": {0: "fp16"}}, "per-block map is only allowed for attention and feedforward"),
     ({"attention": {"first": "fp16"}}, "block index 'first' is not a non-negative integer"),
@@ -82,3 +82,27 @@ def test_editing_recipes_yaml_touches_only_the_edited_recipes(tmp_path):
     assert after.names == before.names + ["ffn_int4"]
     changed = {n for n in before.names if before.get(n).spec_hash != after.get(n).spec_hash}
     assert changed == {"selective_fp16_int8"}
+
+
+def test_gates_default_then_file_then_recipe(tmp_path):
+    from edge_quant_pipeline.gates import DEFAULT_GATES
+
+    path = tmp_path / "recipes.yaml"
+    path.write_text("gates: {min_top1_agreement: 0.9}\n"
+                    "recipes:\n  strict: {default: fp16, gates: {max_perplexity_ratio: 1.01}}\n"
+                    "  typo: {default: fp16, gates: {max_perplexity: 1.01}}\n")
+    catalog = load_catalog(path)
+    assert catalog.get("fp16").gates == {**DEFAULT_GATES, "min_top1_agreement": 0.9}
+    assert catalog.get("strict").gates == {**DEFAULT_GATES, "min_top1_agreement": 0.9, "max_perplexity_ratio": 1.01}
+    with pytest.raises(RecipeError, match="unknown gate.s. max_perplexity; allowed gates: max_perplexity_ratio"):
+        catalog.get("typo")
+    assert catalog.get("fp16").spec_hash == BUILTIN_RECIPES["fp16"].spec_hash  # gates do not change the model
+
+
+def test_gate_results_read_as_sentences():
+    from edge_quant_pipeline.gates import check_gates
+
+    results = check_gates({"perplexity_ratio": 1.2, "top1_agreement": 0.95},
+                          {"max_perplexity_ratio": 1.1, "min_top1_agreement": 0.9})
+    assert [r.passed for r in results] == [False, True]
+    assert str(results[0]) == "perplexity_ratio = 1.2 (fails max_perplexity_ratio 1.1)"

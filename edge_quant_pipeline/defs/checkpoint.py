@@ -23,7 +23,7 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
         found,
         data_version=dg.DataVersion(found.content_hash),
         metadata={
-            "path": dg.MetadataValue.path(str(found.path)),
+            "checkpoint_dir": dg.MetadataValue.path(str(found.path)),
             "sha256": found.content_hash,
             "model_type": found.hf_config.get("model_type"),
             "weight_files": ", ".join(f.name for f in weight_files(found.path)),

@@ -12,3 +12,5 @@ ON_ANY_PUBLISH = (
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()
 ) | dg.AutomationCondition.code_version_changed()
+# Publishing also waits for the blocking checks upstream (conformance, quality gates).
+ON_CHECKED_INPUT_OR_CODE_CHANGE = ON_INPUT_OR_CODE_CHANGE & dg.AutomationCondition.all_deps_blocking_checks_passed()

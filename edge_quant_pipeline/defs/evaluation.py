@@ -1,29 +1,43 @@
 """`evaluation`: the quantized model run in the LiteRT interpreter against the float reference."""
 
 import dagster as dg
+import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate import Evaluation, FloatReference, RuntimeRejectedError, evaluate
+from edge_quant_pipeline.evaluate import FloatReference, RuntimeRejectedError, evaluate
+from edge_quant_pipeline.gates import check_gates
+from edge_quant_pipeline.localize import TensorError, layer_summary, tensor_errors
+from edge_quant_pipeline.publish import record_failure
 from edge_quant_pipeline.recipes import Recipe
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel
+
+
+def hotspot_table(errors: list[TensorError], top_n: int) -> str:
+    return pd.DataFrame([{
+        "component": e.component, "block": "" if e.block is None else e.block, "op": e.op, "SNR dB": round(e.snr_db, 1),
+    } for e in errors[:top_n]]).to_markdown(index=False)
 
 
 @dg.asset(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
-    code_version=f"evaluation-1|{toolchain_tag()}",
+    code_version=f"evaluation-2|{toolchain_tag()}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
         "float_reference": dg.AssetIn(partition_mapping=BY_MODEL),
     },
+    check_specs=[dg.AssetCheckSpec(
+        "quality_gates", asset="evaluation", blocking=True,
+        description="The recipe's thresholds (recipes.yaml `gates`); a failing partition is not published.",
+    )],
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -33,13 +47,30 @@ def evaluation(
     float_tflite: TfliteModel,
     float_reference: FloatReference,
     quantized_tflite: TfliteModel,
-) -> dg.Output[Evaluation]:
-    """Size, perplexity, KL divergence, top-1 agreement and speed, measured in the interpreter."""
+):
+    """Perplexity, KL, top-1, generation agreement, SQNR, speed and memory, measured in the interpreter."""
+    inputs = artifact_inputs(checkpoint, quant_recipe)
+    settings = pipeline.export_settings
     try:
-        result = evaluate(quantized_tflite, float_tflite, float_reference,
-                          pipeline.export_settings, pipeline.interpreter_threads)
+        result = evaluate(quantized_tflite, float_tflite, float_reference, settings, pipeline.interpreter_threads)
+        prompt = float_reference.load()["prompts"][0]
+        errors = tensor_errors(float_tflite.path, quantized_tflite.path, prompt, settings, pipeline.interpreter_threads)
     except RuntimeRejectedError as error:
-        raise rejected(pipeline, artifact_inputs(checkpoint, quant_recipe), "interpreter", error) from None
+        raise rejected(pipeline, inputs, "interpreter", error) from None
     context.log.info(f"{quant_recipe.name}: perplexity {result.perplexity:.3f} "
                      f"({result.perplexity_ratio:.4f}x float), top-1 agreement {result.top1_agreement:.1%}")
-    return dg.Output(result, metadata=result.as_dict())
+    yield dg.Output(result, metadata={
+        **result.as_dict(),
+        "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
+        "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
+    })
+    gates = check_gates(result.as_dict(), quant_recipe.gates)
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        record_failure(pipeline.store, inputs, "quality gate", "; ".join(map(str, failed)))
+    yield dg.AssetCheckResult(
+        check_name="quality_gates",
+        passed=not failed,
+        description="; ".join(map(str, failed or gates)),
+        metadata={g.gate: g.value for g in gates},
+    )

@@ -14,7 +14,7 @@ from edge_quant_pipeline.convert import export_float_tflite
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate import FloatReference, build_float_reference
+from edge_quant_pipeline.evaluate import FloatReference, build_float_reference, tokenize
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
@@ -41,7 +41,7 @@ def float_tflite(context: dg.AssetExecutionContext, pipeline: PipelineConfig, ch
     exported = inspect_tflite(export_float_tflite(model, architecture_of(checkpoint).model_config,
                                                   pipeline.export_settings, output))
     return dg.Output(exported, metadata={
-        "path": dg.MetadataValue.path(str(exported.path)),
+        "tflite": dg.MetadataValue.path(str(exported.path)),
         "file_bytes": exported.file_bytes,
         "weight_bytes": exported.weight_bytes,
         "signatures": f"{pipeline.export_settings.prefill_signature}, decode",
@@ -56,10 +56,14 @@ def float_tflite(context: dg.AssetExecutionContext, pipeline: PipelineConfig, ch
     code_version=f"float_reference-1|{toolchain_tag()}",
 )
 def float_reference(context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint) -> dg.Output[FloatReference]:
-    """Logits of the float PyTorch model on the held-out text: what every recipe is compared with."""
+    """The float PyTorch model on the held-out text (logits, greedy continuations): what every recipe is compared with."""
     model = _float_model(checkpoint, pipeline)
     output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / "float_reference.npz"
-    reference = build_float_reference(model, architecture_of(checkpoint).model_config, Path(pipeline.eval_text),
+    try:
+        tokens = tokenize(Path(pipeline.eval_text), checkpoint.path, checkpoint.vocab_size)
+    except ValueError as error:
+        raise dg.Failure(str(error)) from None
+    reference = build_float_reference(model, architecture_of(checkpoint).model_config, tokens,
                                       pipeline.export_settings, pipeline.eval_max_tokens, output)
     context.log.info(f"PyTorch float perplexity {reference.perplexity:.3f} over {reference.eval_tokens} tokens")
     return dg.Output(reference, metadata={

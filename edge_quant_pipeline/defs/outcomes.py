@@ -20,7 +20,7 @@ def artifact_inputs(checkpoint: Checkpoint, recipe: Recipe) -> ArtifactInputs:
 
 
 def rejected(pipeline: PipelineConfig, inputs: ArtifactInputs, stage: str, error: Exception) -> dg.Failure:
-    """Record why this partition has no artifact (for the report), then fail only this partition."""
+    """Record why this partition has no artifact (for the report); the Failure fails only this partition."""
     record_failure(pipeline.store, inputs, stage, str(error))
     return dg.Failure(
         description=f"{inputs.recipe} on {inputs.model_id}: {stage} failed: {error}",

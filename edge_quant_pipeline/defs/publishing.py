@@ -4,7 +4,7 @@ import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
-from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate import Evaluation
@@ -15,7 +15,7 @@ from edge_quant_pipeline.weights import TfliteModel
 
 @dg.asset(
     partitions_def=model_recipe_partitions,
-    automation_condition=ON_INPUT_OR_CODE_CHANGE,
+    automation_condition=ON_CHECKED_INPUT_OR_CODE_CHANGE,
     group_name="publishing",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),

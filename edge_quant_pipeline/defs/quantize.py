@@ -74,7 +74,7 @@ def quantized_tflite(
     table = conformance_table(rows, quantized)
     context.log.info(f"{quant_recipe.name}: {quantized.file_bytes} bytes ({float_tflite.file_bytes / quantized.file_bytes:.2f}x smaller)")
     yield dg.Output(quantized, metadata={
-        "path": dg.MetadataValue.path(str(output)),
+        "tflite": dg.MetadataValue.path(str(output)),
         "file_bytes": quantized.file_bytes,
         "weight_bytes": quantized.weight_bytes,
         "file_ratio_vs_float": float_tflite.file_bytes / quantized.file_bytes,

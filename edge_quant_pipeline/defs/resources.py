@@ -21,6 +21,7 @@ class PipelineConfig(dg.ConfigurableResource):
     interpreter_threads: int = EvalSettings.num_threads
     prefill_len: int = ExportSettings.prefill_len
     kv_cache_len: int = ExportSettings.kv_cache_len
+    hotspots_top_n: int = 10
 
     @property
     def export_settings(self) -> ExportSettings:
