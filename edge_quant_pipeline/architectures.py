@@ -1,10 +1,13 @@
 """Hugging Face ``config.json`` -> litert-torch model config, per model family.
 
-litert-torch rebuilds a checkpoint from its own layers (``DecoderOnlyModel``)
-and needs a ``ModelConfig`` describing them plus a map from the checkpoint's
-tensor names to its own. This module derives both from the ``config.json``
-that ``transformers`` writes. Only the Llama family is mapped so far; every
-other ``model_type`` gets an error that lists what is supported.
+litert-torch rebuilds a checkpoint from its own layers and needs a
+``ModelConfig`` describing them, a map from the checkpoint's tensor names to its
+own, and the model class that wires the layers together (its generic
+``DecoderOnlyModel`` unless a family orders norms or masks differently). This
+module derives all three from the ``config.json`` that ``transformers`` writes.
+A config that a family's litert-torch layers would compute differently from
+``transformers`` (RoPE scaling, an attention scale other than ``1/sqrt(head_dim)``,
+...) is refused with the reason rather than rebuilt into a different model.
 """
 
 from __future__ import annotations
@@ -12,9 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-
 
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's ``model_type`` has no mapping to litert-torch layers."""
@@ -26,6 +26,7 @@ class Architecture:
 
     model_config: Any  # litert_torch.generative.layers.model_config.ModelConfig
     tensor_names: Any  # litert_torch.generative.utilities.loader.ModelLoader.TensorNames
+    model_class: Any  # the torch.nn.Module subclass build_decoder_only_model instantiates
 
     @property
     def tied_lm_head(self) -> bool:
@@ -57,55 +58,278 @@ class ModelShape:
     reduction_dims: dict[str, tuple[int, ...]]
 
 
-def rope_theta(hf_config: dict[str, Any]) -> float:
-    """transformers >= 5 nests it under ``rope_parameters``; older versions do not."""
-    nested = hf_config.get("rope_parameters") or {}
-    return float(nested.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+def rope_parameters(hf_config: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
+    """transformers >= 5 nests RoPE settings under ``rope_parameters``, per layer type for Gemma 3."""
+    params = hf_config.get("rope_parameters") or {}
+    return params.get(layer_type, params) if layer_type else params
 
 
-def _llama(hf_config: dict[str, Any]) -> Architecture:
+def rope_theta(hf_config: dict[str, Any], layer_type: str | None = None, default: float = 10000.0) -> float:
+    """Older configs keep it at the top level; Gemma 3's local layers there as ``rope_local_base_freq``."""
+    legacy_key = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
+    return float(rope_parameters(hf_config, layer_type).get("rope_theta", hf_config.get(legacy_key, default)))
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise UnsupportedArchitectureError(reason)
+
+
+def _rope_base(hf_config: dict[str, Any], layer_type: str | None = None, default: float = 10000.0) -> float:
+    """litert-torch's layers compute plain RoPE only; scaled variants would change every logit."""
+    params = rope_parameters(hf_config, layer_type) or hf_config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    _require(rope_type == "default", f"RoPE scaling {rope_type!r} is not supported, only plain RoPE.")
+    return rope_theta(hf_config, layer_type, default)
+
+
+def _head_dim(hf_config: dict[str, Any]) -> int:
+    return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+
+
+def _max_positions(hf_config: dict[str, Any]) -> int:
+    return hf_config.get("max_position_embeddings", 2048)
+
+
+def _rms_norm(hf_config: dict[str, Any], zero_centered: bool = False):
     from litert_torch.generative.layers import model_config as cfg
-    from litert_torch.generative.utilities import model_builder
+
+    return cfg.NormalizationConfig(
+        type=cfg.NormalizationType.RMS_NORM, epsilon=hf_config["rms_norm_eps"], zero_centered=zero_centered
+    )
+
+
+_ACTIVATIONS = {"silu": "SILU", "gelu": "GELU", "gelu_pytorch_tanh": "GELU_TANH"}
+
+
+def _gated_feedforward(hf_config: dict[str, Any], activation: str, **family: Any):
+    from litert_torch.generative.layers import model_config as cfg
+
+    _require(activation in _ACTIVATIONS, f"activation {activation!r} is not supported ({', '.join(_ACTIVATIONS)}).")
+    return cfg.FeedForwardConfig(
+        type=cfg.FeedForwardType.GATED,
+        activation=cfg.ActivationConfig(cfg.ActivationType[_ACTIVATIONS[activation]]),
+        intermediate_size=hf_config["intermediate_size"],
+        use_bias=hf_config.get("mlp_bias", False),
+        **family,
+    )
+
+
+def _attention(hf_config: dict[str, Any], rotary_base: float | None = None, **family: Any):
+    """``rotary_base`` is given only by families whose layers differ in it (Gemma 3)."""
+    from litert_torch.generative.layers import model_config as cfg
 
     num_heads = hf_config["num_attention_heads"]
-    hidden = hf_config["hidden_size"]
-    norm = cfg.NormalizationConfig(
-        type=cfg.NormalizationType.RMS_NORM, epsilon=hf_config.get("rms_norm_eps", 1e-6)
+    bias = hf_config.get("attention_bias", False)
+    fields = dict(
+        num_heads=num_heads,
+        head_dim=_head_dim(hf_config),
+        num_query_groups=hf_config.get("num_key_value_heads") or num_heads,
+        rotary_base=_rope_base(hf_config) if rotary_base is None else rotary_base,
+        rotary_percentage=1.0,
+        qkv_use_bias=bias,
+        output_proj_use_bias=bias,
+        # One layout for all families: all q heads, then all k, then all v. It is what the separate
+        # q/k/v projections concatenate to and what Phi-3's fused qkv_proj stores, and splitting
+        # per head before the q/k norms is what Qwen 3's and Gemma 3's per-head norms need.
+        qkv_transpose_before_split=True,
+        qkv_fused_interleaved=False,
     )
-    block = cfg.TransformerBlockConfig(
-        attn_config=cfg.AttentionConfig(
-            num_heads=num_heads,
-            head_dim=hf_config.get("head_dim") or hidden // num_heads,
-            num_query_groups=hf_config.get("num_key_value_heads", num_heads),
-            rotary_base=rope_theta(hf_config),
-            rotary_percentage=1.0,
-            qkv_use_bias=hf_config.get("attention_bias", False),
-            output_proj_use_bias=hf_config.get("attention_bias", False),
-        ),
-        ff_config=cfg.FeedForwardConfig(
-            type=cfg.FeedForwardType.GATED,
-            activation=cfg.ActivationConfig(cfg.ActivationType.SILU),
-            intermediate_size=hf_config["intermediate_size"],
-            use_bias=hf_config.get("mlp_bias", False),
-        ),
-        pre_attention_norm_config=norm,
-        post_attention_norm_config=norm,
-    )
-    tied = hf_config.get("tie_word_embeddings", False)
+    return cfg.AttentionConfig(**{**fields, **family})
+
+
+_HF_TENSOR_NAMES = dict(
+    ff_up_proj="model.layers.{}.mlp.up_proj",
+    ff_down_proj="model.layers.{}.mlp.down_proj",
+    ff_gate_proj="model.layers.{}.mlp.gate_proj",
+    attn_query_proj="model.layers.{}.self_attn.q_proj",
+    attn_key_proj="model.layers.{}.self_attn.k_proj",
+    attn_value_proj="model.layers.{}.self_attn.v_proj",
+    attn_output_proj="model.layers.{}.self_attn.o_proj",
+    pre_attn_norm="model.layers.{}.input_layernorm",
+    post_attn_norm="model.layers.{}.post_attention_layernorm",
+    embedding="model.embed_tokens",
+    final_norm="model.norm",
+)
+_QK_NORM_NAMES = dict(attn_query_norm="model.layers.{}.self_attn.q_norm", attn_key_norm="model.layers.{}.self_attn.k_norm")
+_FF_NORM_NAMES = dict(
+    pre_ff_norm="model.layers.{}.pre_feedforward_layernorm", post_ff_norm="model.layers.{}.post_feedforward_layernorm"
+)
+
+
+def _architecture(hf_config: dict[str, Any], blocks: Any, final_norm: Any, model_class: Any, *,
+                  tied_default: bool, names: dict[str, str], **model_fields: Any) -> Architecture:
+    """``tied_default`` is the family's transformers default, for configs that omit ``tie_word_embeddings``."""
+    from litert_torch.generative.layers import model_config as cfg
+    from litert_torch.generative.utilities import loader
+
+    tied = bool(hf_config.get("tie_word_embeddings", tied_default))
     model_config = cfg.ModelConfig(
         vocab_size=hf_config["vocab_size"],
         num_layers=hf_config["num_hidden_layers"],
-        max_seq_len=hf_config.get("max_position_embeddings", 2048),
-        embedding_dim=hidden,
-        block_configs=block,
-        final_norm_config=norm,
+        embedding_dim=hf_config["hidden_size"],
+        block_configs=blocks,
+        final_norm_config=final_norm,
         lm_head_share_weight_with_embedding=tied,
+        **model_fields,
     )
-    names = model_builder.TENSOR_NAMES if tied else model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD
-    return Architecture(model_config=model_config, tensor_names=names)
+    tensor_names = loader.ModelLoader.TensorNames(**{**_HF_TENSOR_NAMES, "lm_head": None if tied else "lm_head", **names})
+    return Architecture(model_config=model_config, tensor_names=tensor_names, model_class=model_class)
 
 
-_BUILDERS: dict[str, Callable[[dict[str, Any]], Architecture]] = {"llama": _llama}
+def _attended_length(hf_config: dict[str, Any]) -> int:
+    """Phi-3 (and Qwen with ``use_sliding_window``) attend over the last ``sliding_window`` tokens only,
+    which litert-torch's global attention does not model; up to that many tokens the two agree."""
+    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+    return min(_max_positions(hf_config), window) if window else _max_positions(hf_config)
+
+
+def _pre_norm_family(hf_config: dict[str, Any], *, attention: dict[str, Any] | None = None, feedforward: Any = None,
+                     names: dict[str, str] | None = None, zero_centered: bool = False, tied_default: bool = False,
+                     **model_fields: Any) -> Architecture:
+    """Llama, Qwen 2/3, Gemma and Phi-3: a norm before attention and before feedforward, global attention."""
+    from litert_torch.generative.layers import model_config as cfg
+    from litert_torch.generative.utilities import model_builder
+
+    norm = _rms_norm(hf_config, zero_centered)
+    block = cfg.TransformerBlockConfig(
+        attn_config=_attention(hf_config, **(attention or {})),
+        ff_config=feedforward or _gated_feedforward(hf_config, hf_config.get("hidden_act", "silu")),
+        pre_attention_norm_config=norm,
+        post_attention_norm_config=norm,
+    )
+    return _architecture(hf_config, block, norm, model_builder.DecoderOnlyModel, tied_default=tied_default,
+                         names=names or {}, max_seq_len=_attended_length(hf_config), **model_fields)
+
+
+def _llama(hf_config: dict[str, Any]) -> Architecture:
+    return _pre_norm_family(hf_config)
+
+
+def _qwen2(hf_config: dict[str, Any]) -> Architecture:
+    return _pre_norm_family(hf_config, attention=dict(qkv_use_bias=True, output_proj_use_bias=False))
+
+
+def _qwen3(hf_config: dict[str, Any]) -> Architecture:
+    norm = _rms_norm(hf_config)
+    return _pre_norm_family(hf_config, attention=dict(query_norm_config=norm, key_norm_config=norm), names=_QK_NORM_NAMES)
+
+
+def _phi3(hf_config: dict[str, Any]) -> Architecture:
+    from litert_torch.generative.layers import model_config as cfg
+
+    _require(hf_config.get("hidden_act", "silu") == "silu", "Phi-3's fused gate_up_proj is rebuilt as SiLU-GLU only.")
+    rotary = rope_parameters(hf_config).get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    # gate_up_proj holds [gate; up]: one linear layer whose SiLU-GLU activation splits it the same way.
+    feedforward = cfg.FeedForwardConfig(
+        type=cfg.FeedForwardType.SEQUENTIAL,
+        activation=cfg.ActivationConfig(cfg.ActivationType.SILU_GLU),
+        intermediate_size=hf_config["intermediate_size"],
+    )
+    return _pre_norm_family(
+        hf_config,
+        attention=dict(rotary_percentage=rotary),
+        feedforward=feedforward,
+        # the loader reads the fused qkv_proj whenever it is named; a sequential feedforward reads up and down only
+        names=dict(attn_fused_qkv_proj="model.layers.{}.self_attn.qkv_proj", ff_up_proj="model.layers.{}.mlp.gate_up_proj"),
+    )
+
+
+def _gemma_embedding_scale(hf_config: dict[str, Any]) -> float:
+    """Every Gemma multiplies the token embeddings by sqrt(hidden_size)."""
+    return hf_config["hidden_size"] ** 0.5
+
+
+def _gemma(hf_config: dict[str, Any]) -> Architecture:
+    activation = hf_config.get("hidden_act", "gelu_pytorch_tanh")
+    if activation == "gelu":  # transformers reads this legacy value of the first Gemma releases as tanh-GELU
+        activation = "gelu_pytorch_tanh"
+    return _pre_norm_family(
+        hf_config,
+        feedforward=_gated_feedforward(hf_config, activation),
+        zero_centered=True,
+        tied_default=True,
+        embedding_scale=_gemma_embedding_scale(hf_config),
+    )
+
+
+def _layer_types(hf_config: dict[str, Any], sliding_pattern: int) -> list[str]:
+    """Configs from transformers < 4.53 imply the local/global pattern: every n-th layer is global."""
+    if hf_config.get("layer_types"):
+        return hf_config["layer_types"]
+    every = hf_config.get("sliding_window_pattern", sliding_pattern)
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf_config["num_hidden_layers"])]
+
+
+def _sandwich_norm_family(hf_config: dict[str, Any], model_class: Any, sliding_pattern: int,
+                          per_layer_attention: Callable[[str], dict[str, Any]], names: dict[str, str],
+                          **model_fields: Any) -> Architecture:
+    """Gemma 2 and 3: norms before and after both attention and feedforward, local and global layers."""
+    from litert_torch.generative.layers import model_config as cfg
+
+    head_dim, scalar = _head_dim(hf_config), hf_config.get("query_pre_attn_scalar", 256)
+    # transformers scales attention scores by query_pre_attn_scalar**-0.5, litert-torch by head_dim**-0.5
+    _require(scalar == head_dim, f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim}.")
+    _require(not hf_config.get("use_bidirectional_attention"), "bidirectional attention is not supported.")
+    _require(hf_config.get("tie_word_embeddings", True),
+             "litert-torch's Gemma 2/3 models always share the embedding with the LM head.")
+    norm = _rms_norm(hf_config, zero_centered=True)
+    feedforward = _gated_feedforward(hf_config, hf_config.get("hidden_activation", "gelu_pytorch_tanh"),
+                                     pre_ff_norm_config=norm, post_ff_norm_config=norm)
+
+    def block(layer_type: str):
+        sliding = layer_type == "sliding_attention"
+        attention = _attention(
+            hf_config,
+            logit_softcap=hf_config.get("attn_logit_softcapping"),
+            sliding_window_size=hf_config["sliding_window"],
+            attn_type=cfg.AttentionType.LOCAL_SLIDING if sliding else cfg.AttentionType.GLOBAL,
+            **per_layer_attention(layer_type),
+        )
+        return cfg.TransformerBlockConfig(attn_config=attention, ff_config=feedforward,
+                                          pre_attention_norm_config=norm, post_attention_norm_config=norm)
+
+    return _architecture(
+        hf_config, [block(t) for t in _layer_types(hf_config, sliding_pattern)], norm, model_class,
+        tied_default=True, names={**_FF_NORM_NAMES, **names}, max_seq_len=_max_positions(hf_config),
+        embedding_scale=_gemma_embedding_scale(hf_config), **model_fields,
+    )
+
+
+def _gemma2(hf_config: dict[str, Any]) -> Architecture:
+    from litert_torch.generative.examples.gemma import gemma2
+
+    return _sandwich_norm_family(hf_config, gemma2.Gemma2, sliding_pattern=2, per_layer_attention=lambda _: {},
+                                 names={}, final_logit_softcap=hf_config.get("final_logit_softcapping"))
+
+
+_GEMMA3_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+
+
+def _gemma3_text(hf_config: dict[str, Any]) -> Architecture:
+    from litert_torch.generative.examples.gemma3 import decoder
+
+    _require(hf_config.get("final_logit_softcapping") is None, "litert-torch's Gemma 3 applies no final logit softcap.")
+    norm = _rms_norm(hf_config, zero_centered=True)
+
+    def per_layer(layer_type: str) -> dict[str, Any]:
+        return dict(rotary_base=_rope_base(hf_config, layer_type, _GEMMA3_DEFAULT_THETA[layer_type]),
+                    query_norm_config=norm, key_norm_config=norm)
+
+    return _sandwich_norm_family(hf_config, decoder.Decoder, sliding_pattern=6, per_layer_attention=per_layer,
+                                 names=_QK_NORM_NAMES)
+
+
+_BUILDERS: dict[str, Callable[[dict[str, Any]], Architecture]] = {
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "gemma3_text": _gemma3_text,
+    "phi3": _phi3,
+}
+SUPPORTED_MODEL_TYPES = tuple(_BUILDERS)
 
 
 def architecture_for(hf_config: dict[str, Any], config_path: Path) -> Architecture:
@@ -124,3 +348,5 @@ def architecture_for(hf_config: dict[str, Any], config_path: Path) -> Architectu
         raise UnsupportedArchitectureError(
             f"{config_path}: config.json lacks the field {missing} that a {model_type!r} model needs."
         ) from None
+    except UnsupportedArchitectureError as reason:
+        raise UnsupportedArchitectureError(f"{config_path}: this {model_type!r} model cannot be rebuilt: {reason}") from None

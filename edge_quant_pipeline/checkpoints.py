@@ -1,7 +1,8 @@
 """Find, validate, hash and load checkpoints in the Hugging Face layout.
 
 A checkpoint is a directory holding ``config.json`` and its weights
-(``*.safetensors`` or ``pytorch_model.bin``). Its identity for the pipeline is
+(``*.safetensors`` or ``pytorch_model*.bin``, either one file or the shards
+``save_pretrained`` writes next to an index). Its identity for the pipeline is
 the directory name, made safe for a Dagster partition key, and its version is
 a hash of the bytes of every file in it.
 """
@@ -13,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edge_quant_pipeline.architectures import Architecture, architecture_for
 
@@ -69,7 +70,31 @@ def hash_checkpoint(checkpoint_dir: Path) -> str:
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:
-    return sorted(f for pattern in WEIGHT_PATTERNS for f in checkpoint_dir.glob(pattern))
+    """The safetensors files if there are any, else the ``.bin`` ones: like transformers, and because a
+    folder holding both has the same weights twice."""
+    for pattern in WEIGHT_PATTERNS:
+        if files := sorted(checkpoint_dir.glob(pattern)):
+            return files
+    return []
+
+
+def _state_dict_loader(files: list[Path]) -> Callable[[str], dict[str, Any]]:
+    """Reads exactly ``files``: litert-torch's own loader globs every ``*.bin`` in the folder, which
+    takes in e.g. the ``training_args.bin`` that the transformers Trainer leaves beside the weights."""
+
+    def load(_checkpoint_path: str) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import load_file
+
+        state: dict[str, Any] = {}
+        for file in files:
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        return state
+
+    return load
 
 
 def _read_config(checkpoint_dir: Path) -> dict[str, Any]:
@@ -126,11 +151,19 @@ def load_float_model(checkpoint: Checkpoint, kv_cache_len: int):
     from litert_torch.generative.utilities import model_builder
 
     architecture = architecture_of(checkpoint)
+    if kv_cache_len > architecture.model_config.max_seq_len:
+        raise CheckpointError(
+            f"{checkpoint.path}: a KV cache of {kv_cache_len} tokens is longer than the "
+            f"{architecture.model_config.max_seq_len} tokens this model attends over (max_position_embeddings, or "
+            "sliding_window for a family whose window litert-torch does not model); use a shorter kv_cache_len."
+        )
     try:
         return model_builder.build_decoder_only_model(
             str(checkpoint.path),
             architecture.model_config,
             architecture.tensor_names,
+            model_class=architecture.model_class,
+            custom_loader=_state_dict_loader(weight_files(checkpoint.path)),
             mask_cache_size=kv_cache_len,
         )
     except (KeyError, ValueError, RuntimeError) as error:

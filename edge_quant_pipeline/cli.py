@@ -37,13 +37,13 @@ class Runner:
             partition_key=partition_key, instance=self.instance, raise_on_error=False, run_config=RUN_CONFIG,
             resources={"pipeline": self.pipeline})
         line = f"  {job_name:<26} {str(partition_key):<42} {time.perf_counter() - started:6.1f}s"
-        if result.success:
+        reasons = [f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed]
+        reasons += [e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure]
+        if result.success and not reasons:
             print(f"{line}  ok", flush=True)
             return result
         self.failures += 1
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the Dagster UI"
-        print(f"{line}  FAILED\n      {reason.splitlines()[0]}", flush=True)
+        print(f"{line}  FAILED" + "".join(f"\n      {reason}" for reason in reasons), flush=True)
         return None
 
 

@@ -8,6 +8,7 @@ recipe asked for another (see ``recipes.retarget_scope``).
 """
 
 from dataclasses import dataclass
+
 from edge_quant_pipeline.architectures import ModelShape
 from edge_quant_pipeline.recipes import SCHEMES, Recipe, scheme_for
 from edge_quant_pipeline.weights import WeightTensor

@@ -33,9 +33,9 @@ def short_op_name(tensor: str) -> str:
 def tensor_errors(float_tflite: Path, candidate: Path, prompt: np.ndarray, settings: ExportSettings,
                   num_threads: int) -> list[TensorError]:
     """Every intermediate tensor of the prefill signature with a nonzero float signal, worst first."""
+    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import model_validator
     from ai_edge_quantizer.utils.validation_utils import ValidationErrorMetric
-    from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_path=str(float_tflite)).get_signature_runner(settings.prefill_signature)
     inputs = {name: np.zeros(detail["shape"], np.float32)

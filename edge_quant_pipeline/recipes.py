@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from edge_quant_pipeline import op_names
 from edge_quant_pipeline.gates import DEFAULT_GATES, GateConfigError, parse_gates
 
 COMPONENTS = ("default", "embedding", "attention", "feedforward")
@@ -268,11 +269,8 @@ def validate_for_model(recipe: Recipe, shape) -> None:
 _BLOCK_SCOPE = re.compile(
     r"transformer_block(?:s\\\[(?P<block>\d+)\\\])?/litert_torch\.generative\.layers\.(?P<layer>attention|feed_forward)"
 )
-_LAYER_SCOPE = {
-    "attention": r"litert_torch\.generative\.layers\.attention\.CausalSelfAttention",
-    "feed_forward": r"litert_torch\.generative\.layers\.feed_forward\.",
-}
-_FIXED_SCOPES = {".*": ".*", "Embedding_tok_embedding": "Embedding_tok_embedding", "StatefulPartitionedCall": "logits_output"}
+_LAYER_SCOPE = {"attention": op_names.ATTENTION, "feed_forward": op_names.FEEDFORWARD}
+_FIXED_SCOPES = {".*": ".*", "Embedding_tok_embedding": op_names.EMBEDDING, "StatefulPartitionedCall": op_names.LM_HEAD}
 
 
 def retarget_scope(upstream_regex: str) -> str:
@@ -281,8 +279,7 @@ def retarget_scope(upstream_regex: str) -> str:
     match = _BLOCK_SCOPE.fullmatch(upstream_regex)
     if match is None:
         raise RecipeError(f"litert-torch produced an unexpected quantization scope {upstream_regex!r}; update retarget_scope().")
-    block = match["block"] or r"\d+"
-    return rf"TransformerBlock_{block}/{_LAYER_SCOPE[match['layer']]}"
+    return op_names.block_scope(_LAYER_SCOPE[match["layer"]], match["block"] or r"\d+")
 
 
 def generative_recipe(recipe: Recipe, model_config: Any):

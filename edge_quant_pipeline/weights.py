@@ -15,7 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_BLOCK = re.compile(r"TransformerBlock_(\d+)/litert_torch\.generative\.layers\.(attention\.CausalSelfAttention|feed_forward)")
+from edge_quant_pipeline import op_names
+
+_ATTENTION = re.compile(op_names.block_scope(op_names.ATTENTION, r"(\d+)"))
+_FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
+_LM_HEAD = re.compile(op_names.LM_HEAD)
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,13 @@ class WeightTensor:
 
 
 def component_of(op_output_name: str) -> tuple[str, int | None]:
-    match = _BLOCK.search(op_output_name)
-    if match:
-        return ("attention" if match[2].startswith("attention") else "feedforward"), int(match[1])
-    if "Embedding_tok_embedding" in op_output_name:
+    for component, pattern in (("attention", _ATTENTION), ("feedforward", _FEEDFORWARD)):
+        match = pattern.search(op_output_name)
+        if match:
+            return component, int(match[1])
+    if op_names.EMBEDDING in op_output_name:
         return "embedding", None
-    if "logits_output" in op_output_name:
+    if _LM_HEAD.search(op_output_name):
         return "lm_head", None
     return "other", None
 

@@ -5,9 +5,15 @@ import shutil
 
 import pytest
 
-from edge_quant_pipeline.checkpoints import (CheckpointError, find_checkpoints, hash_checkpoint, load_float_model,
-                                             model_id_for, read_checkpoint)
 from edge_quant_pipeline.architectures import UnsupportedArchitectureError
+from edge_quant_pipeline.checkpoints import (
+    CheckpointError,
+    find_checkpoints,
+    hash_checkpoint,
+    load_float_model,
+    model_id_for,
+    read_checkpoint,
+)
 
 
 @pytest.fixture
@@ -70,10 +76,10 @@ def test_weights_that_do_not_match_config(checkpoint_copy):
 def test_rebuilt_model_matches_transformers(demo_checkpoint_dir):
     """litert-torch's rebuild of the checkpoint computes what transformers computes."""
     import torch
+    from litert_torch.generative.layers import kv_cache
     from transformers import LlamaForCausalLM
 
     from edge_quant_pipeline.checkpoints import architecture_of
-    from litert_torch.generative.layers import kv_cache
 
     checkpoint = read_checkpoint(demo_checkpoint_dir)
     ours = load_float_model(checkpoint, kv_cache_len=128)

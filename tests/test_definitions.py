@@ -1,7 +1,6 @@
 """The code location as Dagster loads it: definitions, instance config, unattended parts."""
 
 import dagster as dg
-
 from conftest import REPO
 
 

@@ -11,8 +11,8 @@ import pytest
 from edge_quant_pipeline.cli import materialize
 from edge_quant_pipeline.definitions import defs
 from edge_quant_pipeline.defs.automation import nightly_schedules
-from edge_quant_pipeline.defs.rebuild import rebuild_plan
 from edge_quant_pipeline.defs.partitions import recipe_catalog
+from edge_quant_pipeline.defs.rebuild import rebuild_plan
 from edge_quant_pipeline.defs.resources import PipelineConfig
 
 RECIPES = recipe_catalog.names

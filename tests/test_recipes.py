@@ -53,14 +53,17 @@ def test_a_bad_recipe_fails_alone(tmp_path):
         catalog.get("fp16")
 
 
+BLOCKS = "(?:TransformerBlock|Gemma2Block|DecoderBlock)"
+
+
 @pytest.mark.parametrize("upstream, ours", [
     (".*", ".*"),
     ("Embedding_tok_embedding", "Embedding_tok_embedding"),
-    ("StatefulPartitionedCall", "logits_output"),
+    ("StatefulPartitionedCall", "logits_output|Linear_lm_head"),
     ("transformer_block/litert_torch.generative.layers.attention",
-     r"TransformerBlock_\d+/litert_torch\.generative\.layers\.attention\.CausalSelfAttention"),
+     BLOCKS + r"_\d+/litert_torch\.generative\.layers\.attention\.CausalSelfAttention"),
     (r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward",
-     r"TransformerBlock_3/litert_torch\.generative\.layers\.feed_forward\."),
+     BLOCKS + r"_3/litert_torch\.generative\.layers\.feed_forward\."),
 ])
 def test_scopes_are_retargeted_to_litert_torch_op_names(upstream, ours):
     assert retarget_scope(upstream) == ours

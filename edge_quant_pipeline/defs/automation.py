@@ -3,8 +3,8 @@ nightly re-quantization schedules, and declarative automation downstream.
 
 Sensors and schedules only request the first stage that must run again (a model's
 conversion, a recipe's resolution, or a pair's quantization); the automation
-conditions on the assets below carry the change down the graph, partition by
-partition, in dependency order.
+conditions on the assets (``conditions.py``) carry the change down the graph,
+partition by partition, in dependency order.
 """
 
 import json
@@ -19,6 +19,7 @@ from edge_quant_pipeline.defs.rebuild import rebuild_plan
 from edge_quant_pipeline.defs.resources import PipelineConfig
 
 CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
+
 
 @dataclass
 class SeenCheckpoint:

@@ -4,8 +4,8 @@ import dagster as dg
 import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint
-from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate import FloatReference, RuntimeRejectedError, evaluate

@@ -6,12 +6,12 @@ import dagster as dg
 import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
+from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
 from edge_quant_pipeline.convert import QuantizationError, quantize_tflite
-from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
 from edge_quant_pipeline.recipes import Recipe, RecipeError, ai_edge_quantizer_recipe, validate_for_model
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite

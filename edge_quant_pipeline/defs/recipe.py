@@ -1,6 +1,5 @@
 """`quant_recipe`: one validated recipe per partition; its data version is the hash of its spec."""
 
-import json
 
 import dagster as dg
 

@@ -1,0 +1,159 @@
+"""Every supported family, as transformers saves it, rebuilt by litert-torch computes the same logits.
+
+Each test builds a tiny random model with transformers (no downloads), saves it with
+``save_pretrained`` and loads the folder the way the pipeline does.
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from edge_quant_pipeline.architectures import (SUPPORTED_MODEL_TYPES, ModelShape, UnsupportedArchitectureError,
+                                               architecture_for)
+from edge_quant_pipeline.checkpoints import CheckpointError, architecture_of, load_float_model, read_checkpoint
+from edge_quant_pipeline.conformance import check_conformance
+from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
+from edge_quant_pipeline.evaluate import InterpreterSession, compare, float_reference_logits, teacher_forced_logits
+from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.weights import read_weights
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=256, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+# Gemma 2/3 scale attention by query_pre_attn_scalar, which litert-torch supports only when it equals head_dim.
+# Windows of 4 tokens make the 24-token inputs below exercise both local and global layers.
+GEMMA_SANDWICH = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16)),
+    "gemma": (GemmaConfig, GemmaForCausalLM, dict(head_dim=16)),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, GEMMA_SANDWICH),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM,
+                    dict(GEMMA_SANDWICH, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(partial_rotary_factor=0.5)),  # partial RoPE, as in Phi-4-mini
+}
+KV_CACHE_LEN = 64
+
+
+def tiny_config(family: str, **overrides):
+    config_class, _, fields = FAMILIES[family]
+    return config_class(**{**TINY, **fields, **overrides})
+
+
+def tiny_model(family: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # eager attention is transformers' reference math (its SDPA path cannot softcap, which Gemma 2 needs)
+    model = FAMILIES[family][1](tiny_config(family, attn_implementation="eager", **overrides)).eval()
+    # Move every parameter off its initial value (norm weights start as all ones or zeros),
+    # so that a tensor mapped to the wrong place changes the logits.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def max_logit_diff(checkpoint_dir, reference: torch.nn.Module) -> float:
+    from litert_torch.generative.layers import kv_cache
+
+    checkpoint = read_checkpoint(checkpoint_dir)
+    ours = load_float_model(checkpoint, kv_cache_len=KV_CACHE_LEN)
+    tokens = torch.randint(TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = kv_cache.KVCache.from_model_config(KV_CACHE_LEN, architecture_of(checkpoint).model_config)
+        logits = ours(tokens.int(), torch.arange(tokens.shape[1], dtype=torch.int), cache)["logits"]
+        expected = reference(tokens).logits
+    return (logits - expected).abs().max().item()
+
+
+def test_every_supported_family_is_tested():
+    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    pytest.param("llama", dict(tie_word_embeddings=True), id="llama-tied"),
+    pytest.param("llama", dict(tie_word_embeddings=False), id="llama-untied"),
+    *(pytest.param(family, {}, id=family) for family in FAMILIES if family != "llama"),
+])
+def test_rebuilt_model_matches_transformers(tmp_path, family, overrides):
+    reference = tiny_model(family, **overrides)
+    reference.save_pretrained(tmp_path)
+    assert max_logit_diff(tmp_path, reference) < 1e-4
+    assert architecture_of(read_checkpoint(tmp_path)).shape == ModelShape(
+        num_layers=2,
+        tied_lm_head=reference.config.tie_word_embeddings,
+        reduction_dims={"embedding": (64,), "attention": (64, 64), "feedforward": (64, 128), "lm_head": (64,)},
+    )
+
+
+def test_sharded_safetensors(tmp_path):
+    reference = tiny_model("llama")
+    reference.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert max_logit_diff(tmp_path, reference) < 1e-4
+
+
+def test_pytorch_model_bin(tmp_path):
+    """The layout transformers < 5 wrote by default; transformers 5 only reads it, so it is written by hand."""
+    reference = tiny_model("qwen2")
+    reference.config.save_pretrained(tmp_path)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    # the Trainer leaves this beside the weights; it is not a state dict and must not be read as one
+    (tmp_path / "training_args.bin").write_bytes(b"pickled TrainingArguments")
+    assert max_logit_diff(tmp_path, reference) < 1e-4
+
+
+def test_unknown_model_type_lists_supported_ones(tmp_path):
+    supported = "llama, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3"
+    with pytest.raises(UnsupportedArchitectureError, match=f"'mamba' is not supported. Supported model types: {supported}"):
+        architecture_for({"model_type": "mamba"}, tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("family, overrides, reason", [
+    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=32.0)), "RoPE scaling 'llama3'"),
+    ("gemma2", dict(query_pre_attn_scalar=24), "query_pre_attn_scalar 24 differs from head_dim 16"),
+    ("gemma3_text", dict(final_logit_softcapping=30.0), "no final logit softcap"),
+    ("phi3", dict(hidden_act="gelu"), "SiLU-GLU only"),
+])
+def test_configs_litert_torch_would_compute_differently_are_refused(tmp_path, family, overrides, reason):
+    with pytest.raises(UnsupportedArchitectureError, match=reason):
+        architecture_for({**tiny_config(family).to_dict(), **overrides}, tmp_path / "config.json")
+
+
+def test_rope_bases_from_configs_written_before_transformers_5(tmp_path):
+    """They keep RoPE bases at the top level, Gemma 3's local one as rope_local_base_freq."""
+    config = {k: v for k, v in tiny_config("gemma3_text").to_dict().items() if k != "rope_parameters"}
+    config.update(rope_theta=5e5, rope_local_base_freq=2e4)
+    model_config = architecture_for(config, tmp_path / "config.json").model_config
+    assert [model_config.block_config(i).attn_config.rotary_base for i in range(2)] == [2e4, 5e5]
+
+
+def test_kv_cache_longer_than_an_unmodelled_sliding_window(tmp_path):
+    tiny_model("phi3", sliding_window=16).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="KV cache of 64 tokens is longer than the 16 tokens"):
+        load_float_model(read_checkpoint(tmp_path), kv_cache_len=KV_CACHE_LEN)
+
+
+# litert-torch's generic model class, and two families' own (their ops are named after their classes)
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text"])
+def test_converted_model_matches_float_in_the_interpreter(tmp_path, family):
+    tiny_model(family).save_pretrained(tmp_path / "checkpoint")
+    checkpoint = read_checkpoint(tmp_path / "checkpoint")
+    settings = ExportSettings(prefill_len=8, kv_cache_len=32)
+    model = load_float_model(checkpoint, settings.kv_cache_len)
+    model_config = architecture_of(checkpoint).model_config
+    tflite = export_float_tflite(model, model_config, settings, tmp_path / "model.tflite")
+    windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], (3, settings.kv_cache_len), dtype=np.int32)
+    logits = teacher_forced_logits(InterpreterSession(tflite, settings, num_threads=2), windows)
+    fidelity = compare(logits, float_reference_logits(model, model_config, windows, settings), windows)
+    assert fidelity.perplexity_ratio == pytest.approx(1.0, abs=0.01)
+    assert fidelity.top1_agreement > 0.99
+
+    # Per-component and per-block rules find this family's layers (Gemma 3 names its blocks DecoderBlock_N).
+    recipe = parse_recipe("selective", {"default": "fp16", "embedding": "int8_dynamic",
+                                        "attention": {1: "int8_weight_only"}, "feedforward": "int8_dynamic"}, "test")
+    quantized = quantize_tflite(tflite, ai_edge_quantizer_recipe(recipe, model_config), tmp_path / "selective.tflite")
+    rows = check_conformance(recipe, read_weights(quantized), architecture_of(checkpoint).shape)
+    assert [r for r in rows if not r.ok] == []
