@@ -119,7 +119,8 @@ def _check_safetensors_header(path: Path) -> None:
 
 
 def read_checkpoint(checkpoint_dir: Path) -> Checkpoint:
-    """Validate the layout and hash the bytes; does not import torch."""
+    """Validate the layout and hash the bytes. Cheap (no torch): sensors and rebuild plans call it;
+    ``architecture_of`` then checks that litert-torch can rebuild the model."""
     hf_config = _read_config(checkpoint_dir)
     weights = weight_files(checkpoint_dir)
     if not weights:
@@ -129,7 +130,6 @@ def read_checkpoint(checkpoint_dir: Path) -> Checkpoint:
     for path in weights:
         if path.suffix == ".safetensors":
             _check_safetensors_header(path)
-    architecture_for(hf_config, checkpoint_dir / "config.json")  # fail early on unknown families
     return Checkpoint(
         model_id=model_id_for(checkpoint_dir),
         path=checkpoint_dir,

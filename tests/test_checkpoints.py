@@ -8,6 +8,7 @@ import pytest
 from edge_quant_pipeline.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.checkpoints import (
     CheckpointError,
+    architecture_of,
     find_checkpoints,
     hash_checkpoint,
     load_float_model,
@@ -63,7 +64,7 @@ def test_unknown_architecture_lists_supported_ones(checkpoint_copy):
     config = json.loads((checkpoint_copy / "config.json").read_text())
     (checkpoint_copy / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     with pytest.raises(UnsupportedArchitectureError, match="'mamba' is not supported. Supported model types: llama"):
-        read_checkpoint(checkpoint_copy)
+        architecture_of(read_checkpoint(checkpoint_copy))
 
 
 def test_weights_that_do_not_match_config(checkpoint_copy):

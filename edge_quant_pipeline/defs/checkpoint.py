@@ -2,7 +2,15 @@
 
 import dagster as dg
 
-from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint, weight_files
+from edge_quant_pipeline.architectures import UnsupportedArchitectureError
+from edge_quant_pipeline.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    architecture_of,
+    find_checkpoints,
+    read_checkpoint,
+    weight_files,
+)
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 
@@ -17,7 +25,8 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
         if path is None:
             raise CheckpointError(f"{root}: no checkpoint folder for model {model_id!r} (a folder holding config.json).")
         found = read_checkpoint(path)
-    except CheckpointError as error:
+        architecture_of(found)  # fail here, at the checkpoint, for a family litert-torch cannot rebuild
+    except (CheckpointError, UnsupportedArchitectureError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
         found,
