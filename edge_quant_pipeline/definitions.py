@@ -1,5 +1,7 @@
 """The code location: every asset, job and resource, in one Definitions object."""
 
+import os
+
 import dagster as dg
 
 from edge_quant_pipeline import settings
@@ -12,8 +14,8 @@ from edge_quant_pipeline.defs.partitions import model_partitions, model_recipe_p
 from edge_quant_pipeline.defs.publishing import published_artifact
 from edge_quant_pipeline.defs.quantize import quantized_tflite
 from edge_quant_pipeline.defs.recipe import quant_recipe
-from edge_quant_pipeline.defs.report import quantization_report
-from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.defs.report import all_models_report, quantization_report
+from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
 # One job per partitioning: a Dagster run materializes one partition key, so the
 # graph for a model runs as convert -> recipes -> one run per recipe -> report.
@@ -24,12 +26,20 @@ quantize_job = dg.define_asset_job(
     "quantize_evaluate_publish", selection=[quantized_tflite, evaluation, published_artifact],
     partitions_def=model_recipe_partitions)
 report_job = dg.define_asset_job("report", selection=[quantization_report], partitions_def=model_partitions)
+all_models_report_job = dg.define_asset_job("report_all_models", selection=[all_models_report])
+
+
+def artifact_store_from_env() -> ArtifactStore:
+    # An EnvVar shows in the UI which variable sets the store; Dagster refuses one that is unset.
+    if os.environ.get(settings.ARTIFACT_DIR_VARIABLE):
+        return ArtifactStore(url=dg.EnvVar(settings.ARTIFACT_DIR_VARIABLE))
+    return ArtifactStore(url=settings.DEFAULT_ARTIFACT_DIR)
 
 
 def pipeline_config_from_env() -> PipelineConfig:
     return PipelineConfig(
         checkpoint_dir=str(settings.checkpoint_dir()),
-        artifact_dir=str(settings.artifact_dir()),
+        artifact_store=artifact_store_from_env(),
         work_dir=str(settings.work_dir()),
         eval_text=str(settings.eval_text()),
     )
@@ -37,8 +47,8 @@ def pipeline_config_from_env() -> PipelineConfig:
 
 defs = dg.Definitions(
     assets=[checkpoint, float_tflite, float_reference, quant_recipe, quantized_tflite, evaluation,
-            published_artifact, quantization_report],
-    jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job],
+            published_artifact, quantization_report, all_models_report],
+    jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
     sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
     schedules=nightly_schedules_from_env(),
     resources={"pipeline": pipeline_config_from_env()},

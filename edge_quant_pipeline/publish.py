@@ -1,16 +1,23 @@
-"""The local artifact store: one immutable, atomically published folder per version.
+"""The artifact store: immutable, atomically published versions on any fsspec filesystem.
 
-Layout::
+Layout (``<store>`` is a local folder or a URL such as ``s3://bucket/prefix``)::
 
     <store>/<model>/<recipe>/<version>/model.tflite
     <store>/<model>/<recipe>/<version>/manifest.json
+    <store>/<model>/<recipe>/latest.json          # the version published last
     <store>/<model>/<recipe>/failed.json          # why the current inputs did not publish
-    <store>/<model>/report.parquet
+    <store>/<model>/champion.json                 # the smallest published recipe of the current checkpoint
+    <store>/<model>/report.parquet, report.png
+    <store>/report.parquet, report.png            # every model
 
 ``<version>`` is derived from the content of the inputs (checkpoint bytes,
-recipe spec, toolchain), so publishing the same inputs twice is a no-op. A
-version is assembled in a hidden temporary folder and renamed into place in
-one step, manifest included, so readers never see half of one.
+recipe spec, toolchain), so publishing the same inputs twice is a no-op; the
+manifest's ``number`` counts versions per (model, recipe): 1, 2, 3...
+
+A version exists iff its manifest.json exists, and the manifest is written last,
+in one step: on a local filesystem the whole version folder is assembled under a
+hidden name and renamed into place; on an object store the manifest is one PUT
+after the model file. A publish killed half way therefore never shows a version.
 """
 
 from __future__ import annotations
@@ -25,11 +32,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_quant_pipeline.convert import write_atomically
+from upath import UPath
+from upath.implementations.local import LocalPath
+
+from edge_quant_pipeline import convert
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.tflite"
 FAILURE_RECORD = "failed.json"
+LATEST = "latest.json"
+CHAMPION = "champion.json"
+# The metrics a new version is compared on with the one published before it.
+DIFF_METRICS = ("file_bytes", "perplexity_ratio", "mean_kl", "top1_agreement", "decode_tokens_per_s")
+COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -50,72 +65,178 @@ class ArtifactInputs:
 
 @dataclass(frozen=True)
 class PublishedArtifact:
-    path: Path  # the version folder
+    path: UPath  # the version folder
     version: str
     manifest: dict[str, Any]
     newly_published: bool
 
     @property
-    def model_file(self) -> Path:
+    def model_file(self) -> UPath:
         return self.path / MODEL_FILE
+
+
+@dataclass(frozen=True)
+class ChampionUpdate:
+    current: dict[str, Any]
+    previous: dict[str, Any] | None  # the pointer before this update
+
+    @property
+    def changed(self) -> bool:
+        return self.previous is None or _same_version(self.previous) != _same_version(self.current)
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _recipe_dir(store: Path, inputs: ArtifactInputs) -> Path:
+def is_local(path: UPath) -> bool:
+    return isinstance(path, LocalPath)
+
+
+def write_atomically(path: UPath, content: bytes) -> None:
+    """Readers see the old content or the new, never half of it."""
+    if is_local(path):
+        convert.write_atomically(Path(path.path), content)
+    else:
+        path.write_bytes(content)  # one PUT: an object appears whole or not at all
+
+
+def write_json(path: UPath, record: dict[str, Any]) -> None:
+    write_atomically(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: UPath) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _recipe_dir(store: UPath, inputs: ArtifactInputs) -> UPath:
     return store / inputs.model_id / inputs.recipe
 
 
-def publish(store: Path, inputs: ArtifactInputs, tflite: Path, details: dict[str, Any]) -> PublishedArtifact:
-    """Publish ``tflite`` with a manifest of ``inputs`` and ``details``; idempotent."""
-    target = _recipe_dir(store, inputs) / inputs.version
-    if (target / MANIFEST).is_file():
-        manifest = json.loads((target / MANIFEST).read_text())
-        return PublishedArtifact(target, inputs.version, manifest, newly_published=False)
+def published_versions(store: UPath, model_id: str, recipe: str) -> list[dict[str, Any]]:
+    """The manifests of every visible version of (model, recipe), oldest first."""
+    try:
+        children = list((store / model_id / recipe).iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # fsspec says the latter for a missing prefix
+        return []
+    manifests = [read_json(child / MANIFEST) for child in children if child.name.startswith("v-")]
+    return sorted((m for m in manifests if m is not None), key=version_number)
 
+
+def version_number(manifest: dict[str, Any]) -> int:
+    return manifest.get("number", 0)  # 0: published before versions were numbered
+
+
+def metric_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    return {name: after[name] - before[name] for name in DIFF_METRICS if name in before and name in after}
+
+
+def _copy_hashing(source: Path, target: UPath) -> str:
+    """Copy in chunks (also to object stores) and hash on the way, so the file is read once."""
+    digest = hashlib.sha256()
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(COPY_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+    return digest.hexdigest()
+
+
+def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The model file, then the manifest: the manifest is what makes a version exist."""
+    manifest = {**manifest, "model_sha256": _copy_hashing(tflite, folder / MODEL_FILE)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        manifest = _write_version(UPath(staging), tflite, manifest)
+        os.rename(staging, target)  # atomic; fails if a concurrent publisher won, which is fine
+        return manifest
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        winner = read_json(UPath(target) / MANIFEST)
+        if winner is None:
+            raise
+        return winner
+
+
+def _point_latest(recipe_dir: UPath, manifest: dict[str, Any]) -> None:
+    pointer = {key: manifest.get(key) for key in ("version", "number", "artifact_path", "published_at")}
+    if read_json(recipe_dir / LATEST) != pointer:
+        write_json(recipe_dir / LATEST, pointer)
+
+
+def publish(
+    store: UPath, inputs: ArtifactInputs, tflite: Path, metrics: dict[str, Any], details: dict[str, Any]
+) -> PublishedArtifact:
+    """Publish ``tflite`` with a manifest of ``inputs``, ``metrics`` and ``details``; idempotent."""
+    recipe_dir = _recipe_dir(store, inputs)
+    target = recipe_dir / inputs.version
+    existing = read_json(target / MANIFEST)
+    if existing is not None:
+        _point_latest(recipe_dir, existing)  # also repairs a publish killed between manifest and pointer
+        return PublishedArtifact(target, inputs.version, existing, newly_published=False)
+
+    versions = published_versions(store, inputs.model_id, inputs.recipe)
+    previous = versions[-1] if versions else None
     manifest = {
         "model": inputs.model_id,
         "recipe": inputs.recipe,
         "version": inputs.version,
+        "number": version_number(previous) + 1 if previous else 1,
+        "previous_version": previous["version"] if previous else None,
+        "delta": metric_delta(previous["metrics"], metrics) if previous else {},
         "checkpoint_sha256": inputs.checkpoint_hash,
         "recipe_sha256": inputs.recipe_hash,
         "toolchain": inputs.toolchain,
         "model_file": MODEL_FILE,
-        "model_sha256": hashlib.sha256(tflite.read_bytes()).hexdigest(),
+        "artifact_path": str(target),
         "published_at": now(),
+        "metrics": metrics,
         **details,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{inputs.version}.tmp-"))
-    try:
-        shutil.copyfile(tflite, staging / MODEL_FILE)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.rename(staging, target)  # atomic; fails if a concurrent publisher won, which is fine
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / MANIFEST).is_file():
-            raise
-    (_recipe_dir(store, inputs) / FAILURE_RECORD).unlink(missing_ok=True)
+    if is_local(target):
+        manifest = _write_version_locally(Path(target.path), tflite, manifest)
+    else:
+        manifest = _write_version(target, tflite, manifest)
+    _point_latest(recipe_dir, manifest)
+    (recipe_dir / FAILURE_RECORD).unlink(missing_ok=True)
     return PublishedArtifact(target, inputs.version, manifest, newly_published=True)
 
 
-def record_failure(store: Path, inputs: ArtifactInputs, stage: str, error: str) -> None:
+def record_failure(store: UPath, inputs: ArtifactInputs, stage: str, error: str) -> None:
     """Say why these inputs have no published version; earlier versions stay untouched."""
-    record = {"version": inputs.version, "checkpoint_sha256": inputs.checkpoint_hash,
-              "recipe_sha256": inputs.recipe_hash, "stage": stage, "error": error, "failed_at": now()}
-    write_atomically(_recipe_dir(store, inputs) / FAILURE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    write_json(_recipe_dir(store, inputs) / FAILURE_RECORD, {
+        "version": inputs.version, "checkpoint_sha256": inputs.checkpoint_hash,
+        "recipe_sha256": inputs.recipe_hash, "stage": stage, "error": error, "failed_at": now()})
 
 
-def published_manifest(store: Path, inputs: ArtifactInputs) -> dict[str, Any] | None:
-    path = _recipe_dir(store, inputs) / inputs.version / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def published_manifest(store: UPath, inputs: ArtifactInputs) -> dict[str, Any] | None:
+    return read_json(_recipe_dir(store, inputs) / inputs.version / MANIFEST)
 
 
-def failure_record(store: Path, inputs: ArtifactInputs) -> dict[str, Any] | None:
-    path = _recipe_dir(store, inputs) / FAILURE_RECORD
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("version") == inputs.version else None
+def failure_record(store: UPath, inputs: ArtifactInputs) -> dict[str, Any] | None:
+    record = read_json(_recipe_dir(store, inputs) / FAILURE_RECORD)
+    return record if record is not None and record.get("version") == inputs.version else None
+
+
+def latest_pointer(store: UPath, model_id: str, recipe: str) -> dict[str, Any] | None:
+    return read_json(store / model_id / recipe / LATEST)
+
+
+def _same_version(pointer: dict[str, Any]) -> tuple[str, str]:
+    return pointer["recipe"], pointer["version"]
+
+
+def point_champion(store: UPath, model_id: str, champion: dict[str, Any]) -> ChampionUpdate:
+    """Point ``<store>/<model>/champion.json`` at ``champion`` (recipe, version, ...) unless it already does."""
+    update = ChampionUpdate(current=champion, previous=read_json(store / model_id / CHAMPION))
+    if update.changed:
+        write_json(store / model_id / CHAMPION, {**champion, "chosen_at": now()})
+    return update

@@ -1,20 +1,30 @@
-"""The per-model comparison table: every recipe, side by side, as pandas, Parquet and markdown."""
+"""The comparison tables: every recipe side by side, per model and across models, as pandas,
+Parquet, markdown and a size-vs-quality scatter plot."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import base64
+import io
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from upath import UPath
 
-from edge_quant_pipeline.convert import write_atomically
+from edge_quant_pipeline.publish import ChampionUpdate, version_number, write_atomically
+
+REPORT_FILE = "report.parquet"
+PLOT_FILE = "report.png"
 
 # column -> (heading in the markdown table, number format)
 DISPLAY_COLUMNS = {
     "recipe": ("recipe", ""),
     "status": ("status", ""),
+    "champion": ("champion", ""),
+    "number": ("#", ".0f"),
     "file_mb": ("file MB", ".3f"),
     "file_ratio": ("file x", ".2f"),
     "weight_ratio": ("weights x", ".2f"),
@@ -29,19 +39,33 @@ DISPLAY_COLUMNS = {
     "decode_tokens_per_s": ("decode tok/s", ".0f"),
     "peak_rss_mb": ("RSS MB", ".0f"),
 }
+# The manifest's `delta` (this version minus the previous one), one column per metric.
+DELTA_COLUMNS = {
+    "recipe": ("recipe", ""),
+    "number": ("#", ".0f"),
+    "previous_version": ("previous version", ""),
+    "delta_file_bytes": ("Δ file bytes", "+,.0f"),
+    "delta_perplexity_ratio": ("Δ ppl / float", "+.4f"),
+    "delta_mean_kl": ("Δ mean KL", "+.5f"),
+    "delta_top1_agreement": ("Δ top-1 agree", "+.3f"),
+    "delta_decode_tokens_per_s": ("Δ decode tok/s", "+.0f"),
+}
 
 
 def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, Any] | None) -> dict[str, Any]:
-    """One row per recipe: metrics when published, the reason when not."""
+    """One row per recipe: metrics and the change since the previous version when published, the reason when not."""
     if manifest is not None:
         metrics = manifest["metrics"]
         return {
             "recipe": recipe,
             "status": "published",
             "version": manifest["version"],
+            "number": version_number(manifest),
+            "previous_version": manifest.get("previous_version"),
             "artifact": manifest["artifact_path"],
             "file_mb": metrics["file_bytes"] / 1e6,
             **metrics,
+            **{f"delta_{name}": value for name, value in (manifest.get("delta") or {}).items()},
             "error": None,
         }
     if failure is not None:
@@ -50,25 +74,94 @@ def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, 
 
 
 def build_report(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows as a table, the champion (the smallest published file) marked."""
     frame = pd.DataFrame(rows)
-    for column in DISPLAY_COLUMNS:
+    for column in [*DISPLAY_COLUMNS, *DELTA_COLUMNS, "file_bytes", "version", "artifact"]:
         if column not in frame:
             frame[column] = None
+    sizes = pd.to_numeric(frame["file_bytes"].where(frame["status"] == "published"))
+    frame["champion"] = frame.index == sizes.idxmin() if sizes.notna().any() else False
     return frame
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+def champion_of(frame: pd.DataFrame) -> dict[str, Any] | None:
+    """The pointer to the champion row (None when no recipe published)."""
+    rows = frame[frame["champion"]]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    return {"recipe": row["recipe"], "version": row["version"], "number": int(row["number"]),
+            "file_bytes": int(row["file_bytes"]), "artifact_path": row["artifact"]}
+
+
+def champion_note(update: ChampionUpdate | None) -> str:
+    if update is None:
+        return "**Champion:** none, no recipe of this checkpoint is published."
+    def name(pointer: dict[str, Any]) -> str:
+        return f"{pointer['recipe']} #{pointer.get('number', 0)} ({pointer['version']})"
+    note = f"**Champion:** {name(update.current)}, {update.current['file_bytes'] / 1e6:.3f} MB"
+    if not update.changed:
+        return note + ", unchanged."
+    return note + (f", changed from {name(update.previous)}." if update.previous else ", the first one.")
+
+
+def write_parquet(frame: pd.DataFrame, path: UPath) -> UPath:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
     write_atomically(path, sink.getvalue().to_pybytes())
     return path
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    table = frame[list(DISPLAY_COLUMNS)].rename(columns={k: v[0] for k, v in DISPLAY_COLUMNS.items()})
+def read_parquet(path: UPath) -> pd.DataFrame | None:
+    try:
+        return pq.read_table(pa.BufferReader(path.read_bytes())).to_pandas()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _table(frame: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> str:
+    table = frame[list(columns)].rename(columns={k: v[0] for k, v in columns.items()})
     table = table.astype(object).where(table.notna(), None)  # blank cells, not "nan"
-    formats = tuple(fmt or "g" for _, fmt in DISPLAY_COLUMNS.values())
-    text = table.to_markdown(index=False, floatfmt=formats, missingval="")
+    formats = tuple(fmt or "g" for _, fmt in columns.values())
+    return table.to_markdown(index=False, floatfmt=formats, missingval="")
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """The table (with a model column across models), what changed since each previous version, failures."""
+    columns = {"model": ("model", ""), **DISPLAY_COLUMNS} if "model" in frame else DISPLAY_COLUMNS
+    text = _table(frame.assign(champion=frame["champion"].map({True: "✓", False: ""})), columns)
+    changed = frame[frame["previous_version"].notna()]
+    if not changed.empty:
+        delta_columns = {"model": ("model", ""), **DELTA_COLUMNS} if "model" in frame else DELTA_COLUMNS
+        text += "\n\nSince the previous version:\n\n" + _table(changed, delta_columns)
     failures = frame[frame["error"].notna()]
     notes = "".join(f"\n- **{row.recipe}**: {row.error}" for row in failures.itertuples())
     return text + ("\n\nNot published:" + notes if notes else "")
+
+
+def size_quality_png(frame: pd.DataFrame) -> bytes:
+    """File MB against perplexity / float, one labelled point per published recipe (a colour per model)."""
+    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # Agg: renders without a display
+    axes = figure.subplots()
+    published = frame[frame["status"] == "published"]
+    groups = published.groupby("model") if "model" in published else [(None, published)]
+    for model, rows in groups:
+        axes.scatter(rows["file_mb"], rows["perplexity_ratio"], label=model)
+        for row in rows.itertuples():
+            axes.annotate(row.recipe, (row.file_mb, row.perplexity_ratio), xytext=(4, 4),
+                          textcoords="offset points", fontsize=8)
+    axes.set_xlabel("file MB")
+    axes.set_ylabel("perplexity / float")
+    axes.set_title("Size vs quality (lower left is better)")
+    axes.grid(alpha=0.3)
+    if "model" in published:
+        axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def embedded_png(png: bytes) -> str:
+    """Markdown the Dagster UI renders as the image itself."""
+    return f"![size vs quality](data:image/png;base64,{base64.b64encode(png).decode()})"

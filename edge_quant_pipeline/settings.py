@@ -24,8 +24,8 @@ def recipes_file() -> Path:
     return env_path("EDGE_QUANT_RECIPES", "recipes.yaml")
 
 
-def artifact_dir() -> Path:
-    return env_path("EDGE_QUANT_ARTIFACT_DIR", "artifacts")
+ARTIFACT_DIR_VARIABLE = "EDGE_QUANT_ARTIFACT_DIR"
+DEFAULT_ARTIFACT_DIR = "artifacts"
 
 
 def work_dir() -> Path:

@@ -13,7 +13,7 @@ from edge_quant_pipeline.definitions import defs
 from edge_quant_pipeline.defs.automation import nightly_schedules
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.rebuild import rebuild_plan
-from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
 RECIPES = recipe_catalog.names
 MODELS = ["alpha", "beta"]
@@ -43,7 +43,8 @@ def world(tmp_path_factory, demo_checkpoint_dir):
     root = tmp_path_factory.mktemp("rebuild")
     for model in MODELS:
         shutil.copytree(demo_checkpoint_dir, root / "checkpoints" / model)
-    pipeline = PipelineConfig(checkpoint_dir=str(root / "checkpoints"), artifact_dir=str(root / "artifacts"),
+    pipeline = PipelineConfig(checkpoint_dir=str(root / "checkpoints"),
+                              artifact_store=ArtifactStore(url=str(root / "artifacts")),
                               work_dir=str(root / "work"), eval_max_tokens=512)
     with dg.instance_for_test() as instance:
         runner = materialize(defs, instance, pipeline, MODELS, RECIPES)
@@ -57,6 +58,20 @@ def test_first_run_converts_each_model_once_and_quantizes_each_pair_once(world):
     assert set(quantizations(instance).values()) == {1}
 
 
+def test_all_models_report_lists_every_model_and_recipe_with_one_champion_each(world):
+    from edge_quant_pipeline.report import read_parquet
+
+    instance, pipeline, _ = world
+    report = read_parquet(pipeline.store / "report.parquet")
+    assert sorted(zip(report["model"], report["recipe"])) == sorted((m, r) for m in MODELS for r in RECIPES)
+    assert set(report["status"]) == {"published"}
+    assert report.groupby("model")["champion"].sum().to_dict() == {m: 1 for m in MODELS}
+    meta = instance.fetch_materializations(dg.AssetKey("all_models_report"), limit=1).records[0]
+    text = meta.asset_materialization.metadata["report"].value
+    assert text.startswith("| model ") and "| beta " in text
+    assert (pipeline.store / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_nothing_changed_converts_and_quantizes_nothing(world):
     instance, pipeline, _ = world
     before = conversions(instance), quantizations(instance)
@@ -65,21 +80,24 @@ def test_nothing_changed_converts_and_quantizes_nothing(world):
     assert (conversions(instance), quantizations(instance)) == before
 
 
+def nightly_requests(instance, pipeline, rebuild_all: bool) -> dict[str, list[str]]:
+    """The partitions each nightly schedule requests on a tick now."""
+    requests = {}
+    for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=rebuild_all):
+        with dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
+                                       repository_def=defs.get_repository_def()) as context:
+            requests[schedule.job_name] = sorted(str(r.partition_key) for r in schedule.evaluate_tick(context).run_requests)
+    return requests
+
+
 def test_nightly_schedules_request_nothing_when_nothing_changed(world):
     instance, pipeline, _ = world
-    for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=False):
-        context = dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
-                                             repository_def=defs.get_repository_def())
-        assert schedule.evaluate_tick(context).run_requests == []
+    assert set(map(tuple, nightly_requests(instance, pipeline, rebuild_all=False).values())) == {()}
 
 
 def test_rebuild_all_requests_every_model_and_recipe(world):
     instance, pipeline, _ = world
-    requested = {}
-    for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=True):
-        context = dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
-                                             repository_def=defs.get_repository_def())
-        requested[schedule.job_name] = sorted(r.partition_key for r in schedule.evaluate_tick(context).run_requests)
+    requested = nightly_requests(instance, pipeline, rebuild_all=True)
     assert requested["convert_checkpoint"] == MODELS
     assert set(RECIPES) <= set(requested["resolve_recipe"])
     assert requested["quantize_evaluate_publish"] == []  # covered by the conversions
@@ -91,12 +109,7 @@ def test_a_failed_or_missing_pair_is_requested_nightly(world):
     hidden = root / "hidden"
     shutil.move(published, hidden)  # as if its publish never happened
     try:
-        requests = {}
-        for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=False):
-            context = dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
-                                             repository_def=defs.get_repository_def())
-            requests[schedule.job_name] = [str(r.partition_key) for r in schedule.evaluate_tick(context).run_requests]
-        assert requests == {"convert_checkpoint": [], "resolve_recipe": [], "quantize_evaluate_publish": ["alpha|dynamic_int8"]}
+        assert nightly_requests(instance, pipeline, rebuild_all=False) == {"convert_checkpoint": [], "resolve_recipe": [], "quantize_evaluate_publish": ["alpha|dynamic_int8"]}
     finally:
         shutil.move(hidden, published)
 

@@ -8,19 +8,19 @@ import pytest
 
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, recipe_sensor
 from edge_quant_pipeline.defs.partitions import recipe_catalog
-from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
 
 @pytest.fixture
 def watched(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    return root, PipelineConfig(checkpoint_dir=str(root), artifact_dir=str(tmp_path / "a"), work_dir=str(tmp_path / "w"))
+    return root, PipelineConfig(checkpoint_dir=str(root), artifact_store=ArtifactStore(url=str(tmp_path / "a")), work_dir=str(tmp_path / "w"))
 
 
 def tick(instance, pipeline, cursor=None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"pipeline": pipeline})
-    return checkpoint_sensor(context)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"pipeline": pipeline}) as context:
+        return checkpoint_sensor(context)
 
 
 def test_new_checkpoint_waits_until_stable_then_adds_a_partition_and_a_run(watched, demo_checkpoint_dir):
@@ -88,7 +88,7 @@ def test_deleted_checkpoint_is_reported_not_crashed_on(watched, demo_checkpoint_
 
 
 def test_missing_folder_is_a_skip_with_the_fix(tmp_path):
-    pipeline = PipelineConfig(checkpoint_dir=str(tmp_path / "nope"), artifact_dir="a", work_dir="w")
+    pipeline = PipelineConfig(checkpoint_dir=str(tmp_path / "nope"), artifact_store=ArtifactStore(url="a"), work_dir="w")
     with dg.instance_for_test() as instance:
         result = tick(instance, pipeline)
     assert isinstance(result, dg.SkipReason) and "EDGE_QUANT_CHECKPOINT_DIR" in result.skip_message

@@ -8,7 +8,7 @@ from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate import Evaluation
-from edge_quant_pipeline.publish import PublishedArtifact, publish
+from edge_quant_pipeline.publish import PublishedArtifact, publish, version_number
 from edge_quant_pipeline.recipes import Recipe
 from edge_quant_pipeline.weights import TfliteModel
 
@@ -30,20 +30,22 @@ def published_artifact(
     quantized_tflite: TfliteModel,
     evaluation: Evaluation,
 ) -> dg.Output[PublishedArtifact]:
-    """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage + metrics)."""
+    """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff)."""
     inputs = artifact_inputs(checkpoint, quant_recipe)
-    artifact = publish(pipeline.store, inputs, quantized_tflite.path, {
-        "artifact_path": str(pipeline.store / inputs.model_id / inputs.recipe / inputs.version),
+    artifact = publish(pipeline.store, inputs, quantized_tflite.path, evaluation.as_dict(), {
         "checkpoint_path": str(checkpoint.path),
         "recipe_spec": quant_recipe.spec(),
         "export": {"prefill_len": pipeline.prefill_len, "kv_cache_len": pipeline.kv_cache_len},
-        "metrics": evaluation.as_dict(),
         "dagster_run_id": context.run.run_id,
     })
+    manifest = artifact.manifest
     context.log.info(f"{'Published' if artifact.newly_published else 'Already published'} {artifact.path}")
     return dg.Output(artifact, metadata={
         "artifact_path": dg.MetadataValue.path(str(artifact.path)),
         "version": artifact.version,
+        "number": version_number(manifest),
+        "previous_version": manifest.get("previous_version") or "",
+        "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
         "newly_published": artifact.newly_published,
         **evaluation.as_dict(),
     })

@@ -1,15 +1,34 @@
-"""`quantization_report`: every recipe of one model side by side, as Parquet and as a table in the UI."""
+"""The reports: every recipe of one model side by side (`quantization_report`), and every
+model's in one table (`all_models_report`); each as Parquet, markdown and a plot in the UI."""
 
 import dagster as dg
 import pandas as pd
+from upath import UPath
 
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.conditions import ON_ANY_PUBLISH
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.publish import failure_record, published_manifest
-from edge_quant_pipeline.report import build_report, report_row, to_markdown, write_parquet
+from edge_quant_pipeline.publish import failure_record, point_champion, published_manifest, write_atomically
+from edge_quant_pipeline.report import (PLOT_FILE, REPORT_FILE, build_report, champion_note, champion_of,
+                                        embedded_png, read_parquet, report_row, size_quality_png, to_markdown,
+                                        write_parquet)
+
+
+def stored_report(frame: pd.DataFrame, folder: UPath, note: str = "") -> dict[str, object]:
+    """Write the report and its plot into ``folder``; the metadata that shows both in the UI."""
+    parquet = write_parquet(frame, folder / REPORT_FILE)
+    png = size_quality_png(frame)
+    write_atomically(folder / PLOT_FILE, png)
+    return {
+        "report": dg.MetadataValue.md(to_markdown(frame) + (f"\n\n{note}" if note else "")),
+        "size_vs_quality": dg.MetadataValue.md(embedded_png(png)),
+        "parquet": dg.MetadataValue.path(str(parquet)),
+        "plot": dg.MetadataValue.path(str(folder / PLOT_FILE)),
+        "published": int((frame["status"] == "published").sum()),
+        "recipes": len(frame),
+    }
 
 
 @dg.asset(
@@ -21,7 +40,8 @@ from edge_quant_pipeline.report import build_report, report_row, to_markdown, wr
 def quantization_report(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
 ) -> dg.Output[pd.DataFrame]:
-    """One row per recipe for the current checkpoint: published metrics, or why it did not publish."""
+    """One row per recipe for the current checkpoint: published metrics, or why it did not publish;
+    the champion (smallest published file) marked and pointed to by `<store>/<model>/champion.json`."""
     rows = []
     for name in recipe_catalog.names:
         if name in recipe_catalog.errors:
@@ -30,10 +50,29 @@ def quantization_report(
         inputs = artifact_inputs(checkpoint, recipe_catalog.recipes[name])
         rows.append(report_row(name, published_manifest(pipeline.store, inputs), failure_record(pipeline.store, inputs)))
     frame = build_report(rows)
-    path = write_parquet(frame, pipeline.store / checkpoint.model_id / "report.parquet")
+    champion = champion_of(frame)
+    update = point_champion(pipeline.store, checkpoint.model_id, champion) if champion else None
+    if update is not None and update.changed:
+        context.log.info(champion_note(update))
     return dg.Output(frame, metadata={
-        "report": dg.MetadataValue.md(to_markdown(frame)),
-        "parquet": dg.MetadataValue.path(str(path)),
-        "published": int((frame["status"] == "published").sum()),
-        "recipes": len(frame),
+        **stored_report(frame, pipeline.store / checkpoint.model_id, champion_note(update)),
+        "champion": champion["recipe"] if champion else "",
+        "champion_changed": bool(update and update.changed),
     })
+
+
+@dg.asset(
+    automation_condition=ON_ANY_PUBLISH,
+    group_name="publishing",
+    deps=[quantization_report],
+)
+def all_models_report(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[pd.DataFrame]:
+    """Every model's latest report in one table, `<store>/report.parquet`, with a `model` column."""
+    frames = []
+    for model_id in context.instance.get_dynamic_partitions(model_partitions.name):
+        frame = read_parquet(pipeline.store / model_id / REPORT_FILE)
+        if frame is not None:  # None: a model whose report has not run yet
+            frame.insert(0, "model", model_id)
+            frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True) if frames else build_report([]).assign(model=None)
+    return dg.Output(frame, metadata={**stored_report(frame, pipeline.store), "models": len(frames)})

@@ -1,20 +1,36 @@
-"""The one resource every asset reads its paths and settings from."""
+"""The resources every asset reads its paths and settings from: the pipeline's settings and the artifact store."""
 
 
 from pathlib import Path
 
 import dagster as dg
+from upath import UPath
 
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate import EvalSettings
 from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
 
 
+class ArtifactStore(dg.ConfigurableResource):
+    """Where published artifacts and reports live: a local folder or any fsspec URL
+    (``s3://bucket/prefix``, ``gs://...``, ``memory://...``) whose filesystem package is installed."""
+
+    url: str
+
+    @property
+    def root(self) -> UPath:
+        # Outside a run (the CLI's rebuild plan, tests) an EnvVar field still holds the variable itself.
+        url = self.url.get_value() if isinstance(self.url, dg.EnvVar) else self.url
+        path = UPath(url)
+        # A relative local folder is fixed once, so every asset and the UI name the same place.
+        return path.expanduser().absolute() if path.protocol == "" else path
+
+
 class PipelineConfig(dg.ConfigurableResource):
     """Where checkpoints, intermediate files and published artifacts live, and evaluation settings."""
 
     checkpoint_dir: str
-    artifact_dir: str
+    artifact_store: ArtifactStore
     work_dir: str
     eval_text: str = str(DEFAULT_EVAL_TEXT)
     eval_max_tokens: int = EvalSettings.max_tokens
@@ -36,8 +52,8 @@ class PipelineConfig(dg.ConfigurableResource):
         return Path(self.checkpoint_dir)
 
     @property
-    def store(self) -> Path:
-        return Path(self.artifact_dir)
+    def store(self) -> UPath:
+        return self.artifact_store.root
 
     def work_path(self, model_id: str, checkpoint_hash: str) -> Path:
         """Intermediate files of one checkpoint version; a new version gets a fresh folder."""

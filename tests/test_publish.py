@@ -1,0 +1,137 @@
+"""The artifact store on a local folder and on fsspec's in-memory filesystem (standing in
+for an object store): atomic and idempotent publishing, version numbers, pointers, diffs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from upath import UPath
+
+from edge_quant_pipeline.defs.resources import ArtifactStore
+from edge_quant_pipeline.publish import (ArtifactInputs, MODEL_FILE, latest_pointer, point_champion, publish,
+                                         published_manifest, published_versions)
+
+from conftest import REPO
+
+METRICS = {"file_bytes": 1000, "perplexity_ratio": 1.01, "mean_kl": 0.01, "top1_agreement": 0.95,
+           "decode_tokens_per_s": 3000.0}
+
+
+def inputs(checkpoint_hash: str = "c1", recipe: str = "int8") -> ArtifactInputs:
+    return ArtifactInputs("model", recipe, checkpoint_hash, "r1", {"litert-torch": "0.10.0"})
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path) -> UPath:
+    url = str(tmp_path / "store") if request.param == "local" else f"memory://edge-quant-{uuid.uuid4().hex}"
+    return ArtifactStore(url=url).root
+
+
+@pytest.fixture
+def tflite(tmp_path) -> Path:
+    path = tmp_path / "model.tflite"
+    path.write_bytes(os.urandom(1000))
+    return path
+
+
+def test_store_url_picks_the_filesystem(tmp_path, monkeypatch):
+    from edge_quant_pipeline.definitions import artifact_store_from_env
+
+    assert ArtifactStore(url=str(tmp_path)).root.protocol == ""
+    assert ArtifactStore(url="memory://bucket/prefix").root.protocol == "memory"
+    monkeypatch.setenv("EDGE_QUANT_ARTIFACT_DIR", "memory://from-env")
+    with dg.build_resources({"store": artifact_store_from_env()}) as resources:  # as a run resolves it
+        assert str(resources.store.root) == "memory://from-env"
+    monkeypatch.delenv("EDGE_QUANT_ARTIFACT_DIR")
+    assert artifact_store_from_env().root == UPath("artifacts").absolute()
+
+
+def test_publishing_the_same_inputs_twice_is_a_no_op(store, tflite):
+    first = publish(store, inputs(), tflite, METRICS, {})
+    second = publish(store, inputs(), tflite, METRICS, {})
+    assert first.newly_published and not second.newly_published
+    assert second.manifest == first.manifest
+    assert first.model_file.read_bytes() == tflite.read_bytes()
+    assert [m["version"] for m in published_versions(store, "model", "int8")] == [first.version]
+
+
+def test_versions_are_numbered_per_model_and_recipe_and_latest_follows(store, tflite):
+    numbers = [publish(store, inputs(checkpoint), tflite, METRICS, {}).manifest["number"] for checkpoint in "abc"]
+    other_recipe = publish(store, inputs("a", recipe="fp16"), tflite, METRICS, {})
+    assert numbers == [1, 2, 3] and other_recipe.manifest["number"] == 1
+    latest = latest_pointer(store, "model", "int8")
+    assert (latest["version"], latest["number"]) == (inputs("c").version, 3)
+    publish(store, inputs("a"), tflite, METRICS, {})  # inputs went back to "a": it is current again
+    assert latest_pointer(store, "model", "int8")["version"] == inputs("a").version
+
+
+def test_a_new_version_records_its_difference_from_the_previous_one(store, tflite):
+    first = publish(store, inputs("a"), tflite, METRICS, {})
+    assert first.manifest["previous_version"] is None and first.manifest["delta"] == {}
+    better = {**METRICS, "file_bytes": 800, "perplexity_ratio": 1.02, "decode_tokens_per_s": 3100.0}
+    second = publish(store, inputs("b"), tflite, better, {})
+    assert second.manifest["previous_version"] == first.version
+    assert second.manifest["delta"] == pytest.approx({
+        "file_bytes": -200, "perplexity_ratio": 0.01, "mean_kl": 0.0, "top1_agreement": 0.0,
+        "decode_tokens_per_s": 100.0})
+
+
+def test_a_version_without_its_manifest_does_not_exist(tflite):
+    """What an object store holds after a publish died between the model file and the manifest."""
+    store = ArtifactStore(url=f"memory://edge-quant-{uuid.uuid4().hex}").root
+    (store / "model" / "int8" / inputs().version / MODEL_FILE).write_bytes(b"half a model")
+    assert published_manifest(store, inputs()) is None and published_versions(store, "model", "int8") == []
+    artifact = publish(store, inputs(), tflite, METRICS, {})
+    assert artifact.newly_published and artifact.model_file.read_bytes() == tflite.read_bytes()
+
+
+def test_champion_pointer_moves_only_when_the_champion_changes(store):
+    first = point_champion(store, "model", {"recipe": "int8", "version": "v-1"})
+    again = point_champion(store, "model", {"recipe": "int8", "version": "v-1"})
+    moved = point_champion(store, "model", {"recipe": "int4", "version": "v-2"})
+    assert first.changed and first.previous is None
+    assert not again.changed
+    assert moved.changed and moved.previous["recipe"] == "int8"
+    assert (store / "model" / "champion.json").read_text().count('"int4"') == 1
+
+
+KILLED_PUBLISH = """
+import sys
+from pathlib import Path
+from upath import UPath
+from edge_quant_pipeline.publish import ArtifactInputs, publish
+store, tflite = UPath(sys.argv[1]), Path(sys.argv[2])
+publish(store, ArtifactInputs("model", "int8", "c1", "r1", {}), tflite, {"file_bytes": tflite.stat().st_size}, {})
+"""
+
+
+def test_a_publish_killed_while_copying_leaves_no_version(tmp_path):
+    """A real SIGKILL in the middle of copying a 200 MB model: nothing becomes visible,
+    and the next publish of the same inputs succeeds."""
+    big = tmp_path / "big.tflite"
+    with big.open("wb") as f:  # sparse: 200 MB without writing them
+        f.truncate(200 * 1024 * 1024)
+    store = tmp_path / "store"
+    recipe_dir = store / "model" / "int8"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISH, str(store), str(big)], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not any(recipe_dir.glob(".v-*.tmp-*/" + MODEL_FILE)):
+        assert process.poll() is None, "the publish finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    (staging,) = recipe_dir.glob(".v-*.tmp-*")
+    assert (staging / MODEL_FILE).stat().st_size < big.stat().st_size  # killed mid-copy
+    assert published_versions(UPath(store), "model", "int8") == []
+    assert [p.name for p in recipe_dir.iterdir()] == [staging.name]  # no version, no pointer
+
+    artifact = publish(UPath(store), inputs(), big, {"file_bytes": big.stat().st_size}, {})
+    assert artifact.newly_published and artifact.manifest["number"] == 1
+    assert artifact.model_file.stat().st_size == big.stat().st_size
