@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's ``model_type`` has no mapping to litert-torch layers."""
 

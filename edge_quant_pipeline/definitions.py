@@ -5,8 +5,12 @@ import os
 import dagster as dg
 
 from edge_quant_pipeline import settings
-from edge_quant_pipeline.defs.automation import (automation_sensor, checkpoint_sensor, nightly_schedules_from_env,
-                                                 recipe_sensor)
+from edge_quant_pipeline.defs.automation import (
+    automation_sensor,
+    checkpoint_sensor,
+    nightly_schedules_from_env,
+    recipe_sensor,
+)
 from edge_quant_pipeline.defs.checkpoint import checkpoint
 from edge_quant_pipeline.defs.evaluation import evaluation
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite

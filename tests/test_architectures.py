@@ -7,12 +7,29 @@ Each test builds a tiny random model with transformers (no downloads), saves it 
 import numpy as np
 import pytest
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from edge_quant_pipeline.architectures import (SUPPORTED_MODEL_TYPES, ModelShape, UnsupportedArchitectureError,
-                                               architecture_for)
+from edge_quant_pipeline.architectures import (
+    SUPPORTED_MODEL_TYPES,
+    ModelShape,
+    UnsupportedArchitectureError,
+    architecture_for,
+)
 from edge_quant_pipeline.checkpoints import CheckpointError, architecture_of, load_float_model, read_checkpoint
 from edge_quant_pipeline.conformance import check_conformance
 from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite

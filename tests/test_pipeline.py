@@ -7,10 +7,9 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from conftest import DEMO_MODEL
 
 from edge_quant_pipeline.weights import read_weights
-
-from conftest import DEMO_MODEL
 
 
 def metadata(instance, asset: str, partition: str) -> dict:

@@ -11,13 +11,19 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from conftest import REPO
 from upath import UPath
 
 from edge_quant_pipeline.defs.resources import ArtifactStore
-from edge_quant_pipeline.publish import (ArtifactInputs, MODEL_FILE, latest_pointer, point_champion, publish,
-                                         published_manifest, published_versions)
-
-from conftest import REPO
+from edge_quant_pipeline.publish import (
+    MODEL_FILE,
+    ArtifactInputs,
+    latest_pointer,
+    point_champion,
+    publish,
+    published_manifest,
+    published_versions,
+)
 
 METRICS = {"file_bytes": 1000, "perplexity_ratio": 1.01, "mean_kl": 0.01, "top1_agreement": 0.95,
            "decode_tokens_per_s": 3000.0}

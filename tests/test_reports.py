@@ -8,11 +8,10 @@ import shutil
 import dagster as dg
 import pandas as pd
 import pytest
+from conftest import DEMO_MODEL
 from upath import UPath
 
 from edge_quant_pipeline.publish import CHAMPION, ArtifactInputs, latest_pointer, publish, published_versions
-
-from conftest import DEMO_MODEL
 
 
 def metadata(instance, asset: str, partition: str | None = None) -> dict:

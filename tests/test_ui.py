@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import DEMO_MODEL
 
 CHROMIUM = Path("/usr/bin/chromium")

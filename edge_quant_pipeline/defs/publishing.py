@@ -3,8 +3,8 @@
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint
-from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate import Evaluation

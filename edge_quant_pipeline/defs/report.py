@@ -6,14 +6,24 @@ import pandas as pd
 from upath import UPath
 
 from edge_quant_pipeline.checkpoints import Checkpoint
-from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.conditions import ON_ANY_PUBLISH
+from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import failure_record, point_champion, published_manifest, write_atomically
-from edge_quant_pipeline.report import (PLOT_FILE, REPORT_FILE, build_report, champion_note, champion_of,
-                                        embedded_png, read_parquet, report_row, size_quality_png, to_markdown,
-                                        write_parquet)
+from edge_quant_pipeline.report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    build_report,
+    champion_note,
+    champion_of,
+    embedded_png,
+    read_parquet,
+    report_row,
+    size_quality_png,
+    to_markdown,
+    write_parquet,
+)
 
 
 def stored_report(frame: pd.DataFrame, folder: UPath, note: str = "") -> dict[str, object]:
