@@ -152,14 +152,24 @@ _HF_TENSOR_NAMES = dict(
     embedding="model.embed_tokens",
     final_norm="model.norm",
 )
-_QK_NORM_NAMES = dict(attn_query_norm="model.layers.{}.self_attn.q_norm", attn_key_norm="model.layers.{}.self_attn.k_norm")
+_QK_NORM_NAMES = dict(
+    attn_query_norm="model.layers.{}.self_attn.q_norm", attn_key_norm="model.layers.{}.self_attn.k_norm"
+)
 _FF_NORM_NAMES = dict(
     pre_ff_norm="model.layers.{}.pre_feedforward_layernorm", post_ff_norm="model.layers.{}.post_feedforward_layernorm"
 )
 
 
-def _architecture(hf_config: dict[str, Any], blocks: Any, final_norm: Any, model_class: Any, *,
-                  tied_default: bool, names: dict[str, str], **model_fields: Any) -> Architecture:
+def _architecture(
+    hf_config: dict[str, Any],
+    blocks: Any,
+    final_norm: Any,
+    model_class: Any,
+    *,
+    tied_default: bool,
+    names: dict[str, str],
+    **model_fields: Any,
+) -> Architecture:
     """``tied_default`` is the family's transformers default, for configs that omit ``tie_word_embeddings``."""
     from litert_torch.generative.layers import model_config as cfg
     from litert_torch.generative.utilities import loader
@@ -174,7 +184,9 @@ def _architecture(hf_config: dict[str, Any], blocks: Any, final_norm: Any, model
         lm_head_share_weight_with_embedding=tied,
         **model_fields,
     )
-    tensor_names = loader.ModelLoader.TensorNames(**{**_HF_TENSOR_NAMES, "lm_head": None if tied else "lm_head", **names})
+    tensor_names = loader.ModelLoader.TensorNames(
+        **{**_HF_TENSOR_NAMES, "lm_head": None if tied else "lm_head", **names}
+    )
     return Architecture(model_config=model_config, tensor_names=tensor_names, model_class=model_class)
 
 
@@ -185,9 +197,16 @@ def _attended_length(hf_config: dict[str, Any]) -> int:
     return min(_max_positions(hf_config), window) if window else _max_positions(hf_config)
 
 
-def _pre_norm_family(hf_config: dict[str, Any], *, attention: dict[str, Any] | None = None, feedforward: Any = None,
-                     names: dict[str, str] | None = None, zero_centered: bool = False, tied_default: bool = False,
-                     **model_fields: Any) -> Architecture:
+def _pre_norm_family(
+    hf_config: dict[str, Any],
+    *,
+    attention: dict[str, Any] | None = None,
+    feedforward: Any = None,
+    names: dict[str, str] | None = None,
+    zero_centered: bool = False,
+    tied_default: bool = False,
+    **model_fields: Any,
+) -> Architecture:
     """Llama, Qwen 2/3, Gemma and Phi-3: a norm before attention and before feedforward, global attention."""
     from litert_torch.generative.layers import model_config as cfg
     from litert_torch.generative.utilities import model_builder
@@ -199,8 +218,16 @@ def _pre_norm_family(hf_config: dict[str, Any], *, attention: dict[str, Any] | N
         pre_attention_norm_config=norm,
         post_attention_norm_config=norm,
     )
-    return _architecture(hf_config, block, norm, model_builder.DecoderOnlyModel, tied_default=tied_default,
-                         names=names or {}, max_seq_len=_attended_length(hf_config), **model_fields)
+    return _architecture(
+        hf_config,
+        block,
+        norm,
+        model_builder.DecoderOnlyModel,
+        tied_default=tied_default,
+        names=names or {},
+        max_seq_len=_attended_length(hf_config),
+        **model_fields,
+    )
 
 
 def _llama(hf_config: dict[str, Any]) -> Architecture:
@@ -213,7 +240,9 @@ def _qwen2(hf_config: dict[str, Any]) -> Architecture:
 
 def _qwen3(hf_config: dict[str, Any]) -> Architecture:
     norm = _rms_norm(hf_config)
-    return _pre_norm_family(hf_config, attention=dict(query_norm_config=norm, key_norm_config=norm), names=_QK_NORM_NAMES)
+    return _pre_norm_family(
+        hf_config, attention=dict(query_norm_config=norm, key_norm_config=norm), names=_QK_NORM_NAMES
+    )
 
 
 def _phi3(hf_config: dict[str, Any]) -> Architecture:
@@ -232,7 +261,9 @@ def _phi3(hf_config: dict[str, Any]) -> Architecture:
         attention=dict(rotary_percentage=rotary),
         feedforward=feedforward,
         # the loader reads the fused qkv_proj whenever it is named; a sequential feedforward reads up and down only
-        names=dict(attn_fused_qkv_proj="model.layers.{}.self_attn.qkv_proj", ff_up_proj="model.layers.{}.mlp.gate_up_proj"),
+        names=dict(
+            attn_fused_qkv_proj="model.layers.{}.self_attn.qkv_proj", ff_up_proj="model.layers.{}.mlp.gate_up_proj"
+        ),
     )
 
 
@@ -262,9 +293,14 @@ def _layer_types(hf_config: dict[str, Any], sliding_pattern: int) -> list[str]:
     return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf_config["num_hidden_layers"])]
 
 
-def _sandwich_norm_family(hf_config: dict[str, Any], model_class: Any, sliding_pattern: int,
-                          per_layer_attention: Callable[[str], dict[str, Any]], names: dict[str, str],
-                          **model_fields: Any) -> Architecture:
+def _sandwich_norm_family(
+    hf_config: dict[str, Any],
+    model_class: Any,
+    sliding_pattern: int,
+    per_layer_attention: Callable[[str], dict[str, Any]],
+    names: dict[str, str],
+    **model_fields: Any,
+) -> Architecture:
     """Gemma 2 and 3: norms before and after both attention and feedforward, local and global layers."""
     from litert_torch.generative.layers import model_config as cfg
 
@@ -272,11 +308,17 @@ def _sandwich_norm_family(hf_config: dict[str, Any], model_class: Any, sliding_p
     # transformers scales attention scores by query_pre_attn_scalar**-0.5, litert-torch by head_dim**-0.5
     _require(scalar == head_dim, f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim}.")
     _require(not hf_config.get("use_bidirectional_attention"), "bidirectional attention is not supported.")
-    _require(hf_config.get("tie_word_embeddings", True),
-             "litert-torch's Gemma 2/3 models always share the embedding with the LM head.")
+    _require(
+        hf_config.get("tie_word_embeddings", True),
+        "litert-torch's Gemma 2/3 models always share the embedding with the LM head.",
+    )
     norm = _rms_norm(hf_config, zero_centered=True)
-    feedforward = _gated_feedforward(hf_config, hf_config.get("hidden_activation", "gelu_pytorch_tanh"),
-                                     pre_ff_norm_config=norm, post_ff_norm_config=norm)
+    feedforward = _gated_feedforward(
+        hf_config,
+        hf_config.get("hidden_activation", "gelu_pytorch_tanh"),
+        pre_ff_norm_config=norm,
+        post_ff_norm_config=norm,
+    )
 
     def block(layer_type: str):
         sliding = layer_type == "sliding_attention"
@@ -287,21 +329,37 @@ def _sandwich_norm_family(hf_config: dict[str, Any], model_class: Any, sliding_p
             attn_type=cfg.AttentionType.LOCAL_SLIDING if sliding else cfg.AttentionType.GLOBAL,
             **per_layer_attention(layer_type),
         )
-        return cfg.TransformerBlockConfig(attn_config=attention, ff_config=feedforward,
-                                          pre_attention_norm_config=norm, post_attention_norm_config=norm)
+        return cfg.TransformerBlockConfig(
+            attn_config=attention,
+            ff_config=feedforward,
+            pre_attention_norm_config=norm,
+            post_attention_norm_config=norm,
+        )
 
     return _architecture(
-        hf_config, [block(t) for t in _layer_types(hf_config, sliding_pattern)], norm, model_class,
-        tied_default=True, names={**_FF_NORM_NAMES, **names}, max_seq_len=_max_positions(hf_config),
-        embedding_scale=_gemma_embedding_scale(hf_config), **model_fields,
+        hf_config,
+        [block(t) for t in _layer_types(hf_config, sliding_pattern)],
+        norm,
+        model_class,
+        tied_default=True,
+        names={**_FF_NORM_NAMES, **names},
+        max_seq_len=_max_positions(hf_config),
+        embedding_scale=_gemma_embedding_scale(hf_config),
+        **model_fields,
     )
 
 
 def _gemma2(hf_config: dict[str, Any]) -> Architecture:
     from litert_torch.generative.examples.gemma import gemma2
 
-    return _sandwich_norm_family(hf_config, gemma2.Gemma2, sliding_pattern=2, per_layer_attention=lambda _: {},
-                                 names={}, final_logit_softcap=hf_config.get("final_logit_softcapping"))
+    return _sandwich_norm_family(
+        hf_config,
+        gemma2.Gemma2,
+        sliding_pattern=2,
+        per_layer_attention=lambda _: {},
+        names={},
+        final_logit_softcap=hf_config.get("final_logit_softcapping"),
+    )
 
 
 _GEMMA3_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
@@ -314,11 +372,15 @@ def _gemma3_text(hf_config: dict[str, Any]) -> Architecture:
     norm = _rms_norm(hf_config, zero_centered=True)
 
     def per_layer(layer_type: str) -> dict[str, Any]:
-        return dict(rotary_base=_rope_base(hf_config, layer_type, _GEMMA3_DEFAULT_THETA[layer_type]),
-                    query_norm_config=norm, key_norm_config=norm)
+        return dict(
+            rotary_base=_rope_base(hf_config, layer_type, _GEMMA3_DEFAULT_THETA[layer_type]),
+            query_norm_config=norm,
+            key_norm_config=norm,
+        )
 
-    return _sandwich_norm_family(hf_config, decoder.Decoder, sliding_pattern=6, per_layer_attention=per_layer,
-                                 names=_QK_NORM_NAMES)
+    return _sandwich_norm_family(
+        hf_config, decoder.Decoder, sliding_pattern=6, per_layer_attention=per_layer, names=_QK_NORM_NAMES
+    )
 
 
 _BUILDERS: dict[str, Callable[[dict[str, Any]], Architecture]] = {
@@ -350,4 +412,6 @@ def architecture_for(hf_config: dict[str, Any], config_path: Path) -> Architectu
             f"{config_path}: config.json lacks the field {missing} that a {model_type!r} model needs."
         ) from None
     except UnsupportedArchitectureError as reason:
-        raise UnsupportedArchitectureError(f"{config_path}: this {model_type!r} model cannot be rebuilt: {reason}") from None
+        raise UnsupportedArchitectureError(
+            f"{config_path}: this {model_type!r} model cannot be rebuilt: {reason}"
+        ) from None

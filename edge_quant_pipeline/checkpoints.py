@@ -102,7 +102,9 @@ def _read_config(checkpoint_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(config_path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: missing. A checkpoint needs the config.json that save_pretrained writes.") from None
+        raise CheckpointError(
+            f"{config_path}: missing. A checkpoint needs the config.json that save_pretrained writes."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error}). Re-save the checkpoint.") from None
 

@@ -34,11 +34,19 @@ class Runner:
     def __call__(self, job_name: str, partition_key) -> object | None:
         started = time.perf_counter()
         result = self.defs.resolve_job_def(job_name).execute_in_process(
-            partition_key=partition_key, instance=self.instance, raise_on_error=False, run_config=RUN_CONFIG,
-            resources={"pipeline": self.pipeline})
+            partition_key=partition_key,
+            instance=self.instance,
+            raise_on_error=False,
+            run_config=RUN_CONFIG,
+            resources={"pipeline": self.pipeline},
+        )
         line = f"  {job_name:<26} {partition_key or '':<42} {time.perf_counter() - started:6.1f}s"
-        reasons = [f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed]
-        reasons += [e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure]
+        reasons = [
+            f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed
+        ]
+        reasons += [
+            e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure
+        ]
         if result.success and not reasons:
             print(f"{line}  ok", flush=True)
             return result
@@ -98,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
     print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})\n")
     pipeline = pipeline_config_from_env()
-    runner = materialize(defs, dg.DagsterInstance.get(), pipeline, models,
-                         args.recipe or recipe_catalog.names, rebuild_all=args.all)
+    runner = materialize(
+        defs, dg.DagsterInstance.get(), pipeline, models, args.recipe or recipe_catalog.names, rebuild_all=args.all
+    )
     print(f"\nArtifacts:        {pipeline.store}  (<model>/<recipe>/<version>/model.tflite + manifest.json)")
     print(f"Reports:          {pipeline.store}/report.parquet, {pipeline.store}/<model>/report.parquet")
-    print(f"{runner.failures} run(s) failed; see them with `dagster dev`." if runner.failures else "All runs succeeded.")
+    print(
+        f"{runner.failures} run(s) failed; see them with `dagster dev`." if runner.failures else "All runs succeeded."
+    )
     return 1 if runner.failures else 0
 
 

@@ -44,8 +44,12 @@ MISSING = ("missing", "", "")
 
 def model_components(shape: ModelShape) -> list[tuple[str, int | None]]:
     blocks = range(shape.num_layers)
-    return ([("embedding", None)] + [("attention", b) for b in blocks]
-            + [("feedforward", b) for b in blocks] + [("lm_head", None)])
+    return (
+        [("embedding", None)]
+        + [("attention", b) for b in blocks]
+        + [("feedforward", b) for b in blocks]
+        + [("lm_head", None)]
+    )
 
 
 def check_conformance(recipe: Recipe, weights: list[WeightTensor], shape: ModelShape) -> list[ConformanceRow]:

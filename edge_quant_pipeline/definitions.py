@@ -24,11 +24,14 @@ from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 # One job per partitioning: a Dagster run materializes one partition key, so the
 # graph for a model runs as convert -> recipes -> one run per recipe -> report.
 convert_checkpoint_job = dg.define_asset_job(
-    "convert_checkpoint", selection=[checkpoint, float_tflite, float_reference], partitions_def=model_partitions)
+    "convert_checkpoint", selection=[checkpoint, float_tflite, float_reference], partitions_def=model_partitions
+)
 resolve_recipe_job = dg.define_asset_job("resolve_recipe", selection=[quant_recipe], partitions_def=recipe_partitions)
 quantize_job = dg.define_asset_job(
-    "quantize_evaluate_publish", selection=[quantized_tflite, evaluation, published_artifact],
-    partitions_def=model_recipe_partitions)
+    "quantize_evaluate_publish",
+    selection=[quantized_tflite, evaluation, published_artifact],
+    partitions_def=model_recipe_partitions,
+)
 report_job = dg.define_asset_job("report", selection=[quantization_report], partitions_def=model_partitions)
 all_models_report_job = dg.define_asset_job("report_all_models", selection=[all_models_report])
 
@@ -50,8 +53,17 @@ def pipeline_config_from_env() -> PipelineConfig:
 
 
 defs = dg.Definitions(
-    assets=[checkpoint, float_tflite, float_reference, quant_recipe, quantized_tflite, evaluation,
-            published_artifact, quantization_report, all_models_report],
+    assets=[
+        checkpoint,
+        float_tflite,
+        float_reference,
+        quant_recipe,
+        quantized_tflite,
+        evaluation,
+        published_artifact,
+        quantization_report,
+        all_models_report,
+    ],
     jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
     sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
     schedules=nightly_schedules_from_env(),

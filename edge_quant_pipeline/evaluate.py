@@ -107,19 +107,26 @@ def float_greedy(model, model_config, prompts: np.ndarray, settings: ExportSetti
             tokens = []
             for pos in range(len(prompt), len(prompt) + generation_length(settings)):
                 tokens.append(int(out["logits"][0, -1].argmax()))
-                out = model(torch.tensor([[tokens[-1]]], dtype=torch.int), torch.tensor([pos], dtype=torch.int),
-                            out["kv_cache"])
+                out = model(
+                    torch.tensor([[tokens[-1]]], dtype=torch.int), torch.tensor([pos], dtype=torch.int), out["kv_cache"]
+                )
             continuations.append(tokens)
     return np.array(continuations, dtype=np.int32)
 
 
-def build_float_reference(model, model_config, tokens: np.ndarray, settings: ExportSettings,
-                          max_tokens: int, output: Path, prompts: int = 4) -> FloatReference:
+def build_float_reference(
+    model, model_config, tokens: np.ndarray, settings: ExportSettings, max_tokens: int, output: Path, prompts: int = 4
+) -> FloatReference:
     windows = eval_windows(tokens, settings.kv_cache_len, max_tokens)
     logits = float_reference_logits(model, model_config, windows, settings)
     prompt_tokens = generation_prompts(windows, settings, prompts)
-    np.savez(output, windows=windows, logits=logits, prompts=prompt_tokens,
-             continuations=float_greedy(model, model_config, prompt_tokens, settings))
+    np.savez(
+        output,
+        windows=windows,
+        logits=logits,
+        prompts=prompt_tokens,
+        continuations=float_greedy(model, model_config, prompt_tokens, settings),
+    )
     return FloatReference(output, perplexity(logits, windows), int(windows.size))
 
 
@@ -152,21 +159,27 @@ class InterpreterSession:
     def prefill(self, tokens: np.ndarray) -> np.ndarray:
         """Start a new sequence; logits for every prompt position, shape (prefill_len, vocab)."""
         self._kv = self._empty_kv
-        return self._run(self._prefill, tokens=tokens[None].astype(np.int32),
-                         input_pos=np.arange(self.prefill_len, dtype=np.int32))
+        return self._run(
+            self._prefill, tokens=tokens[None].astype(np.int32), input_pos=np.arange(self.prefill_len, dtype=np.int32)
+        )
 
     def decode(self, token: int, position: int) -> np.ndarray:
-        return self._run(self._decode, tokens=np.array([[token]], np.int32),
-                         input_pos=np.array([position], np.int32))[0]
+        return self._run(self._decode, tokens=np.array([[token]], np.int32), input_pos=np.array([position], np.int32))[
+            0
+        ]
 
 
 def teacher_forced_logits(session: InterpreterSession, windows: np.ndarray) -> np.ndarray:
     """Logits for every window position: prefill the first tokens, then decode the true ones."""
     p = session.prefill_len
-    return np.stack([
-        np.concatenate([session.prefill(w[:p])] + [session.decode(int(w[pos]), pos)[None] for pos in range(p, len(w))])
-        for w in windows
-    ])
+    return np.stack(
+        [
+            np.concatenate(
+                [session.prefill(w[:p])] + [session.decode(int(w[pos]), pos)[None] for pos in range(p, len(w))]
+            )
+            for w in windows
+        ]
+    )
 
 
 def greedy(session: InterpreterSession, prompts: np.ndarray, length: int) -> np.ndarray:
@@ -223,7 +236,9 @@ def compare(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> F
         max_kl=float(kl.max()),
         top1_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
         delta_p_correct=float((q_correct - p_correct).mean()),
-        logits_sqnr_db=float(10 * np.log10(np.square(reference.astype(np.float64)).sum() / noise)) if noise else float("inf"),
+        logits_sqnr_db=float(10 * np.log10(np.square(reference.astype(np.float64)).sum() / noise))
+        if noise
+        else float("inf"),
     )
 
 
@@ -270,15 +285,21 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate(candidate: TfliteModel, float_model: TfliteModel, reference: FloatReference,
-             settings: ExportSettings, num_threads: int) -> Evaluation:
+def evaluate(
+    candidate: TfliteModel,
+    float_model: TfliteModel,
+    reference: FloatReference,
+    settings: ExportSettings,
+    num_threads: int,
+) -> Evaluation:
     from edge_quant_pipeline.runtime_profile import profile_in_subprocess
 
     data = reference.load()
     session = InterpreterSession(candidate.path, settings, num_threads)
     fidelity = compare(teacher_forced_logits(session, data["windows"]), data["logits"], data["windows"])
-    generation = compare_generation(greedy(session, data["prompts"], data["continuations"].shape[1]),
-                                    data["continuations"])
+    generation = compare_generation(
+        greedy(session, data["prompts"], data["continuations"].shape[1]), data["continuations"]
+    )
     runtime = profile_in_subprocess(candidate.path, settings, num_threads)
     return Evaluation(
         file_bytes=candidate.file_bytes,

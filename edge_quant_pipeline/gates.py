@@ -29,7 +29,9 @@ def parse_gates(where: str, body: Any) -> dict[str, float]:
         raise GateConfigError(f"{where}: 'gates' must map gate names to numbers; allowed gates: {', '.join(GATES)}.")
     unknown = sorted(set(body) - set(GATES))
     if unknown:
-        raise GateConfigError(f"{where}: unknown gate(s) {', '.join(map(str, unknown))}; allowed gates: {', '.join(GATES)}.")
+        raise GateConfigError(
+            f"{where}: unknown gate(s) {', '.join(map(str, unknown))}; allowed gates: {', '.join(GATES)}."
+        )
     for name, value in body.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GateConfigError(f"{where}: gate {name!r} must be a number, not {value!r}.")
@@ -48,7 +50,8 @@ class GateResult:
         return holds(self.value, self.threshold)
 
     def __str__(self) -> str:
-        return f"{GATES[self.gate][0]} = {self.value:.4g} ({'ok' if self.passed else 'fails'} {self.gate} {self.threshold:g})"
+        verdict = "ok" if self.passed else "fails"
+        return f"{GATES[self.gate][0]} = {self.value:.4g} ({verdict} {self.gate} {self.threshold:g})"
 
 
 def check_gates(metrics: Mapping[str, float], gates: Mapping[str, float]) -> list[GateResult]:

@@ -30,20 +30,27 @@ def short_op_name(tensor: str) -> str:
     return tensor.rsplit("/", 1)[-1].split(";")[0].rsplit(".", 1)[-1]
 
 
-def tensor_errors(float_tflite: Path, candidate: Path, prompt: np.ndarray, settings: ExportSettings,
-                  num_threads: int) -> list[TensorError]:
+def tensor_errors(
+    float_tflite: Path, candidate: Path, prompt: np.ndarray, settings: ExportSettings, num_threads: int
+) -> list[TensorError]:
     """Every intermediate tensor of the prefill signature with a nonzero float signal, worst first."""
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import model_validator
     from ai_edge_quantizer.utils.validation_utils import ValidationErrorMetric
 
     runner = Interpreter(model_path=str(float_tflite)).get_signature_runner(settings.prefill_signature)
-    inputs = {name: np.zeros(detail["shape"], np.float32)
-              for name, detail in runner.get_input_details().items() if name.startswith("kv_cache_")}
+    inputs = {
+        name: np.zeros(detail["shape"], np.float32)
+        for name, detail in runner.get_input_details().items()
+        if name.startswith("kv_cache_")
+    }
     inputs.update(tokens=prompt[None].astype(np.int32), input_pos=np.arange(len(prompt), dtype=np.int32))
     result = model_validator.compare_model(
-        float_tflite.read_bytes(), candidate.read_bytes(), {settings.prefill_signature: [inputs]},
-        error_metrics=[ValidationErrorMetric.SNR], num_threads=num_threads,
+        float_tflite.read_bytes(),
+        candidate.read_bytes(),
+        {settings.prefill_signature: [inputs]},
+        error_metrics=[ValidationErrorMetric.SNR],
+        num_threads=num_threads,
     ).get_signature_comparison_result(settings.prefill_signature)
     errors = []
     for tensor, metrics in {**result.intermediate_tensors, **result.output_tensors}.items():

@@ -212,9 +212,17 @@ def publish(
 
 def record_failure(store: UPath, inputs: ArtifactInputs, stage: str, error: str) -> None:
     """Say why these inputs have no published version; earlier versions stay untouched."""
-    write_json(_recipe_dir(store, inputs) / FAILURE_RECORD, {
-        "version": inputs.version, "checkpoint_sha256": inputs.checkpoint_hash,
-        "recipe_sha256": inputs.recipe_hash, "stage": stage, "error": error, "failed_at": now()})
+    write_json(
+        _recipe_dir(store, inputs) / FAILURE_RECORD,
+        {
+            "version": inputs.version,
+            "checkpoint_sha256": inputs.checkpoint_hash,
+            "recipe_sha256": inputs.recipe_hash,
+            "stage": stage,
+            "error": error,
+            "failed_at": now(),
+        },
+    )
 
 
 def published_manifest(store: UPath, inputs: ArtifactInputs) -> dict[str, Any] | None:

@@ -47,8 +47,7 @@ SCHEMES: dict[str, Scheme] = {
     "int8_weight_only": Scheme("INT8", "WEIGHT_ONLY", "CHANNELWISE"),
     "fp16": Scheme("FP16", "WEIGHT_ONLY", "NONE"),
     **{
-        f"int4_dynamic_block{size}": Scheme("INT4", "DYNAMIC_RANGE", f"BLOCKWISE_{size}")
-        for size in (32, 64, 128, 256)
+        f"int4_dynamic_block{size}": Scheme("INT4", "DYNAMIC_RANGE", f"BLOCKWISE_{size}") for size in (32, 64, 128, 256)
     },
 }
 
@@ -78,6 +77,7 @@ class Recipe:
 
     def spec(self) -> dict[str, Any]:
         """Canonical form: what the recipe does, nothing about where it came from."""
+
         def canonical(value: ComponentScheme):
             if isinstance(value, Mapping):
                 return {str(block): value[block] for block in sorted(value)}
@@ -101,15 +101,27 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("float", "No quantization: the float32 baseline every other recipe is compared with."),
-        Recipe("dynamic_int8", "int8 weights, per channel; activations quantized at run time (integer compute).",
-               default="int8_dynamic"),
-        Recipe("weight_only_int8", "int8 weights, per channel, dequantized to float at run time (float compute).",
-               default="int8_weight_only"),
+        Recipe(
+            "dynamic_int8",
+            "int8 weights, per channel; activations quantized at run time (integer compute).",
+            default="int8_dynamic",
+        ),
+        Recipe(
+            "weight_only_int8",
+            "int8 weights, per channel, dequantized to float at run time (float compute).",
+            default="int8_weight_only",
+        ),
         Recipe("fp16", "float16 weights, float compute.", default="fp16"),
-        Recipe("dynamic_int4_block32", "int4 weights in blocks of 32, dynamic-range compute.",
-               default="int4_dynamic_block32"),
-        Recipe("dynamic_int4_block128", "int4 weights in blocks of 128, dynamic-range compute.",
-               default="int4_dynamic_block128"),
+        Recipe(
+            "dynamic_int4_block32",
+            "int4 weights in blocks of 32, dynamic-range compute.",
+            default="int4_dynamic_block32",
+        ),
+        Recipe(
+            "dynamic_int4_block128",
+            "int4 weights in blocks of 128, dynamic-range compute.",
+            default="int4_dynamic_block128",
+        ),
     )
 }
 
@@ -117,8 +129,7 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
 def _scheme(recipe: str, component: str, value: Any) -> str:
     if value not in SCHEMES:
         raise RecipeError(
-            f"recipe {recipe!r}, field {component!r}: unknown scheme {value!r}. "
-            f"Allowed schemes: {', '.join(SCHEMES)}."
+            f"recipe {recipe!r}, field {component!r}: unknown scheme {value!r}. Allowed schemes: {', '.join(SCHEMES)}."
         )
     return value
 
@@ -278,7 +289,9 @@ def retarget_scope(upstream_regex: str) -> str:
         return _FIXED_SCOPES[upstream_regex]
     match = _BLOCK_SCOPE.fullmatch(upstream_regex)
     if match is None:
-        raise RecipeError(f"litert-torch produced an unexpected quantization scope {upstream_regex!r}; update retarget_scope().")
+        raise RecipeError(
+            f"litert-torch produced an unexpected quantization scope {upstream_regex!r}; update retarget_scope()."
+        )
     return op_names.block_scope(_LAYER_SCOPE[match["layer"]], match["block"] or r"\d+")
 
 
@@ -294,7 +307,9 @@ def generative_recipe(recipe: Recipe, model_config: Any):
             activation_dtype=quant_attrs.Dtype.FP32,
             weight_dtype=quant_attrs.Dtype[scheme.weight_dtype],
             mode=quant_attrs.Mode[scheme.mode],
-            algorithm=quant_attrs.Algorithm.FLOAT_CAST if scheme.weight_dtype == "FP16" else quant_attrs.Algorithm.MIN_MAX,
+            algorithm=quant_attrs.Algorithm.FLOAT_CAST
+            if scheme.weight_dtype == "FP16"
+            else quant_attrs.Algorithm.MIN_MAX,
             granularity=quant_attrs.Granularity[scheme.granularity],
         )
 

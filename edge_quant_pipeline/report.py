@@ -90,15 +90,22 @@ def champion_of(frame: pd.DataFrame) -> dict[str, Any] | None:
     if rows.empty:
         return None
     row = rows.iloc[0]
-    return {"recipe": row["recipe"], "version": row["version"], "number": int(row["number"]),
-            "file_bytes": int(row["file_bytes"]), "artifact_path": row["artifact"]}
+    return {
+        "recipe": row["recipe"],
+        "version": row["version"],
+        "number": int(row["number"]),
+        "file_bytes": int(row["file_bytes"]),
+        "artifact_path": row["artifact"],
+    }
 
 
 def champion_note(update: ChampionUpdate | None) -> str:
     if update is None:
         return "**Champion:** none, no recipe of this checkpoint is published."
+
     def name(pointer: dict[str, Any]) -> str:
         return f"{pointer['recipe']} #{pointer.get('number', 0)} ({pointer['version']})"
+
     note = f"**Champion:** {name(update.current)}, {update.current['file_bytes'] / 1e6:.3f} MB"
     if not update.changed:
         return note + ", unchanged."
@@ -149,8 +156,9 @@ def size_quality_png(frame: pd.DataFrame) -> bytes:
     for model, rows in groups:
         axes.scatter(rows["file_mb"], rows["perplexity_ratio"], label=model)
         for row in rows.itertuples():
-            axes.annotate(row.recipe, (row.file_mb, row.perplexity_ratio), xytext=(4, 4),
-                          textcoords="offset points", fontsize=8)
+            axes.annotate(
+                row.recipe, (row.file_mb, row.perplexity_ratio), xytext=(4, 4), textcoords="offset points", fontsize=8
+            )
     axes.set_xlabel("file MB")
     axes.set_ylabel("perplexity / float")
     axes.set_title("Size vs quality (lower left is better)")

@@ -62,9 +62,18 @@ def peak_rss_mb() -> float:
 
 
 def profile_in_subprocess(tflite: Path, settings: ExportSettings, num_threads: int) -> RuntimeProfile:
-    command = [sys.executable, "-m", "edge_quant_pipeline.runtime_profile", str(tflite),
-               "--prefill-len", str(settings.prefill_len), "--kv-cache-len", str(settings.kv_cache_len),
-               "--threads", str(num_threads)]
+    command = [
+        sys.executable,
+        "-m",
+        "edge_quant_pipeline.runtime_profile",
+        str(tflite),
+        "--prefill-len",
+        str(settings.prefill_len),
+        "--kv-cache-len",
+        str(settings.kv_cache_len),
+        "--threads",
+        str(num_threads),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeRejectedError(f"LiteRT failed to profile {tflite}: {done.stderr.strip().splitlines()[-1:]}")

@@ -38,8 +38,9 @@ class RebuildPlan:
 
     def affected_pairs(self, models: list[str], recipes: list[str]) -> list[tuple[str, str]]:
         """Every pair the plan rebuilds, including those downstream of a conversion or a recipe."""
-        return [(m, r) for m in models for r in recipes
-                if m in self.convert or r in self.resolve or (m, r) in self.quantize]
+        return [
+            (m, r) for m in models for r in recipes if m in self.convert or r in self.resolve or (m, r) in self.quantize
+        ]
 
 
 def model_is_stale(state: ModelState) -> bool:

@@ -80,7 +80,10 @@ def read_weights(tflite: Path) -> list[WeightTensor]:
         producers = {out: op for op in subgraph.operators for out in op.outputs}
         for op in subgraph.operators:
             code = model.operatorCodes[op.opcodeIndex]
-            if op_names[max(code.builtinCode, code.deprecatedBuiltinCode)] not in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP"):
+            if op_names[max(code.builtinCode, code.deprecatedBuiltinCode)] not in (
+                "FULLY_CONNECTED",
+                "EMBEDDING_LOOKUP",
+            ):
                 continue
             index, compute = op.inputs[1], "integer"
             producer = producers.get(index)

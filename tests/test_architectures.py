@@ -37,8 +37,18 @@ from edge_quant_pipeline.evaluate import InterpreterSession, compare, float_refe
 from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.weights import read_weights
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-            vocab_size=256, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=256,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 # Gemma 2/3 scale attention by query_pre_attn_scalar, which litert-torch supports only when it equals head_dim.
 # Windows of 4 tokens make the 24-token inputs below exercise both local and global layers.
 GEMMA_SANDWICH = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
@@ -48,8 +58,11 @@ FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16)),
     "gemma": (GemmaConfig, GemmaForCausalLM, dict(head_dim=16)),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, GEMMA_SANDWICH),
-    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM,
-                    dict(GEMMA_SANDWICH, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3_text": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(GEMMA_SANDWICH, layer_types=["sliding_attention", "full_attention"]),
+    ),
     "phi3": (Phi3Config, Phi3ForCausalLM, dict(partial_rotary_factor=0.5)),  # partial RoPE, as in Phi-4-mini
 }
 KV_CACHE_LEN = 64
@@ -89,11 +102,14 @@ def test_every_supported_family_is_tested():
     assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
 
 
-@pytest.mark.parametrize("family, overrides", [
-    pytest.param("llama", dict(tie_word_embeddings=True), id="llama-tied"),
-    pytest.param("llama", dict(tie_word_embeddings=False), id="llama-untied"),
-    *(pytest.param(family, {}, id=family) for family in FAMILIES if family != "llama"),
-])
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        pytest.param("llama", dict(tie_word_embeddings=True), id="llama-tied"),
+        pytest.param("llama", dict(tie_word_embeddings=False), id="llama-untied"),
+        *(pytest.param(family, {}, id=family) for family in FAMILIES if family != "llama"),
+    ],
+)
 def test_rebuilt_model_matches_transformers(tmp_path, family, overrides):
     reference = tiny_model(family, **overrides)
     reference.save_pretrained(tmp_path)
@@ -124,16 +140,21 @@ def test_pytorch_model_bin(tmp_path):
 
 def test_unknown_model_type_lists_supported_ones(tmp_path):
     supported = "llama, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3"
-    with pytest.raises(UnsupportedArchitectureError, match=f"'mamba' is not supported. Supported model types: {supported}"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match=f"'mamba' is not supported. Supported model types: {supported}"
+    ):
         architecture_for({"model_type": "mamba"}, tmp_path / "config.json")
 
 
-@pytest.mark.parametrize("family, overrides, reason", [
-    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=32.0)), "RoPE scaling 'llama3'"),
-    ("gemma2", dict(query_pre_attn_scalar=24), "query_pre_attn_scalar 24 differs from head_dim 16"),
-    ("gemma3_text", dict(final_logit_softcapping=30.0), "no final logit softcap"),
-    ("phi3", dict(hidden_act="gelu"), "SiLU-GLU only"),
-])
+@pytest.mark.parametrize(
+    "family, overrides, reason",
+    [
+        ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=32.0)), "RoPE scaling 'llama3'"),
+        ("gemma2", dict(query_pre_attn_scalar=24), "query_pre_attn_scalar 24 differs from head_dim 16"),
+        ("gemma3_text", dict(final_logit_softcapping=30.0), "no final logit softcap"),
+        ("phi3", dict(hidden_act="gelu"), "SiLU-GLU only"),
+    ],
+)
 def test_configs_litert_torch_would_compute_differently_are_refused(tmp_path, family, overrides, reason):
     with pytest.raises(UnsupportedArchitectureError, match=reason):
         architecture_for({**tiny_config(family).to_dict(), **overrides}, tmp_path / "config.json")
@@ -169,8 +190,16 @@ def test_converted_model_matches_float_in_the_interpreter(tmp_path, family):
     assert fidelity.top1_agreement > 0.99
 
     # Per-component and per-block rules find this family's layers (Gemma 3 names its blocks DecoderBlock_N).
-    recipe = parse_recipe("selective", {"default": "fp16", "embedding": "int8_dynamic",
-                                        "attention": {1: "int8_weight_only"}, "feedforward": "int8_dynamic"}, "test")
+    recipe = parse_recipe(
+        "selective",
+        {
+            "default": "fp16",
+            "embedding": "int8_dynamic",
+            "attention": {1: "int8_weight_only"},
+            "feedforward": "int8_dynamic",
+        },
+        "test",
+    )
     quantized = quantize_tflite(tflite, ai_edge_quantizer_recipe(recipe, model_config), tmp_path / "selective.tflite")
     rows = check_conformance(recipe, read_weights(quantized), architecture_of(checkpoint).shape)
     assert [r for r in rows if not r.ok] == []

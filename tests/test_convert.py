@@ -21,13 +21,18 @@ def test_quantizing_the_float_export_equals_one_shot_convert(float_export, tmp_p
     from litert_torch.generative.utilities import converter
 
     model, model_config, float_tflite = float_export
-    ours = quantize_tflite(float_tflite, ai_edge_quantizer_recipe(BUILTIN_RECIPES[recipe], model_config),
-                           tmp_path / "ours.tflite")
+    ours = quantize_tflite(
+        float_tflite, ai_edge_quantizer_recipe(BUILTIN_RECIPES[recipe], model_config), tmp_path / "ours.tflite"
+    )
     # litert-torch's own path: convert with quantization in one call.
     upstream = converter.convert_to_tflite(
-        model, output_path=str(tmp_path), output_name_prefix="upstream",
-        prefill_seq_len=ExportSettings.prefill_len, kv_cache_max_len=ExportSettings.kv_cache_len,
-        quantize=recipe, config=model_config,
+        model,
+        output_path=str(tmp_path),
+        output_name_prefix="upstream",
+        prefill_seq_len=ExportSettings.prefill_len,
+        kv_cache_max_len=ExportSettings.kv_cache_len,
+        quantize=recipe,
+        config=model_config,
         export_config=converter.ExportConfig(output_logits_on_prefill=True),
     )
     assert ours.read_bytes() == open(upstream, "rb").read()

@@ -15,10 +15,14 @@ def test_sensors_and_schedules_ship_running():
 
     repo = defs.get_repository_def()
     sensors = {s.name: s.default_status for s in repo.sensor_defs}
-    assert sensors == {name: dg.DefaultSensorStatus.RUNNING
-                       for name in ("checkpoint_sensor", "recipe_sensor", "downstream_automation")}
+    assert sensors == {
+        name: dg.DefaultSensorStatus.RUNNING for name in ("checkpoint_sensor", "recipe_sensor", "downstream_automation")
+    }
     assert {s.name for s in repo.schedule_defs} == {
-        "nightly_convert_checkpoint", "nightly_resolve_recipe", "nightly_quantize_evaluate_publish"}
+        "nightly_convert_checkpoint",
+        "nightly_resolve_recipe",
+        "nightly_quantize_evaluate_publish",
+    }
     assert all(s.default_status == dg.DefaultScheduleStatus.RUNNING for s in repo.schedule_defs)
 
 

@@ -14,7 +14,8 @@ from edge_quant_pipeline.weights import read_weights
 
 def metadata(instance, asset: str, partition: str) -> dict:
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
     assert records, f"{asset} [{partition}] was not materialized"
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
@@ -41,10 +42,15 @@ def test_float_tflite_matches_pytorch(pipeline_run):
     assert float_eval["top1_agreement"] > 0.999
 
 
-@pytest.mark.parametrize("recipe, low, high", [
-    ("dynamic_int8", 3.7, 4.0), ("weight_only_int8", 3.7, 4.0), ("fp16", 1.95, 2.0),
-    ("dynamic_int4_block32", 6.0, 8.0),
-])
+@pytest.mark.parametrize(
+    "recipe, low, high",
+    [
+        ("dynamic_int8", 3.7, 4.0),
+        ("weight_only_int8", 3.7, 4.0),
+        ("fp16", 1.95, 2.0),
+        ("dynamic_int4_block32", 6.0, 8.0),
+    ],
+)
 def test_weight_bytes_shrink_as_the_scheme_says(pipeline_run, recipe, low, high):
     instance, _ = pipeline_run
     evaluation = metadata(instance, "evaluation", key(recipe))
@@ -66,10 +72,10 @@ def test_selective_recipe_weights_are_as_specified(pipeline_run):
     artifact = Path(metadata(instance, "published_artifact", key("selective_fp16_int8"))["artifact_path"])
     kinds = {(w.component, w.dtype, w.compute) for w in read_weights(artifact / "model.tflite")}
     assert kinds == {
-        ("embedding", "INT8", "integer"),     # int8 dynamic
-        ("lm_head", "INT8", "integer"),       # tied to the embedding, so it follows it
-        ("attention", "INT8", "float"),       # int8 weight-only: dequantized, float compute
-        ("feedforward", "INT8", "integer"),   # int8 dynamic
+        ("embedding", "INT8", "integer"),  # int8 dynamic
+        ("lm_head", "INT8", "integer"),  # tied to the embedding, so it follows it
+        ("attention", "INT8", "float"),  # int8 weight-only: dequantized, float compute
+        ("feedforward", "INT8", "integer"),  # int8 dynamic
     }
 
 
@@ -103,7 +109,8 @@ def test_republishing_the_same_inputs_is_a_no_op(pipeline_run):
     instance, _ = pipeline_run
     before = metadata(instance, "published_artifact", key("fp16"))
     result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
-        partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "fp16"}), instance=instance)
+        partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "fp16"}), instance=instance
+    )
     after = metadata(instance, "published_artifact", key("fp16"))
     assert result.success
     assert after["version"] == before["version"] and after["newly_published"] is False
@@ -153,7 +160,7 @@ def scramble_weights(tflite: Path, component: str) -> bytes:
             stored = bytes(model.buffers[weight.buffer].data)
             offset = bytes(data).find(stored)
             assert offset > 0
-            data[offset:offset + len(stored)] = rng.integers(0, 256, len(stored), dtype=np.uint8).tobytes()
+            data[offset : offset + len(stored)] = rng.integers(0, 256, len(stored), dtype=np.uint8).tobytes()
     return bytes(data)
 
 
@@ -171,12 +178,17 @@ def test_damaged_weights_fail_the_gate_and_are_not_published(pipeline_run):
     quantized.write_bytes(scramble_weights(quantized, "feedforward"))
     try:
         result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
-            partition_key=partition, instance=instance, raise_on_error=False,
-            asset_selection=[dg.AssetKey("evaluation"), dg.AssetKey("published_artifact")])
+            partition_key=partition,
+            instance=instance,
+            raise_on_error=False,
+            asset_selection=[dg.AssetKey("evaluation"), dg.AssetKey("published_artifact")],
+        )
     finally:
         quantized.write_bytes(original)
     (gate,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "quality_gates"]
     assert not gate.passed
     assert metadata(instance, "published_artifact", str(partition)) == published_before  # nothing new published
-    record = json.loads((pipeline_config_from_env().store / DEMO_MODEL / "weight_only_int8" / FAILURE_RECORD).read_text())
+    record = json.loads(
+        (pipeline_config_from_env().store / DEMO_MODEL / "weight_only_int8" / FAILURE_RECORD).read_text()
+    )
     assert record["stage"] == "quality gate" and "perplexity_ratio" in record["error"]

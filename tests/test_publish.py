@@ -25,8 +25,13 @@ from edge_quant_pipeline.publish import (
     published_versions,
 )
 
-METRICS = {"file_bytes": 1000, "perplexity_ratio": 1.01, "mean_kl": 0.01, "top1_agreement": 0.95,
-           "decode_tokens_per_s": 3000.0}
+METRICS = {
+    "file_bytes": 1000,
+    "perplexity_ratio": 1.01,
+    "mean_kl": 0.01,
+    "top1_agreement": 0.95,
+    "decode_tokens_per_s": 3000.0,
+}
 
 
 def inputs(checkpoint_hash: str = "c1", recipe: str = "int8") -> ArtifactInputs:
@@ -83,9 +88,15 @@ def test_a_new_version_records_its_difference_from_the_previous_one(store, tflit
     better = {**METRICS, "file_bytes": 800, "perplexity_ratio": 1.02, "decode_tokens_per_s": 3100.0}
     second = publish(store, inputs("b"), tflite, better, {})
     assert second.manifest["previous_version"] == first.version
-    assert second.manifest["delta"] == pytest.approx({
-        "file_bytes": -200, "perplexity_ratio": 0.01, "mean_kl": 0.0, "top1_agreement": 0.0,
-        "decode_tokens_per_s": 100.0})
+    assert second.manifest["delta"] == pytest.approx(
+        {
+            "file_bytes": -200,
+            "perplexity_ratio": 0.01,
+            "mean_kl": 0.0,
+            "top1_agreement": 0.0,
+            "decode_tokens_per_s": 100.0,
+        }
+    )
 
 
 def test_a_version_without_its_manifest_does_not_exist(tflite):

@@ -20,8 +20,11 @@ MODELS = ["alpha", "beta"]
 
 
 def materializations(instance, asset: str, partition: str) -> int:
-    return len(instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=100).records)
+    return len(
+        instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=100
+        ).records
+    )
 
 
 def conversions(instance) -> dict[str, int]:
@@ -43,9 +46,12 @@ def world(tmp_path_factory, demo_checkpoint_dir):
     root = tmp_path_factory.mktemp("rebuild")
     for model in MODELS:
         shutil.copytree(demo_checkpoint_dir, root / "checkpoints" / model)
-    pipeline = PipelineConfig(checkpoint_dir=str(root / "checkpoints"),
-                              artifact_store=ArtifactStore(url=str(root / "artifacts")),
-                              work_dir=str(root / "work"), eval_max_tokens=512)
+    pipeline = PipelineConfig(
+        checkpoint_dir=str(root / "checkpoints"),
+        artifact_store=ArtifactStore(url=str(root / "artifacts")),
+        work_dir=str(root / "work"),
+        eval_max_tokens=512,
+    )
     with dg.instance_for_test() as instance:
         runner = materialize(defs, instance, pipeline, MODELS, RECIPES)
         assert runner.failures == 0
@@ -63,7 +69,9 @@ def test_all_models_report_lists_every_model_and_recipe_with_one_champion_each(w
 
     instance, pipeline, _ = world
     report = read_parquet(pipeline.store / "report.parquet")
-    assert sorted(zip(report["model"], report["recipe"])) == sorted((m, r) for m in MODELS for r in RECIPES)
+    assert sorted(zip(report["model"], report["recipe"], strict=True)) == sorted(
+        (m, r) for m in MODELS for r in RECIPES
+    )
     assert set(report["status"]) == {"published"}
     assert report.groupby("model")["champion"].sum().to_dict() == {m: 1 for m in MODELS}
     meta = instance.fetch_materializations(dg.AssetKey("all_models_report"), limit=1).records[0]
@@ -84,9 +92,12 @@ def nightly_requests(instance, pipeline, rebuild_all: bool) -> dict[str, list[st
     """The partitions each nightly schedule requests on a tick now."""
     requests = {}
     for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=rebuild_all):
-        with dg.build_schedule_context(instance=instance, resources={"pipeline": pipeline},
-                                       repository_def=defs.get_repository_def()) as context:
-            requests[schedule.job_name] = sorted(str(r.partition_key) for r in schedule.evaluate_tick(context).run_requests)
+        with dg.build_schedule_context(
+            instance=instance, resources={"pipeline": pipeline}, repository_def=defs.get_repository_def()
+        ) as context:
+            requests[schedule.job_name] = sorted(
+                str(r.partition_key) for r in schedule.evaluate_tick(context).run_requests
+            )
     return requests
 
 
@@ -109,7 +120,11 @@ def test_a_failed_or_missing_pair_is_requested_nightly(world):
     hidden = root / "hidden"
     shutil.move(published, hidden)  # as if its publish never happened
     try:
-        assert nightly_requests(instance, pipeline, rebuild_all=False) == {"convert_checkpoint": [], "resolve_recipe": [], "quantize_evaluate_publish": ["alpha|dynamic_int8"]}
+        assert nightly_requests(instance, pipeline, rebuild_all=False) == {
+            "convert_checkpoint": [],
+            "resolve_recipe": [],
+            "quantize_evaluate_publish": ["alpha|dynamic_int8"],
+        }
     finally:
         shutil.move(hidden, published)
 
@@ -125,7 +140,8 @@ def test_changing_one_checkpoint_rebuilds_only_its_partitions(world):
     assert conversions(instance) == {"alpha": 1, "beta": 2}
     after_q = quantizations(instance)
     assert {k: after_q[k] - before_q[k] for k in after_q} == {
-        f"{m}|{r}": int(m == "beta") for m in MODELS for r in RECIPES}
+        f"{m}|{r}": int(m == "beta") for m in MODELS for r in RECIPES
+    }
     assert rebuild_plan(instance, pipeline, MODELS, RECIPES).empty
 
 
@@ -138,7 +154,8 @@ def test_automation_carries_a_conversion_downstream(world):
 
     flip_last_byte(root / "checkpoints" / "alpha" / "model.safetensors")
     result = defs.resolve_job_def("convert_checkpoint").execute_in_process(
-        partition_key="alpha", instance=instance, resources={"pipeline": pipeline})
+        partition_key="alpha", instance=instance, resources={"pipeline": pipeline}
+    )
     assert result.success
 
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)

@@ -16,16 +16,18 @@ def demo(tmp_path_factory, demo_checkpoint_dir):
     checkpoint = read_checkpoint(demo_checkpoint_dir)
     architecture = architecture_of(checkpoint)
     model = load_float_model(checkpoint, ExportSettings.kv_cache_len)
-    float_tflite = export_float_tflite(model, architecture.model_config, ExportSettings(),
-                                       tmp_path_factory.mktemp("conformance") / "float.tflite")
+    float_tflite = export_float_tflite(
+        model, architecture.model_config, ExportSettings(), tmp_path_factory.mktemp("conformance") / "float.tflite"
+    )
     return architecture, float_tflite
 
 
 def quantize(demo, recipe, tmp_path):
     architecture, float_tflite = demo
     validate_for_model(recipe, architecture.shape)
-    output = quantize_tflite(float_tflite, ai_edge_quantizer_recipe(recipe, architecture.model_config),
-                             tmp_path / f"{recipe.name}.tflite")
+    output = quantize_tflite(
+        float_tflite, ai_edge_quantizer_recipe(recipe, architecture.model_config), tmp_path / f"{recipe.name}.tflite"
+    )
     return check_conformance(recipe, read_weights(output), architecture.shape)
 
 
@@ -41,12 +43,16 @@ def test_every_scheme_as_default_is_what_the_file_holds(demo, tmp_path, scheme):
 
 
 def test_per_block_and_per_component_schemes(demo, tmp_path):
-    recipe = parse_recipe("mixed", {
-        "default": "int8_dynamic",
-        "embedding": "fp16",
-        "attention": {0: "int4_dynamic_block32", 3: "int8_weight_only"},
-        "feedforward": {1: "int4_dynamic_block128", 2: "fp16"},
-    }, "test")
+    recipe = parse_recipe(
+        "mixed",
+        {
+            "default": "int8_dynamic",
+            "embedding": "fp16",
+            "attention": {0: "int4_dynamic_block32", 3: "int8_weight_only"},
+            "feedforward": {1: "int4_dynamic_block128", 2: "fp16"},
+        },
+        "test",
+    )
     rows = {(r.component, r.block): r for r in quantize(demo, recipe, tmp_path)}
     assert all(r.ok for r in rows.values()), [r for r in rows.values() if not r.ok]
     assert rows[("attention", 0)].actual == ("INT4", "blockwise_32", "integer")
@@ -61,7 +67,9 @@ def test_conformance_catches_a_model_that_does_not_follow_its_recipe(demo, tmp_p
     int8 = parse_recipe("int8", {"default": "int8_dynamic"}, "test")
     architecture, float_tflite = demo
     claimed = parse_recipe("claimed", {"default": "int8_dynamic", "feedforward": "fp16"}, "test")
-    output = quantize_tflite(float_tflite, ai_edge_quantizer_recipe(int8, architecture.model_config), tmp_path / "x.tflite")
+    output = quantize_tflite(
+        float_tflite, ai_edge_quantizer_recipe(int8, architecture.model_config), tmp_path / "x.tflite"
+    )
     failing = [r for r in check_conformance(claimed, read_weights(output), architecture.shape) if not r.ok]
     assert {(r.component, r.block) for r in failing} == {("feedforward", b) for b in range(4)}
     assert failing[0].expected == ("FLOAT16", "none", "float") and failing[0].actual[0] == "INT8"
@@ -79,20 +87,32 @@ def test_upstream_translation_alone_ignores_selective_rules(demo, tmp_path):
     upstream_rules = translate_recipe.translate_to_ai_edge_recipe(generative_recipe(recipe, architecture.model_config))
     output = tmp_path / "upstream.tflite"
     output.write_bytes(bytes(quantizer.Quantizer(float_tflite.read_bytes(), upstream_rules).quantize().quantized_model))
-    feedforward = {r.actual for r in check_conformance(recipe, read_weights(output), architecture.shape)
-                   if r.component == "feedforward"}
+    feedforward = {
+        r.actual
+        for r in check_conformance(recipe, read_weights(output), architecture.shape)
+        if r.component == "feedforward"
+    }
     assert feedforward == {("FLOAT16", "none", "float")}  # the default, not the int8 the recipe asked for
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"default": "fp16", "attention": {4: "int8_dynamic"}},
-     "field 'attention': block index 4 is outside the model, which has 4 blocks (allowed indices: 0-3)"),
-    ({"default": "int4_dynamic_block256"},
-     "field 'default': int4_dynamic_block256 needs the embedding weights' input size divisible by 256, but this "
-     "model's is 128. int4 schemes that fit: int4_dynamic_block32, int4_dynamic_block64, int4_dynamic_block128"),
-    ({"default": "fp16", "feedforward": {2: "int4_dynamic_block256"}},
-     "field 'feedforward.2': int4_dynamic_block256 needs the feedforward weights' input size divisible by 256"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"default": "fp16", "attention": {4: "int8_dynamic"}},
+            "field 'attention': block index 4 is outside the model, which has 4 blocks (allowed indices: 0-3)",
+        ),
+        (
+            {"default": "int4_dynamic_block256"},
+            "field 'default': int4_dynamic_block256 needs the embedding weights' input size divisible by 256, but this "
+            "model's is 128. int4 schemes that fit: int4_dynamic_block32, int4_dynamic_block64, int4_dynamic_block128",
+        ),
+        (
+            {"default": "fp16", "feedforward": {2: "int4_dynamic_block256"}},
+            "field 'feedforward.2': int4_dynamic_block256 needs the feedforward weights' input size divisible by 256",
+        ),
+    ],
+)
 def test_model_dependent_validation_names_field_value_and_allowed(demo, body, message):
     architecture, _ = demo
     with pytest.raises(RecipeError, match="recipe 'bad'") as error:

@@ -11,11 +11,21 @@ REPO = Path(__file__).parent.parent
 
 def test_catalog_has_builtins_and_the_selective_example():
     catalog = load_catalog(REPO / "recipes.yaml")
-    assert list(BUILTIN_RECIPES) == ["float", "dynamic_int8", "weight_only_int8", "fp16",
-                                     "dynamic_int4_block32", "dynamic_int4_block128"]
+    assert list(BUILTIN_RECIPES) == [
+        "float",
+        "dynamic_int8",
+        "weight_only_int8",
+        "fp16",
+        "dynamic_int4_block32",
+        "dynamic_int4_block128",
+    ]
     selective = catalog.get("selective_fp16_int8")
-    assert selective.spec() == {"default": "fp16", "embedding": "int8_dynamic",
-                                "attention": "int8_weight_only", "feedforward": "int8_dynamic"}
+    assert selective.spec() == {
+        "default": "fp16",
+        "embedding": "int8_dynamic",
+        "attention": "int8_weight_only",
+        "feedforward": "int8_dynamic",
+    }
     assert catalog.errors == {}
 
 
@@ -26,14 +36,17 @@ def test_hash_depends_on_spec_only():
     assert a.spec_hash == b.spec_hash != c.spec_hash
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"defualt": "fp16"}, "unknown key(s) defualt. Allowed keys: description, gates, default"),
-    ({"default": "int3"}, "field 'default': unknown scheme 'int3'. Allowed schemes: int8_dynamic"),
-    ({"embedding": {0: "fp16"}}, "per-block map is only allowed for attention and feedforward"),
-    ({"attention": {"first": "fp16"}}, "block index 'first' is not a non-negative integer"),
-    ({"feedforward": {2: "int9"}}, "field 'feedforward.2': unknown scheme 'int9'"),
-    ({"description": "nothing"}, "sets no scheme"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"defualt": "fp16"}, "unknown key(s) defualt. Allowed keys: description, gates, default"),
+        ({"default": "int3"}, "field 'default': unknown scheme 'int3'. Allowed schemes: int8_dynamic"),
+        ({"embedding": {0: "fp16"}}, "per-block map is only allowed for attention and feedforward"),
+        ({"attention": {"first": "fp16"}}, "block index 'first' is not a non-negative integer"),
+        ({"feedforward": {2: "int9"}}, "field 'feedforward.2': unknown scheme 'int9'"),
+        ({"description": "nothing"}, "sets no scheme"),
+    ],
+)
 def test_validation_names_recipe_field_and_allowed_values(body, message):
     with pytest.raises(RecipeError, match="recipe 'bad'") as error:
         parse_recipe("bad", body, "recipes.yaml")
@@ -56,15 +69,22 @@ def test_a_bad_recipe_fails_alone(tmp_path):
 BLOCKS = "(?:TransformerBlock|Gemma2Block|DecoderBlock)"
 
 
-@pytest.mark.parametrize("upstream, ours", [
-    (".*", ".*"),
-    ("Embedding_tok_embedding", "Embedding_tok_embedding"),
-    ("StatefulPartitionedCall", "logits_output|Linear_lm_head"),
-    ("transformer_block/litert_torch.generative.layers.attention",
-     BLOCKS + r"_\d+/litert_torch\.generative\.layers\.attention\.CausalSelfAttention"),
-    (r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward",
-     BLOCKS + r"_3/litert_torch\.generative\.layers\.feed_forward\."),
-])
+@pytest.mark.parametrize(
+    "upstream, ours",
+    [
+        (".*", ".*"),
+        ("Embedding_tok_embedding", "Embedding_tok_embedding"),
+        ("StatefulPartitionedCall", "logits_output|Linear_lm_head"),
+        (
+            "transformer_block/litert_torch.generative.layers.attention",
+            BLOCKS + r"_\d+/litert_torch\.generative\.layers\.attention\.CausalSelfAttention",
+        ),
+        (
+            r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward",
+            BLOCKS + r"_3/litert_torch\.generative\.layers\.feed_forward\.",
+        ),
+    ],
+)
 def test_scopes_are_retargeted_to_litert_torch_op_names(upstream, ours):
     assert retarget_scope(upstream) == ours
 
@@ -79,8 +99,10 @@ def test_editing_recipes_yaml_touches_only_the_edited_recipes(tmp_path):
     path = tmp_path / "recipes.yaml"
     path.write_text((REPO / "recipes.yaml").read_text())
     before = load_catalog(path)
-    path.write_text(path.read_text().replace("attention: int8_weight_only", "attention: fp16")
-                    + "  ffn_int4:\n    default: int8_dynamic\n    feedforward: {0: int4_dynamic_block32}\n")
+    path.write_text(
+        path.read_text().replace("attention: int8_weight_only", "attention: fp16")
+        + "  ffn_int4:\n    default: int8_dynamic\n    feedforward: {0: int4_dynamic_block32}\n"
+    )
     after = load_catalog(path)
     assert after.names == before.names + ["ffn_int4"]
     changed = {n for n in before.names if before.get(n).spec_hash != after.get(n).spec_hash}
@@ -91,9 +113,11 @@ def test_gates_default_then_file_then_recipe(tmp_path):
     from edge_quant_pipeline.gates import DEFAULT_GATES
 
     path = tmp_path / "recipes.yaml"
-    path.write_text("gates: {min_top1_agreement: 0.9}\n"
-                    "recipes:\n  strict: {default: fp16, gates: {max_perplexity_ratio: 1.01}}\n"
-                    "  typo: {default: fp16, gates: {max_perplexity: 1.01}}\n")
+    path.write_text(
+        "gates: {min_top1_agreement: 0.9}\n"
+        "recipes:\n  strict: {default: fp16, gates: {max_perplexity_ratio: 1.01}}\n"
+        "  typo: {default: fp16, gates: {max_perplexity: 1.01}}\n"
+    )
     catalog = load_catalog(path)
     assert catalog.get("fp16").gates == {**DEFAULT_GATES, "min_top1_agreement": 0.9}
     assert catalog.get("strict").gates == {**DEFAULT_GATES, "min_top1_agreement": 0.9, "max_perplexity_ratio": 1.01}
@@ -105,7 +129,8 @@ def test_gates_default_then_file_then_recipe(tmp_path):
 def test_gate_results_read_as_sentences():
     from edge_quant_pipeline.gates import check_gates
 
-    results = check_gates({"perplexity_ratio": 1.2, "top1_agreement": 0.95},
-                          {"max_perplexity_ratio": 1.1, "min_top1_agreement": 0.9})
+    results = check_gates(
+        {"perplexity_ratio": 1.2, "top1_agreement": 0.95}, {"max_perplexity_ratio": 1.1, "min_top1_agreement": 0.9}
+    )
     assert [r.passed for r in results] == [False, True]
     assert str(results[0]) == "perplexity_ratio = 1.2 (fails max_perplexity_ratio 1.1)"

@@ -17,7 +17,8 @@ from edge_quant_pipeline.publish import CHAMPION, ArtifactInputs, latest_pointer
 def metadata(instance, asset: str, partition: str | None = None) -> dict:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1).records
+        limit=1,
+    ).records
     assert records, f"{asset} [{partition}] was not materialized"
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
@@ -32,12 +33,14 @@ def copied_store(pipeline_run, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(pipeline_config_from_env().store.path, store)
     env = pipeline_config_from_env()
-    pipeline = PipelineConfig(checkpoint_dir=env.checkpoint_dir, work_dir=env.work_dir,
-                              artifact_store=ArtifactStore(url=str(store)))
+    pipeline = PipelineConfig(
+        checkpoint_dir=env.checkpoint_dir, work_dir=env.work_dir, artifact_store=ArtifactStore(url=str(store))
+    )
 
     def report() -> dict:
         result = defs.resolve_job_def("report").execute_in_process(
-            partition_key=DEMO_MODEL, instance=instance, resources={"pipeline": pipeline})
+            partition_key=DEMO_MODEL, instance=instance, resources={"pipeline": pipeline}
+        )
         assert result.success
         (materialization,) = result.asset_materializations_for_node("quantization_report")
         return {k: v.value for k, v in materialization.metadata.items()}
@@ -103,11 +106,15 @@ def test_report_shows_the_change_since_the_previous_version(copied_store):
     tflite = store.parent / "fp16.tflite"
     shutil.move((folder / "model.tflite").path, tflite.path)
     shutil.rmtree(folder.path)
-    old = {**current["metrics"], "file_bytes": current["metrics"]["file_bytes"] + 1000,
-           "perplexity_ratio": current["metrics"]["perplexity_ratio"] + 0.01}
+    old = {
+        **current["metrics"],
+        "file_bytes": current["metrics"]["file_bytes"] + 1000,
+        "perplexity_ratio": current["metrics"]["perplexity_ratio"] + 0.01,
+    }
     publish(store, ArtifactInputs(DEMO_MODEL, "fp16", "an older checkpoint", "r", {}), tflite, old, {})
-    inputs = ArtifactInputs(DEMO_MODEL, "fp16", current["checkpoint_sha256"], current["recipe_sha256"],
-                            current["toolchain"])
+    inputs = ArtifactInputs(
+        DEMO_MODEL, "fp16", current["checkpoint_sha256"], current["recipe_sha256"], current["toolchain"]
+    )
     republished = publish(store, inputs, tflite, current["metrics"], {})
     assert republished.manifest["number"] == 2
     assert republished.manifest["delta"]["file_bytes"] == -1000

@@ -15,7 +15,9 @@ from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 def watched(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    return root, PipelineConfig(checkpoint_dir=str(root), artifact_store=ArtifactStore(url=str(tmp_path / "a")), work_dir=str(tmp_path / "w"))
+    return root, PipelineConfig(
+        checkpoint_dir=str(root), artifact_store=ArtifactStore(url=str(tmp_path / "a")), work_dir=str(tmp_path / "w")
+    )
 
 
 def tick(instance, pipeline, cursor=None):
@@ -88,7 +90,9 @@ def test_deleted_checkpoint_is_reported_not_crashed_on(watched, demo_checkpoint_
 
 
 def test_missing_folder_is_a_skip_with_the_fix(tmp_path):
-    pipeline = PipelineConfig(checkpoint_dir=str(tmp_path / "nope"), artifact_store=ArtifactStore(url="a"), work_dir="w")
+    pipeline = PipelineConfig(
+        checkpoint_dir=str(tmp_path / "nope"), artifact_store=ArtifactStore(url="a"), work_dir="w"
+    )
     with dg.instance_for_test() as instance:
         result = tick(instance, pipeline)
     assert isinstance(result, dg.SkipReason) and "EDGE_QUANT_CHECKPOINT_DIR" in result.skip_message
@@ -97,4 +101,5 @@ def test_missing_folder_is_a_skip_with_the_fix(tmp_path):
 def test_recipe_sensor_keys_each_recipe_by_its_spec():
     requests = recipe_sensor(dg.build_sensor_context())
     assert {r.partition_key: r.run_key for r in requests} == {
-        name: f"{name}@{recipe.spec_hash}" for name, recipe in recipe_catalog.recipes.items()}
+        name: f"{name}@{recipe.spec_hash}" for name, recipe in recipe_catalog.recipes.items()
+    }

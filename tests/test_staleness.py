@@ -8,8 +8,12 @@ ALL_PUBLISHED = {(m, r) for m in ("m1", "m2") for r in ("a", "b")}
 
 
 def plan(models=None, recipes=None, published=ALL_PUBLISHED, rebuild_all=False):
-    return plan_rebuild({"m1": FRESH_MODEL, "m2": FRESH_MODEL, **(models or {})},
-                        {"a": FRESH_RECIPE, "b": FRESH_RECIPE, **(recipes or {})}, published, rebuild_all)
+    return plan_rebuild(
+        {"m1": FRESH_MODEL, "m2": FRESH_MODEL, **(models or {})},
+        {"a": FRESH_RECIPE, "b": FRESH_RECIPE, **(recipes or {})},
+        published,
+        rebuild_all,
+    )
 
 
 def test_nothing_changed_plans_nothing():
@@ -17,8 +21,10 @@ def test_nothing_changed_plans_nothing():
 
 
 def test_an_edited_recipe_is_resolved_again_and_nothing_else():
-    result = plan(recipes={"b": RecipeState(current_hash="r2", resolved_hash="r1")}, published=ALL_PUBLISHED - {
-        ("m1", "b"), ("m2", "b")})
+    result = plan(
+        recipes={"b": RecipeState(current_hash="r2", resolved_hash="r1")},
+        published=ALL_PUBLISHED - {("m1", "b"), ("m2", "b")},
+    )
     assert (result.convert, result.resolve, result.quantize) == ([], ["b"], [])
     assert result.affected_pairs(["m1", "m2"], ["a", "b"]) == [("m1", "b"), ("m2", "b")]
 

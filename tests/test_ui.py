@@ -17,8 +17,14 @@ from conftest import DEMO_MODEL
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 # Without these, Chromium keeps trying to reach Google's services, which this network refuses.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -46,9 +52,19 @@ def webserver(pipeline_run):
     (home / "dagster.yaml").write_text("nux:\n  enabled: false\ntelemetry:\n  enabled: false\n")
     url = f"http://127.0.0.1:{free_port()}"
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-webserver"), "-m", "edge_quant_pipeline.definitions",
-         "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
-        env={**os.environ, "DAGSTER_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            str(Path(sys.executable).parent / "dagster-webserver"),
+            "-m",
+            "edge_quant_pipeline.definitions",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            url.rsplit(":", 1)[1],
+        ],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until_up(url, process)
         yield url
@@ -77,8 +93,16 @@ def open_partition(browser, url: str, asset: str, partition: str, wait_for: str)
 def test_a_partition_page_shows_its_evaluation_metrics(webserver, browser):
     page = open_partition(browser, webserver, "evaluation", f"{DEMO_MODEL}|dynamic_int8", "perplexity_ratio")
     text = page.inner_text("body")
-    for label in ("perplexity_ratio", "mean_kl", "top1_agreement", "logits_sqnr_db", "generation_agreement",
-                  "decode_tokens_per_s", "peak_rss_mb", "error_hotspots"):
+    for label in (
+        "perplexity_ratio",
+        "mean_kl",
+        "top1_agreement",
+        "logits_sqnr_db",
+        "generation_agreement",
+        "decode_tokens_per_s",
+        "peak_rss_mb",
+        "error_hotspots",
+    ):
         assert label in text
     assert "Materialized" in text
 

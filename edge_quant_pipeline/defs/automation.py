@@ -36,7 +36,7 @@ def folder_signature(path) -> str:
     job_name=CONVERT_JOB,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Watches the checkpoint folder: adds a `model` partition per checkpoint and converts new or changed ones.",
+    description="Watches the checkpoint folder: adds a `model` partition per checkpoint, converts new or changed ones.",
 )
 def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineConfig) -> dg.SensorResult | dg.SkipReason:
     root = pipeline.checkpoint_dir_path
@@ -61,7 +61,11 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
         # The run key makes one checkpoint version trigger once, across restarts.
         requests.append(dg.RunRequest(partition_key=model_id, run_key=f"{model_id}@{previous.content_hash}"))
 
-    new_models = [r.partition_key for r in requests if not context.instance.has_dynamic_partition(model_partitions.name, r.partition_key)]
+    new_models = [
+        r.partition_key
+        for r in requests
+        if not context.instance.has_dynamic_partition(model_partitions.name, r.partition_key)
+    ]
     if settling:
         context.log.info(f"Waiting for {', '.join(settling)} to stop changing")
     return dg.SensorResult(
@@ -78,8 +82,11 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
     description="Resolves each recipe of the catalog once per version of its spec.",
 )
 def recipe_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest]:
-    return [dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.spec_hash}")
-            for name, recipe in recipe_catalog.recipes.items() if name not in recipe_catalog.errors]
+    return [
+        dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.spec_hash}")
+        for name, recipe in recipe_catalog.recipes.items()
+        if name not in recipe_catalog.errors
+    ]
 
 
 def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.ScheduleDefinition]:
@@ -97,7 +104,9 @@ def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.Sc
             QUANTIZE_JOB: [dg.MultiPartitionKey({"model": m, "recipe": r}) for m, r in plan.quantize],
         }[job_name]
         # Schedule run keys are scoped to one tick: they only tell this tick's requests apart.
-        return [dg.RunRequest(partition_key=key, run_key=str(key), tags={"edge_quant/trigger": "nightly"}) for key in keys]
+        return [
+            dg.RunRequest(partition_key=key, run_key=str(key), tags={"edge_quant/trigger": "nightly"}) for key in keys
+        ]
 
     def build(job_name: str) -> dg.ScheduleDefinition:
         @dg.schedule(
@@ -107,7 +116,7 @@ def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.Sc
             execution_timezone=timezone,
             default_status=dg.DefaultScheduleStatus.RUNNING,
             description=f"Nightly: {job_name} for every stale or failed partition"
-                        + (" (EDGE_QUANT_NIGHTLY_REBUILD_ALL: everything)" if rebuild_all else ""),
+            + (" (EDGE_QUANT_NIGHTLY_REBUILD_ALL: everything)" if rebuild_all else ""),
         )
         def schedule(context: dg.ScheduleEvaluationContext, pipeline: PipelineConfig):
             return requests_for(job_name, context, pipeline)

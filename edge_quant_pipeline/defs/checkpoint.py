@@ -23,7 +23,9 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
     try:
         path = find_checkpoints(root).get(model_id)
         if path is None:
-            raise CheckpointError(f"{root}: no checkpoint folder for model {model_id!r} (a folder holding config.json).")
+            raise CheckpointError(
+                f"{root}: no checkpoint folder for model {model_id!r} (a folder holding config.json)."
+            )
         found = read_checkpoint(path)
         architecture_of(found)  # fail here, at the checkpoint, for a family litert-torch cannot rebuild
     except (CheckpointError, UnsupportedArchitectureError) as error:

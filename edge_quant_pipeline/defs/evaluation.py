@@ -18,9 +18,17 @@ from edge_quant_pipeline.weights import TfliteModel
 
 
 def hotspot_table(errors: list[TensorError], top_n: int) -> str:
-    return pd.DataFrame([{
-        "component": e.component, "block": "" if e.block is None else e.block, "op": e.op, "SNR dB": round(e.snr_db, 1),
-    } for e in errors[:top_n]]).to_markdown(index=False)
+    return pd.DataFrame(
+        [
+            {
+                "component": e.component,
+                "block": "" if e.block is None else e.block,
+                "op": e.op,
+                "SNR dB": round(e.snr_db, 1),
+            }
+            for e in errors[:top_n]
+        ]
+    ).to_markdown(index=False)
 
 
 @dg.asset(
@@ -34,10 +42,14 @@ def hotspot_table(errors: list[TensorError], top_n: int) -> str:
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
         "float_reference": dg.AssetIn(partition_mapping=BY_MODEL),
     },
-    check_specs=[dg.AssetCheckSpec(
-        "quality_gates", asset="evaluation", blocking=True,
-        description="The recipe's thresholds (recipes.yaml `gates`); a failing partition is not published.",
-    )],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "quality_gates",
+            asset="evaluation",
+            blocking=True,
+            description="The recipe's thresholds (recipes.yaml `gates`); a failing partition is not published.",
+        )
+    ],
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -57,13 +69,18 @@ def evaluation(
         errors = tensor_errors(float_tflite.path, quantized_tflite.path, prompt, settings, pipeline.interpreter_threads)
     except RuntimeRejectedError as error:
         raise rejected(pipeline, inputs, "interpreter", error) from None
-    context.log.info(f"{quant_recipe.name}: perplexity {result.perplexity:.3f} "
-                     f"({result.perplexity_ratio:.4f}x float), top-1 agreement {result.top1_agreement:.1%}")
-    yield dg.Output(result, metadata={
-        **result.as_dict(),
-        "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
-        "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
-    })
+    context.log.info(
+        f"{quant_recipe.name}: perplexity {result.perplexity:.3f} "
+        f"({result.perplexity_ratio:.4f}x float), top-1 agreement {result.top1_agreement:.1%}"
+    )
+    yield dg.Output(
+        result,
+        metadata={
+            **result.as_dict(),
+            "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
+            "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
+        },
+    )
     gates = check_gates(result.as_dict(), quant_recipe.gates)
     failed = [g for g in gates if not g.passed]
     if failed:

@@ -32,20 +32,29 @@ def published_artifact(
 ) -> dg.Output[PublishedArtifact]:
     """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff)."""
     inputs = artifact_inputs(checkpoint, quant_recipe)
-    artifact = publish(pipeline.store, inputs, quantized_tflite.path, evaluation.as_dict(), {
-        "checkpoint_path": str(checkpoint.path),
-        "recipe_spec": quant_recipe.spec(),
-        "export": {"prefill_len": pipeline.prefill_len, "kv_cache_len": pipeline.kv_cache_len},
-        "dagster_run_id": context.run.run_id,
-    })
+    artifact = publish(
+        pipeline.store,
+        inputs,
+        quantized_tflite.path,
+        evaluation.as_dict(),
+        {
+            "checkpoint_path": str(checkpoint.path),
+            "recipe_spec": quant_recipe.spec(),
+            "export": {"prefill_len": pipeline.prefill_len, "kv_cache_len": pipeline.kv_cache_len},
+            "dagster_run_id": context.run.run_id,
+        },
+    )
     manifest = artifact.manifest
     context.log.info(f"{'Published' if artifact.newly_published else 'Already published'} {artifact.path}")
-    return dg.Output(artifact, metadata={
-        "artifact_path": dg.MetadataValue.path(str(artifact.path)),
-        "version": artifact.version,
-        "number": version_number(manifest),
-        "previous_version": manifest.get("previous_version") or "",
-        "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
-        "newly_published": artifact.newly_published,
-        **evaluation.as_dict(),
-    })
+    return dg.Output(
+        artifact,
+        metadata={
+            "artifact_path": dg.MetadataValue.path(str(artifact.path)),
+            "version": artifact.version,
+            "number": version_number(manifest),
+            "previous_version": manifest.get("previous_version") or "",
+            "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
+            "newly_published": artifact.newly_published,
+            **evaluation.as_dict(),
+        },
+    )

@@ -22,14 +22,19 @@ def conformance_table(rows: list[ConformanceRow], model: TfliteModel) -> str:
     sizes: dict[tuple[str, int | None], int] = {}
     for w in model.weights:
         sizes[(w.component, w.block)] = sizes.get((w.component, w.block), 0) + w.num_bytes
-    return pd.DataFrame([{
-        "component": row.component,
-        "block": "" if row.block is None else row.block,
-        "expected": " ".join(row.expected),
-        "actual": " ".join(row.actual),
-        "bytes": sizes.get((row.component, row.block), 0),
-        "ok": "yes" if row.ok else "NO",
-    } for row in rows]).to_markdown(index=False)
+    return pd.DataFrame(
+        [
+            {
+                "component": row.component,
+                "block": "" if row.block is None else row.block,
+                "expected": " ".join(row.expected),
+                "actual": " ".join(row.actual),
+                "bytes": sizes.get((row.component, row.block), 0),
+                "ok": "yes" if row.ok else "NO",
+            }
+            for row in rows
+        ]
+    ).to_markdown(index=False)
 
 
 @dg.asset(
@@ -42,10 +47,14 @@ def conformance_table(rows: list[ConformanceRow], model: TfliteModel) -> str:
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
     },
-    check_specs=[dg.AssetCheckSpec(
-        "matches_recipe", asset="quantized_tflite", blocking=True,
-        description="Every component's weights are stored with the dtype, granularity and compute its recipe asks for.",
-    )],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "matches_recipe",
+            asset="quantized_tflite",
+            blocking=True,
+            description="Every component's weights have the dtype, granularity and compute its recipe asks for.",
+        )
+    ],
 )
 def quantized_tflite(
     context: dg.AssetExecutionContext,
@@ -57,7 +66,10 @@ def quantized_tflite(
     """The model quantized with one recipe (the `float` recipe is the float file itself)."""
     inputs = artifact_inputs(checkpoint, quant_recipe)
     architecture = architecture_of(checkpoint)
-    output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
+    output = (
+        pipeline.work_path(checkpoint.model_id, checkpoint.content_hash)
+        / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
+    )
     try:
         validate_for_model(quant_recipe, architecture.shape)
     except RecipeError as error:
@@ -66,27 +78,36 @@ def quantized_tflite(
         shutil.copyfile(float_tflite.path, output)
     else:
         try:
-            quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, architecture.model_config), output)
+            quantize_tflite(
+                float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, architecture.model_config), output
+            )
         except (RecipeError, QuantizationError) as error:
             raise rejected(pipeline, inputs, "quantization", error) from None
     quantized = inspect_tflite(output)
     rows = check_conformance(quant_recipe, quantized.weights, architecture.shape)
     table = conformance_table(rows, quantized)
-    context.log.info(f"{quant_recipe.name}: {quantized.file_bytes} bytes ({float_tflite.file_bytes / quantized.file_bytes:.2f}x smaller)")
-    yield dg.Output(quantized, metadata={
-        "tflite": dg.MetadataValue.path(str(output)),
-        "file_bytes": quantized.file_bytes,
-        "weight_bytes": quantized.weight_bytes,
-        "file_ratio_vs_float": float_tflite.file_bytes / quantized.file_bytes,
-        "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
-        "weights_by_component": dg.MetadataValue.md(table),
-    })
+    ratio = float_tflite.file_bytes / quantized.file_bytes
+    context.log.info(f"{quant_recipe.name}: {quantized.file_bytes} bytes, {ratio:.2f}x smaller than float")
+    yield dg.Output(
+        quantized,
+        metadata={
+            "tflite": dg.MetadataValue.path(str(output)),
+            "file_bytes": quantized.file_bytes,
+            "weight_bytes": quantized.weight_bytes,
+            "file_ratio_vs_float": ratio,
+            "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
+            "weights_by_component": dg.MetadataValue.md(table),
+        },
+    )
     mismatches = [row for row in rows if not row.ok]
     yield dg.AssetCheckResult(
         check_name="matches_recipe",
         passed=not mismatches,
-        description=(f"{len(mismatches)} of {len(rows)} components differ from the recipe: "
-                     + ", ".join(f"{r.component}{'' if r.block is None else f'[{r.block}]'}" for r in mismatches))
-        if mismatches else f"all {len(rows)} components as specified",
+        description=(
+            f"{len(mismatches)} of {len(rows)} components differ from the recipe: "
+            + ", ".join(f"{r.component}{'' if r.block is None else f'[{r.block}]'}" for r in mismatches)
+        )
+        if mismatches
+        else f"all {len(rows)} components as specified",
         metadata={"components": dg.MetadataValue.md(table)},
     )

@@ -33,13 +33,17 @@ def _model_state(instance: dg.DagsterInstance, model_id: str, checkpoint: Checkp
         # An unreadable checkpoint is always "changed": its conversion then fails with the reason.
         current_hash=checkpoint.content_hash if checkpoint else "unreadable",
         converted_hash=converted.get(DATA_VERSION_TAG),
-        converted_with_current_toolchain=exported.get(CODE_VERSION_TAG) == float_tflite.code_versions_by_key[float_tflite.key],
+        converted_with_current_toolchain=exported.get(CODE_VERSION_TAG)
+        == float_tflite.code_versions_by_key[float_tflite.key],
     )
 
 
 def rebuild_plan(
-    instance: dg.DagsterInstance, pipeline: PipelineConfig,
-    models: list[str] | None = None, recipes: list[str] | None = None, rebuild_all: bool = False,
+    instance: dg.DagsterInstance,
+    pipeline: PipelineConfig,
+    models: list[str] | None = None,
+    recipes: list[str] | None = None,
+    rebuild_all: bool = False,
 ) -> RebuildPlan:
     found = find_checkpoints(pipeline.checkpoint_dir_path)
     checkpoints: dict[str, Checkpoint | None] = {}
@@ -48,18 +52,24 @@ def rebuild_plan(
             checkpoints[model_id] = read_checkpoint(found[model_id]) if model_id in found else None
         except CheckpointError:
             checkpoints[model_id] = None
-    usable = {name: recipe_catalog.recipes[name] for name in recipes or recipe_catalog.names
-              if name in recipe_catalog.recipes and name not in recipe_catalog.errors}
+    usable = {
+        name: recipe_catalog.recipes[name]
+        for name in recipes or recipe_catalog.names
+        if name in recipe_catalog.recipes and name not in recipe_catalog.errors
+    }
     published = {
         (model_id, name)
-        for model_id, checkpoint in checkpoints.items() if checkpoint is not None
+        for model_id, checkpoint in checkpoints.items()
+        if checkpoint is not None
         for name, recipe in usable.items()
         if published_manifest(pipeline.store, artifact_inputs(checkpoint, recipe)) is not None
     }
     return plan_rebuild(
         models={m: _model_state(instance, m, c) for m, c in checkpoints.items()},
-        recipes={name: RecipeState(r.spec_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
-                 for name, r in usable.items()},
+        recipes={
+            name: RecipeState(r.spec_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
+            for name, r in usable.items()
+        },
         published=published,
         rebuild_all=rebuild_all,
     )

@@ -1,6 +1,5 @@
 """`quant_recipe`: one validated recipe per partition; its data version is the hash of its spec."""
 
-
 import dagster as dg
 
 from edge_quant_pipeline.defs.partitions import recipe_catalog, recipe_partitions

@@ -58,17 +58,22 @@ def quantization_report(
             rows.append({"recipe": name, "status": "failed (recipe)", "error": recipe_catalog.errors[name]})
             continue
         inputs = artifact_inputs(checkpoint, recipe_catalog.recipes[name])
-        rows.append(report_row(name, published_manifest(pipeline.store, inputs), failure_record(pipeline.store, inputs)))
+        rows.append(
+            report_row(name, published_manifest(pipeline.store, inputs), failure_record(pipeline.store, inputs))
+        )
     frame = build_report(rows)
     champion = champion_of(frame)
     update = point_champion(pipeline.store, checkpoint.model_id, champion) if champion else None
     if update is not None and update.changed:
         context.log.info(champion_note(update))
-    return dg.Output(frame, metadata={
-        **stored_report(frame, pipeline.store / checkpoint.model_id, champion_note(update)),
-        "champion": champion["recipe"] if champion else "",
-        "champion_changed": bool(update and update.changed),
-    })
+    return dg.Output(
+        frame,
+        metadata={
+            **stored_report(frame, pipeline.store / checkpoint.model_id, champion_note(update)),
+            "champion": champion["recipe"] if champion else "",
+            "champion_changed": bool(update and update.changed),
+        },
+    )
 
 
 @dg.asset(

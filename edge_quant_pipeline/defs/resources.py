@@ -1,6 +1,5 @@
 """The resources every asset reads its paths and settings from: the pipeline's settings and the artifact store."""
 
-
 from pathlib import Path
 
 import dagster as dg
