@@ -26,10 +26,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Runner:
-    """Runs one job for one partition and prints a line a human can follow."""
+    """Runs one job for one partition and prints a line a human can follow.
+
+    ``step_seconds`` keeps (partition, step, seconds) of every step run, for benchmarks.
+    """
 
     def __init__(self, defs, instance, pipeline):
         self.defs, self.instance, self.pipeline, self.failures = defs, instance, pipeline, 0
+        self.step_seconds: list[tuple[str, str, float]] = []
 
     def __call__(self, job_name: str, partition_key) -> object | None:
         started = time.perf_counter()
@@ -40,6 +44,11 @@ class Runner:
             run_config=RUN_CONFIG,
             resources={"pipeline": self.pipeline},
         )
+        self.step_seconds += [
+            (str(partition_key), e.step_key, e.event_specific_data.duration_ms / 1000)
+            for e in result.all_events
+            if e.is_step_success
+        ]
         line = f"  {job_name:<26} {partition_key or '':<42} {time.perf_counter() - started:6.1f}s"
         reasons = [
             f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed

@@ -1,0 +1,258 @@
+"""The pipeline against the bare toolchain, on the same machine, model and recipes, in one run.
+
+From the checkpoint on disk to one quantized ``.tflite`` per recipe:
+
+  (a) bare script, litert-torch's convert once per recipe (what a user writes by hand)
+  (b) bare optimal script: export once, quantize the float flatbuffer per recipe
+  (c) the pipeline through Dagster: the assets doing that work, on a fresh instance
+  (d) the pipeline re-run with nothing changed (``edge-quant run`` after a full run)
+
+Each variant runs in a fresh Python process, so import costs count and peak RSS is
+its own. Then the full graph (evaluation and publishing included) per recipe.
+
+    python benchmarks/bench_pipeline.py                  # the bundled demo model
+    python benchmarks/bench_pipeline.py --params 100M    # a random ~100M-parameter Llama, made here
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPES = ["float", "dynamic_int8", "weight_only_int8", "fp16", "dynamic_int4_block32", "dynamic_int4_block128"]
+# litert-torch's names for the same recipes (generative.utilities.converter.QuantizationName)
+UPSTREAM_FLAGS = {"float": "none", **{r: r for r in RECIPES[1:]}}
+# A Llama of about 100 M parameters (GPT-2 small scale), random weights, never committed.
+LARGE_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def _float_model(checkpoint_dir: Path):
+    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
+    from edge_quant_pipeline.convert import ExportSettings
+
+    checkpoint = read_checkpoint(checkpoint_dir)
+    return load_float_model(checkpoint, ExportSettings.kv_cache_len), architecture_of(checkpoint).model_config
+
+
+def bare_convert_per_recipe(checkpoint_dir: Path, out: Path) -> None:
+    from litert_torch.generative.utilities import converter
+
+    from edge_quant_pipeline.convert import ExportSettings
+
+    model, config = _float_model(checkpoint_dir)
+    for recipe in RECIPES:
+        converter.convert_to_tflite(
+            model,
+            str(out),
+            recipe,
+            ExportSettings.prefill_len,
+            ExportSettings.kv_cache_len,
+            quantize=UPSTREAM_FLAGS[recipe],
+            config=config,
+            export_config=converter.ExportConfig(output_logits_on_prefill=True),
+        )
+
+
+def bare_export_once(checkpoint_dir: Path, out: Path) -> None:
+    from litert_torch.generative.utilities import converter
+    from litert_torch.quantize import translate_recipe
+
+    from edge_quant_pipeline.convert import ExportSettings
+
+    model, config = _float_model(checkpoint_dir)
+    float_file = converter.convert_to_tflite(
+        model,
+        str(out),
+        "float",
+        ExportSettings.prefill_len,
+        ExportSettings.kv_cache_len,
+        quantize="none",
+        config=config,
+        export_config=converter.ExportConfig(output_logits_on_prefill=True),
+    )
+    float_bytes = Path(float_file).read_bytes()
+    for recipe in RECIPES[1:]:
+        quant_config = converter.get_quant_recipe_from_flag(UPSTREAM_FLAGS[recipe], config)
+        rules = translate_recipe.translate_to_ai_edge_recipe(quant_config.generative_recipe)
+        (out / f"{recipe}.tflite").write_bytes(bytes(translate_recipe.quantize_model(float_bytes, rules)))
+
+
+def _pipeline():
+    """Definitions, instance and resource, all pointed at the variant's folder by the parent's environment."""
+    import dagster as dg
+
+    from edge_quant_pipeline.definitions import defs, pipeline_config_from_env
+
+    return defs, dg.DagsterInstance.get(), pipeline_config_from_env()
+
+
+def pipeline_conversion(checkpoint_dir: Path, out: Path) -> None:
+    """The assets from checkpoint to quantized .tflite, one Dagster run per partition, as edge-quant runs them."""
+    import dagster as dg
+
+    defs, instance, _ = _pipeline()
+    model = checkpoint_dir.name
+    instance.add_dynamic_partitions("model", [model])
+
+    def run(job: str, partition, assets: list[str] | None = None) -> None:
+        selection = [dg.AssetKey(a) for a in assets] if assets else None
+        result = defs.resolve_job_def(job).execute_in_process(
+            partition_key=partition, instance=instance, asset_selection=selection, raise_on_error=True
+        )
+        assert result.success
+
+    for recipe in RECIPES:
+        run("resolve_recipe", recipe)
+    run("convert_checkpoint", model, ["checkpoint", "float_tflite"])
+    for recipe in RECIPES:
+        run("quantize_evaluate_publish", dg.MultiPartitionKey({"model": model, "recipe": recipe}), ["quantized_tflite"])
+
+
+def pipeline_full(checkpoint_dir: Path, out: Path) -> None:
+    from edge_quant_pipeline.cli import materialize
+
+    defs, instance, pipeline = _pipeline()
+    runner = materialize(defs, instance, pipeline, [checkpoint_dir.name], RECIPES)
+    assert runner.failures == 0
+    (out / "steps.json").write_text(json.dumps(runner.step_seconds))
+
+
+VARIANTS = {
+    "a": ("bare: convert per recipe", bare_convert_per_recipe),
+    "b": ("bare: export once, quantize per recipe", bare_export_once),
+    "c": ("pipeline: conversion assets, fresh instance", pipeline_conversion),
+    "full": ("pipeline: full graph, fresh instance", pipeline_full),
+    "d": ("pipeline: re-run, nothing changed", pipeline_full),
+}
+
+
+def measure(variant: str, checkpoint_dir: Path, workdir: Path) -> dict:
+    """Run one variant in a fresh process; wall and CPU time and peak RSS from the kernel."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DAGSTER_HOME": str(workdir),
+        "EDGE_QUANT_CHECKPOINT_DIR": str(checkpoint_dir.parent),
+        "EDGE_QUANT_ARTIFACT_DIR": str(workdir / "artifacts"),
+        "EDGE_QUANT_WORK_DIR": str(workdir / "work"),
+        "EDGE_QUANT_RECIPES": str(workdir / "no-recipes.yaml"),
+    }
+    log = workdir / f"{variant}.log"  # a file, not a pipe: conversion logs would fill a pipe and block
+    started = time.perf_counter()
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--variant", variant, str(checkpoint_dir), str(workdir)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"variant {variant} failed:\n{log.read_text()[-3000:]}")
+    return {
+        "variant": variant,
+        "what": VARIANTS[variant][0],
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
+
+
+def count_parameters(checkpoint_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in checkpoint_dir.glob("*.safetensors"):
+        with safe_open(str(file), "np") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return total
+
+
+def make_large_checkpoint(root: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = root / "random-llama-100m"
+    LlamaForCausalLM(LlamaConfig(**LARGE_CONFIG)).save_pretrained(path)
+    return path
+
+
+def print_results(rows: list[dict], params: float, steps: list) -> None:
+    by = {r["variant"]: r for r in rows}
+    print(f"\n{'variant':<5} {'what':<46} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['variant']:<5} {r['what']:<46} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f}")
+
+    def ratio(x: str, y: str, key: str = "wall_s") -> float:
+        return by[x][key] / by[y][key]
+
+    print(f"\n(c)/(b) wall {ratio('c', 'b'):.2f}  (target <= 1.3)")
+    print(f"(c)/(a) wall {ratio('c', 'a'):.2f}  (target <= 0.5)")
+    print(f"(d)/(c) wall {ratio('d', 'c'):.2f}  (target <= 0.1)")
+    print(f"peak RSS (c)/(b) {ratio('c', 'b', 'peak_rss_mb'):.2f}  (target <= 1.5)")
+    for variant in ("b", "c"):
+        per_parameter = by[variant]["peak_rss_mb"] * 2**20 / params
+        print(f"peak RSS per parameter ({variant}): {per_parameter:.1f} bytes ({params / 1e6:.1f} M parameters)")
+    print("\nFull graph, seconds per step (from the Dagster step events of run 'full'):")
+    per_step: dict[str, dict[str, float]] = {}
+    for partition, step, seconds in steps:
+        per_step.setdefault(partition, {})[step] = seconds
+    for partition, stepmap in per_step.items():
+        print(f"  {partition:<44} " + "  ".join(f"{s} {t:.2f}" for s, t in stepmap.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", choices=["demo", "100M"], default="demo")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:  # child process
+        VARIANTS[args.variant][1](*args.paths)
+        return
+
+    root = Path(tempfile.mkdtemp(prefix="edge-quant-bench-"))
+    try:
+        if args.params == "demo":
+            from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+
+            checkpoint_dir = root / "checkpoints" / "tiny-llama-bytes"
+            shutil.copytree(DEMO_CHECKPOINT_DIR / "tiny-llama-bytes", checkpoint_dir)
+        else:
+            checkpoint_dir = make_large_checkpoint(root / "checkpoints")
+        config = json.loads((checkpoint_dir / "config.json").read_text())
+        params = count_parameters(checkpoint_dir)
+        print(
+            f"model: {checkpoint_dir.name} ({config['model_type']}, {params / 1e6:.1f} M parameters); "
+            f"recipes: {', '.join(RECIPES)}"
+        )
+        rows = [measure(v, checkpoint_dir, root / v) for v in ("a", "b", "c", "full")]
+        steps = json.loads((root / "full" / "steps.json").read_text())
+        rows.append(measure("d", checkpoint_dir, root / "full"))  # the same instance as "full"
+        print_results(rows, params, steps)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
