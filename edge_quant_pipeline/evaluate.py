@@ -80,9 +80,10 @@ class FloatReference:
     perplexity: float
     eval_tokens: int
 
-    def load(self) -> dict[str, np.ndarray]:
+    def load(self, *keys: str) -> dict[str, np.ndarray]:
+        """The arrays named (all by default); an ``.npz`` reads only the ones asked for."""
         with np.load(self.path) as data:
-            return {key: data[key] for key in data.files}
+            return {key: data[key] for key in keys or data.files}
 
 
 def generation_prompts(windows: np.ndarray, settings: ExportSettings, count: int) -> np.ndarray:
@@ -130,6 +131,12 @@ def build_float_reference(
     return FloatReference(output, perplexity(logits, windows), int(windows.size))
 
 
+def empty_kv_cache(runner) -> dict[str, np.ndarray]:
+    """Zeroed ``kv_cache_*`` inputs of a signature runner: the state before a sequence starts."""
+    inputs = runner.get_input_details()
+    return {name: np.zeros(d["shape"], np.float32) for name, d in inputs.items() if name.startswith("kv_cache_")}
+
+
 class InterpreterSession:
     """Prefill and decode signatures of one ``.tflite``, with the KV cache carried between calls."""
 
@@ -144,8 +151,7 @@ class InterpreterSession:
             self._decode = interpreter.get_signature_runner("decode")
         except (RuntimeError, ValueError) as error:
             raise RuntimeRejectedError(f"LiteRT could not prepare {tflite}: {error}") from error
-        inputs = self._prefill.get_input_details()
-        self._empty_kv = {n: np.zeros(d["shape"], np.float32) for n, d in inputs.items() if n.startswith("kv_cache_")}
+        self._empty_kv = empty_kv_cache(self._prefill)
         self._kv = self._empty_kv
 
     def _run(self, runner, **inputs) -> np.ndarray:

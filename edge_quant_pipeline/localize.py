@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.convert import ExportSettings
+from edge_quant_pipeline.evaluate import empty_kv_cache
 from edge_quant_pipeline.weights import component_of
 
 
@@ -40,11 +41,10 @@ def tensor_errors(
 
     runner = Interpreter(model_path=str(float_tflite)).get_signature_runner(settings.prefill_signature)
     inputs = {
-        name: np.zeros(detail["shape"], np.float32)
-        for name, detail in runner.get_input_details().items()
-        if name.startswith("kv_cache_")
+        **empty_kv_cache(runner),
+        "tokens": prompt[None].astype(np.int32),
+        "input_pos": np.arange(len(prompt), dtype=np.int32),
     }
-    inputs.update(tokens=prompt[None].astype(np.int32), input_pos=np.arange(len(prompt), dtype=np.int32))
     result = model_validator.compare_model(
         float_tflite.read_bytes(),
         candidate.read_bytes(),

@@ -147,7 +147,7 @@ def _copy_hashing(source: Path, target: UPath) -> str:
 def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The model file, then the manifest: the manifest is what makes a version exist."""
     manifest = {**manifest, "model_sha256": _copy_hashing(tflite, folder / MODEL_FILE)}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(folder / MANIFEST, manifest)
     return manifest
 
 

@@ -65,7 +65,7 @@ def evaluation(
     settings = pipeline.export_settings
     try:
         result = evaluate(quantized_tflite, float_tflite, float_reference, settings, pipeline.interpreter_threads)
-        prompt = float_reference.load()["prompts"][0]
+        prompt = float_reference.load("prompts")["prompts"][0]
         errors = tensor_errors(float_tflite.path, quantized_tflite.path, prompt, settings, pipeline.interpreter_threads)
     except RuntimeRejectedError as error:
         raise rejected(pipeline, inputs, "interpreter", error) from None

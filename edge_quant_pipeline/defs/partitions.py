@@ -21,8 +21,3 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", dg.BetaWarning)
     BY_MODEL = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
     BY_RECIPE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="recipe")
-
-
-def model_and_recipe(context: dg.AssetExecutionContext) -> tuple[str, str]:
-    keys = context.partition_key.keys_by_dimension
-    return keys["model"], keys["recipe"]

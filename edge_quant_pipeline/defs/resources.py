@@ -43,10 +43,6 @@ class PipelineConfig(dg.ConfigurableResource):
         return ExportSettings(prefill_len=self.prefill_len, kv_cache_len=self.kv_cache_len)
 
     @property
-    def eval_settings(self) -> EvalSettings:
-        return EvalSettings(max_tokens=self.eval_max_tokens, num_threads=self.interpreter_threads)
-
-    @property
     def checkpoint_dir_path(self) -> Path:
         return Path(self.checkpoint_dir)
 
