@@ -2,13 +2,17 @@
 
 From the checkpoint on disk to one quantized ``.tflite`` per recipe:
 
-  (a) bare script, litert-torch's convert once per recipe (what a user writes by hand)
-  (b) bare optimal script: export once, quantize the float flatbuffer per recipe
-  (c) the pipeline through Dagster: the assets doing that work, on a fresh instance
-  (d) the pipeline re-run with nothing changed (``edge-quant run`` after a full run)
+  (a)  bare script, litert-torch's convert once per recipe (what a user writes by hand)
+  (b)  bare optimal script: export once, quantize the float flatbuffer per recipe
+  (c)  the pipeline through Dagster, as a user launches it: ``edge-quant run --convert-only``
+       on a fresh instance (the project's dagster.yaml), default workers (one per core)
+  (c1) the same with ``--jobs 1``: what the second core buys
+  (d)  the pipeline re-run with nothing changed (``edge-quant run`` after a full run)
 
-Each variant runs in a fresh Python process, so import costs count and peak RSS is
-its own. Then the full graph (evaluation and publishing included) per recipe.
+Each variant runs in fresh processes, so import costs count. Peak RSS is the largest
+sum of the resident memory of all the variant's processes (sampled every 20 ms);
+CPU time is user + system of all of them. Then the full graph (``edge-quant run``:
+evaluation, publishing and reports included), seconds per step and recipe.
 
     python benchmarks/bench_pipeline.py                  # the bundled demo model
     python benchmarks/bench_pipeline.py --params 100M    # a random ~100M-parameter Llama, made here
@@ -22,9 +26,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["float", "dynamic_int8", "weight_only_int8", "fp16", "dynamic_int4_block32", "dynamic_int4_block128"]
 # litert-torch's names for the same recipes (generative.utilities.converter.QuantizationName)
 UPSTREAM_FLAGS = {"float": "none", **{r: r for r in RECIPES[1:]}}
@@ -93,59 +99,67 @@ def bare_export_once(checkpoint_dir: Path, out: Path) -> None:
         (out / f"{recipe}.tflite").write_bytes(bytes(translate_recipe.quantize_model(float_bytes, rules)))
 
 
-def _pipeline():
-    """Definitions, instance and resource, all pointed at the variant's folder by the parent's environment."""
-    import dagster as dg
+def edge_quant(*args: str):
+    """The command line as a user runs it, in the variant's folder (its instance and dagster.yaml)."""
 
-    from edge_quant_pipeline.definitions import defs, pipeline_config_from_env
+    def run(checkpoint_dir: Path, out: Path) -> None:
+        from edge_quant_pipeline.cli import main
 
-    return defs, dg.DagsterInstance.get(), pipeline_config_from_env()
+        os.chdir(out)
+        if main(["run", *args, *(f"--recipe={r}" for r in RECIPES)]) != 0:
+            raise SystemExit(f"edge-quant run {' '.join(args)} failed")
 
-
-def pipeline_conversion(checkpoint_dir: Path, out: Path) -> None:
-    """The assets from checkpoint to quantized .tflite, one Dagster run per partition, as edge-quant runs them."""
-    import dagster as dg
-
-    defs, instance, _ = _pipeline()
-    model = checkpoint_dir.name
-    instance.add_dynamic_partitions("model", [model])
-
-    def run(job: str, partition, assets: list[str] | None = None) -> None:
-        selection = [dg.AssetKey(a) for a in assets] if assets else None
-        result = defs.resolve_job_def(job).execute_in_process(
-            partition_key=partition, instance=instance, asset_selection=selection, raise_on_error=True
-        )
-        assert result.success
-
-    for recipe in RECIPES:
-        run("resolve_recipe", recipe)
-    run("convert_checkpoint", model, ["checkpoint", "float_tflite"])
-    for recipe in RECIPES:
-        run("quantize_evaluate_publish", dg.MultiPartitionKey({"model": model, "recipe": recipe}), ["quantized_tflite"])
-
-
-def pipeline_full(checkpoint_dir: Path, out: Path) -> None:
-    from edge_quant_pipeline.cli import materialize
-
-    defs, instance, pipeline = _pipeline()
-    runner = materialize(defs, instance, pipeline, [checkpoint_dir.name], RECIPES)
-    assert runner.failures == 0
-    (out / "steps.json").write_text(json.dumps(runner.step_seconds))
+    return run
 
 
 VARIANTS = {
     "a": ("bare: convert per recipe", bare_convert_per_recipe),
     "b": ("bare: export once, quantize per recipe", bare_export_once),
-    "c": ("pipeline: conversion assets, fresh instance", pipeline_conversion),
-    "full": ("pipeline: full graph, fresh instance", pipeline_full),
-    "d": ("pipeline: re-run, nothing changed", pipeline_full),
+    "c": ("pipeline: edge-quant run --convert-only", edge_quant("--convert-only")),
+    "c1": ("pipeline: the same, --jobs 1", edge_quant("--convert-only", "--jobs", "1")),
+    "full": ("pipeline: edge-quant run, full graph", edge_quant()),
+    "d": ("pipeline: edge-quant run again, no change", edge_quant()),
 }
 
 
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants, from /proc."""
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        rss[int(entry)] = next(
+            (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0
+        )
+    tree, grew = {root}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+class PeakTreeRss(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _tree_rss_bytes(self.pid))
+            time.sleep(0.02)
+
+
 def measure(variant: str, checkpoint_dir: Path, workdir: Path) -> dict:
-    """Run one variant in a fresh process; wall and CPU time and peak RSS from the kernel."""
+    """Run one variant in a fresh process; wall and CPU time from the kernel, peak RSS sampled."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    shutil.copy(REPO / "dagster.yaml", workdir / "dagster.yaml")  # the instance a user gets
     env = {
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -164,7 +178,10 @@ def measure(variant: str, checkpoint_dir: Path, workdir: Path) -> dict:
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-        _, status, usage = os.wait4(process.pid, 0)
+        sampler = PeakTreeRss(process.pid)
+        sampler.start()
+        _, status, usage = os.wait4(process.pid, 0)  # usage includes the worker processes it waited for
+        sampler.running = False
     wall = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"variant {variant} failed:\n{log.read_text()[-3000:]}")
@@ -173,8 +190,25 @@ def measure(variant: str, checkpoint_dir: Path, workdir: Path) -> dict:
         "what": VARIANTS[variant][0],
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": sampler.peak / 2**20,
+        "largest_process_mb": usage.ru_maxrss / 1024,
     }
+
+
+def step_seconds(dagster_home: Path) -> dict[str, dict[str, float]]:
+    """Per partition, seconds of each step, from the STEP_SUCCESS events in the variant's instance."""
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.chdir(dagster_home)  # the project's dagster.yaml has paths relative to where Dagster starts
+    instance = dg.DagsterInstance.get()
+    steps: dict[str, dict[str, float]] = {}
+    for run in reversed(instance.get_runs()):
+        partition = run.tags.get("dagster/partition", "")
+        for record in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS):
+            event = record.dagster_event
+            steps.setdefault(partition, {})[event.step_key] = event.event_specific_data.duration_ms / 1000
+    return steps
 
 
 def count_parameters(checkpoint_dir: Path) -> int:
@@ -197,11 +231,14 @@ def make_large_checkpoint(root: Path) -> Path:
     return path
 
 
-def print_results(rows: list[dict], params: float, steps: list) -> None:
+def print_results(rows: list[dict], params: float, steps: dict[str, dict[str, float]]) -> None:
     by = {r["variant"]: r for r in rows}
-    print(f"\n{'variant':<5} {'what':<46} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
+    print(f"\n{'variant':<7} {'what':<44} {'wall s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'largest MB':>11}")
     for r in rows:
-        print(f"{r['variant']:<5} {r['what']:<46} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f}")
+        print(
+            f"{r['variant']:<7} {r['what']:<44} {r['wall_s']:7.1f} {r['cpu_s']:7.1f} "
+            f"{r['peak_rss_mb']:12.0f} {r['largest_process_mb']:11.0f}"
+        )
 
     def ratio(x: str, y: str, key: str = "wall_s") -> float:
         return by[x][key] / by[y][key]
@@ -210,14 +247,12 @@ def print_results(rows: list[dict], params: float, steps: list) -> None:
     print(f"(c)/(a) wall {ratio('c', 'a'):.2f}  (target <= 0.5)")
     print(f"(d)/(c) wall {ratio('d', 'c'):.2f}  (target <= 0.1)")
     print(f"peak RSS (c)/(b) {ratio('c', 'b', 'peak_rss_mb'):.2f}  (target <= 1.5)")
-    for variant in ("b", "c"):
+    print(f"(c1)/(b) wall {ratio('c1', 'b'):.2f}  (one worker: the cost of orchestration without the second core)")
+    for variant in ("b", "c", "full"):
         per_parameter = by[variant]["peak_rss_mb"] * 2**20 / params
         print(f"peak RSS per parameter ({variant}): {per_parameter:.1f} bytes ({params / 1e6:.1f} M parameters)")
     print("\nFull graph, seconds per step (from the Dagster step events of run 'full'):")
-    per_step: dict[str, dict[str, float]] = {}
-    for partition, step, seconds in steps:
-        per_step.setdefault(partition, {})[step] = seconds
-    for partition, stepmap in per_step.items():
+    for partition, stepmap in steps.items():
         print(f"  {partition:<44} " + "  ".join(f"{s} {t:.2f}" for s, t in stepmap.items()))
 
 
@@ -246,10 +281,9 @@ def main() -> None:
             f"model: {checkpoint_dir.name} ({config['model_type']}, {params / 1e6:.1f} M parameters); "
             f"recipes: {', '.join(RECIPES)}"
         )
-        rows = [measure(v, checkpoint_dir, root / v) for v in ("a", "b", "c", "full")]
-        steps = json.loads((root / "full" / "steps.json").read_text())
+        rows = [measure(v, checkpoint_dir, root / v) for v in ("a", "b", "c", "c1", "full")]
         rows.append(measure("d", checkpoint_dir, root / "full"))  # the same instance as "full"
-        print_results(rows, params, steps)
+        print_results(rows, params, step_seconds(root / "full"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

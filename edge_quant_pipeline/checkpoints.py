@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_quant_pipeline.architectures import Architecture, architecture_for
+from edge_quant_pipeline.architectures import Architecture, ModelShape, architecture_for
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -34,6 +34,9 @@ class Checkpoint:
     path: Path
     content_hash: str
     hf_config: dict[str, Any]
+    # Set by the `checkpoint` asset once litert-torch accepted the architecture, so later
+    # steps can validate recipes without importing litert-torch (and torch) again.
+    shape: ModelShape | None = None
 
     @property
     def vocab_size(self) -> int:

@@ -4,7 +4,7 @@ The recipe says which scheme each component gets; the flatbuffer says which
 dtype, granularity and compute path its weights really have (``weights.py``).
 Both are reduced to rows keyed by (component, block) and compared. This is how
 we caught litert-torch 0.10 applying the default scheme where a selective
-recipe asked for another (see ``recipes.retarget_scope``).
+recipe asked for another (see ``recipes.ai_edge_quantizer_recipe``).
 """
 
 from dataclasses import dataclass

@@ -270,68 +270,59 @@ def validate_for_model(recipe: Recipe, shape) -> None:
 
 # --- translation to ai-edge-quantizer -------------------------------------------------------------
 
-# litert-torch 0.10 translates a GenerativeQuantRecipe into ai-edge-quantizer rules
-# whose scope regexes no longer match the op names its own converter writes
-# (e.g. 'transformer_block/...attention' vs '...TransformerBlock_0/...CausalSelfAttention',
-# and 'StatefulPartitionedCall' vs 'decode_logits_output'), so selective rules
-# silently fall back to the default scheme. We keep upstream's translation of each
-# scheme and retarget only the scopes; an unknown upstream scope fails loudly so a
-# litert-torch upgrade that changes them cannot slip through.
-_BLOCK_SCOPE = re.compile(
-    r"transformer_block(?:s\\\[(?P<block>\d+)\\\])?/litert_torch\.generative\.layers\.(?P<layer>attention|feed_forward)"
-)
-_LAYER_SCOPE = {"attention": op_names.ATTENTION, "feed_forward": op_names.FEEDFORWARD}
-_FIXED_SCOPES = {".*": ".*", "Embedding_tok_embedding": op_names.EMBEDDING, "StatefulPartitionedCall": op_names.LM_HEAD}
+# The rules litert-torch 0.10's ``translate_recipe`` writes for a GenerativeQuantRecipe, field for
+# field and in the same order (tests/test_recipes.py pins them to upstream's output), but
+# - scoped with the op names litert-torch's converter writes today (op_names.py): upstream's scopes
+#   ('transformer_block/...', 'StatefulPartitionedCall') no longer match them, so its selective
+#   rules silently fall back to the default scheme;
+# - without importing litert_torch, which would cost every quantization run 6 s and 1.1 GB of torch.
+_ALL_OPS, _FULLY_CONNECTED = "*", "FULLY_CONNECTED"
 
 
-def retarget_scope(upstream_regex: str) -> str:
-    if upstream_regex in _FIXED_SCOPES:
-        return _FIXED_SCOPES[upstream_regex]
-    match = _BLOCK_SCOPE.fullmatch(upstream_regex)
-    if match is None:
-        raise RecipeError(
-            f"litert-torch produced an unexpected quantization scope {upstream_regex!r}; update retarget_scope()."
-        )
-    return op_names.block_scope(_LAYER_SCOPE[match["layer"]], match["block"] or r"\d+")
+def _add_rule(manager, scheme_name: str, scope: str, operation: str = _ALL_OPS) -> None:
+    from ai_edge_quantizer import algorithm_manager, qtyping
 
-
-def generative_recipe(recipe: Recipe, model_config: Any):
-    """The litert-torch ``GenerativeQuantRecipe`` for ``recipe`` (None for the float recipe)."""
-    if recipe.is_float:
-        return None
-    from litert_torch.generative.quantize import quant_attrs, quant_recipe
-
-    def layer(name: str):
-        scheme = SCHEMES[name]
-        return quant_recipe.LayerQuantRecipe(
-            activation_dtype=quant_attrs.Dtype.FP32,
-            weight_dtype=quant_attrs.Dtype[scheme.weight_dtype],
-            mode=quant_attrs.Mode[scheme.mode],
-            algorithm=quant_attrs.Algorithm.FLOAT_CAST
-            if scheme.weight_dtype == "FP16"
-            else quant_attrs.Algorithm.MIN_MAX,
-            granularity=quant_attrs.Granularity[scheme.granularity],
-        )
-
-    def component(value: ComponentScheme):
-        if isinstance(value, Mapping):
-            return {block: layer(s) for block, s in value.items()}
-        return layer(value) if value else None
-
-    result = quant_recipe.GenerativeQuantRecipe(
-        default=component(recipe.default),
-        embedding=component(recipe.embedding),
-        attention=component(recipe.attention),
-        feedforward=component(recipe.feedforward),
-        _model_config=model_config,
+    scheme = SCHEMES[scheme_name]
+    is_float = scheme.weight_dtype == "FP16"
+    manager.add_quantization_config(
+        regex=scope,
+        operation_name=qtyping.TFLOperationName(operation),
+        op_config=qtyping.OpQuantizationConfig(
+            weight_tensor_config=qtyping.TensorQuantizationConfig(
+                num_bits={"INT8": 8, "INT4": 4, "FP16": 16}[scheme.weight_dtype],
+                symmetric=True,
+                granularity=qtyping.QuantGranularity[
+                    "TENSORWISE" if scheme.granularity == "NONE" else scheme.granularity
+                ],
+                dtype=qtyping.TensorDataType.FLOAT if is_float else qtyping.TensorDataType.INT,
+            ),
+            compute_precision=qtyping.ComputePrecision.INTEGER
+            if scheme.mode == "DYNAMIC_RANGE"
+            else qtyping.ComputePrecision.FLOAT,
+            explicit_dequantize=scheme.mode == "WEIGHT_ONLY",
+        ),
+        algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING
+        if is_float
+        else algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
     )
-    result.verify()
-    return result
 
 
-def ai_edge_quantizer_recipe(recipe: Recipe, model_config: Any) -> list[dict[str, Any]]:
-    """Plain-data ai-edge-quantizer recipe, with scopes that match litert-torch's op names."""
-    from litert_torch.quantize import translate_recipe
+def ai_edge_quantizer_recipe(recipe: Recipe, tied_lm_head: bool) -> list[dict[str, Any]]:
+    """Plain-data ai-edge-quantizer recipe (empty for the float recipe)."""
+    from ai_edge_quantizer import recipe_manager
 
-    rules = translate_recipe.translate_to_ai_edge_recipe(generative_recipe(recipe, model_config))
-    return [{**rule, "regex": retarget_scope(rule["regex"])} for rule in rules]
+    manager = recipe_manager.RecipeManager()
+    if recipe.default:
+        _add_rule(manager, recipe.default, ".*")
+    if recipe.embedding:
+        _add_rule(manager, recipe.embedding, op_names.EMBEDDING)
+        if tied_lm_head:  # the LM head reads the embedding's weights
+            _add_rule(manager, recipe.embedding, op_names.LM_HEAD, _FULLY_CONNECTED)
+    for component, layer in (("attention", op_names.ATTENTION), ("feedforward", op_names.FEEDFORWARD)):
+        value = getattr(recipe, component)
+        if isinstance(value, Mapping):
+            for block, scheme in value.items():
+                _add_rule(manager, scheme, op_names.block_scope(layer, str(block)))
+        elif value:
+            _add_rule(manager, value, op_names.block_scope(layer))
+    return manager.get_quantization_recipe()

@@ -10,8 +10,6 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from upath import UPath
 
 from edge_quant_pipeline.publish import ChampionUpdate, version_number, write_atomically
@@ -148,6 +146,10 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 def size_quality_png(frame: pd.DataFrame) -> bytes:
     """File MB against perplexity / float, one labelled point per published recipe (a colour per model)."""
+    # Imported here: matplotlib costs 0.2 s, paid by every code-location load and every run otherwise.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)  # Agg: renders without a display
     axes = figure.subplots()

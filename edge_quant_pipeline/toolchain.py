@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
@@ -22,3 +24,11 @@ def toolchain_versions() -> dict[str, str]:
 def toolchain_tag() -> str:
     """One string that changes whenever any toolchain package changes version."""
     return ",".join(f"{name}={v}" for name, v in toolchain_versions().items())
+
+
+def quiet_third_party_noise() -> None:
+    """For the command line and its workers: what a user cannot act on stays out of the terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*is currently in beta.*")

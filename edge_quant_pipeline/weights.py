@@ -11,6 +11,7 @@ tied embedding and LM head) is listed once per component and counted once in byt
 
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from edge_quant_pipeline import op_names
 _ATTENTION = re.compile(op_names.block_scope(op_names.ATTENTION, r"(\d+)"))
 _FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
 _LM_HEAD = re.compile(op_names.LM_HEAD)
+_WEIGHT_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
 
 
 @dataclass(frozen=True)
@@ -46,65 +48,79 @@ def component_of(op_output_name: str) -> tuple[str, int | None]:
     return "other", None
 
 
-def _granularity(tensor, schema) -> str:
-    quant = tensor.quantization
+def _granularity(quant, schema) -> str:
     if quant is None:
         return "none"
-    if quant.detailsType == schema.QuantizationDetails.BlockwiseQuantization:
-        return f"blockwise_{quant.details.blockSize}"
-    if quant.scale is None or len(quant.scale) == 0:
-        return "none"
-    return "tensorwise" if len(quant.scale) == 1 else "channelwise"
+    if quant.DetailsType() == schema.QuantizationDetails.BlockwiseQuantization:
+        return f"blockwise_{_blockwise(quant, schema).BlockSize()}"
+    scales = quant.ScaleLength()
+    return "none" if scales == 0 else "tensorwise" if scales == 1 else "channelwise"
 
 
-def _quant_param_bytes(tensor, subgraph, buffers, schema) -> int:
+def _blockwise(quant, schema):
+    details = schema.BlockwiseQuantization()
+    table = quant.Details()
+    details.Init(table.Bytes, table.Pos)
+    return details
+
+
+def _buffer_bytes(model, index: int) -> int:
+    """Stored bytes of a buffer: inline data, or (models over 2 GB) a slice after the flatbuffer."""
+    buffer = model.Buffers(index)
+    return buffer.DataLength() or buffer.Size()
+
+
+def _quant_param_bytes(quant, subgraph, model, schema) -> int:
     """Scales stored beside a quantized weight count towards its size."""
-    quant = tensor.quantization
     if quant is None:
         return 0
-    if quant.detailsType == schema.QuantizationDetails.BlockwiseQuantization:
-        scales = buffers[subgraph.tensors[quant.details.scales].buffer].data
-        return 0 if scales is None else len(scales)
-    return 4 * len(quant.scale) if quant.scale is not None else 0
+    if quant.DetailsType() == schema.QuantizationDetails.BlockwiseQuantization:
+        return _buffer_bytes(model, subgraph.Tensors(_blockwise(quant, schema).Scales()).Buffer())
+    return 4 * quant.ScaleLength()
 
 
 def read_weights(tflite: Path) -> list[WeightTensor]:
+    """Walks the flatbuffer in place (memory-mapped) rather than unpacking it into Python objects:
+    the object API copies every buffer, which costs seconds and the model's size in memory."""
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model_from_bytearray(tflite.read_bytes())
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    weights: dict[tuple[int, str, int | None], WeightTensor] = {}
-    for subgraph in model.subgraphs:
-        producers = {out: op for op in subgraph.operators for out in op.outputs}
-        for op in subgraph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            if op_names[max(code.builtinCode, code.deprecatedBuiltinCode)] not in (
-                "FULLY_CONNECTED",
-                "EMBEDDING_LOOKUP",
-            ):
-                continue
-            index, compute = op.inputs[1], "integer"
-            producer = producers.get(index)
-            if producer is not None:  # weight-only schemes: weight -> DEQUANTIZE -> op
-                index, compute = producer.inputs[0], "float"
-            tensor = subgraph.tensors[index]
-            data = model.buffers[tensor.buffer].data
-            component, block = component_of(subgraph.tensors[op.outputs[0]].name.decode())
-            if data is None or (tensor.buffer, component, block) in weights:
-                continue
-            dtype = type_names[tensor.type]
-            weights[(tensor.buffer, component, block)] = WeightTensor(
-                component=component,
-                block=block,
-                dtype=dtype,
-                granularity=_granularity(tensor, schema),
-                compute="float" if dtype.startswith("FLOAT") else compute,
-                shape=tuple(int(d) for d in tensor.shape),
-                num_bytes=len(data) + _quant_param_bytes(tensor, subgraph, model.buffers, schema),
-                buffer=tensor.buffer,
-            )
+    with tflite.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        model = schema.Model.GetRootAs(data, 0)
+        codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+        weight_ops = {
+            i for i, c in enumerate(codes) if op_names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] in _WEIGHT_OPS
+        }
+        weights: dict[tuple[int, str, int | None], WeightTensor] = {}
+        for s in range(model.SubgraphsLength()):
+            subgraph = model.Subgraphs(s)
+            operators = [subgraph.Operators(i) for i in range(subgraph.OperatorsLength())]
+            producers = {out: op for op in operators for out in op.OutputsAsNumpy().tolist()}
+            for op in operators:
+                if op.OpcodeIndex() not in weight_ops:
+                    continue
+                index, compute = int(op.Inputs(1)), "integer"
+                producer = producers.get(index)
+                if producer is not None:  # weight-only schemes: weight -> DEQUANTIZE -> op
+                    index, compute = int(producer.Inputs(0)), "float"
+                tensor = subgraph.Tensors(index)
+                component, block = component_of(subgraph.Tensors(op.Outputs(0)).Name().decode())
+                key = (tensor.Buffer(), component, block)
+                stored = _buffer_bytes(model, tensor.Buffer())
+                if stored == 0 or key in weights:
+                    continue
+                dtype, quant = type_names[tensor.Type()], tensor.Quantization()
+                weights[key] = WeightTensor(
+                    component=component,
+                    block=block,
+                    dtype=dtype,
+                    granularity=_granularity(quant, schema),
+                    compute="float" if dtype.startswith("FLOAT") else compute,
+                    shape=tuple(int(d) for d in tensor.ShapeAsNumpy()),
+                    num_bytes=stored + _quant_param_bytes(quant, subgraph, model, schema),
+                    buffer=tensor.Buffer(),
+                )
     return list(weights.values())
 
 

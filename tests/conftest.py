@@ -29,10 +29,10 @@ def pipeline_run():
     """The whole graph materialized once, through Dagster, for the bundled demo model."""
     import dagster as dg
 
-    from edge_quant_pipeline.cli import materialize
-    from edge_quant_pipeline.definitions import defs, pipeline_config_from_env
+    from edge_quant_pipeline.definitions import pipeline_config_from_env
     from edge_quant_pipeline.defs.partitions import recipe_catalog
+    from edge_quant_pipeline.launcher import materialize
 
     with dg.instance_for_test() as instance:
-        runner = materialize(defs, instance, pipeline_config_from_env(), [DEMO_MODEL], recipe_catalog.names)
-        yield instance, runner
+        summary = materialize(instance, pipeline_config_from_env(), [DEMO_MODEL], recipe_catalog.names, jobs=2)
+        yield instance, summary

@@ -200,6 +200,10 @@ def test_converted_model_matches_float_in_the_interpreter(tmp_path, family):
         },
         "test",
     )
-    quantized = quantize_tflite(tflite, ai_edge_quantizer_recipe(recipe, model_config), tmp_path / "selective.tflite")
+    quantized = quantize_tflite(
+        tflite,
+        ai_edge_quantizer_recipe(recipe, model_config.lm_head_share_weight_with_embedding),
+        tmp_path / "selective.tflite",
+    )
     rows = check_conformance(recipe, read_weights(quantized), architecture_of(checkpoint).shape)
     assert [r for r in rows if not r.ok] == []

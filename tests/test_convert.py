@@ -22,7 +22,9 @@ def test_quantizing_the_float_export_equals_one_shot_convert(float_export, tmp_p
 
     model, model_config, float_tflite = float_export
     ours = quantize_tflite(
-        float_tflite, ai_edge_quantizer_recipe(BUILTIN_RECIPES[recipe], model_config), tmp_path / "ours.tflite"
+        float_tflite,
+        ai_edge_quantizer_recipe(BUILTIN_RECIPES[recipe], model_config.lm_head_share_weight_with_embedding),
+        tmp_path / "ours.tflite",
     )
     # litert-torch's own path: convert with quantization in one call.
     upstream = converter.convert_to_tflite(

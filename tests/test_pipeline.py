@@ -150,17 +150,20 @@ def test_error_hotspots_name_layers(pipeline_run):
 def scramble_weights(tflite: Path, component: str) -> bytes:
     """The file with every weight buffer of ``component`` overwritten by random bytes (structure intact)."""
     import numpy as np
-    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_litert import schema_py_generated as schema
 
     data = bytearray(tflite.read_bytes())
-    model = flatbuffer_utils.read_model_from_bytearray(bytes(data))
+    model = schema.Model.GetRootAs(bytes(data), 0)
     rng = np.random.default_rng(0)
     for weight in read_weights(tflite):
         if weight.component == component:
-            stored = bytes(model.buffers[weight.buffer].data)
-            offset = bytes(data).find(stored)
+            buffer = model.Buffers(weight.buffer)
+            # inline data is found by its bytes; ai-edge-quantizer stores it after the flatbuffer
+            offset, size = (buffer.Offset(), buffer.Size()) if buffer.Size() else (None, buffer.DataLength())
+            if offset is None:
+                offset = bytes(data).find(buffer.DataAsNumpy().tobytes())
             assert offset > 0
-            data[offset : offset + len(stored)] = rng.integers(0, 256, len(stored), dtype=np.uint8).tobytes()
+            data[offset : offset + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
     return bytes(data)
 
 

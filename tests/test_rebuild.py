@@ -8,12 +8,12 @@ import shutil
 import dagster as dg
 import pytest
 
-from edge_quant_pipeline.cli import materialize
 from edge_quant_pipeline.definitions import defs
 from edge_quant_pipeline.defs.automation import nightly_schedules
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.rebuild import rebuild_plan
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.launcher import materialize
 
 RECIPES = recipe_catalog.names
 MODELS = ["alpha", "beta"]
@@ -53,7 +53,7 @@ def world(tmp_path_factory, demo_checkpoint_dir):
         eval_max_tokens=512,
     )
     with dg.instance_for_test() as instance:
-        runner = materialize(defs, instance, pipeline, MODELS, RECIPES)
+        runner = materialize(instance, pipeline, MODELS, RECIPES, jobs=2)
         assert runner.failures == 0
         yield instance, pipeline, root
 
@@ -84,7 +84,7 @@ def test_nothing_changed_converts_and_quantizes_nothing(world):
     instance, pipeline, _ = world
     before = conversions(instance), quantizations(instance)
     assert rebuild_plan(instance, pipeline, MODELS, RECIPES).empty
-    assert materialize(defs, instance, pipeline, MODELS, RECIPES).failures == 0
+    assert materialize(instance, pipeline, MODELS, RECIPES, jobs=2).failures == 0
     assert (conversions(instance), quantizations(instance)) == before
 
 
@@ -136,7 +136,7 @@ def test_changing_one_checkpoint_rebuilds_only_its_partitions(world):
     plan = rebuild_plan(instance, pipeline, MODELS, RECIPES)
     assert (plan.convert, plan.resolve, plan.quantize) == (["beta"], [], [])
 
-    assert materialize(defs, instance, pipeline, MODELS, RECIPES).failures == 0
+    assert materialize(instance, pipeline, MODELS, RECIPES, jobs=2).failures == 0
     assert conversions(instance) == {"alpha": 1, "beta": 2}
     after_q = quantizations(instance)
     assert {k: after_q[k] - before_q[k] for k in after_q} == {

@@ -26,7 +26,7 @@ def quantize(demo, recipe, tmp_path):
     architecture, float_tflite = demo
     validate_for_model(recipe, architecture.shape)
     output = quantize_tflite(
-        float_tflite, ai_edge_quantizer_recipe(recipe, architecture.model_config), tmp_path / f"{recipe.name}.tflite"
+        float_tflite, ai_edge_quantizer_recipe(recipe, architecture.tied_lm_head), tmp_path / f"{recipe.name}.tflite"
     )
     return check_conformance(recipe, read_weights(output), architecture.shape)
 
@@ -68,7 +68,7 @@ def test_conformance_catches_a_model_that_does_not_follow_its_recipe(demo, tmp_p
     architecture, float_tflite = demo
     claimed = parse_recipe("claimed", {"default": "int8_dynamic", "feedforward": "fp16"}, "test")
     output = quantize_tflite(
-        float_tflite, ai_edge_quantizer_recipe(int8, architecture.model_config), tmp_path / "x.tflite"
+        float_tflite, ai_edge_quantizer_recipe(int8, architecture.tied_lm_head), tmp_path / "x.tflite"
     )
     failing = [r for r in check_conformance(claimed, read_weights(output), architecture.shape) if not r.ok]
     assert {(r.component, r.block) for r in failing} == {("feedforward", b) for b in range(4)}
@@ -76,17 +76,15 @@ def test_conformance_catches_a_model_that_does_not_follow_its_recipe(demo, tmp_p
 
 
 def test_upstream_translation_alone_ignores_selective_rules(demo, tmp_path):
-    """Why recipes.retarget_scope exists: litert-torch 0.10's own scopes miss its op names."""
+    """Why our translation scopes its rules itself: litert-torch 0.10's scopes miss its op names."""
     from ai_edge_quantizer import quantizer
-    from litert_torch.quantize import translate_recipe
-
-    from edge_quant_pipeline.recipes import generative_recipe
+    from upstream_recipes import upstream_rules
 
     architecture, float_tflite = demo
     recipe = parse_recipe("sel", {"default": "fp16", "feedforward": "int8_dynamic"}, "test")
-    upstream_rules = translate_recipe.translate_to_ai_edge_recipe(generative_recipe(recipe, architecture.model_config))
+    rules = upstream_rules(recipe, architecture.model_config, retargeted=False)
     output = tmp_path / "upstream.tflite"
-    output.write_bytes(bytes(quantizer.Quantizer(float_tflite.read_bytes(), upstream_rules).quantize().quantized_model))
+    output.write_bytes(bytes(quantizer.Quantizer(float_tflite.read_bytes(), rules).quantize().quantized_model))
     feedforward = {
         r.actual
         for r in check_conformance(recipe, read_weights(output), architecture.shape)

@@ -1,10 +1,17 @@
-"""Recipe catalog: parsing, validation messages, canonical hashing, scope retargeting."""
+"""Recipe catalog: parsing, validation messages, canonical hashing, translation to ai-edge-quantizer."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from edge_quant_pipeline.recipes import BUILTIN_RECIPES, RecipeError, load_catalog, parse_recipe, retarget_scope
+from edge_quant_pipeline.recipes import (
+    BUILTIN_RECIPES,
+    RecipeError,
+    ai_edge_quantizer_recipe,
+    load_catalog,
+    parse_recipe,
+)
 
 REPO = Path(__file__).parent.parent
 
@@ -66,31 +73,48 @@ def test_a_bad_recipe_fails_alone(tmp_path):
         catalog.get("fp16")
 
 
-BLOCKS = "(?:TransformerBlock|Gemma2Block|DecoderBlock)"
+@pytest.fixture(scope="module")
+def tiny_model_config():
+    from edge_quant_pipeline.architectures import architecture_for
+    from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+
+    config = DEMO_CHECKPOINT_DIR / "tiny-llama-bytes" / "config.json"
+    return architecture_for(json.loads(config.read_text()), config).model_config
+
+
+PER_BLOCK = {
+    "default": "fp16",
+    "attention": {3: "int8_weight_only", 0: "int4_dynamic_block32"},
+    "feedforward": "int8_dynamic",
+}
 
 
 @pytest.mark.parametrize(
-    "upstream, ours",
-    [
-        (".*", ".*"),
-        ("Embedding_tok_embedding", "Embedding_tok_embedding"),
-        ("StatefulPartitionedCall", "logits_output|Linear_lm_head"),
-        (
-            "transformer_block/litert_torch.generative.layers.attention",
-            BLOCKS + r"_\d+/litert_torch\.generative\.layers\.attention\.CausalSelfAttention",
-        ),
-        (
-            r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward",
-            BLOCKS + r"_3/litert_torch\.generative\.layers\.feed_forward\.",
-        ),
-    ],
+    "recipe",
+    [*load_catalog(REPO / "recipes.yaml").recipes.values(), parse_recipe("per_block", PER_BLOCK, "test")],
+    ids=lambda r: r.name,
 )
-def test_scopes_are_retargeted_to_litert_torch_op_names(upstream, ours):
-    assert retarget_scope(upstream) == ours
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_rules_are_litert_torchs_with_todays_op_names(tiny_model_config, recipe, tied):
+    """Our translation writes what litert-torch's translate_recipe writes, scopes retargeted."""
+    from dataclasses import replace
+
+    from upstream_recipes import upstream_rules
+
+    model_config = replace(tiny_model_config, lm_head_share_weight_with_embedding=tied)
+    expected = [] if recipe.is_float else upstream_rules(recipe, model_config)
+    assert ai_edge_quantizer_recipe(recipe, tied) == expected
 
 
-def test_unknown_upstream_scope_fails_loudly():
-    with pytest.raises(RecipeError, match="unexpected quantization scope"):
+def test_upstream_scopes_all_have_a_retarget():
+    """A litert-torch upgrade that writes a new scope fails here, not silently in a recipe."""
+    from upstream_recipes import retarget_scope
+
+    assert retarget_scope("StatefulPartitionedCall") == "logits_output|Linear_lm_head"
+    assert retarget_scope(r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward") == (
+        r"(?:TransformerBlock|Gemma2Block|DecoderBlock)_3/litert_torch\.generative\.layers\.feed_forward\."
+    )
+    with pytest.raises(AssertionError, match="does not know"):
         retarget_scope("some_new_layer_name")
 
 

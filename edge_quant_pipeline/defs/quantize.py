@@ -65,26 +65,25 @@ def quantized_tflite(
 ):
     """The model quantized with one recipe (the `float` recipe is the float file itself)."""
     inputs = artifact_inputs(checkpoint, quant_recipe)
-    architecture = architecture_of(checkpoint)
+    # Stored by the checkpoint asset; outputs stored before it did so need litert-torch once more.
+    shape = checkpoint.shape or architecture_of(checkpoint).shape
     output = (
         pipeline.work_path(checkpoint.model_id, checkpoint.content_hash)
         / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
     )
     try:
-        validate_for_model(quant_recipe, architecture.shape)
+        validate_for_model(quant_recipe, shape)
     except RecipeError as error:
         raise rejected(pipeline, inputs, "recipe validation", error) from None
     if quant_recipe.is_float:
         shutil.copyfile(float_tflite.path, output)
     else:
         try:
-            quantize_tflite(
-                float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, architecture.model_config), output
-            )
-        except (RecipeError, QuantizationError) as error:
+            quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head), output)
+        except QuantizationError as error:
             raise rejected(pipeline, inputs, "quantization", error) from None
     quantized = inspect_tflite(output)
-    rows = check_conformance(quant_recipe, quantized.weights, architecture.shape)
+    rows = check_conformance(quant_recipe, quantized.weights, shape)
     table = conformance_table(rows, quantized)
     ratio = float_tflite.file_bytes / quantized.file_bytes
     context.log.info(f"{quant_recipe.name}: {quantized.file_bytes} bytes, {ratio:.2f}x smaller than float")

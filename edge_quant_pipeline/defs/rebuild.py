@@ -4,6 +4,9 @@ Shared by the nightly schedules and `edge-quant run`, so both rebuild exactly
 what changed and nothing else.
 """
 
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint
@@ -72,4 +75,40 @@ def rebuild_plan(
         },
         published=published,
         rebuild_all=rebuild_all,
+    )
+
+
+@dataclass(frozen=True)
+class DueReports:
+    models: list[str]  # whose `quantization_report` is older than their pairs' latest runs
+    all_models: bool
+
+
+def _latest_materialization_time(instance: dg.DagsterInstance, asset: str, partition: str | None) -> float | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    return records[0].timestamp if records else None
+
+
+def _report_is_current(instance: dg.DagsterInstance, model_id: str) -> bool:
+    """Materialized, and no run of this model's (model, recipe) partitions updated since (the
+    report lists failures too, so any finished run counts, whichever job or sensor launched it)."""
+    reported = _latest_materialization_time(instance, "quantization_report", model_id)
+    if reported is None:
+        return False
+    since = datetime.fromtimestamp(reported, timezone.utc)
+    runs = instance.get_run_records(
+        dg.RunsFilter(tags={"dagster/partition/model": model_id}, updated_after=since), limit=1
+    )
+    return not runs
+
+
+def reports_due(instance: dg.DagsterInstance, models: list[str], rebuild_all: bool = False) -> DueReports:
+    """Reports to rebuild even when no pair is: never made, or older than work done since (e.g. by the daemon)."""
+    stale = [m for m in models if rebuild_all or not _report_is_current(instance, m)]
+    return DueReports(
+        models=stale,
+        all_models=rebuild_all or _latest_materialization_time(instance, "all_models_report", None) is None,
     )

@@ -1,0 +1,240 @@
+"""Run what the rebuild plan asks for, as Dagster runs, on a pool of worker processes.
+
+``edge-quant run`` is a launcher, not an executor: every stage is the same job,
+partition and asset selection the UI would launch, executed in process
+(``execute_in_process``) on the instance in ``DAGSTER_HOME``. What it adds is
+parallelism across partitions without a daemon:
+
+- a conversion and the recipe resolutions run at the same time;
+- the (model, recipe) runs of a model start as soon as its conversion and their
+  recipe are done, ``jobs`` at a time;
+- each worker process imports Dagster and the code location once and serves many
+  runs, so the 6 s / 1.1 GB import of torch + litert-torch is paid only by the
+  worker that converts (quantization, evaluation and publishing do not import it).
+"""
+
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
+from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.staleness import RebuildPlan
+from edge_quant_pipeline.toolchain import quiet_third_party_noise
+
+RESOLVE_JOB, CONVERT_JOB, QUANTIZE_JOB = "resolve_recipe", "convert_checkpoint", "quantize_evaluate_publish"
+REPORT_JOB, ALL_MODELS_REPORT_JOB = "report", "report_all_models"
+# `--convert-only`: the assets from checkpoint to quantized .tflite, nothing after them.
+CONVERSION_ASSETS = ("checkpoint", "float_tflite", "quant_recipe", "quantized_tflite")
+RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    job: str
+    model: str | None = None
+    recipe: str | None = None
+    after: tuple["PlannedRun", ...] = ()  # runs that must have finished first
+    needs_success: bool = True  # skip this run when one of `after` failed
+
+    @property
+    def partition_key(self) -> str | None:
+        if self.model and self.recipe:
+            return dg.MultiPartitionKey({"model": self.model, "recipe": self.recipe})
+        return self.model or self.recipe
+
+    @property
+    def label(self) -> str:
+        return str(self.partition_key or "")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run: PlannedRun
+    seconds: float
+    failures: list[str]  # failed steps and checks, one line each; empty when the run succeeded
+    step_seconds: dict[str, float]
+    report_markdown: str | None = None
+
+
+@dataclass
+class LaunchSummary:
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    skipped: list[PlannedRun] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for o in self.outcomes if o.failures) + len(self.skipped)
+
+
+def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports: DueReports | None) -> list[PlannedRun]:
+    """The runs for ``plan``, each with the runs it waits for; conversions first, the long ones.
+
+    ``reports`` None: no reports (``--convert-only``).
+    """
+    converts = {m: PlannedRun(CONVERT_JOB, model=m) for m in plan.convert}
+    resolves = {r: PlannedRun(RESOLVE_JOB, recipe=r) for r in plan.resolve}
+    pairs = {
+        (m, r): PlannedRun(
+            QUANTIZE_JOB, model=m, recipe=r, after=tuple(run for run in (converts.get(m), resolves.get(r)) if run)
+        )
+        for m, r in plan.affected_pairs(models, recipes)
+    }
+    runs = [*converts.values(), *resolves.values(), *pairs.values()]
+    if reports is None:
+        return runs
+    # Reports list failures too: they wait for their pairs without needing them to succeed.
+    model_reports = [
+        PlannedRun(
+            REPORT_JOB,
+            model=m,
+            after=tuple(run for (model, _), run in pairs.items() if model == m),
+            needs_success=False,
+        )
+        for m in models
+        if m in reports.models or any(model == m for model, _ in pairs)
+    ]
+    if model_reports or reports.all_models:
+        model_reports.append(PlannedRun(ALL_MODELS_REPORT_JOB, after=tuple(model_reports), needs_success=False))
+    return runs + model_reports
+
+
+# --- worker processes ------------------------------------------------------------------------------
+
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool) -> None:
+    quiet_third_party_noise()
+    from edge_quant_pipeline.definitions import defs
+
+    _worker.update(
+        defs=defs,
+        instance=dg.DagsterInstance.from_ref(instance_ref),
+        # Resources do not pickle (their config schema does not): rebuilt here from their fields.
+        pipeline=PipelineConfig(
+            **{**pipeline_fields, "artifact_store": ArtifactStore(**pipeline_fields["artifact_store"])}
+        ),
+        conversion_only=conversion_only,
+    )
+
+
+def execute(run: PlannedRun) -> RunOutcome:
+    """One Dagster run, in this worker process, as the UI would launch it."""
+    from edge_quant_pipeline.report import to_markdown
+
+    started = time.perf_counter()
+    job = _worker["defs"].resolve_job_def(run.job)
+    selection = None
+    if _worker["conversion_only"]:
+        selection = [key for key in job.asset_layer.executable_asset_keys if key.path[-1] in CONVERSION_ASSETS]
+    result = job.execute_in_process(
+        partition_key=run.partition_key,
+        instance=_worker["instance"],
+        raise_on_error=False,
+        run_config=RUN_CONFIG,
+        resources={"pipeline": _worker["pipeline"]},
+        asset_selection=selection,
+    )
+    failures = [f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed]
+    failures += [
+        e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure
+    ]
+    if result.success is False and not failures:
+        failures.append("the run failed; see it in the Dagster UI")
+    report = result.output_for_node("quantization_report") if run.job == REPORT_JOB and not failures else None
+    return RunOutcome(
+        run=run,
+        seconds=time.perf_counter() - started,
+        failures=failures,
+        step_seconds={
+            e.step_key: e.event_specific_data.duration_ms / 1000 for e in result.all_events if e.is_step_success
+        },
+        report_markdown=to_markdown(report) if report is not None else None,
+    )
+
+
+# --- the launcher -----------------------------------------------------------------------------------
+
+
+def _print_outcome(outcome: RunOutcome) -> None:
+    line = f"  {outcome.run.job:<26} {outcome.run.label:<42} {outcome.seconds:6.1f}s"
+    if not outcome.failures:
+        print(f"{line}  ok", flush=True)
+    else:
+        print(f"{line}  FAILED" + "".join(f"\n      {reason}" for reason in outcome.failures), flush=True)
+
+
+def launch(
+    runs: list[PlannedRun],
+    instance: dg.DagsterInstance,
+    pipeline: PipelineConfig,
+    jobs: int,
+    conversion_only: bool = False,
+) -> LaunchSummary:
+    """Run ``runs`` in dependency order on ``jobs`` worker processes, printing a line per finished run."""
+    summary = LaunchSummary()
+    if not runs:
+        return summary
+    finished: dict[PlannedRun, bool] = {}  # run -> succeeded
+    pending, running = list(runs), {}
+    # spawn, not fork: the parent may hold threads (TensorFlow, torch) that a fork would copy mid-flight.
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(runs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(instance.get_ref(), pipeline.model_dump(), conversion_only),
+    ) as pool:
+        while pending or running:
+            for run in [r for r in pending if all(dep in finished for dep in r.after)]:
+                pending.remove(run)
+                failed = [dep for dep in run.after if not finished[dep]]
+                if run.needs_success and failed:
+                    finished[run] = False
+                    summary.skipped.append(run)
+                    print(f"  {run.job:<26} {run.label:<42}         skipped: {failed[0].job} failed", flush=True)
+                else:
+                    running[pool.submit(execute, run)] = run
+            if not running:
+                continue
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                outcome = _outcome(future, running.pop(future))
+                finished[outcome.run] = not outcome.failures
+                summary.outcomes.append(outcome)
+                _print_outcome(outcome)
+    return summary
+
+
+def _outcome(future: Future, run: PlannedRun) -> RunOutcome:
+    try:
+        return future.result()
+    except Exception as error:  # the worker died (killed, out of memory) or could not load the code location
+        return RunOutcome(run, 0.0, [f"worker process failed: {type(error).__name__}: {error}"], {})
+
+
+def materialize(
+    instance: dg.DagsterInstance,
+    pipeline: PipelineConfig,
+    models: list[str],
+    recipes: list[str],
+    rebuild_all: bool = False,
+    jobs: int = 1,
+    conversion_only: bool = False,
+) -> LaunchSummary:
+    """Rebuild what is out of date (everything with ``rebuild_all``), then the reports that it changed.
+
+    The same plan the nightly schedules follow; here the runs are launched right
+    away instead of leaving the cascade to the automation daemon.
+    """
+    instance.add_dynamic_partitions("model", [m for m in models if not instance.has_dynamic_partition("model", m)])
+    plan = rebuild_plan(instance, pipeline, models, recipes, rebuild_all=rebuild_all)
+    reports = None if conversion_only else reports_due(instance, models, rebuild_all)
+    if plan.empty:
+        print("Everything is up to date: nothing to convert or quantize.")
+    runs = plan_runs(plan, models, recipes, reports)
+    return launch(runs, instance, pipeline, jobs, conversion_only)
