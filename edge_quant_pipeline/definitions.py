@@ -52,23 +52,28 @@ def pipeline_config_from_env() -> PipelineConfig:
     )
 
 
-defs = dg.Definitions(
-    assets=[
-        checkpoint,
-        float_tflite,
-        float_reference,
-        quant_recipe,
-        quantized_tflite,
-        evaluation,
-        published_artifact,
-        quantization_report,
-        all_models_report,
-    ],
-    jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
-    sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
-    schedules=nightly_schedules_from_env(),
-    resources={"pipeline": pipeline_config_from_env()},
-    # Steps of one run share a process: for small models the ~2 GB, ~7 s import of
-    # torch + TensorFlow + litert-torch costs more than the work itself.
-    executor=dg.in_process_executor,
-)
+def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
+    """The code location with ``pipeline`` as its resource (`edge-quant run` passes its own to its workers)."""
+    return dg.Definitions(
+        assets=[
+            checkpoint,
+            float_tflite,
+            float_reference,
+            quant_recipe,
+            quantized_tflite,
+            evaluation,
+            published_artifact,
+            quantization_report,
+            all_models_report,
+        ],
+        jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
+        sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
+        schedules=nightly_schedules_from_env(),
+        resources={"pipeline": pipeline},
+        # Steps of one run share a process: for small models the ~2 GB, ~7 s import of
+        # torch + TensorFlow + litert-torch costs more than the work itself.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions(pipeline_config_from_env())

@@ -15,7 +15,7 @@ parallelism across partitions without a daemon:
 
 import multiprocessing
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,15 +110,15 @@ _worker: dict[str, Any] = {}
 
 def _start_worker(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool) -> None:
     quiet_third_party_noise()
-    from edge_quant_pipeline.definitions import defs
+    from edge_quant_pipeline.definitions import build_definitions
 
+    # Resources do not pickle (their config schema does not): rebuilt here from their fields.
+    pipeline = PipelineConfig(
+        **{**pipeline_fields, "artifact_store": ArtifactStore(**pipeline_fields["artifact_store"])}
+    )
     _worker.update(
-        defs=defs,
+        defs=build_definitions(pipeline),
         instance=dg.DagsterInstance.from_ref(instance_ref),
-        # Resources do not pickle (their config schema does not): rebuilt here from their fields.
-        pipeline=PipelineConfig(
-            **{**pipeline_fields, "artifact_store": ArtifactStore(**pipeline_fields["artifact_store"])}
-        ),
         conversion_only=conversion_only,
     )
 
@@ -137,7 +137,6 @@ def execute(run: PlannedRun) -> RunOutcome:
         instance=_worker["instance"],
         raise_on_error=False,
         run_config=RUN_CONFIG,
-        resources={"pipeline": _worker["pipeline"]},
         asset_selection=selection,
     )
     failures = [f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed]
@@ -169,6 +168,58 @@ def _print_outcome(outcome: RunOutcome) -> None:
         print(f"{line}  FAILED" + "".join(f"\n      {reason}" for reason in outcome.failures), flush=True)
 
 
+class _Lanes:
+    """Where runs execute: a thread of this process, and ``jobs - 1`` worker processes.
+
+    Conversions run only in this process, one after another: it is the one that
+    imports torch (the pool workers never do), and an export is the step whose
+    memory grows with the model. Every other run goes to whichever lane is free.
+    """
+
+    def __init__(self, instance: dg.DagsterInstance, pipeline: PipelineConfig, jobs: int, conversion_only: bool):
+        worker_args = (instance.get_ref(), pipeline.model_dump(), conversion_only)
+        # Workers start importing now, while this process works on its first run.
+        # spawn, not fork: a fork would copy this process's threads (TensorFlow, torch) mid-flight.
+        self.pool = (
+            ProcessPoolExecutor(
+                jobs - 1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=worker_args,
+            )
+            if jobs > 1
+            else None
+        )
+        _start_worker(*worker_args)
+        self.local = ThreadPoolExecutor(1)
+        self.free_workers, self.local_free = jobs - 1, True
+        self.on_local: Future | None = None
+
+    def submit(self, ready: list[PlannedRun]) -> dict[Future, PlannedRun]:
+        """Start as many of ``ready`` as there are free lanes; returns the started ones."""
+        started = {}
+        if self.local_free and ready:
+            run = next((r for r in ready if r.job == CONVERT_JOB), ready[0])
+            self.on_local = self.local.submit(execute, run)
+            self.local_free = False
+            started[self.on_local] = run
+        for run in [r for r in ready if r.job != CONVERT_JOB and r not in started.values()][: self.free_workers]:
+            started[self.pool.submit(execute, run)] = run
+            self.free_workers -= 1
+        return started
+
+    def release(self, future: Future) -> None:
+        if future is self.on_local:
+            self.local_free = True
+        else:
+            self.free_workers += 1
+
+    def close(self) -> None:
+        self.local.shutdown()
+        if self.pool:
+            self.pool.shutdown()
+
+
 def launch(
     runs: list[PlannedRun],
     instance: dg.DagsterInstance,
@@ -176,37 +227,39 @@ def launch(
     jobs: int,
     conversion_only: bool = False,
 ) -> LaunchSummary:
-    """Run ``runs`` in dependency order on ``jobs`` worker processes, printing a line per finished run."""
+    """Run ``runs`` in dependency order, ``jobs`` at a time, printing a line per finished run."""
     summary = LaunchSummary()
     if not runs:
         return summary
     finished: dict[PlannedRun, bool] = {}  # run -> succeeded
     pending, running = list(runs), {}
-    # spawn, not fork: the parent may hold threads (TensorFlow, torch) that a fork would copy mid-flight.
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(runs)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(instance.get_ref(), pipeline.model_dump(), conversion_only),
-    ) as pool:
+    lanes = _Lanes(instance, pipeline, jobs, conversion_only)
+    try:
         while pending or running:
+            ready = []
             for run in [r for r in pending if all(dep in finished for dep in r.after)]:
-                pending.remove(run)
                 failed = [dep for dep in run.after if not finished[dep]]
                 if run.needs_success and failed:
+                    pending.remove(run)
                     finished[run] = False
                     summary.skipped.append(run)
                     print(f"  {run.job:<26} {run.label:<42}         skipped: {failed[0].job} failed", flush=True)
                 else:
-                    running[pool.submit(execute, run)] = run
+                    ready.append(run)
+            started = lanes.submit(ready)
+            pending = [r for r in pending if r not in started.values()]
+            running.update(started)
             if not running:
-                continue
+                raise RuntimeError(f"runs wait for runs that were never planned: {[r.label for r in pending]}")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
+                lanes.release(future)
                 outcome = _outcome(future, running.pop(future))
                 finished[outcome.run] = not outcome.failures
                 summary.outcomes.append(outcome)
                 _print_outcome(outcome)
+    finally:
+        lanes.close()
     return summary
 
 

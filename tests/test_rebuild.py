@@ -84,7 +84,8 @@ def test_nothing_changed_converts_and_quantizes_nothing(world):
     instance, pipeline, _ = world
     before = conversions(instance), quantizations(instance)
     assert rebuild_plan(instance, pipeline, MODELS, RECIPES).empty
-    assert materialize(instance, pipeline, MODELS, RECIPES, jobs=2).failures == 0
+    summary = materialize(instance, pipeline, MODELS, RECIPES, jobs=2)
+    assert summary.outcomes == [] and summary.failures == 0  # not even the reports: nothing they show changed
     assert (conversions(instance), quantizations(instance)) == before
 
 
@@ -136,7 +137,12 @@ def test_changing_one_checkpoint_rebuilds_only_its_partitions(world):
     plan = rebuild_plan(instance, pipeline, MODELS, RECIPES)
     assert (plan.convert, plan.resolve, plan.quantize) == (["beta"], [], [])
 
-    assert materialize(instance, pipeline, MODELS, RECIPES, jobs=2).failures == 0
+    summary = materialize(instance, pipeline, MODELS, RECIPES, jobs=2)
+    assert summary.failures == 0
+    assert {(o.run.job, o.run.model) for o in summary.outcomes if "report" in o.run.job} == {
+        ("report", "beta"),
+        ("report_all_models", None),
+    }
     assert conversions(instance) == {"alpha": 1, "beta": 2}
     after_q = quantizations(instance)
     assert {k: after_q[k] - before_q[k] for k in after_q} == {

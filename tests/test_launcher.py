@@ -1,0 +1,42 @@
+"""Which Dagster runs `edge-quant run` launches for a rebuild plan, and what each waits for."""
+
+from edge_quant_pipeline.defs.rebuild import DueReports
+from edge_quant_pipeline.launcher import PlannedRun, plan_runs
+from edge_quant_pipeline.staleness import RebuildPlan
+
+MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
+
+
+def by_label(runs: list[PlannedRun]) -> dict[tuple[str, str], PlannedRun]:
+    return {(r.job, r.label): r for r in runs}
+
+
+def test_pairs_wait_for_their_conversion_and_recipe_and_reports_for_their_pairs():
+    plan = RebuildPlan(convert=["m1"], resolve=["r2"], quantize=[("m2", "r1")])
+    runs = by_label(plan_runs(plan, MODELS, RECIPES, DueReports(models=[], all_models=False)))
+    convert, resolve = runs[("convert_checkpoint", "m1")], runs[("resolve_recipe", "r2")]
+    assert runs[("quantize_evaluate_publish", "m1|r1")].after == (convert,)
+    assert runs[("quantize_evaluate_publish", "m1|r2")].after == (convert, resolve)
+    assert runs[("quantize_evaluate_publish", "m2|r2")].after == (resolve,)
+    assert runs[("quantize_evaluate_publish", "m2|r1")].after == ()
+    report = runs[("report", "m2")]
+    assert {r.label for r in report.after} == {"m2|r1", "m2|r2"} and not report.needs_success
+    assert set(runs[("report_all_models", "")].after) == {runs[("report", "m1")], report}
+    assert len(runs) == 2 + 4 + 2 + 1
+
+
+def test_conversions_are_planned_first():
+    plan = RebuildPlan(convert=["m1", "m2"], resolve=["r1"])
+    jobs = [r.job for r in plan_runs(plan, MODELS, RECIPES, None)]
+    assert jobs[:3] == ["convert_checkpoint", "convert_checkpoint", "resolve_recipe"]
+
+
+def test_nothing_to_do_launches_nothing_unless_a_report_is_due():
+    assert plan_runs(RebuildPlan(), MODELS, RECIPES, DueReports(models=[], all_models=False)) == []
+    due = by_label(plan_runs(RebuildPlan(), MODELS, RECIPES, DueReports(models=["m2"], all_models=False)))
+    assert set(due) == {("report", "m2"), ("report_all_models", "")}
+
+
+def test_convert_only_plans_no_reports():
+    runs = plan_runs(RebuildPlan(convert=["m1"]), MODELS, RECIPES, None)
+    assert {r.job for r in runs} == {"convert_checkpoint", "quantize_evaluate_publish"}
