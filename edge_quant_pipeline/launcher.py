@@ -1,21 +1,22 @@
-"""Run what the rebuild plan asks for, as Dagster runs, on a pool of worker processes.
+"""Run what the rebuild plan asks for, as Dagster runs, several at a time.
 
 ``edge-quant run`` is a launcher, not an executor: every stage is the same job,
 partition and asset selection the UI would launch, executed in process
 (``execute_in_process``) on the instance in ``DAGSTER_HOME``. What it adds is
-parallelism across partitions without a daemon:
+parallelism across partitions without a daemon, on ``jobs`` lanes:
 
-- a conversion and the recipe resolutions run at the same time;
-- the (model, recipe) runs of a model start as soon as its conversion and their
-  recipe are done, ``jobs`` at a time;
-- each worker process imports Dagster and the code location once and serves many
-  runs, so the 6 s / 1.1 GB import of torch + litert-torch is paid only by the
-  worker that converts (quantization, evaluation and publishing do not import it).
+- conversions run in the launching process, one after another: it is the only
+  process that imports torch + litert-torch (5-7 s, 1.1 GB), and an export is the
+  step whose memory grows with the model;
+- ``jobs - 1`` worker processes import Dagster and the code location once and take
+  everything else: the recipe resolutions during the export, then the (model,
+  recipe) runs, which need no torch, as soon as their conversion and recipe are done.
 """
 
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,12 +104,12 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
     return runs + model_reports
 
 
-# --- worker processes ------------------------------------------------------------------------------
+# --- a lane: this process or a worker process ------------------------------------------------------
 
-_worker: dict[str, Any] = {}
+_lane: dict[str, Any] = {}
 
 
-def _start_worker(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool) -> None:
+def _start_lane(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool) -> None:
     quiet_third_party_noise()
     from edge_quant_pipeline.definitions import build_definitions
 
@@ -116,7 +117,7 @@ def _start_worker(instance_ref, pipeline_fields: dict[str, Any], conversion_only
     pipeline = PipelineConfig(
         **{**pipeline_fields, "artifact_store": ArtifactStore(**pipeline_fields["artifact_store"])}
     )
-    _worker.update(
+    _lane.update(
         defs=build_definitions(pipeline),
         instance=dg.DagsterInstance.from_ref(instance_ref),
         conversion_only=conversion_only,
@@ -124,17 +125,17 @@ def _start_worker(instance_ref, pipeline_fields: dict[str, Any], conversion_only
 
 
 def execute(run: PlannedRun) -> RunOutcome:
-    """One Dagster run, in this worker process, as the UI would launch it."""
+    """One Dagster run, in this process, as the UI would launch it."""
     from edge_quant_pipeline.report import to_markdown
 
     started = time.perf_counter()
-    job = _worker["defs"].resolve_job_def(run.job)
+    job = _lane["defs"].resolve_job_def(run.job)
     selection = None
-    if _worker["conversion_only"]:
+    if _lane["conversion_only"]:
         selection = [key for key in job.asset_layer.executable_asset_keys if key.path[-1] in CONVERSION_ASSETS]
     result = job.execute_in_process(
         partition_key=run.partition_key,
-        instance=_worker["instance"],
+        instance=_lane["instance"],
         raise_on_error=False,
         run_config=RUN_CONFIG,
         asset_selection=selection,
@@ -184,13 +185,13 @@ class _Lanes:
             ProcessPoolExecutor(
                 jobs - 1,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
+                initializer=_start_lane,
                 initargs=worker_args,
             )
             if jobs > 1
             else None
         )
-        _start_worker(*worker_args)
+        _start_lane(*worker_args)
         self.local = ThreadPoolExecutor(1)
         self.free_workers, self.local_free = jobs - 1, True
         self.on_local: Future | None = None
@@ -204,14 +205,19 @@ class _Lanes:
             self.local_free = False
             started[self.on_local] = run
         for run in [r for r in ready if r.job != CONVERT_JOB and r not in started.values()][: self.free_workers]:
-            started[self.pool.submit(execute, run)] = run
+            try:
+                started[self.pool.submit(execute, run)] = run
+            except BrokenProcessPool:  # a worker died (killed, out of memory): go on in this process alone
+                self.pool.shutdown(wait=False)
+                self.pool, self.free_workers = None, 0
+                break
             self.free_workers -= 1
         return started
 
     def release(self, future: Future) -> None:
         if future is self.on_local:
             self.local_free = True
-        else:
+        elif self.pool:
             self.free_workers += 1
 
     def close(self) -> None:
