@@ -11,7 +11,7 @@ import pytest
 from edge_quant_pipeline.definitions import defs
 from edge_quant_pipeline.defs.automation import nightly_schedules
 from edge_quant_pipeline.defs.partitions import recipe_catalog
-from edge_quant_pipeline.defs.rebuild import rebuild_plan
+from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.launcher import materialize
 
@@ -87,6 +87,22 @@ def test_nothing_changed_converts_and_quantizes_nothing(world):
     summary = materialize(instance, pipeline, MODELS, RECIPES, jobs=2)
     assert summary.outcomes == [] and summary.failures == 0  # not even the reports: nothing they show changed
     assert (conversions(instance), quantizations(instance)) == before
+
+
+def test_a_run_launched_elsewhere_makes_only_its_models_report_due(world):
+    """The daemon (or the UI) re-ran one pair: the next `edge-quant run` rebuilds that model's report
+    and the all-models one, and launches nothing else."""
+    instance, pipeline, _ = world
+    assert reports_due(instance, MODELS) == DueReports(models=[], all_models=False)
+    result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
+        partition_key=dg.MultiPartitionKey({"model": "alpha", "recipe": "float"}),
+        instance=instance,
+        resources={"pipeline": pipeline},
+    )
+    assert result.success
+    assert reports_due(instance, MODELS).models == ["alpha"]
+    summary = materialize(instance, pipeline, MODELS, RECIPES, jobs=1)
+    assert [(o.run.job, o.run.model) for o in summary.outcomes] == [("report", "alpha"), ("report_all_models", None)]
 
 
 def nightly_requests(instance, pipeline, rebuild_all: bool) -> dict[str, list[str]]:
