@@ -13,6 +13,7 @@ from edge_quant_pipeline.defs.automation import (
 )
 from edge_quant_pipeline.defs.checkpoint import checkpoint
 from edge_quant_pipeline.defs.evaluation import evaluation
+from edge_quant_pipeline.defs.executor import executor_from_env
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
 from edge_quant_pipeline.defs.partitions import model_partitions, model_recipe_partitions, recipe_partitions
 from edge_quant_pipeline.defs.publishing import published_artifact
@@ -70,9 +71,10 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
         sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
         schedules=nightly_schedules_from_env(),
         resources={"pipeline": pipeline},
-        # Steps of one run share a process: for small models the ~2 GB, ~7 s import of
-        # torch + TensorFlow + litert-torch costs more than the work itself.
-        executor=dg.in_process_executor,
+        # EDGE_QUANT_EXECUTOR: by default steps of one run share a process, because for small
+        # models the ~1.1 GB, ~7 s import of torch + TensorFlow + litert-torch costs more than
+        # the work itself; `multiprocess` and `k8s` spread the steps (defs/executor.py).
+        executor=executor_from_env(),
     )
 
 

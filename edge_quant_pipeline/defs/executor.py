@@ -1,0 +1,93 @@
+"""The executor the code location's jobs run with, chosen by ``EDGE_QUANT_EXECUTOR``.
+
+- ``in_process`` (default): every step of a run in the run's own process. For small
+  models the import of torch + TensorFlow + litert-torch (~7 s, 1.1 GB) costs more
+  than the work; a conversion run of the demo model peaks at 1.34 GB this way.
+- ``multiprocess``: Dagster's ``multiprocess_executor``, one process per step, as many
+  at once as fit in this machine's memory (``EDGE_QUANT_STEP_MEMORY_MB`` each) and at
+  most one per core.
+- ``k8s``: dagster-k8s's ``k8s_job_executor``, one Kubernetes Job per step, each
+  requesting ``EDGE_QUANT_STEP_MEMORY_MB`` (steps that hold no model: 512 MB). Image,
+  namespace, volumes and secrets come from the instance's ``K8sRunLauncher``.
+
+``edge-quant run`` and tests call ``execute_in_process``, which always runs in process.
+"""
+
+import os
+from collections.abc import Callable
+
+import dagster as dg
+
+EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
+STEP_MEMORY_VARIABLE = "EDGE_QUANT_STEP_MEMORY_MB"
+# Peak RSS of one step process, demo model, multiprocess executor: float_tflite (the
+# export) 1,335 MB, float_reference 1,221 MB, checkpoint 1,184 MB, nearly all of it
+# torch + TensorFlow + litert-torch being imported; quantized_tflite and evaluation
+# 0.2-0.3 GB, but they hold the model too. 1.5 GB leaves 15% headroom over the
+# largest; larger checkpoints need more (the export holds the model a few times over).
+DEFAULT_STEP_MEMORY_MB = 1536
+# Steps that never hold a model: 196-250 MB measured (quant_recipe, published_artifact
+# streams the file, the two reports). On Kubernetes they request this much instead.
+LIGHT_STEPS = ("quant_recipe", "published_artifact", "quantization_report", "all_models_report")
+LIGHT_STEP_MEMORY_MB = 512
+
+
+def step_memory_mb() -> int:
+    value = os.environ.get(STEP_MEMORY_VARIABLE) or str(DEFAULT_STEP_MEMORY_MB)
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError(f"{STEP_MEMORY_VARIABLE}={value!r}: expected a positive whole number of megabytes.")
+    return int(value)
+
+
+def machine_memory_mb() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
+def max_concurrent_steps(step_mb: int, memory_mb: int, cores: int) -> int:
+    """Step processes one run may hold at once: as many as fit in memory, at most one per core (steps are CPU-bound)."""
+    return max(1, min(cores, memory_mb // step_mb))
+
+
+def multiprocess() -> dg.ExecutorDefinition:
+    limit = max_concurrent_steps(step_memory_mb(), machine_memory_mb(), os.cpu_count() or 1)
+    return dg.multiprocess_executor.configured({"max_concurrent": limit}, name="multiprocess")
+
+
+def k8s_resources(memory_mb: int) -> dict:
+    # Request the step's peak and limit memory to it, so pods are placed by what they
+    # really use and one runaway step cannot starve its node. One core: a conversion
+    # run of the demo model, export included, averaged under one (38 CPU-s in 48 s).
+    return {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "1", "memory": f"{memory_mb}Mi"},
+                "limits": {"memory": f"{memory_mb}Mi"},
+            }
+        }
+    }
+
+
+def k8s() -> dg.ExecutorDefinition:
+    from dagster_k8s import k8s_job_executor  # the `k8s` extra; only this choice needs it
+
+    return k8s_job_executor.configured(
+        {
+            "step_k8s_config": k8s_resources(step_memory_mb()),
+            "per_step_k8s_config": {step: k8s_resources(LIGHT_STEP_MEMORY_MB) for step in LIGHT_STEPS},
+        },
+        name="k8s",
+    )
+
+
+EXECUTORS: dict[str, Callable[[], dg.ExecutorDefinition]] = {
+    "in_process": lambda: dg.in_process_executor,
+    "multiprocess": multiprocess,
+    "k8s": k8s,
+}
+
+
+def executor_from_env() -> dg.ExecutorDefinition:
+    choice = os.environ.get(EXECUTOR_VARIABLE) or "in_process"
+    if choice not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_VARIABLE}={choice!r} is not an executor; use one of: {', '.join(EXECUTORS)}.")
+    return EXECUTORS[choice]()
