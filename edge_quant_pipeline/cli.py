@@ -46,14 +46,18 @@ def run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.checkpoints import find_checkpoints
+    from edge_quant_pipeline.checkpoints import scan_checkpoints
     from edge_quant_pipeline.definitions import pipeline_config_from_env
     from edge_quant_pipeline.defs.partitions import recipe_catalog
     from edge_quant_pipeline.launcher import REPORT_JOB, materialize
 
-    models = args.model or list(find_checkpoints(settings.checkpoint_dir()))
+    scan = scan_checkpoints(settings.checkpoint_dir())
+    models = args.model or list(scan.found)
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
-    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})\n")
+    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})")
+    for refused in scan.refused:
+        print(f"  skipped: {refused.reason}")
+    print()
     pipeline = pipeline_config_from_env()
     summary = materialize(
         dg.DagsterInstance.get(),

@@ -9,8 +9,12 @@ and each recipe costs only the quantizer pass; the bytes are the same (see
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,24 +36,57 @@ class QuantizationError(RuntimeError):
     """ai-edge-quantizer rejected a recipe for this model."""
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A hidden sibling of ``path`` to write to; renamed over ``path`` when the block succeeds, removed when it
+    fails. Readers, and other runs writing the same file at the same time, see the old file or a new one,
+    never half of one. The sibling keeps ``path``'s suffix, for writers that add one (``np.savez``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(name)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
 def write_atomically(path: Path, content: bytes) -> None:
     """Readers never see a half-written file: write a sibling, then rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(content)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    with atomic_path(path) as tmp, tmp.open("wb") as stream:
+        stream.write(content)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+@contextmanager
+def _export_scratch(output: Path) -> Iterator[Path]:
+    """A hidden folder beside ``output`` for litert-torch, which picks its own file names, locked while in use.
+    Scratch folders whose lock is free were left by killed exports (an export's partial files can be as large
+    as the model), so they are removed first; a concurrent export's folder is locked and stays."""
+    pattern = f".{output.name}.tmp-*"
+    for stale in output.parent.glob(pattern):
+        try:
+            with (stale / ".lock").open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(stale)
+        except OSError:  # BlockingIOError: in use; FileNotFoundError: another run removed it first
+            continue
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=pattern[:-1]) as scratch:
+        with (Path(scratch) / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield Path(scratch)
 
 
 def export_float_tflite(model: Any, model_config: Any, settings: ExportSettings, output: Path) -> Path:
     """Export prefill and decode signatures (external KV cache, logits on prefill)."""
     from litert_torch.generative.utilities import converter
 
-    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+    with _export_scratch(output) as scratch:
         exported = converter.convert_to_tflite(
             model,
-            output_path=scratch,
+            output_path=str(scratch),
             output_name_prefix="model",
             prefill_seq_len=settings.prefill_len,
             kv_cache_max_len=settings.kv_cache_len,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_quant_pipeline.convert import ExportSettings
+from edge_quant_pipeline.convert import ExportSettings, atomic_path
 from edge_quant_pipeline.weights import TfliteModel
 
 
@@ -121,13 +121,9 @@ def build_float_reference(
     windows = eval_windows(tokens, settings.kv_cache_len, max_tokens)
     logits = float_reference_logits(model, model_config, windows, settings)
     prompt_tokens = generation_prompts(windows, settings, prompts)
-    np.savez(
-        output,
-        windows=windows,
-        logits=logits,
-        prompts=prompt_tokens,
-        continuations=float_greedy(model, model_config, prompt_tokens, settings),
-    )
+    continuations = float_greedy(model, model_config, prompt_tokens, settings)
+    with atomic_path(output) as partial:
+        np.savez(partial, windows=windows, logits=logits, prompts=prompt_tokens, continuations=continuations)
     return FloatReference(output, perplexity(logits, windows), int(windows.size))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import dagster as dg
 
+from edge_quant_pipeline.defs.checkpoint import fail_runs_of_dead_processes, process_tags
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.staleness import RebuildPlan
@@ -139,6 +140,7 @@ def execute(run: PlannedRun) -> RunOutcome:
         raise_on_error=False,
         run_config=RUN_CONFIG,
         asset_selection=selection,
+        tags=process_tags(),  # so that a later run can tell this one died if this process is killed
     )
     failures = [f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed]
     failures += [
@@ -290,6 +292,8 @@ def materialize(
     The same plan the nightly schedules follow; here the runs are launched right
     away instead of leaving the cascade to the automation daemon.
     """
+    for run_id in fail_runs_of_dead_processes(instance):
+        print(f"Run {run_id} was left STARTED by a process that is gone (killed?); marked it failed.")
     instance.add_dynamic_partitions("model", [m for m in models if not instance.has_dynamic_partition("model", m)])
     plan = rebuild_plan(instance, pipeline, models, recipes, rebuild_all=rebuild_all)
     reports = None if conversion_only else reports_due(instance, models, rebuild_all)

@@ -18,15 +18,28 @@ A version exists iff its manifest.json exists, and the manifest is written last,
 in one step: on a local filesystem the whole version folder is assembled under a
 hidden name and renamed into place; on an object store the manifest is one PUT
 after the model file. A publish killed half way therefore never shows a version.
+
+Concurrent publishers: on a local (or NFS) folder, one publisher at a time holds an
+exclusive ``flock`` on ``<store>/<model>/<recipe>/.publish.lock`` while it picks the
+version number, writes the version and points ``latest.json``, so numbers never
+repeat; the kernel drops the lock when its holder dies, and the next holder removes
+the staging folders dead publishers left. An object store has no such lock: a version
+is still whole or absent and identical inputs still land on one version, but two
+publishes of *different* versions of one (model, recipe) at the same moment can get
+the same number. The Dagster instance runs one run per partition at a time
+(``dagster.yaml``), which keeps the daemon's runs from doing that.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +55,8 @@ MODEL_FILE = "model.tflite"
 FAILURE_RECORD = "failed.json"
 LATEST = "latest.json"
 CHAMPION = "champion.json"
+LOCK = ".publish.lock"
+STAGING = ".v-*.tmp-*"  # a version folder being assembled (see _write_version_locally)
 # The metrics a new version is compared on with the one published before it.
 DIFF_METRICS = ("file_bytes", "perplexity_ratio", "mean_kl", "top1_agreement", "decode_tokens_per_s")
 COPY_CHUNK = 1 << 20
@@ -152,18 +167,30 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
 
 
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         manifest = _write_version(UPath(staging), tflite, manifest)
-        os.rename(staging, target)  # atomic; fails if a concurrent publisher won, which is fine
-        return manifest
-    except OSError:
+        os.rename(staging, target)  # atomic: the version appears whole
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        winner = read_json(UPath(target) / MANIFEST)
-        if winner is None:
-            raise
-        return winner
+        raise
+    return manifest
+
+
+@contextmanager
+def _one_publisher_at_a_time(recipe_dir: UPath) -> Iterator[None]:
+    """On a local store, hold the (model, recipe) folder's lock; staging folders found under it are
+    left by publishers that died (a live one would hold the lock), so they go. No-op on object stores."""
+    if not is_local(recipe_dir):
+        yield
+        return
+    folder = Path(recipe_dir.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK).open("a") as lock:  # closing it, or the process dying, releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for abandoned in folder.glob(STAGING):
+            shutil.rmtree(abandoned, ignore_errors=True)
+        yield
 
 
 def _point_latest(recipe_dir: UPath, manifest: dict[str, Any]) -> None:
@@ -172,20 +199,13 @@ def _point_latest(recipe_dir: UPath, manifest: dict[str, Any]) -> None:
         write_json(recipe_dir / LATEST, pointer)
 
 
-def publish(
-    store: UPath, inputs: ArtifactInputs, tflite: Path, metrics: dict[str, Any], details: dict[str, Any]
-) -> PublishedArtifact:
-    """Publish ``tflite`` with a manifest of ``inputs``, ``metrics`` and ``details``; idempotent."""
-    recipe_dir = _recipe_dir(store, inputs)
-    target = recipe_dir / inputs.version
-    existing = read_json(target / MANIFEST)
-    if existing is not None:
-        _point_latest(recipe_dir, existing)  # also repairs a publish killed between manifest and pointer
-        return PublishedArtifact(target, inputs.version, existing, newly_published=False)
-
+def _new_manifest(
+    store: UPath, inputs: ArtifactInputs, target: UPath, metrics: dict[str, Any], details: dict[str, Any]
+) -> dict[str, Any]:
+    """Numbered and diffed against the highest-numbered version so far: call it under the publish lock."""
     versions = published_versions(store, inputs.model_id, inputs.recipe)
     previous = versions[-1] if versions else None
-    manifest = {
+    return {
         "model": inputs.model_id,
         "recipe": inputs.recipe,
         "version": inputs.version,
@@ -201,12 +221,26 @@ def publish(
         "metrics": metrics,
         **details,
     }
-    if is_local(target):
-        manifest = _write_version_locally(Path(target.path), tflite, manifest)
-    else:
-        manifest = _write_version(target, tflite, manifest)
-    _point_latest(recipe_dir, manifest)
-    (recipe_dir / FAILURE_RECORD).unlink(missing_ok=True)
+
+
+def publish(
+    store: UPath, inputs: ArtifactInputs, tflite: Path, metrics: dict[str, Any], details: dict[str, Any]
+) -> PublishedArtifact:
+    """Publish ``tflite`` with a manifest of ``inputs``, ``metrics`` and ``details``; idempotent."""
+    recipe_dir = _recipe_dir(store, inputs)
+    target = recipe_dir / inputs.version
+    with _one_publisher_at_a_time(recipe_dir):
+        existing = read_json(target / MANIFEST)
+        if existing is not None:
+            _point_latest(recipe_dir, existing)  # also repairs a publish killed between manifest and pointer
+            return PublishedArtifact(target, inputs.version, existing, newly_published=False)
+        manifest = _new_manifest(store, inputs, target, metrics, details)
+        if is_local(target):
+            manifest = _write_version_locally(Path(target.path), tflite, manifest)
+        else:
+            manifest = _write_version(target, tflite, manifest)
+        _point_latest(recipe_dir, manifest)
+        (recipe_dir / FAILURE_RECORD).unlink(missing_ok=True)
     return PublishedArtifact(target, inputs.version, manifest, newly_published=True)
 
 

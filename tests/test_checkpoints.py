@@ -14,6 +14,7 @@ from edge_quant_pipeline.checkpoints import (
     load_float_model,
     model_id_for,
     read_checkpoint,
+    scan_checkpoints,
 )
 
 
@@ -91,3 +92,123 @@ def test_rebuilt_model_matches_transformers(demo_checkpoint_dir):
         logits = ours(tokens.int(), torch.arange(tokens.shape[1], dtype=torch.int), cache)["logits"]
         expected = theirs(tokens).logits
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name, model_id", [("v1...final", "v1-final"), ("a∕b", "a-b"), ("run 3 (best)", "run-3-best")])
+def test_names_dagster_would_refuse_become_safe_ids(tmp_path, name, model_id):
+    assert model_id_for(tmp_path / name) == model_id
+
+
+def test_a_name_without_ascii_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match=r"模型: no model id can be made from this folder name .* Rename"):
+        model_id_for(tmp_path / "模型")
+
+
+def test_scan_refuses_colliding_and_nameless_folders_and_keeps_the_rest(checkpoint_copy):
+    root = checkpoint_copy.parent
+    for name in ["a b", "a-b", "模型"]:
+        shutil.copytree(checkpoint_copy, root / name)
+    (root / "notes.txt").write_text("not a checkpoint")
+    scan = scan_checkpoints(root)
+    assert scan.found == {"copy": checkpoint_copy}
+    assert sorted(r.path.name for r in scan.refused) == ["a b", "a-b", "模型"]
+    assert "folders 'a b' and 'a-b' both make the model id 'a-b'" in scan.refusal_for("a-b")
+
+
+def test_links_inside_the_watched_folder_are_followed_and_links_out_are_refused(checkpoint_copy, tmp_path):
+    weights = checkpoint_copy / "model.safetensors"
+    inside = checkpoint_copy.parent / "shared.safetensors"
+    weights.rename(inside)
+    weights.symlink_to(inside)
+    assert read_checkpoint(checkpoint_copy).model_id == "copy"
+
+    outside = tmp_path / "elsewhere.safetensors"
+    inside.rename(outside)
+    weights.unlink()
+    weights.symlink_to(outside)
+    with pytest.raises(
+        CheckpointError, match=rf"{weights}: a symbolic link to {outside}, outside the watched folder .*cp -rL"
+    ):
+        read_checkpoint(checkpoint_copy)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"config\.json: empty file \(0 bytes\)"),
+        ("[1, 2]", r"config\.json: holds a JSON list, not the object"),
+        ('{"model_type": "llama", "num_attention_heads": 0}', r"num_attention_heads=0: sizes must be positive"),
+    ],
+)
+def test_config_json_that_is_not_a_config(checkpoint_copy, content, message):
+    (checkpoint_copy / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(checkpoint_copy)
+
+
+def test_a_shard_missing_from_its_index_is_named(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors").rename(checkpoint_copy / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (checkpoint_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"index\.json: names model-00002-of-00002\.safetensors, missing"):
+        read_checkpoint(checkpoint_copy)
+
+
+def test_a_truncated_torch_file_fails_before_torch_reads_it(checkpoint_copy):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = checkpoint_copy / "model.safetensors"
+    torch.save(load_file(weights), checkpoint_copy / "pytorch_model.bin")
+    weights.unlink()
+    cut = checkpoint_copy / "pytorch_model.bin"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable PyTorch \(torch\.save\) file"):
+        read_checkpoint(checkpoint_copy)
+
+
+def edit_tensors(checkpoint_dir, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(checkpoint_dir / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, checkpoint_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+UP_PROJ = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop(UP_PROJ), rf"no tensor '{UP_PROJ}', which it needs"),
+        (
+            lambda t: t.update({"model.layers.4.self_attn.o_proj.weight": t["model.norm.weight"].clone()}),
+            r"1 tensor\(s\) it does not use: model\.layers\.4\.self_attn\.o_proj\.weight\. .*num_hidden_layers",
+        ),
+        (
+            lambda t: t.update({UP_PROJ: t[UP_PROJ][:10].clone()}),
+            rf"'{UP_PROJ}' \(in model\.safetensors\) has shape \[10, 128\] where config\.json implies \[384, 128\]",
+        ),
+    ],
+    ids=["missing", "extra", "misshapen"],
+)
+def test_tensors_that_do_not_fit_the_config_are_named_with_their_file(checkpoint_copy, edit, message):
+    edit_tensors(checkpoint_copy, edit)
+    weights = checkpoint_copy / "model.safetensors"
+    with pytest.raises(CheckpointError, match=rf"^{weights}: weights do not match config\.json .*{message}"):
+        load_float_model(read_checkpoint(checkpoint_copy), kv_cache_len=128)
+
+
+def test_tensors_no_model_needs_are_accepted(checkpoint_copy):
+    """RoPE frequencies (older transformers saved them) and a tied LM head's copy of the embedding."""
+    edit_tensors(
+        checkpoint_copy,
+        lambda t: t.update(
+            {
+                "lm_head.weight": t["model.embed_tokens.weight"].clone(),
+                "model.layers.0.self_attn.rotary_emb.inv_freq": t["model.norm.weight"][:16].clone(),
+            }
+        ),
+    )
+    load_float_model(read_checkpoint(checkpoint_copy), kv_cache_len=128)

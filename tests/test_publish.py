@@ -1,6 +1,7 @@
 """The artifact store on a local folder and on fsspec's in-memory filesystem (standing in
 for an object store): atomic and idempotent publishing, version numbers, pointers, diffs."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,9 @@ from upath import UPath
 
 from edge_quant_pipeline.defs.resources import ArtifactStore
 from edge_quant_pipeline.publish import (
+    LOCK,
     MODEL_FILE,
+    STAGING,
     ArtifactInputs,
     latest_pointer,
     point_champion,
@@ -147,8 +150,52 @@ def test_a_publish_killed_while_copying_leaves_no_version(tmp_path):
     (staging,) = recipe_dir.glob(".v-*.tmp-*")
     assert (staging / MODEL_FILE).stat().st_size < big.stat().st_size  # killed mid-copy
     assert published_versions(UPath(store), "model", "int8") == []
-    assert [p.name for p in recipe_dir.iterdir()] == [staging.name]  # no version, no pointer
+    assert sorted(p.name for p in recipe_dir.iterdir()) == sorted([staging.name, LOCK])  # no version, no pointer
 
     artifact = publish(UPath(store), inputs(), big, {"file_bytes": big.stat().st_size}, {})
     assert artifact.newly_published and artifact.manifest["number"] == 1
     assert artifact.model_file.stat().st_size == big.stat().st_size
+    assert list(recipe_dir.glob(STAGING)) == []  # the dead publisher's staging folder went with it
+
+
+RACING_PUBLISH = """
+import sys, time
+from pathlib import Path
+from upath import UPath
+from edge_quant_pipeline.publish import ArtifactInputs, publish
+store, tflite, start, checkpoint = UPath(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+Path(f"{start}.ready-{checkpoint}-{sys.argv[5]}").touch()
+while not start.exists():
+    time.sleep(0.001)
+publish(store, ArtifactInputs("model", "int8", checkpoint, "r1", {}), tflite, {"file_bytes": 1}, {})
+"""
+
+
+def test_concurrent_publishes_are_serialized(tmp_path):
+    """Five processes publish into one (model, recipe) at the same moment: four different versions, one of
+    them twice. Unserialized, each would find no version yet and number itself 1."""
+    tflite = tmp_path / "model.tflite"
+    tflite.write_bytes(os.urandom(8 << 20))  # long enough to copy that the publishes overlap
+    store, start = tmp_path / "store", tmp_path / "start"
+    checkpoints = ["c0", "c0", "c1", "c2", "c3"]
+    args = [sys.executable, "-c", RACING_PUBLISH, str(store), str(tflite), str(start)]
+    processes = [subprocess.Popen([*args, c, str(i)], cwd=REPO) for i, c in enumerate(checkpoints)]
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("start.ready-*"))) < len(processes):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.01)
+    start.touch()
+    assert [p.wait(timeout=60) for p in processes] == [0] * len(processes)
+
+    versions = published_versions(UPath(store), "model", "int8")
+    assert [m["number"] for m in versions] == [1, 2, 3, 4]
+    assert sorted(m["checkpoint_sha256"] for m in versions) == ["c0", "c1", "c2", "c3"]
+    assert [m["previous_version"] for m in versions] == [None] + [m["version"] for m in versions[:-1]]
+    expected_sha = hashlib.sha256(tflite.read_bytes()).hexdigest()
+    for manifest in versions:
+        model = store / "model" / "int8" / manifest["version"] / MODEL_FILE
+        assert manifest["model_sha256"] == expected_sha == hashlib.sha256(model.read_bytes()).hexdigest()
+    # latest.json names whichever publish took the lock last (a republish of c0 re-points it), and whole
+    latest = latest_pointer(UPath(store), "model", "int8")
+    assert any(latest == {k: m[k] for k in ("version", "number", "artifact_path", "published_at")} for m in versions)
+    assert list((store / "model" / "int8").glob(STAGING)) == []

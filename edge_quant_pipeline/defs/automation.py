@@ -7,18 +7,22 @@ conditions on the assets (``conditions.py``) carry the change down the graph,
 partition by partition, in dependency order.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import dagster as dg
 
-from edge_quant_pipeline.checkpoints import find_checkpoints, hash_checkpoint
+from edge_quant_pipeline.checkpoints import CheckpointError, hash_checkpoint, scan_checkpoints, validate_checkpoint
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.rebuild import rebuild_plan
 from edge_quant_pipeline.defs.resources import PipelineConfig
 
 CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
+# The version part of the run key of a checkpoint that fails the cheap checks (see ``checkpoint_version``).
+UNREADABLE = "unreadable-"
 
 
 @dataclass
@@ -27,9 +31,39 @@ class SeenCheckpoint:
     content_hash: str | None = None  # computed once the signature held still for a tick
 
 
-def folder_signature(path) -> str:
+def folder_signature(path: Path) -> str:
+    """Raises OSError when a file vanishes between listing and stat."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return json.dumps([(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def checkpoint_version(context: dg.SensorEvaluationContext, path: Path, signature: str) -> str:
+    """The sha256 of the checkpoint's bytes, once the checks that read no tensor data pass.
+
+    A checkpoint that fails them is not hashed (it may be GBs of garbage): its version is a hash of its
+    signature, so its run, which fails at the `checkpoint` step with the reason, is requested once per
+    state of the folder. Raises OSError when a file vanishes while it is read.
+    """
+    try:
+        validate_checkpoint(path)
+    except CheckpointError as error:
+        context.log.warning(f"{error} Its `checkpoint` step will fail with this reason until the folder changes.")
+        return UNREADABLE + hashlib.sha256(signature.encode()).hexdigest()[:16]
+    return hash_checkpoint(path)
+
+
+def settled_request(
+    context: dg.SensorEvaluationContext, model_id: str, path: Path, seen: dict[str, SeenCheckpoint]
+) -> dg.RunRequest | None:
+    """A run for a checkpoint whose files held still for a tick; None (and ``seen`` updated) while they change."""
+    signature = folder_signature(path)
+    previous = seen.get(model_id)
+    if previous is None or previous.signature != signature:
+        seen[model_id] = SeenCheckpoint(signature)  # still being written, or just appeared
+        return None
+    previous.content_hash = previous.content_hash or checkpoint_version(context, path, signature)
+    # The run key makes one checkpoint version trigger once, across restarts.
+    return dg.RunRequest(partition_key=model_id, run_key=f"{model_id}@{previous.content_hash}")
 
 
 @dg.sensor(
@@ -43,23 +77,27 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
     if not root.is_dir():
         return dg.SkipReason(f"{root} does not exist; set EDGE_QUANT_CHECKPOINT_DIR to your checkpoint folder.")
     seen = {m: SeenCheckpoint(**s) for m, s in json.loads(context.cursor or "{}").items()}
-    found = find_checkpoints(root)  # folders without config.json are not checkpoints (yet)
+    scan = scan_checkpoints(root)  # folders without config.json are not checkpoints (yet)
+    for refused in scan.refused:  # every tick, until someone renames the folder
+        context.log.warning(refused.reason)
 
-    for gone in sorted(set(seen) - set(found)):
-        context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
+    for gone in sorted(set(seen) - set(scan.found)):
+        if scan.refusal_for(gone) is None:
+            context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
         del seen[gone]
 
     requests, settling = [], []
-    for model_id, path in found.items():
-        signature = folder_signature(path)
-        previous = seen.get(model_id)
-        if previous is None or previous.signature != signature:
-            seen[model_id] = SeenCheckpoint(signature)  # still being written, or just appeared
+    for model_id, path in scan.found.items():
+        try:
+            request = settled_request(context, model_id, path, seen)
+        except OSError as error:  # a file vanished or changed while it was read: this tick skips the checkpoint
+            context.log.info(f"Could not read {path} this tick ({error}); looking again next tick.")
+            seen.pop(model_id, None)
+            request = None
+        if request is None:
             settling.append(model_id)
-            continue
-        previous.content_hash = previous.content_hash or hash_checkpoint(path)
-        # The run key makes one checkpoint version trigger once, across restarts.
-        requests.append(dg.RunRequest(partition_key=model_id, run_key=f"{model_id}@{previous.content_hash}"))
+        else:
+            requests.append(request)
 
     new_models = [
         r.partition_key

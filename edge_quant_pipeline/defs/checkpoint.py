@@ -1,6 +1,14 @@
-"""`checkpoint`: find and validate the model's checkpoint folder; its data version is its bytes' hash."""
+"""`checkpoint`: find and validate the model's checkpoint folder; its data version is its bytes' hash.
 
+It is the first step of every conversion, so it also ends the runs that died without ending: a run
+whose process was killed (SIGKILL, out of memory) stays STARTED and keeps its `litert_export` pool
+slot, and with it every later export would wait forever.
+"""
+
+import os
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import dagster as dg
 
@@ -9,26 +17,84 @@ from edge_quant_pipeline.checkpoints import (
     Checkpoint,
     CheckpointError,
     architecture_of,
-    find_checkpoints,
     read_checkpoint,
+    scan_checkpoints,
     weight_files,
 )
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 
+# "<host>:<pid>" of the process executing a run; set by this step, or by whoever launches the run.
+PROCESS_TAG = "edge_quant/process"
+# Executors that run every step in the run's own process, so that a step's pid is the run's.
+RUN_PROCESS_EXECUTORS = ("in_process", "execute_in_process_executor")
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process as the one executing a run (pass them to ``execute_in_process``)."""
+    return {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the pid exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Killed but never reaped: in a container without an init process, a killed worker keeps its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it just went
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # the state follows the parenthesized command name
+
+
+def fail_runs_of_dead_processes(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed every STARTED run tagged with a process of this host that no longer exists, and free the
+    pool slots it holds; returns their run ids.
+
+    Only runs carrying ``PROCESS_TAG`` are judged, and only on the host that ran them: a pid means nothing
+    elsewhere. A reused pid makes a dead run look alive, which leaves it as Dagster would (never the reverse).
+    """
+    host = socket.gethostname()
+    failed = []
+    for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        run = record.dagster_run
+        run_host, _, pid = run.tags.get(PROCESS_TAG, "").rpartition(":")
+        if run_host != host or not pid.isdigit() or _is_alive(int(pid)):
+            continue
+        instance.report_run_failed(
+            run,
+            f"The process executing this run (pid {pid} on {host}) is gone: it was killed before the run "
+            "could end. Marked failed, and its pool slots freed, by a later run on this host.",
+        )
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        failed.append(run.run_id)
+    return failed
+
+
+def _checkpoint_folder(root: Path, model_id: str) -> Path:
+    scan = scan_checkpoints(root)
+    if model_id in scan.found:
+        return scan.found[model_id]
+    missing = f"{root}: no checkpoint folder for model {model_id!r} (a folder holding config.json)."
+    raise CheckpointError(scan.refusal_for(model_id) or missing)
+
 
 @dg.asset(partitions_def=model_partitions, group_name="checkpoints")
 def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[Checkpoint]:
     """A Hugging Face style checkpoint folder (config.json + weights), validated and hashed."""
-    model_id = context.partition_key
-    root = pipeline.checkpoint_dir_path
+    for run_id in fail_runs_of_dead_processes(context.instance):
+        context.log.warning(f"Run {run_id} was left STARTED by a process that is gone; marked it failed.")
+    if context.job_def.executor_def.name in RUN_PROCESS_EXECUTORS:
+        context.instance.add_run_tags(context.run_id, process_tags())
     try:
-        path = find_checkpoints(root).get(model_id)
-        if path is None:
-            raise CheckpointError(
-                f"{root}: no checkpoint folder for model {model_id!r} (a folder holding config.json)."
-            )
-        found = read_checkpoint(path)
+        found = read_checkpoint(_checkpoint_folder(pipeline.checkpoint_dir_path, context.partition_key))
         # Fails here, at the checkpoint, for a family litert-torch cannot rebuild.
         found = replace(found, shape=architecture_of(found).shape)
     except (CheckpointError, UnsupportedArchitectureError) as error:

@@ -7,7 +7,7 @@ import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
 from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
-from edge_quant_pipeline.convert import QuantizationError, quantize_tflite
+from edge_quant_pipeline.convert import QuantizationError, atomic_path, quantize_tflite
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
@@ -76,7 +76,8 @@ def quantized_tflite(
     except RecipeError as error:
         raise rejected(pipeline, inputs, "recipe validation", error) from None
     if quant_recipe.is_float:
-        shutil.copyfile(float_tflite.path, output)
+        with atomic_path(output) as partial:
+            shutil.copyfile(float_tflite.path, partial)
     else:
         try:
             quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head), output)
