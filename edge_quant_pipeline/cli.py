@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from edge_quant_pipeline.checkpoints import scan_checkpoints
     from edge_quant_pipeline.definitions import pipeline_config_from_env
     from edge_quant_pipeline.defs.partitions import recipe_catalog
-    from edge_quant_pipeline.launcher import REPORT_JOB, materialize
+    from edge_quant_pipeline.launcher import materialize
+    from edge_quant_pipeline.report import REPORT_FILE, read_parquet, to_markdown
 
     scan = scan_checkpoints(settings.checkpoint_dir())
     models = args.model or list(scan.found)
@@ -68,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         conversion_only=args.convert_only,
     )
-    for outcome in summary.outcomes:
-        if outcome.run.job == REPORT_JOB and outcome.report_markdown:
-            print(f"\n{outcome.run.model}\n\n{outcome.report_markdown}")
+    for model in [] if args.convert_only else models:
+        report = read_parquet(pipeline.store / model / REPORT_FILE)  # as of now, whoever wrote it
+        if report is not None:
+            print(f"\n{model}\n\n{to_markdown(report)}")
     print(f"\nArtifacts:        {pipeline.store}  (<model>/<recipe>/<version>/model.tflite + manifest.json)")
     print(f"Reports:          {pipeline.store}/report.parquet, {pipeline.store}/<model>/report.parquet")
     print(

@@ -59,8 +59,6 @@ class RunOutcome:
     run: PlannedRun
     seconds: float
     failures: list[str]  # failed steps and checks, one line each; empty when the run succeeded
-    step_seconds: dict[str, float]
-    report_markdown: str | None = None
 
 
 @dataclass
@@ -127,8 +125,6 @@ def _start_lane(instance_ref, pipeline_fields: dict[str, Any], conversion_only: 
 
 def execute(run: PlannedRun) -> RunOutcome:
     """One Dagster run, in this process, as the UI would launch it."""
-    from edge_quant_pipeline.report import to_markdown
-
     started = time.perf_counter()
     job = _lane["defs"].resolve_job_def(run.job)
     selection = None
@@ -148,16 +144,7 @@ def execute(run: PlannedRun) -> RunOutcome:
     ]
     if result.success is False and not failures:
         failures.append("the run failed; see it in the Dagster UI")
-    report = result.output_for_node("quantization_report") if run.job == REPORT_JOB and not failures else None
-    return RunOutcome(
-        run=run,
-        seconds=time.perf_counter() - started,
-        failures=failures,
-        step_seconds={
-            e.step_key: e.event_specific_data.duration_ms / 1000 for e in result.all_events if e.is_step_success
-        },
-        report_markdown=to_markdown(report) if report is not None else None,
-    )
+    return RunOutcome(run=run, seconds=time.perf_counter() - started, failures=failures)
 
 
 # --- the launcher -----------------------------------------------------------------------------------
@@ -275,7 +262,7 @@ def _outcome(future: Future, run: PlannedRun) -> RunOutcome:
     try:
         return future.result()
     except Exception as error:  # the worker died (killed, out of memory) or could not load the code location
-        return RunOutcome(run, 0.0, [f"worker process failed: {type(error).__name__}: {error}"], {})
+        return RunOutcome(run, 0.0, [f"worker process failed: {type(error).__name__}: {error}"])
 
 
 def materialize(
