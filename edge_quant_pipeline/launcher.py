@@ -108,9 +108,12 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
 _lane: dict[str, Any] = {}
 
 
-def _start_lane(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool) -> None:
+def _start_lane(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool, worker: bool) -> None:
     quiet_third_party_noise()
     from edge_quant_pipeline.definitions import build_definitions
+
+    if worker:  # its (model, recipe) runs need the quantizer: import it now, while the export keeps them waiting
+        import ai_edge_quantizer.quantizer  # noqa: F401
 
     # Resources do not pickle (their config schema does not): rebuilt here from their fields.
     pipeline = PipelineConfig(
@@ -167,7 +170,7 @@ class _Lanes:
     """
 
     def __init__(self, instance: dg.DagsterInstance, pipeline: PipelineConfig, jobs: int, conversion_only: bool):
-        worker_args = (instance.get_ref(), pipeline.model_dump(), conversion_only)
+        lane_args = (instance.get_ref(), pipeline.model_dump(), conversion_only)
         # Workers start importing now, while this process works on its first run.
         # spawn, not fork: a fork would copy this process's threads (TensorFlow, torch) mid-flight.
         self.pool = (
@@ -175,12 +178,12 @@ class _Lanes:
                 jobs - 1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_lane,
-                initargs=worker_args,
+                initargs=(*lane_args, True),
             )
             if jobs > 1
             else None
         )
-        _start_lane(*worker_args)
+        _start_lane(*lane_args, worker=False)
         self.local = ThreadPoolExecutor(1)
         self.free_workers, self.local_free = jobs - 1, True
         self.on_local: Future | None = None
