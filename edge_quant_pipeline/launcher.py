@@ -199,7 +199,7 @@ class _Lanes:
         for run in [r for r in ready if r.job != CONVERT_JOB and r not in started.values()][: self.free_workers]:
             try:
                 started[self.pool.submit(execute, run)] = run
-            except BrokenProcessPool:  # a worker died (killed, out of memory): go on in this process alone
+            except BrokenProcessPool:  # a worker died (killed, out of memory): the pool is gone, go on here alone
                 self.pool.shutdown(wait=False)
                 self.pool, self.free_workers = None, 0
                 break
