@@ -105,7 +105,10 @@ def quantize_tflite(float_tflite: Path, quantizer_recipe: list[dict[str, Any]], 
     from ai_edge_quantizer import quantizer
 
     try:
-        result = quantizer.Quantizer(float_tflite.read_bytes(), quantizer_recipe).quantize()
+        result = quantizer.Quantizer(float_tflite.read_bytes(), quantizer_recipe).quantize(
+            enable_progress_bar=False,
+            enable_progress_report=False,  # its own prints; the run logs the sizes
+        )
     except Exception as error:  # the quantizer raises bare ValueError/RuntimeError for unsupported shapes
         raise QuantizationError(f"ai-edge-quantizer rejected the recipe for {float_tflite}: {error}") from error
     write_atomically(output, bytes(result.quantized_model))
