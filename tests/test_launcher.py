@@ -1,7 +1,12 @@
 """Which Dagster runs `edge-quant run` launches for a rebuild plan, and what each waits for."""
 
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+from edge_quant_pipeline.definitions import pipeline_config_from_env
 from edge_quant_pipeline.defs.rebuild import DueReports
-from edge_quant_pipeline.launcher import PlannedRun, plan_runs
+from edge_quant_pipeline.launcher import PlannedRun, _start_lane, execute, plan_runs
 from edge_quant_pipeline.staleness import RebuildPlan
 
 MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
@@ -40,3 +45,23 @@ def test_nothing_to_do_launches_nothing_unless_a_report_is_due():
 def test_convert_only_plans_no_reports():
     runs = plan_runs(RebuildPlan(convert=["m1"]), MODELS, RECIPES, None)
     assert {r.job for r in runs} == {"convert_checkpoint", "quantize_evaluate_publish"}
+
+
+def _run_in_a_fresh_worker(instance_ref, pipeline_fields: dict, run: PlannedRun) -> tuple[list[str], set[str]]:
+    # Runs in a spawned process, which imports this module (not conftest: that would pick new folders).
+    _start_lane(instance_ref, pipeline_fields, conversion_only=False, worker=True)
+    outcome = execute(run)
+    return outcome.failures, set(sys.modules)
+
+
+def test_a_model_recipe_run_needs_no_torch(pipeline_run, demo_checkpoint_dir):
+    """Quantize, evaluate and publish in a worker process that never imports torch, TensorFlow or
+    litert-torch: what keeps workers near 300 MB and their runs free of a 5 s import."""
+    instance, _ = pipeline_run
+    run = PlannedRun("quantize_evaluate_publish", model=demo_checkpoint_dir.name, recipe="dynamic_int8")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        arguments = (instance.get_ref(), pipeline_config_from_env().model_dump(), run)
+        failures, modules = pool.submit(_run_in_a_fresh_worker, *arguments).result()
+    assert failures == []
+    assert {"ai_edge_quantizer", "ai_edge_litert"} <= modules
+    assert not {"torch", "tensorflow", "litert_torch"} & modules
