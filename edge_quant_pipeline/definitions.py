@@ -6,6 +6,9 @@ import dagster as dg
 
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.defs.automation import (
+    CONVERT_JOB,
+    QUANTIZE_JOB,
+    RESOLVE_JOB,
     automation_sensor,
     checkpoint_sensor,
     nightly_schedules_from_env,
@@ -25,11 +28,11 @@ from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 # One job per partitioning: a Dagster run materializes one partition key, so the
 # graph for a model runs as convert -> recipes -> one run per recipe -> report.
 convert_checkpoint_job = dg.define_asset_job(
-    "convert_checkpoint", selection=[checkpoint, float_tflite, float_reference], partitions_def=model_partitions
+    CONVERT_JOB, selection=[checkpoint, float_tflite, float_reference], partitions_def=model_partitions
 )
-resolve_recipe_job = dg.define_asset_job("resolve_recipe", selection=[quant_recipe], partitions_def=recipe_partitions)
+resolve_recipe_job = dg.define_asset_job(RESOLVE_JOB, selection=[quant_recipe], partitions_def=recipe_partitions)
 quantize_job = dg.define_asset_job(
-    "quantize_evaluate_publish",
+    QUANTIZE_JOB,
     selection=[quantized_tflite, evaluation, published_artifact],
     partitions_def=model_recipe_partitions,
 )

@@ -22,13 +22,13 @@ from typing import Any
 
 import dagster as dg
 
+from edge_quant_pipeline.defs.automation import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
 from edge_quant_pipeline.defs.checkpoint import fail_runs_of_dead_processes, process_tags
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.staleness import RebuildPlan
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
-RESOLVE_JOB, CONVERT_JOB, QUANTIZE_JOB = "resolve_recipe", "convert_checkpoint", "quantize_evaluate_publish"
 REPORT_JOB, ALL_MODELS_REPORT_JOB = "report", "report_all_models"
 # `--convert-only`: the assets from checkpoint to quantized .tflite, nothing after them.
 CONVERSION_ASSETS = ("checkpoint", "float_tflite", "quant_recipe", "quantized_tflite")

@@ -21,12 +21,19 @@ DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 
 
+def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str | None = None):
+    """The record of the latest materialization of ``asset`` (of one partition, if given), or None."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    return records[0] if records else None
+
+
 def latest_tags(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, str]:
     """Tags of the latest materialization of one partition ({} if never materialized)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
-    ).records
-    return dict(records[0].asset_materialization.tags or {}) if records else {}
+    record = latest_materialization(instance, asset, partition)
+    return dict(record.asset_materialization.tags or {}) if record else {}
 
 
 def _model_state(instance: dg.DagsterInstance, model_id: str, checkpoint: Checkpoint | None) -> ModelState:
@@ -84,21 +91,13 @@ class DueReports:
     all_models: bool
 
 
-def _latest_materialization_time(instance: dg.DagsterInstance, asset: str, partition: str | None) -> float | None:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1,
-    ).records
-    return records[0].timestamp if records else None
-
-
 def _report_is_current(instance: dg.DagsterInstance, model_id: str) -> bool:
     """Materialized, and no run of this model's (model, recipe) partitions updated since (the
     report lists failures too, so any finished run counts, whichever job or sensor launched it)."""
-    reported = _latest_materialization_time(instance, "quantization_report", model_id)
+    reported = latest_materialization(instance, "quantization_report", model_id)
     if reported is None:
         return False
-    since = datetime.fromtimestamp(reported, timezone.utc)
+    since = datetime.fromtimestamp(reported.timestamp, timezone.utc)
     runs = instance.get_run_records(
         dg.RunsFilter(tags={"dagster/partition/model": model_id}, updated_after=since), limit=1
     )
@@ -110,5 +109,5 @@ def reports_due(instance: dg.DagsterInstance, models: list[str], rebuild_all: bo
     stale = [m for m in models if rebuild_all or not _report_is_current(instance, m)]
     return DueReports(
         models=stale,
-        all_models=rebuild_all or _latest_materialization_time(instance, "all_models_report", None) is None,
+        all_models=rebuild_all or latest_materialization(instance, "all_models_report") is None,
     )
