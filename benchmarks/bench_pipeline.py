@@ -23,12 +23,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+from measure import run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["float", "dynamic_int8", "weight_only_int8", "fp16", "dynamic_int4_block32", "dynamic_int4_block128"]
@@ -116,42 +115,8 @@ VARIANTS = {
 }
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants, from /proc."""
-    parents, rss = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-        rss[int(entry)] = next(
-            (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0
-        )
-    tree, grew = {root}, True
-    while grew:
-        children = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= children
-        grew = bool(children)
-    return sum(rss.get(pid, 0) for pid in tree)
-
-
-class PeakTreeRss(threading.Thread):
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.running = pid, 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _tree_rss_bytes(self.pid))
-            time.sleep(0.02)
-
-
 def measure(variant: str, checkpoint_dir: Path, workdir: Path, recipes_yaml: str) -> dict:
-    """Run one variant in a fresh process; wall and CPU time from the kernel, peak RSS sampled."""
+    """Run one variant in a fresh process (``measure.run_measured``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dagster.yaml", workdir / "dagster.yaml")  # the instance a user gets
     (workdir / "recipes.yaml").write_text(recipes_yaml)
@@ -168,24 +133,16 @@ def measure(variant: str, checkpoint_dir: Path, workdir: Path, recipes_yaml: str
     command = (
         work if isinstance(work, list) else [sys.executable, __file__, "--variant", variant, str(checkpoint_dir), "."]
     )
-    log = workdir / f"{variant}.log"  # a file, not a pipe: conversion logs would fill a pipe and block
-    started = time.perf_counter()
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        sampler = PeakTreeRss(process.pid)
-        sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)  # usage includes the worker processes it waited for
-        sampler.running = False
-    wall = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"variant {variant} failed:\n{log.read_text()[-3000:]}")
+    measured = run_measured(command, workdir, env, workdir / f"{variant}.log")
+    if measured.status != 0:
+        raise SystemExit(f"variant {variant} failed:\n{(workdir / f'{variant}.log').read_text()[-3000:]}")
     return {
         "variant": variant,
         "what": VARIANTS[variant][0],
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mb": sampler.peak / 2**20,
-        "largest_process_mb": usage.ru_maxrss / 1024,
+        "wall_s": measured.wall_s,
+        "cpu_s": measured.cpu_s,
+        "peak_rss_mb": measured.peak_tree_mb,
+        "largest_process_mb": measured.largest_process_mb,
     }
 
 

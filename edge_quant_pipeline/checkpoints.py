@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -64,10 +65,19 @@ class Checkpoint:
     # Set by the `checkpoint` asset once litert-torch accepted the architecture, so later
     # steps can validate recipes without importing litert-torch (and torch) again.
     shape: ModelShape | None = None
+    parameters: int = 0  # counted from the weight files' headers (0: read before they were counted)
 
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config.get("num_hidden_layers", 1))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in weight_files(self.path))
 
 
 @dataclass(frozen=True)
@@ -269,11 +279,31 @@ def validate_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     return hf_config
 
 
+_BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def count_parameters(checkpoint_dir: Path, hf_config: dict[str, Any]) -> int:
+    """From the safetensors headers (exact, no tensor data read); a ``.bin`` checkpoint by its size and the
+    dtype config.json names."""
+    from safetensors import safe_open
+
+    files = weight_files(checkpoint_dir)
+    if files[0].suffix != ".safetensors":
+        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        return sum(f.stat().st_size for f in files) // _BYTES_PER_ELEMENT.get(dtype, 4)
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="numpy") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
+
+
 def read_checkpoint(checkpoint_dir: Path) -> Checkpoint:
     """Validate the layout, then hash the bytes. No torch: sensors and rebuild plans call it;
     ``architecture_of`` then checks that litert-torch can rebuild the model."""
     try:
         hf_config = validate_checkpoint(checkpoint_dir)
+        parameters = count_parameters(checkpoint_dir, hf_config)
         content_hash = hash_checkpoint(checkpoint_dir)
     except OSError as error:  # a file vanished or changed while it was read, or permissions
         raise CheckpointError(
@@ -281,7 +311,11 @@ def read_checkpoint(checkpoint_dir: Path) -> Checkpoint:
             "being written, this passes once it holds still; otherwise fix the file's permissions."
         ) from None
     return Checkpoint(
-        model_id=model_id_for(checkpoint_dir), path=checkpoint_dir, content_hash=content_hash, hf_config=hf_config
+        model_id=model_id_for(checkpoint_dir),
+        path=checkpoint_dir,
+        content_hash=content_hash,
+        hf_config=hf_config,
+        parameters=parameters,
     )
 
 

@@ -24,8 +24,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=default_jobs(),
-        help="worker processes, i.e. runs at the same time (default: one per core, at most 4; "
-        "a worker that converts holds torch: 1.3 GB for the demo model, 3.6 GB at 100 M parameters)",
+        help="runs at the same time, each in a worker process of its own (default: one per core, at most 4); "
+        "fewer start when their estimated memory does not fit",
     )
     run.add_argument(
         "--convert-only",
@@ -36,7 +36,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_jobs() -> int:
-    """One worker per core, at most 4: a worker that converts holds torch."""
+    """One run per core, at most 4: the steps are CPU-bound."""
     return max(1, min(os.cpu_count() or 1, 4))
 
 
@@ -69,6 +69,14 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         conversion_only=args.convert_only,
     )
+    if summary.interrupted_by:
+        stopped = ", ".join(f"{r.job} {r.label}".strip() for r in summary.interrupted) or "none"
+        print(
+            f"\nInterrupted by {summary.interrupted_by}: {len(summary.outcomes)} run(s) finished, "
+            f"{len(summary.interrupted)} stopped and marked failed ({stopped}), {len(summary.not_started)} not "
+            "started. Run `edge-quant run` again to finish the work."
+        )
+        return 130
     for model in [] if args.convert_only else models:
         report = read_parquet(pipeline.store / model / REPORT_FILE)  # as of now, whoever wrote it
         if report is not None:

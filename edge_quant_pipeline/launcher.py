@@ -1,31 +1,40 @@
-"""Run what the rebuild plan asks for, as Dagster runs, several at a time.
+"""Run what the rebuild plan asks for, as Dagster runs, several at a time, each in a process of its own.
 
-``edge-quant run`` is a launcher, not an executor: every stage is the same job,
-partition and asset selection the UI would launch, executed in process
-(``execute_in_process``) on the instance in ``DAGSTER_HOME``. What it adds is
-parallelism across partitions without a daemon, on ``jobs`` lanes:
+``edge-quant run`` is a launcher, not an executor: every stage is the same job, partition and asset selection
+the UI would launch, executed in process (``execute_in_process``) on the instance in ``DAGSTER_HOME``. What it
+adds is parallelism across partitions without a daemon, sized by memory:
 
-- conversions run in the launching process, one after another: it is the only
-  process that imports torch + litert-torch (5-7 s, 1.1 GB), and an export is the
-  step whose memory grows with the model;
-- ``jobs - 1`` worker processes import Dagster and the code location once and take
-  everything else: the recipe resolutions during the export, then the (model,
-  recipe) runs, which need no torch, as soon as their conversion and recipe are done.
+- every run executes in a fresh worker process that exits when the run ends, so a conversion's torch,
+  TensorFlow and model are gone before anything evaluates, and no run inherits what another left behind;
+- workers are started ahead of their runs (importing Dagster and the code location takes a few seconds), at
+  most ``jobs`` at a time;
+- a run starts only when its estimated peak (``footprint.py``) fits in the memory available, beside what the
+  running ones may still add; a run that could never fit fails at once, saying how much it needs;
+- a worker that dies (the kernel's out-of-memory killer, a person) fails its own run, named, with the signal
+  and the memory it had reached; the launcher marks that Dagster run failed and goes on. The kernel is told to
+  prefer workers over the launcher when it must kill, so the summary is printed; Ctrl-C or SIGTERM stop the
+  workers and print what was done.
 """
 
 import multiprocessing
+import os
+import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from edge_quant_pipeline.checkpoints import CheckpointError, find_checkpoints
+from edge_quant_pipeline.defs.admission import folder_model_size
 from edge_quant_pipeline.defs.automation import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
 from edge_quant_pipeline.defs.checkpoint import fail_runs_of_dead_processes, process_tags
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, steps_mb
+from edge_quant_pipeline.memory import Admission, Reservation, admission, machine_memory, rss_mb
 from edge_quant_pipeline.staleness import RebuildPlan
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
@@ -33,6 +42,12 @@ REPORT_JOB, ALL_MODELS_REPORT_JOB = "report", "report_all_models"
 # `--convert-only`: the assets from checkpoint to quantized .tflite, nothing after them.
 CONVERSION_ASSETS = ("checkpoint", "float_tflite", "quant_recipe", "quantized_tflite")
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# The kernel's out-of-memory killer picks the process with the highest score: a worker, never the launcher.
+WORKER_OOM_SCORE_ADJ = 500
+POLL_SECONDS = 0.5
+READY = "ready"  # what a worker sends once it has loaded the code location
+# A worker whose memory after a run exceeds what it held when ready by more than this is replaced.
+WORKER_GROWTH_MB = 256
 
 
 @dataclass(frozen=True)
@@ -59,16 +74,21 @@ class RunOutcome:
     run: PlannedRun
     seconds: float
     failures: list[str]  # failed steps and checks, one line each; empty when the run succeeded
+    worker_retires: bool = True  # its worker exits after it, rather than take another run
 
 
 @dataclass
 class LaunchSummary:
     outcomes: list[RunOutcome] = field(default_factory=list)
     skipped: list[PlannedRun] = field(default_factory=list)
+    # Set when Ctrl-C or SIGTERM stopped the launch: the runs that were going on, and those never started.
+    interrupted_by: str | None = None
+    interrupted: list[PlannedRun] = field(default_factory=list)
+    not_started: list[PlannedRun] = field(default_factory=list)
 
     @property
     def failures(self) -> int:
-        return sum(1 for o in self.outcomes if o.failures) + len(self.skipped)
+        return sum(1 for o in self.outcomes if o.failures) + len(self.skipped) + len(self.interrupted)
 
 
 def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports: DueReports | None) -> list[PlannedRun]:
@@ -103,51 +123,153 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
     return runs + model_reports
 
 
-# --- a lane: this process or a worker process ------------------------------------------------------
-
-_lane: dict[str, Any] = {}
+# --- a worker: one process, one run ----------------------------------------------------------------
 
 
-def _start_lane(instance_ref, pipeline_fields: dict[str, Any], conversion_only: bool, worker: bool) -> None:
-    quiet_third_party_noise()
-    from edge_quant_pipeline.definitions import build_definitions
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a worker needs to execute runs like this launcher's; plain data, so it crosses to a spawned process."""
 
-    if worker:  # its (model, recipe) runs need the quantizer: import it now, while the export keeps them waiting
-        import ai_edge_quantizer.quantizer  # noqa: F401
+    instance_ref: Any
+    pipeline_fields: dict[str, Any]
+    conversion_only: bool
 
-    # Resources do not pickle (their config schema does not): rebuilt here from their fields.
-    pipeline = PipelineConfig(
-        **{**pipeline_fields, "artifact_store": ArtifactStore(**pipeline_fields["artifact_store"])}
-    )
-    _lane.update(
-        defs=build_definitions(pipeline),
-        instance=dg.DagsterInstance.from_ref(instance_ref),
-        conversion_only=conversion_only,
-    )
+    def pipeline(self) -> PipelineConfig:
+        # Resources do not pickle (their config schema does not): rebuilt from their fields.
+        fields = self.pipeline_fields
+        return PipelineConfig(**{**fields, "artifact_store": ArtifactStore(**fields["artifact_store"])})
 
 
-def execute(run: PlannedRun) -> RunOutcome:
-    """One Dagster run, in this process, as the UI would launch it."""
-    started = time.perf_counter()
-    job = _lane["defs"].resolve_job_def(run.job)
-    selection = None
-    if _lane["conversion_only"]:
-        selection = [key for key in job.asset_layer.executable_asset_keys if key.path[-1] in CONVERSION_ASSETS]
-    result = job.execute_in_process(
-        partition_key=run.partition_key,
-        instance=_lane["instance"],
-        raise_on_error=False,
-        run_config=RUN_CONFIG,
-        asset_selection=selection,
-        tags=process_tags(),  # so that a later run can tell this one died if this process is killed
-    )
-    failures = [f"check {c.check_name}: {c.description}" for c in result.get_asset_check_evaluations() if not c.passed]
-    failures += [
-        e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure
-    ]
-    if result.success is False and not failures:
-        failures.append("the run failed; see it in the Dagster UI")
-    return RunOutcome(run=run, seconds=time.perf_counter() - started, failures=failures)
+def job_asset_names(defs: dg.Definitions, job_name: str, conversion_only: bool) -> list[str]:
+    names = [key.path[-1] for key in defs.resolve_job_def(job_name).asset_layer.executable_asset_keys]
+    return [n for n in names if n in CONVERSION_ASSETS] if conversion_only else names
+
+
+class Lane:
+    """Dagster, the code location and the instance, loaded once in a process that executes runs."""
+
+    def __init__(self, launch: LaunchContext):
+        quiet_third_party_noise()
+        from edge_quant_pipeline.definitions import build_definitions
+
+        self.defs = build_definitions(launch.pipeline())
+        self.instance = dg.DagsterInstance.from_ref(launch.instance_ref)
+        self.conversion_only = launch.conversion_only
+
+    def execute(self, run: "PlannedRun") -> "RunOutcome":
+        """One Dagster run, in this process, as the UI would launch it."""
+        started = time.perf_counter()
+        selection = None
+        if self.conversion_only:
+            selection = [dg.AssetKey(name) for name in job_asset_names(self.defs, run.job, conversion_only=True)]
+        result = self.defs.resolve_job_def(run.job).execute_in_process(
+            partition_key=run.partition_key,
+            instance=self.instance,
+            raise_on_error=False,
+            run_config=RUN_CONFIG,
+            asset_selection=selection,
+            tags=process_tags(),  # so that a later run can tell this one died if this process is killed
+        )
+        checks = result.get_asset_check_evaluations()
+        failures = [f"check {c.check_name}: {c.description}" for c in checks if not c.passed]
+        failures += [
+            e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure
+        ]
+        if result.success is False and not failures:
+            failures.append("the run failed; see it in the Dagster UI")
+        return RunOutcome(run=run, seconds=time.perf_counter() - started, failures=failures)
+
+
+def _worker_main(connection: Connection, launch: LaunchContext) -> None:
+    """Load; then, while the launcher sends runs, execute each and send its outcome. The worker exits after a
+    conversion (which imported torch and held the model) and after any run that left its memory above what
+    it held when it was ready: the next run gets a process holding nothing of the last."""
+    Path("/proc/self/oom_score_adj").write_text(str(WORKER_OOM_SCORE_ADJ))
+    lane = Lane(launch)
+    import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
+
+    baseline_mb = rss_mb()
+    connection.send(READY)
+    while (run := connection.recv()) is not None:
+        outcome = lane.execute(run)
+        retire = run.job == CONVERT_JOB or rss_mb() > baseline_mb + WORKER_GROWTH_MB
+        connection.send(replace(outcome, worker_retires=retire))
+        if retire:
+            break
+    # Everything is sent and the instance's writes are done: skip the interpreter's teardown, which torch and
+    # TensorFlow stretch to seconds and in which LiteRT logs the teardown of its accelerators.
+    connection.close()
+    os._exit(0)
+
+
+class Worker:
+    """A spawned worker process, from its start to the outcome of its one run."""
+
+    def __init__(self, launch: LaunchContext):
+        self.connection, theirs = multiprocessing.Pipe()
+        # spawn, not fork: a fork would copy the launcher's threads mid-flight
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_worker_main, args=(theirs, launch), daemon=True
+        )
+        self.process.start()
+        theirs.close()
+        self.ready = False
+        self.run: PlannedRun | None = None
+        self.outcome: RunOutcome | None = None
+        self.estimate_mb = LITERT_PROCESS_MB
+        self.started = time.perf_counter()
+        self.peak_mb = 0.0  # the largest RSS seen while it worked
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and self.run is None
+
+    def start(self, run: "PlannedRun", estimate_mb: float) -> None:
+        self.connection.send(run)
+        self.run, self.outcome = run, None
+        self.estimate_mb, self.started, self.peak_mb = estimate_mb, time.perf_counter(), 0.0
+
+    def poll(self) -> None:
+        """Read what it sent, and how much memory it holds."""
+        try:
+            while self.connection.poll():
+                message = self.connection.recv()
+                self.ready = self.ready or message == READY
+                if isinstance(message, RunOutcome):
+                    self.outcome = message
+        except (EOFError, OSError):  # it exited
+            pass
+        try:
+            self.peak_mb = max(self.peak_mb, rss_mb(self.process.pid))
+        except OSError:
+            pass
+
+    def take_outcome(self) -> RunOutcome | None:
+        """The outcome of its run, once sent; the worker is idle again unless it retires."""
+        outcome, self.outcome = self.outcome, None
+        if outcome is not None:
+            self.run, self.estimate_mb = None, LITERT_PROCESS_MB
+        return outcome
+
+    def reservation(self) -> Reservation:
+        return Reservation(self.process.pid, "", self.estimate_mb, self.run.label if self.run else "starting worker")
+
+    def death(self) -> str:
+        """Why the process ended before its run did."""
+        self.process.join()
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            cause = " (the kernel's out-of-memory killer, or a person)" if name == "SIGKILL" else ""
+            return f"its worker process was killed by {name}{cause} at {self.peak_mb / 1024:.1f} GB of memory"
+        return f"its worker process exited with status {code} before the run ended"
+
+    def dismiss(self) -> None:
+        """Tell an idle worker there is nothing to do; stop one that is still loading."""
+        try:
+            self.connection.send(None)
+        except OSError:
+            self.process.terminate()
 
 
 # --- the launcher -----------------------------------------------------------------------------------
@@ -161,111 +283,153 @@ def _print_outcome(outcome: RunOutcome) -> None:
         print(f"{line}  FAILED" + "".join(f"\n      {reason}" for reason in outcome.failures), flush=True)
 
 
-class _Lanes:
-    """Where runs execute: a thread of this process, and ``jobs - 1`` worker processes.
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    Conversions run only in this process, one after another: it is the one that
-    imports torch (the pool workers never do), and an export is the step whose
-    memory grows with the model. Every other run goes to whichever lane is free.
-    """
 
-    def __init__(self, instance: dg.DagsterInstance, pipeline: PipelineConfig, jobs: int, conversion_only: bool):
-        lane_args = (instance.get_ref(), pipeline.model_dump(), conversion_only)
-        # Workers start importing now, while this process works on its first run.
-        # spawn, not fork: a fork would copy this process's threads (TensorFlow, torch) mid-flight.
-        self.pool = (
-            ProcessPoolExecutor(
-                jobs - 1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_lane,
-                initargs=(*lane_args, True),
-            )
-            if jobs > 1
-            else None
-        )
-        _start_lane(*lane_args, worker=False)
-        self.local = ThreadPoolExecutor(1)
-        self.free_workers, self.local_free = jobs - 1, True
-        self.on_local: Future | None = None
+def not_started_reason(estimate_mb: float, fits: Admission) -> str:
+    return (
+        f"not started: it needs about {estimate_mb / 1024:.1f} GB of memory (the estimated peak of its largest "
+        f"step), and this machine can give it at most {fits.ever_mb / 1024:.1f} GB "
+        f"({machine_memory().total_mb / 1024:.1f} GB in all). Run it on a machine with more memory."
+    )
 
-    def submit(self, ready: list[PlannedRun]) -> dict[Future, PlannedRun]:
-        """Start as many of ``ready`` as there are free lanes; returns the started ones."""
-        started = {}
-        if self.local_free and ready:
-            run = next((r for r in ready if r.job == CONVERT_JOB), ready[0])
-            self.on_local = self.local.submit(execute, run)
-            self.local_free = False
-            started[self.on_local] = run
-        for run in [r for r in ready if r.job != CONVERT_JOB and r not in started.values()][: self.free_workers]:
-            try:
-                started[self.pool.submit(execute, run)] = run
-            except BrokenProcessPool:  # a worker died (killed, out of memory): the pool is gone, go on here alone
-                self.pool.shutdown(wait=False)
-                self.pool, self.free_workers = None, 0
-                break
-            self.free_workers -= 1
-        return started
 
-    def release(self, future: Future) -> None:
-        if future is self.on_local:
-            self.local_free = True
-        elif self.pool:
-            self.free_workers += 1
+class _Launch:
+    """The state of one launch: what waits, what runs in which worker, what finished."""
 
-    def close(self) -> None:
-        self.local.shutdown()
-        if self.pool:
-            self.pool.shutdown()
+    def __init__(self, runs: list[PlannedRun], estimates: dict[PlannedRun, float], launch: LaunchContext, jobs: int):
+        self.pending, self.estimates, self.launch, self.jobs = list(runs), estimates, launch, jobs
+        self.workers: list[Worker] = []
+        self.finished: dict[PlannedRun, bool] = {}  # run -> succeeded
+        self.summary = LaunchSummary()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending) or any(w.run for w in self.workers)
+
+    def finish(self, outcome: RunOutcome) -> None:
+        self.finished[outcome.run] = not outcome.failures
+        self.summary.outcomes.append(outcome)
+        _print_outcome(outcome)
+
+    def ready_runs(self) -> list[PlannedRun]:
+        """The runs that may start now, after skipping those whose prerequisites failed (and theirs, and so on)."""
+        while True:
+            ready = [r for r in self.pending if all(dep in self.finished for dep in r.after)]
+            doomed = [r for r in ready if r.needs_success and not all(self.finished[dep] for dep in r.after)]
+            if not doomed:
+                return ready
+            for run in doomed:
+                failed = next(dep for dep in run.after if not self.finished[dep])
+                self.pending.remove(run)
+                self.finished[run] = False
+                self.summary.skipped.append(run)
+                print(f"  {run.job:<26} {run.label:<42}         skipped: {failed.job} failed", flush=True)
+
+    def keep_workers_warm(self) -> None:
+        """As many workers as runs can use, at most ``jobs``, each started ahead of its run."""
+        wanted = min(self.jobs, len(self.pending) + sum(1 for w in self.workers if w.run))
+        self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
+
+    def start_what_fits(self, ready: list[PlannedRun]) -> None:
+        for run in ready:
+            worker = next((w for w in self.workers if w.idle), None)
+            if worker is None:
+                return
+            others = [w.reservation() for w in self.workers if w is not worker]
+            fits = admission(self.estimates[run] - rss_mb(worker.process.pid), others, machine_memory())
+            if fits.admitted:
+                self.pending.remove(run)
+                worker.start(run, self.estimates[run])
+            elif fits.needs_mb > fits.ever_mb:
+                self.pending.remove(run)
+                self.finish(RunOutcome(run, 0.0, [not_started_reason(self.estimates[run], fits)]))
+
+    def collect(self) -> None:
+        """Wait until a worker is ready, a run ends or a worker dies, and take note."""
+        wait([h for w in self.workers for h in (w.connection, w.process.sentinel)], timeout=POLL_SECONDS)
+        for worker in list(self.workers):
+            worker.poll()
+            run = worker.run
+            if (outcome := worker.take_outcome()) is not None:
+                self.finish(outcome)
+                if outcome.worker_retires:
+                    self.retire(worker)
+            elif not worker.process.is_alive():
+                self.retire(worker)
+                if run is None:
+                    raise RuntimeError(
+                        f"a worker process could not load the code location (exit status {worker.process.exitcode}); "
+                        "run `dagster definitions validate -m edge_quant_pipeline.definitions` to see why."
+                    )
+                self.finish(RunOutcome(run, time.perf_counter() - worker.started, [worker.death()]))
+                self.fail_dead_runs()
+
+    def retire(self, worker: Worker) -> None:
+        self.workers.remove(worker)
+        worker.process.join(timeout=30)
+
+    def fail_dead_runs(self) -> None:
+        for run_id in fail_runs_of_dead_processes(dg.DagsterInstance.from_ref(self.launch.instance_ref)):
+            print(f"      its Dagster run {run_id} is marked failed", flush=True)
+
+    def stop(self, reason: str) -> None:
+        """Interrupted: stop every worker, and mark the runs they were executing failed."""
+        for worker in self.workers:
+            worker.process.terminate()
+        for worker in self.workers:
+            worker.process.join(timeout=30)
+            if worker.run is not None:
+                self.summary.interrupted.append(worker.run)
+        self.summary.interrupted_by, self.summary.not_started = reason, list(self.pending)
+        self.workers = []
+        self.fail_dead_runs()
 
 
 def launch(
-    runs: list[PlannedRun],
-    instance: dg.DagsterInstance,
-    pipeline: PipelineConfig,
-    jobs: int,
-    conversion_only: bool = False,
+    runs: list[PlannedRun], estimates: dict[PlannedRun, float], context: LaunchContext, jobs: int
 ) -> LaunchSummary:
-    """Run ``runs`` in dependency order, ``jobs`` at a time, printing a line per finished run."""
-    summary = LaunchSummary()
-    if not runs:
-        return summary
-    finished: dict[PlannedRun, bool] = {}  # run -> succeeded
-    pending, running = list(runs), {}
-    lanes = _Lanes(instance, pipeline, jobs, conversion_only)
+    """Run ``runs`` in dependency order, at most ``jobs`` at a time and as many as fit in memory, printing a
+    line per finished run."""
+    state = _Launch(runs, estimates, context, jobs)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while pending or running:
-            ready = []
-            for run in [r for r in pending if all(dep in finished for dep in r.after)]:
-                failed = [dep for dep in run.after if not finished[dep]]
-                if run.needs_success and failed:
-                    pending.remove(run)
-                    finished[run] = False
-                    summary.skipped.append(run)
-                    print(f"  {run.job:<26} {run.label:<42}         skipped: {failed[0].job} failed", flush=True)
-                else:
-                    ready.append(run)
-            started = lanes.submit(ready)
-            pending = [r for r in pending if r not in started.values()]
-            running.update(started)
-            if not running:
-                raise RuntimeError(f"runs wait for runs that were never planned: {[r.label for r in pending]}")
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                lanes.release(future)
-                outcome = _outcome(future, running.pop(future))
-                finished[outcome.run] = not outcome.failures
-                summary.outcomes.append(outcome)
-                _print_outcome(outcome)
+        while state.busy:
+            ready = state.ready_runs()
+            state.keep_workers_warm()
+            state.start_what_fits(ready)
+            if not state.busy:
+                break
+            if not state.workers:
+                raise RuntimeError(f"runs wait for runs that were never planned: {[r.label for r in state.pending]}")
+            state.collect()
+    except KeyboardInterrupt as interrupt:
+        state.stop(str(interrupt) or "SIGINT")
     finally:
-        lanes.close()
-    return summary
+        signal.signal(signal.SIGTERM, previous)
+        for worker in state.workers:
+            worker.dismiss()
+    return state.summary
 
 
-def _outcome(future: Future, run: PlannedRun) -> RunOutcome:
-    try:
-        return future.result()
-    except Exception as error:  # the worker died (killed, out of memory) or could not load the code location
-        return RunOutcome(run, 0.0, [f"worker process failed: {type(error).__name__}: {error}"])
+def run_estimates(
+    runs: list[PlannedRun], pipeline: PipelineConfig, defs: dg.Definitions, conversion_only: bool
+) -> dict[PlannedRun, float]:
+    """Each run's estimated peak: the largest of its steps for its model's size."""
+    folders = find_checkpoints(pipeline.checkpoint_dir_path)
+    sizes: dict[str, ModelSize | None] = {}
+    for model in {r.model for r in runs if r.model}:
+        try:
+            sizes[model] = folder_model_size(folders[model], pipeline) if model in folders else None
+        except (CheckpointError, OSError):
+            sizes[model] = None  # its run fails at the checkpoint step, with the reason
+    estimates = {}
+    for run in runs:
+        size = sizes.get(run.model) if run.model else None
+        steps = job_asset_names(defs, run.job, conversion_only)
+        estimates[run] = steps_mb(steps, size) if size else LITERT_PROCESS_MB
+    return estimates
 
 
 def materialize(
@@ -290,4 +454,9 @@ def materialize(
     if plan.empty:
         print("Everything is up to date: nothing to convert or quantize.")
     runs = plan_runs(plan, models, recipes, reports)
-    return launch(runs, instance, pipeline, jobs, conversion_only)
+    if not runs:
+        return LaunchSummary()
+    from edge_quant_pipeline.definitions import build_definitions
+
+    estimates = run_estimates(runs, pipeline, build_definitions(pipeline), conversion_only)
+    return launch(runs, estimates, LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only), jobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).parent
@@ -35,3 +36,9 @@ def work_dir() -> Path:
 
 def eval_text() -> Path:
     return env_path("EDGE_QUANT_EVAL_TEXT", DEFAULT_EVAL_TEXT)
+
+
+def memory_ledger() -> Path:
+    """The memory reservations of the steps running on this machine (``memory.MemoryLedger``): one file
+    for every pipeline process of this user, whatever its other settings."""
+    return env_path("EDGE_QUANT_MEMORY_LEDGER", Path(tempfile.gettempdir()) / f"edge-quant-memory-{os.getuid()}.json")

@@ -33,7 +33,9 @@ from edge_quant_pipeline.architectures import (
 from edge_quant_pipeline.checkpoints import CheckpointError, architecture_of, load_float_model, read_checkpoint
 from edge_quant_pipeline.conformance import check_conformance
 from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
-from edge_quant_pipeline.evaluate import InterpreterSession, compare, float_reference_logits, teacher_forced_logits
+from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
+from edge_quant_pipeline.evaluate.metrics import compare
+from edge_quant_pipeline.evaluate.reference import float_window_logits
 from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.weights import read_weights
 
@@ -184,10 +186,16 @@ def test_converted_model_matches_float_in_the_interpreter(tmp_path, family):
     model_config = architecture_of(checkpoint).model_config
     tflite = export_float_tflite(model, model_config, settings, tmp_path / "model.tflite")
     windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], (3, settings.kv_cache_len), dtype=np.int32)
-    logits = teacher_forced_logits(InterpreterSession(tflite, settings, num_threads=2), windows)
-    fidelity = compare(logits, float_reference_logits(model, model_config, windows, settings), windows)
+    session = InterpreterSession(tflite, settings, num_threads=2)
+    logits = np.stack([session.score(w) for w in windows])
+    reference = np.stack([float_window_logits(model, model_config, w, settings.kv_cache_len) for w in windows])
+    fidelity = compare(logits, reference, windows)
     assert fidelity.perplexity_ratio == pytest.approx(1.0, abs=0.01)
     assert fidelity.top1_agreement > 0.99
+    # Chunks of prefill_len at later offsets of the KV cache (sliding windows included) score what
+    # decoding token by token scores.
+    one_by_one = np.stack([session.decode(int(token), pos) for pos, token in enumerate(windows[0])])
+    assert np.abs(logits[0] - one_by_one).max() < 1e-4
 
     # Per-component and per-block rules find this family's layers (Gemma 3 names its blocks DecoderBlock_N).
     recipe = parse_recipe(

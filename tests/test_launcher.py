@@ -6,7 +6,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from edge_quant_pipeline.definitions import pipeline_config_from_env
 from edge_quant_pipeline.defs.rebuild import DueReports
-from edge_quant_pipeline.launcher import PlannedRun, _start_lane, execute, plan_runs
+from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, plan_runs
 from edge_quant_pipeline.staleness import RebuildPlan
 
 MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
@@ -47,10 +47,9 @@ def test_convert_only_plans_no_reports():
     assert {r.job for r in runs} == {"convert_checkpoint", "quantize_evaluate_publish"}
 
 
-def _run_in_a_fresh_worker(instance_ref, pipeline_fields: dict, run: PlannedRun) -> tuple[list[str], set[str]]:
+def _run_in_a_fresh_worker(launch: LaunchContext, run: PlannedRun) -> tuple[list[str], set[str]]:
     # Runs in a spawned process, which imports this module (not conftest: that would pick new folders).
-    _start_lane(instance_ref, pipeline_fields, conversion_only=False, worker=True)
-    outcome = execute(run)
+    outcome = Lane(launch).execute(run)
     return outcome.failures, set(sys.modules)
 
 
@@ -60,8 +59,8 @@ def test_a_model_recipe_run_needs_no_torch(pipeline_run, demo_checkpoint_dir):
     instance, _ = pipeline_run
     run = PlannedRun("quantize_evaluate_publish", model=demo_checkpoint_dir.name, recipe="dynamic_int8")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        arguments = (instance.get_ref(), pipeline_config_from_env().model_dump(), run)
-        failures, modules = pool.submit(_run_in_a_fresh_worker, *arguments).result()
+        launch = LaunchContext(instance.get_ref(), pipeline_config_from_env().model_dump(), conversion_only=False)
+        failures, modules = pool.submit(_run_in_a_fresh_worker, launch, run).result()
     assert failures == []
     assert {"ai_edge_quantizer", "ai_edge_litert"} <= modules
     assert not {"torch", "tensorflow", "litert_torch"} & modules

@@ -1,9 +1,11 @@
-"""The metric functions on hand-made numbers, where the right answer is known."""
+"""The metric functions on hand-made numbers, where the right answer is known, and the streaming
+accumulator against the one-shot formulas it replaced."""
 
 import numpy as np
 import pytest
 
-from edge_quant_pipeline.evaluate import compare, compare_generation, perplexity
+from edge_quant_pipeline.evaluate import metrics
+from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare, compare_generation, perplexity
 
 
 def test_identical_logits_have_zero_kl_and_full_agreement():
@@ -32,3 +34,41 @@ def test_generation_agreement_and_first_divergence():
     result = compare_generation(tokens, reference)
     assert result.agreement == pytest.approx(7 / 8)
     assert (result.first_divergence, result.min_first_divergence) == (3.0, 2)
+
+
+def one_shot(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> dict[str, float]:
+    """The formulas over whole (windows, positions, vocab) arrays, as evaluation computed them before it streamed."""
+    log_p, log_q = metrics.log_softmax(reference), metrics.log_softmax(logits)
+    kl = np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=-1), 0.0)
+    targets = windows[:, 1:, None]
+    p_correct = np.exp(np.take_along_axis(log_p[:, :-1], targets, axis=-1))
+    q_correct = np.exp(np.take_along_axis(log_q[:, :-1], targets, axis=-1))
+    nll = -np.take_along_axis(log_q[:, :-1], targets, axis=-1)
+    ref_nll = -np.take_along_axis(log_p[:, :-1], targets, axis=-1)
+    noise = np.square(logits.astype(np.float64) - reference).sum()
+    return dict(
+        perplexity=float(np.exp(nll.mean())),
+        perplexity_ratio=float(np.exp(nll.mean()) / np.exp(ref_nll.mean())),
+        mean_kl=float(kl.mean()),
+        p99_kl=float(np.percentile(kl, 99)),
+        max_kl=float(kl.max()),
+        top1_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+        delta_p_correct=float((q_correct - p_correct).mean()),
+        logits_sqnr_db=float(10 * np.log10(np.square(reference.astype(np.float64)).sum() / noise)),
+    )
+
+
+@pytest.mark.parametrize("vocab", [50, 3000])
+def test_streamed_equals_one_shot(monkeypatch, vocab):
+    """Window by window and a few rows at a time (blocks of 7 rows here, so blocks straddle nothing and end
+    mid-window), the accumulator gives the one-shot numbers."""
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 7 * vocab)
+    rng = np.random.default_rng(1)
+    reference = rng.normal(scale=3, size=(5, 24, vocab)).astype(np.float32)
+    logits = (reference + rng.normal(scale=0.3, size=reference.shape)).astype(np.float32)
+    windows = rng.integers(0, vocab, size=(5, 24))
+    accumulator = FidelityAccumulator()
+    for w in range(len(windows)):
+        accumulator.add(logits[w], reference[w], windows[w])
+    streamed = vars(accumulator.result(perplexity(reference, windows)))
+    assert streamed == pytest.approx(one_shot(logits, reference, windows), rel=1e-6)

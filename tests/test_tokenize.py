@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge_quant_pipeline.evaluate import tokenize
+from edge_quant_pipeline.evaluate.reference import EvalTextError, eval_windows, tokenize
 
 
 def test_byte_level_without_a_tokenizer(tmp_path):
@@ -28,5 +28,15 @@ def test_tokenizer_json_is_used_when_present(tmp_path):
 
 def test_small_vocabulary_without_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "eval.txt").write_text("x")
-    with pytest.raises(ValueError, match="no tokenizer.json, and a vocabulary of 100 is too small"):
+    with pytest.raises(EvalTextError, match="no tokenizer.json, and a vocabulary of 100 is too small"):
         tokenize(tmp_path / "eval.txt", tmp_path, vocab_size=100)
+
+
+def test_missing_eval_text_names_the_variable(tmp_path):
+    with pytest.raises(EvalTextError, match="eval text does not exist. Set EDGE_QUANT_EVAL_TEXT"):
+        tokenize(tmp_path / "missing.txt", tmp_path, vocab_size=256)
+
+
+def test_text_shorter_than_one_window_names_the_file(tmp_path):
+    with pytest.raises(EvalTextError, match="short.txt: 5 tokens .* needs at least 128"):
+        eval_windows(np.arange(5), 128, 2048, tmp_path / "short.txt")

@@ -4,13 +4,17 @@ import dagster as dg
 import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint
+from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate import FloatReference, RuntimeRejectedError, evaluate
+from edge_quant_pipeline.evaluate.evaluation import evaluate
+from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
+from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
+from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.gates import check_gates
-from edge_quant_pipeline.localize import TensorError, layer_summary, tensor_errors
+from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
 from edge_quant_pipeline.publish import record_failure
 from edge_quant_pipeline.recipes import Recipe
 from edge_quant_pipeline.toolchain import toolchain_tag
@@ -31,11 +35,29 @@ def hotspot_table(errors: list[TensorError], top_n: int) -> str:
     ).to_markdown(index=False)
 
 
+def localization_metadata(
+    pipeline: PipelineConfig, float_tflite: TfliteModel, candidate: TfliteModel, reference: FloatReference
+) -> dict:
+    """Error hotspots per tensor and per layer on the first prompt, and the memory that took."""
+    if not pipeline.localize_errors:
+        return {}
+    prompt = reference.tokens()["prompts"][0]
+    with PeakMemory() as memory:
+        errors = tensor_errors(
+            float_tflite.path, candidate.path, prompt, pipeline.export_settings, pipeline.interpreter_threads
+        )
+    return {
+        "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
+        "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
+        "localize_peak_rss_mb": memory.mb,
+    }
+
+
 @dg.asset(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
-    code_version=f"evaluation-2|{toolchain_tag()}",
+    code_version=f"evaluation-3|{toolchain_tag()}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
@@ -62,25 +84,20 @@ def evaluation(
 ):
     """Perplexity, KL, top-1, generation agreement, SQNR, speed and memory, measured in the interpreter."""
     inputs = artifact_inputs(checkpoint, quant_recipe)
-    settings = pipeline.export_settings
+    settings, threads = pipeline.export_settings, pipeline.interpreter_threads
     try:
-        result = evaluate(quantized_tflite, float_tflite, float_reference, settings, pipeline.interpreter_threads)
-        prompt = float_reference.load("prompts")["prompts"][0]
-        errors = tensor_errors(float_tflite.path, quantized_tflite.path, prompt, settings, pipeline.interpreter_threads)
+        with admitted(context, model_size(checkpoint, pipeline, float_tflite.file_bytes)) as usage:
+            result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads)
+            hotspots = localization_metadata(pipeline, float_tflite, quantized_tflite, float_reference)
+    except NotEnoughMemoryError as error:
+        raise rejected(pipeline, inputs, "memory", error) from None
     except RuntimeRejectedError as error:
         raise rejected(pipeline, inputs, "interpreter", error) from None
     context.log.info(
         f"{quant_recipe.name}: perplexity {result.perplexity:.3f} "
         f"({result.perplexity_ratio:.4f}x float), top-1 agreement {result.top1_agreement:.1%}"
     )
-    yield dg.Output(
-        result,
-        metadata={
-            **result.as_dict(),
-            "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
-            "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
-        },
-    )
+    yield dg.Output(result, metadata={**result.as_dict(), **hotspots, **usage.metadata()})
     gates = check_gates(result.as_dict(), quant_recipe.gates)
     failed = [g for g in gates if not g.passed]
     if failed:

@@ -10,10 +10,18 @@ import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, architecture_of, load_float_model
 from edge_quant_pipeline.convert import export_float_tflite
+from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate import FloatReference, build_float_reference, tokenize
+from edge_quant_pipeline.evaluate.reference import (
+    EvalTextError,
+    FloatReference,
+    build_float_reference,
+    eval_windows,
+    tokenize,
+)
+from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
@@ -36,12 +44,16 @@ def float_tflite(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
 ) -> dg.Output[TfliteModel]:
     """The checkpoint exported once to a float32 .tflite with prefill and decode signatures."""
-    model = _float_model(checkpoint, pipeline)
     output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / "float.tflite"
-    context.log.info(f"Exporting {checkpoint.path} to {output} (torch.export + MLIR lowering)")
-    exported = inspect_tflite(
-        export_float_tflite(model, architecture_of(checkpoint).model_config, pipeline.export_settings, output)
-    )
+    try:
+        with admitted(context, model_size(checkpoint, pipeline)) as usage:
+            model = _float_model(checkpoint, pipeline)
+            context.log.info(f"Exporting {checkpoint.path} to {output} (torch.export + MLIR lowering)")
+            model_config = architecture_of(checkpoint).model_config
+            exported = inspect_tflite(export_float_tflite(model, model_config, pipeline.export_settings, output))
+            del model
+    except NotEnoughMemoryError as error:
+        raise dg.Failure(str(error)) from None
     return dg.Output(
         exported,
         metadata={
@@ -50,6 +62,7 @@ def float_tflite(
             "weight_bytes": exported.weight_bytes,
             "signatures": f"{pipeline.export_settings.prefill_signature}, decode",
             "kv_cache_len": pipeline.export_settings.kv_cache_len,
+            **usage.metadata(),
         },
     )
 
@@ -58,26 +71,27 @@ def float_tflite(
     partitions_def=model_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
-    code_version=f"float_reference-1|{toolchain_tag()}",
+    code_version=f"float_reference-2|{toolchain_tag()}",
 )
 def float_reference(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
 ) -> dg.Output[FloatReference]:
     """The float PyTorch model on the held-out text (logits, greedy continuations): what recipes are compared with."""
-    model = _float_model(checkpoint, pipeline)
-    output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / "float_reference.npz"
-    try:
+    settings = pipeline.export_settings
+    try:  # before the model is loaded: a bad eval text costs nothing
         tokens = tokenize(Path(pipeline.eval_text), checkpoint.path, checkpoint.vocab_size)
-    except ValueError as error:
+        windows = eval_windows(tokens, settings.kv_cache_len, pipeline.eval_max_tokens, Path(pipeline.eval_text))
+    except EvalTextError as error:
         raise dg.Failure(str(error)) from None
-    reference = build_float_reference(
-        model,
-        architecture_of(checkpoint).model_config,
-        tokens,
-        pipeline.export_settings,
-        pipeline.eval_max_tokens,
-        output,
-    )
+    output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / "float_reference"
+    try:
+        with admitted(context, model_size(checkpoint, pipeline)) as usage:
+            model = _float_model(checkpoint, pipeline)
+            model_config = architecture_of(checkpoint).model_config
+            reference = build_float_reference(model, model_config, windows, settings, output)
+            del model
+    except NotEnoughMemoryError as error:
+        raise dg.Failure(str(error)) from None
     context.log.info(f"PyTorch float perplexity {reference.perplexity:.3f} over {reference.eval_tokens} tokens")
     return dg.Output(
         reference,
@@ -85,5 +99,7 @@ def float_reference(
             "perplexity": reference.perplexity,
             "eval_tokens": reference.eval_tokens,
             "eval_text": dg.MetadataValue.path(pipeline.eval_text),
+            "reference": dg.MetadataValue.path(str(reference.path)),
+            **usage.metadata(),
         },
     )

@@ -7,7 +7,7 @@ from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate import Evaluation
+from edge_quant_pipeline.evaluate.evaluation import Evaluation
 from edge_quant_pipeline.publish import PublishedArtifact, publish, version_number
 from edge_quant_pipeline.recipes import Recipe
 from edge_quant_pipeline.weights import TfliteModel

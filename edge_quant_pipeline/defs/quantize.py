@@ -1,17 +1,17 @@
 """`quantized_tflite`: the float flatbuffer with one recipe applied by ai-edge-quantizer."""
 
-import shutil
-
 import dagster as dg
 import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
 from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
-from edge_quant_pipeline.convert import QuantizationError, atomic_path, quantize_tflite
+from edge_quant_pipeline.convert import QuantizationError, link_or_copy, quantize_tflite
+from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.recipes import Recipe, RecipeError, ai_edge_quantizer_recipe, validate_for_model
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
@@ -75,14 +75,15 @@ def quantized_tflite(
         validate_for_model(quant_recipe, shape)
     except RecipeError as error:
         raise rejected(pipeline, inputs, "recipe validation", error) from None
-    if quant_recipe.is_float:
-        with atomic_path(output) as partial:
-            shutil.copyfile(float_tflite.path, partial)
-    else:
-        try:
-            quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head), output)
-        except QuantizationError as error:
-            raise rejected(pipeline, inputs, "quantization", error) from None
+    try:
+        with admitted(context, model_size(checkpoint, pipeline, float_tflite.file_bytes)) as usage:
+            if quant_recipe.is_float:
+                link_or_copy(float_tflite.path, output)
+            else:
+                quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head), output)
+    except (QuantizationError, NotEnoughMemoryError) as error:
+        stage = "memory" if isinstance(error, NotEnoughMemoryError) else "quantization"
+        raise rejected(pipeline, inputs, stage, error) from None
     quantized = inspect_tflite(output)
     rows = check_conformance(quant_recipe, quantized.weights, shape)
     table = conformance_table(rows, quantized)
@@ -97,6 +98,7 @@ def quantized_tflite(
             "file_ratio_vs_float": ratio,
             "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
             "weights_by_component": dg.MetadataValue.md(table),
+            **usage.metadata(),
         },
     )
     mismatches = [row for row in rows if not row.ok]

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint
-from edge_quant_pipeline.defs.float_model import float_tflite
+from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
@@ -38,13 +38,15 @@ def latest_tags(instance: dg.DagsterInstance, asset: str, partition: str) -> dic
 
 def _model_state(instance: dg.DagsterInstance, model_id: str, checkpoint: Checkpoint | None) -> ModelState:
     converted = latest_tags(instance, "checkpoint", model_id)
-    exported = latest_tags(instance, "float_tflite", model_id)
     return ModelState(
         # An unreadable checkpoint is always "changed": its conversion then fails with the reason.
         current_hash=checkpoint.content_hash if checkpoint else "unreadable",
         converted_hash=converted.get(DATA_VERSION_TAG),
-        converted_with_current_toolchain=exported.get(CODE_VERSION_TAG)
-        == float_tflite.code_versions_by_key[float_tflite.key],
+        converted_with_current_toolchain=all(
+            latest_tags(instance, asset.key.path[-1], model_id).get(CODE_VERSION_TAG)
+            == asset.code_versions_by_key[asset.key]
+            for asset in (float_tflite, float_reference)
+        ),
     )
 
 

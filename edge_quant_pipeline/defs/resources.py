@@ -6,7 +6,7 @@ import dagster as dg
 from upath import UPath
 
 from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate import EvalSettings
+from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
 
 
@@ -37,6 +37,9 @@ class PipelineConfig(dg.ConfigurableResource):
     prefill_len: int = ExportSettings.prefill_len
     kv_cache_len: int = ExportSettings.kv_cache_len
     hotspots_top_n: int = 10
+    # Per-tensor SNR of one prefill against the float file (error_hotspots): the memory of one runtime without
+    # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
+    localize_errors: bool = True
 
     @property
     def export_settings(self) -> ExportSettings:

@@ -1,10 +1,10 @@
 """Latency and peak memory of a ``.tflite`` in the LiteRT interpreter, measured in a fresh process.
 
-A separate process is the only way to see the interpreter's own peak RSS: the
-pipeline's process already holds torch and TensorFlow. It imports just numpy and
-ai-edge-litert (about 0.1 s), so the measurement costs little.
+A separate process is the only way to see the interpreter's own peak RSS: the evaluating
+process holds the float reference and Dagster. It imports just numpy and ai-edge-litert
+(about 0.1 s), so the measurement costs little.
 
-    python -m edge_quant_pipeline.runtime_profile model.tflite --prefill-len 32 --kv-cache-len 128 --threads 2
+    python -m edge_quant_pipeline.evaluate.profile model.tflite --prefill-len 32 --kv-cache-len 128 --threads 2
 """
 
 import argparse
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate import InterpreterSession, RuntimeRejectedError
+from edge_quant_pipeline.evaluate.interpreter import InterpreterSession, RuntimeRejectedError
+from edge_quant_pipeline.memory import peak_rss_mb
 
 PREFILL_REPEATS = 5
 
@@ -32,19 +33,20 @@ class RuntimeProfile:
 
 
 def profile(tflite: Path, settings: ExportSettings, num_threads: int) -> RuntimeProfile:
-    session = InterpreterSession(tflite, settings, num_threads)
     prompt = np.zeros(settings.prefill_len, np.int32)
-    session.prefill(prompt)  # warm-up: first calls allocate and pack weights
-    prefill_seconds = []
-    for _ in range(PREFILL_REPEATS):
+    with InterpreterSession(tflite, settings, num_threads) as session:
+        session.prefill(prompt)  # warm-up: first calls allocate buffers
+        prefill_seconds = []
+        for _ in range(PREFILL_REPEATS):
+            started = time.perf_counter()
+            session.prefill(prompt)
+            prefill_seconds.append(time.perf_counter() - started)
+        session.decode(0, settings.prefill_len)  # warm-up of the decode signature, which has its own first-call cost
+        positions = range(settings.prefill_len + 1, settings.kv_cache_len)
         started = time.perf_counter()
-        session.prefill(prompt)
-        prefill_seconds.append(time.perf_counter() - started)
-    positions = range(settings.prefill_len, settings.kv_cache_len)
-    started = time.perf_counter()
-    for pos in positions:
-        session.decode(0, pos)
-    decode_seconds = time.perf_counter() - started
+        for pos in positions:
+            session.decode(0, pos)
+        decode_seconds = time.perf_counter() - started
     return RuntimeProfile(
         prefill_ms=1000 * statistics.median(prefill_seconds),
         decode_tokens_per_s=len(positions) / decode_seconds,
@@ -52,20 +54,11 @@ def profile(tflite: Path, settings: ExportSettings, num_threads: int) -> Runtime
     )
 
 
-def peak_rss_mb() -> float:
-    """This process's high-water RSS. Not getrusage: its ru_maxrss survives exec and would
-    report the (much larger) parent that forked us."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("/proc/self/status has no VmHWM; peak memory is measured on Linux only")
-
-
 def profile_in_subprocess(tflite: Path, settings: ExportSettings, num_threads: int) -> RuntimeProfile:
     command = [
         sys.executable,
         "-m",
-        "edge_quant_pipeline.runtime_profile",
+        "edge_quant_pipeline.evaluate.profile",
         str(tflite),
         "--prefill-len",
         str(settings.prefill_len),

@@ -1,0 +1,368 @@
+"""Real model shapes through the whole pipeline, against the bare toolchain, on this machine, in one run.
+
+For each shape, a checkpoint with random weights of the published config is written here by ``transformers``
+(bfloat16 as such models ship, with a tokenizer of the real vocabulary size; never committed), then, each in
+fresh processes:
+
+  bare export     a script that loads the checkpoint and calls litert-torch's converter (what a user writes)
+  bare quantize   a script applying each default recipe to that float file with ai-edge-quantizer, as it ships
+  pipeline        ``edge-quant run --model <shape>`` on a fresh instance: the whole graph, every default recipe
+  runtime         each of the pipeline's ``.tflite`` files alone in the runtime (``evaluate.profile``): prefill speed
+  re-run          ``edge-quant run --model <shape>`` again, nothing changed
+
+and prints per stage wall time, CPU time, peak RSS, the estimate the pipeline admitted the stage with, and the
+issue #14 targets side by side with the measured ratios. The gates are set to pass (random weights make
+quality meaningless, and every recipe should reach publishing).
+
+    python benchmarks/bench_scale.py                          # smollm2-135m, then qwen2.5-0.5b
+    python benchmarks/bench_scale.py --shape qwen2.5-0.5b
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from measure import Measurement, run_measured
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SHAPES = ["smollm2-135m", "qwen2.5-0.5b"]
+PERMISSIVE_GATES = "gates: {max_perplexity_ratio: 1000, min_top1_agreement: 0}\n"
+GB = 1024
+
+
+# --- the bare scripts, run in fresh processes through this file ---------------------------------------
+
+
+def bare_export(checkpoint_dir: str, output: str) -> None:
+    """Load with litert-torch's model builder (through the pipeline's family mapping) and convert, no quantization."""
+    from litert_torch.generative.utilities import converter
+
+    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
+    from edge_quant_pipeline.convert import ExportSettings
+
+    checkpoint = read_checkpoint(Path(checkpoint_dir))
+    config = architecture_of(checkpoint).model_config
+    model = load_float_model(checkpoint, ExportSettings.kv_cache_len)
+    exported = converter.convert_to_tflite(
+        model,
+        output_path=str(Path(output).parent),
+        output_name_prefix="bare",
+        prefill_seq_len=ExportSettings.prefill_len,
+        kv_cache_max_len=ExportSettings.kv_cache_len,
+        quantize="none",
+        config=config,
+        export_config=converter.ExportConfig(output_logits_on_prefill=True),
+    )
+    os.replace(exported, output)
+
+
+def bare_quantize(float_tflite: str, recipes_yaml: str, timings: str) -> None:
+    """Each quantizing recipe of the catalog through ai-edge-quantizer as it ships (no workaround of ours)."""
+    from ai_edge_quantizer import quantizer
+
+    from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, load_catalog
+
+    seconds = {}
+    for name, recipe in load_catalog(Path(recipes_yaml)).recipes.items():
+        if recipe.is_float:
+            continue
+        started = time.perf_counter()
+        rules = ai_edge_quantizer_recipe(recipe, tied_lm_head=True)
+        quantizer.Quantizer(Path(float_tflite).read_bytes(), rules).quantize(enable_progress_bar=False)
+        seconds[name] = time.perf_counter() - started
+    Path(timings).write_text(json.dumps(seconds))
+
+
+CHILDREN = {"bare_export": bare_export, "bare_quantize": bare_quantize}
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def this_script(child: str, *args: str) -> list[str]:
+    return python(__file__, "--child", child, *args)
+
+
+def edge_quant(shape: str) -> list[str]:
+    return python("-m", "edge_quant_pipeline.cli", "run", "--model", shape)
+
+
+@dataclass
+class Bench:
+    root: Path
+    shape: str
+
+    @property
+    def home(self) -> Path:
+        return self.root / "pipeline"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints" / self.shape
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "DAGSTER_HOME": str(self.home),
+            "EDGE_QUANT_CHECKPOINT_DIR": str(self.checkpoint_dir.parent),
+            "EDGE_QUANT_ARTIFACT_DIR": str(self.home / "artifacts"),
+            "EDGE_QUANT_WORK_DIR": str(self.home / "work"),
+            "EDGE_QUANT_RECIPES": str(self.home / "recipes.yaml"),
+        }
+
+    def measure(self, name: str, command: list[str], cwd: Path) -> Measurement:
+        print(f"  {name} ...", flush=True)
+        measured = run_measured(command, cwd, self.env(), self.root / f"{name}.log")
+        if measured.status != 0:
+            raise SystemExit(f"{name} failed ({measured.status}):\n{(self.root / f'{name}.log').read_text()[-4000:]}")
+        print(f"  {name}: {measured.wall_s:.1f} s, {measured.peak_tree_mb / GB:.2f} GB peak (process tree)", flush=True)
+        return measured
+
+    def prepare(self) -> None:
+        from edge_quant_pipeline.synthetic import SHAPES, write_checkpoint
+
+        write_checkpoint(SHAPES[self.shape], self.checkpoint_dir)
+        self.home.mkdir(parents=True)
+        shutil.copy(REPO / "dagster.yaml", self.home)  # the instance a user gets
+        # The project's recipes (the selective example), with gates that random weights pass.
+        (self.home / "recipes.yaml").write_text((REPO / "recipes.yaml").read_text() + PERMISSIVE_GATES)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    seconds: float
+    cpu_s: float | None
+    peak_mb: float | None
+    estimate_mb: float | None
+    reads_bytes: int | None  # the largest model file it reads (the target's "3x")
+
+
+def pipeline_stages(home: Path, shape: str) -> tuple[list[Stage], dict[str, dict]]:
+    """Every step of the pipeline's runs, from the instance: duration, and the usage its metadata records."""
+    import dagster as dg
+
+    os.chdir(home)  # dagster.yaml's storage paths are relative to where Dagster starts
+    instance = dg.DagsterInstance.from_config(str(home))
+    stages, evaluations = [], {}
+    for run in reversed(instance.get_runs()):
+        partition = run.tags.get("dagster/partition", "")
+        durations = {
+            r.dagster_event.step_key: r.dagster_event.event_specific_data.duration_ms / 1000
+            for r in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)
+        }
+        for step, seconds in durations.items():
+            metadata = _metadata(instance, step, partition)
+            if step == "evaluation":
+                evaluations[partition.split("|")[-1]] = metadata
+            stages.append(
+                Stage(
+                    f"{step} [{partition.replace(shape + '|', '') if '|' in partition else partition}]",
+                    seconds,
+                    metadata.get("step_cpu_s"),
+                    metadata.get("step_peak_rss_mb"),
+                    metadata.get("step_estimated_peak_mb"),
+                    _largest_file_read(step, metadata, instance, shape),
+                )
+            )
+    return stages, evaluations
+
+
+def _metadata(instance, step: str, partition: str) -> dict:
+    import dagster as dg
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(step), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    if not records:
+        return {}
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def _largest_file_read(step: str, metadata: dict, instance, shape: str) -> int | None:
+    if step == "float_reference":
+        return int(_metadata(instance, "checkpoint", shape).get("weight_bytes", 0))
+    if step in ("quantized_tflite", "evaluation"):  # both read the float file, the largest of those they read
+        return int(_metadata(instance, "float_tflite", shape).get("file_bytes", 0))
+    return None
+
+
+def runtime_prefill_tokens_per_s(home: Path, bench: Bench) -> dict[str, float]:
+    """Each recipe's published file alone in the runtime, one after another on an otherwise idle machine."""
+    speeds = {}
+    for manifest in sorted((home / "artifacts" / bench.shape).glob("*/v-*/manifest.json")):
+        recipe = manifest.parent.parent.name
+        log = bench.root / f"profile-{recipe}.log"
+        measured = run_measured(
+            python("-m", "edge_quant_pipeline.evaluate.profile", str(manifest.parent / "model.tflite")),
+            home,
+            bench.env(),
+            log,
+        )
+        if measured.status == 0:
+            prefill_ms = json.loads(log.read_text().strip().splitlines()[-1])["prefill_ms"]
+            speeds[recipe] = 32 / prefill_ms * 1000  # the default prefill_len
+    return speeds
+
+
+def conversions(home: Path) -> int:
+    import dagster as dg
+
+    os.chdir(home)
+    instance = dg.DagsterInstance.from_config(str(home))
+    return len(instance.get_runs(filters=dg.RunsFilter(job_name="convert_checkpoint")))
+
+
+# --- one shape ---------------------------------------------------------------------------------------------
+
+
+def bench_shape(shape: str, root: Path) -> None:
+    from edge_quant_pipeline.checkpoints import count_parameters
+    from edge_quant_pipeline.synthetic import SHAPES
+
+    bench = Bench(root, shape)
+    print(f"\n== {shape} ==", flush=True)
+    bench.prepare()
+    parameters = count_parameters(bench.checkpoint_dir, {})
+    checkpoint_bytes = sum(f.stat().st_size for f in bench.checkpoint_dir.glob("*.safetensors"))
+    float_file = root / "bare.tflite"
+    export = bench.measure("bare export", this_script("bare_export", str(bench.checkpoint_dir), str(float_file)), root)
+    timings = root / "bare_quantize.json"
+    quantize = bench.measure(
+        "bare quantize",
+        this_script("bare_quantize", str(float_file), str(bench.home / "recipes.yaml"), str(timings)),
+        root,
+    )
+    bare_quantize_s = json.loads(timings.read_text())
+    float_file.unlink()
+    full = bench.measure("pipeline", edge_quant(shape), bench.home)
+    converted = conversions(bench.home)
+    again = bench.measure("re-run", edge_quant(shape), bench.home)
+    reconversions = conversions(bench.home) - converted
+    stages, evaluations = pipeline_stages(bench.home, shape)
+    speeds = runtime_prefill_tokens_per_s(bench.home, bench)
+
+    config = SHAPES[shape]
+    print(
+        f"\n### {shape}: {parameters / 1e6:.0f}M parameters, vocabulary {config['vocab_size']:,}, "
+        f"{checkpoint_bytes / 2**30:.2f} GB checkpoint (bfloat16)\n"
+    )
+    print("| stage | wall s | CPU s | peak RSS GB | largest process GB | estimate GB | bytes / parameter |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, m in (("bare export (tree)", export), ("bare quantize, all recipes", quantize)):
+        per_parameter = m.peak_tree_mb * 2**20 / parameters
+        print(
+            f"| {name} | {m.wall_s:.1f} | {m.cpu_s:.1f} | {m.peak_tree_mb / GB:.2f} | "
+            f"{m.largest_process_mb / GB:.2f} | | {per_parameter:.1f} |"
+        )
+    for m, name in ((full, "pipeline: whole graph (tree)"), (again, "pipeline: re-run, nothing changed")):
+        print(
+            f"| {name} | {m.wall_s:.1f} | {m.cpu_s:.1f} | {m.peak_tree_mb / GB:.2f} | "
+            f"{m.largest_process_mb / GB:.2f} | | {m.peak_tree_mb * 2**20 / parameters:.1f} |"
+        )
+    for s in stages:
+        cells = [
+            f"{s.cpu_s:.1f}" if s.cpu_s is not None else "",
+            f"{s.peak_mb / GB:.2f}" if s.peak_mb else "",
+            "",
+            f"{s.estimate_mb / GB:.2f}" if s.estimate_mb else "",
+            f"{s.peak_mb * 2**20 / parameters:.1f}" if s.peak_mb else "",
+        ]
+        print(f"| {s.name} | {s.seconds:.1f} | " + " | ".join(cells) + " |")
+
+    print("\n| recipe | eval tokens / s (pipeline) | prefill tokens / s (runtime alone) | ratio | bare quantize s |")
+    print("|---|---:|---:|---:|---:|")
+    for recipe, metadata in sorted(evaluations.items()):
+        eval_speed, runtime = metadata.get("eval_tokens_per_s", 0.0), speeds.get(recipe, 0.0)
+        ratio = eval_speed / runtime if runtime else float("nan")
+        print(f"| {recipe} | {eval_speed:.0f} | {runtime:.0f} | {ratio:.2f} | {bare_quantize_s.get(recipe, 0.0):.1f} |")
+
+    outcomes = recipe_outcomes(bench.home, shape)
+    print_targets(shape, export, full, again, reconversions, stages, evaluations, speeds, bare_quantize_s, outcomes)
+
+
+def recipe_outcomes(home: Path, shape: str) -> dict[str, str]:
+    """Per recipe: published, or the reason recorded for it."""
+    outcomes = {}
+    for folder in sorted(p for p in (home / "artifacts" / shape).iterdir() if p.is_dir()):
+        failure = folder / "failed.json"
+        published = list(folder.glob("v-*/manifest.json"))
+        if published:
+            outcomes[folder.name] = "published"
+        elif failure.is_file():
+            record = json.loads(failure.read_text())
+            outcomes[folder.name] = f"failed ({record.get('stage')}): {record.get('error', '')[:100]}"
+    return outcomes
+
+
+def print_targets(
+    shape: str,
+    export: Measurement,
+    full: Measurement,
+    again: Measurement,
+    reconversions: int,
+    stages: list[Stage],
+    evaluations: dict,
+    speeds: dict,
+    bare_quantize_s: dict,
+    outcomes: dict,
+) -> None:
+    recipes = sorted(evaluations)
+    one_pass = {r: evaluations[r].get("eval_tokens", 0) / speeds[r] for r in recipes if speeds.get(r)}
+    budget = export.wall_s + sum(bare_quantize_s.get(r, 0.0) + one_pass.get(r, 0.0) for r in recipes)
+    limits = [(s.peak_mb / (4 * GB + 3 * s.reads_bytes / 2**20), s.name) for s in stages if s.peak_mb and s.reads_bytes]
+    worst = max(limits) if limits else (0.0, "none")
+    print(f"\nTargets ({shape}), measured:")
+    print(f"  every recipe published or failed with its reason: {len(outcomes)} recipes")
+    for recipe, outcome in outcomes.items():
+        print(f"    {recipe}: {outcome}")
+    print(
+        f"  peak RSS of the process tree, whole graph / bare export: "
+        f"{full.peak_tree_mb / export.peak_tree_mb:.2f}  (target <= 1.2)"
+    )
+    print(
+        f"  peak RSS of each stage but the export / (4 GB + 3 x the largest model file it reads): "
+        f"worst {worst[0]:.2f}, {worst[1]}  (target <= 1.0)"
+    )
+    print(
+        f"  wall, whole graph / (bare export + the recipes' bare quantize + one eval pass each at the runtime's "
+        f"prefill speed): {full.wall_s:.0f} s / {budget:.0f} s = {full.wall_s / budget:.2f}  (target <= 1.5)"
+    )
+    print(f"  re-run with nothing changed: {again.wall_s:.1f} s (target < 5), conversions: {reconversions} (target 0)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", help=f"default: {', '.join(DEFAULT_SHAPES)}")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (checkpoints, instance, files)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        CHILDREN[args.child](*args.args)
+        return
+    for shape in args.shape or DEFAULT_SHAPES:
+        root = Path(tempfile.mkdtemp(prefix=f"edge-quant-scale-{shape}-"))
+        try:
+            bench_shape(shape, root)
+        finally:
+            if args.keep:
+                print(f"kept {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Measuring a command in a fresh process: wall and CPU time from the kernel, the peak RSS of its process tree
+(sampled every 20 ms from /proc) and of its largest process (the kernel's high-water mark, through wait4).
+
+CPU time and the largest process count the command and every descendant it waited for (the launcher's
+workers, their runtime profilers), as ``wait4`` reports them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants, from /proc."""
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        rss[int(entry)] = next(
+            (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0
+        )
+    tree, grew = {root}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+class PeakTreeRss(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wall_s: float
+    cpu_s: float
+    peak_tree_mb: float
+    largest_process_mb: float
+    status: int
+
+
+def run_measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> Measurement:
+    """Run ``command`` to its end; its output goes to ``log`` (a file: a pipe would fill up and block it)."""
+    started = time.perf_counter()
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        sampler = PeakTreeRss(process.pid)
+        sampler.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        sampler.running = False
+    return Measurement(
+        wall_s=time.perf_counter() - started,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_tree_mb=sampler.peak / 2**20,
+        largest_process_mb=usage.ru_maxrss / 1024,
+        status=os.waitstatus_to_exitcode(status),
+    )

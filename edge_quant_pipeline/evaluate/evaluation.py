@@ -1,0 +1,95 @@
+"""Everything measured for one (model, recipe): its ``.tflite`` in the LiteRT interpreter against the float model.
+
+Teacher-forced scoring runs over the same windows of the held-out text as the float reference, chunk by chunk
+through the prefill signature with the KV cache carried across chunks, window by window against the stored
+reference, so memory holds one window of logits. Free-running greedy generation through the decode signature
+proves the decode path. Latency and the interpreter's own memory are measured in a fresh process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edge_quant_pipeline.convert import ExportSettings
+from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
+from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
+from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
+from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.memory import PeakMemory
+from edge_quant_pipeline.weights import TfliteModel
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_tokens: int = 2048  # of the eval text, cut into windows of kv_cache_len tokens
+    num_threads: int = 2
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything measured for one (model, recipe); flat, so it goes straight into a table."""
+
+    file_bytes: int
+    file_ratio: float  # float .tflite bytes / this file's bytes
+    weight_bytes: int
+    weight_ratio: float  # float weight bytes / this model's weight bytes
+    perplexity: float
+    perplexity_ratio: float
+    mean_kl: float
+    p99_kl: float
+    max_kl: float
+    top1_agreement: float
+    delta_p_correct: float
+    logits_sqnr_db: float
+    generation_agreement: float
+    first_divergence: float
+    min_first_divergence: int
+    prefill_ms: float
+    decode_tokens_per_s: float
+    peak_rss_mb: float
+    eval_tokens: int
+    eval_tokens_per_s: float  # teacher-forced scoring through the interpreter, comparison included
+    prefill_tokens_per_s: float  # the interpreter's own prefill speed on this file (profile)
+    eval_peak_rss_mb: float  # of the evaluating process while it scored and generated
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def evaluate(
+    candidate: TfliteModel,
+    float_model: TfliteModel,
+    reference: FloatReference,
+    settings: ExportSettings,
+    num_threads: int,
+) -> Evaluation:
+    tokens = reference.tokens()
+    # The session is closed before the profile's fresh process maps the file again: never two at once.
+    with PeakMemory() as memory, InterpreterSession(candidate.path, settings, num_threads) as session:
+        started = time.perf_counter()
+        fidelity = FidelityAccumulator()
+        for window, window_reference in zip(tokens["windows"], reference.window_logits(), strict=True):
+            fidelity.add(session.score(window), window_reference, window)
+        scoring_seconds = time.perf_counter() - started
+        length = tokens["continuations"].shape[1]
+        generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
+    generation = compare_generation(np.stack(generated), tokens["continuations"])
+    runtime = profile_in_subprocess(candidate.path, settings, num_threads)
+    return Evaluation(
+        file_bytes=candidate.file_bytes,
+        file_ratio=float_model.file_bytes / candidate.file_bytes,
+        weight_bytes=candidate.weight_bytes,
+        weight_ratio=float_model.weight_bytes / candidate.weight_bytes,
+        **asdict(fidelity.result(reference.perplexity)),
+        generation_agreement=generation.agreement,
+        first_divergence=generation.first_divergence,
+        min_first_divergence=generation.min_first_divergence,
+        **asdict(runtime),
+        eval_tokens=int(tokens["windows"].size),
+        eval_tokens_per_s=tokens["windows"].size / scoring_seconds,
+        prefill_tokens_per_s=settings.prefill_len / runtime.prefill_ms * 1000,
+        eval_peak_rss_mb=memory.mb,
+    )
