@@ -14,13 +14,13 @@ sum of the resident memory of all the variant's processes (sampled every 20 ms);
 CPU time is user + system of all of them. Then the full graph (``edge-quant run``:
 evaluation, publishing and reports included), seconds per step and recipe.
 
-    python benchmarks/bench_pipeline.py                  # the bundled demo model
-    python benchmarks/bench_pipeline.py --params 100M    # a random ~100M-parameter Llama, made here
+    python benchmarks/bench_pipeline.py          # the bundled demo model
+
+Real model sizes (135M to 0.5B parameters, bfloat16, real vocabularies) are ``bench_scale.py``'s.
 """
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -33,19 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["float", "dynamic_int8", "weight_only_int8", "fp16", "dynamic_int4_block32", "dynamic_int4_block128"]
 # litert-torch's names for the same recipes (generative.utilities.converter.QuantizationName)
 UPSTREAM_FLAGS = {"float": "none", **{r: r for r in RECIPES[1:]}}
-LARGE_MODEL_GATES = "gates: {max_perplexity_ratio: 1000, min_top1_agreement: 0}\n"
-# A Llama of about 100 M parameters (GPT-2 small scale), random weights, never committed.
-LARGE_CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
 
 
 def _float_model(checkpoint_dir: Path):
@@ -162,26 +149,6 @@ def step_seconds(dagster_home: Path) -> dict[str, dict[str, float]]:
     return steps
 
 
-def count_parameters(checkpoint_dir: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for file in checkpoint_dir.glob("*.safetensors"):
-        with safe_open(str(file), "np") as weights:
-            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    return total
-
-
-def make_large_checkpoint(root: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = root / "random-llama-100m"
-    LlamaForCausalLM(LlamaConfig(**LARGE_CONFIG)).save_pretrained(path)
-    return path
-
-
 def print_results(rows: list[dict], params: float, steps: dict[str, dict[str, float]]) -> None:
     by = {r["variant"]: r for r in rows}
     print(f"\n{'variant':<7} {'what':<44} {'wall s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'largest MB':>11}")
@@ -209,7 +176,6 @@ def print_results(rows: list[dict], params: float, steps: dict[str, dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", choices=["demo", "100M"], default="demo")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,22 +185,18 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="edge-quant-bench-"))
     try:
-        if args.params == "demo":
-            from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+        from edge_quant_pipeline.checkpoints import count_parameters
+        from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
 
-            checkpoint_dir = root / "checkpoints" / "tiny-llama-bytes"
-            shutil.copytree(DEMO_CHECKPOINT_DIR / "tiny-llama-bytes", checkpoint_dir)
-        else:
-            checkpoint_dir = make_large_checkpoint(root / "checkpoints")
+        checkpoint_dir = root / "checkpoints" / "tiny-llama-bytes"
+        shutil.copytree(DEMO_CHECKPOINT_DIR / "tiny-llama-bytes", checkpoint_dir)
         config = json.loads((checkpoint_dir / "config.json").read_text())
-        params = count_parameters(checkpoint_dir)
+        params = count_parameters(checkpoint_dir, config)
         print(
             f"model: {checkpoint_dir.name} ({config['model_type']}, {params / 1e6:.1f} M parameters); "
             f"recipes: {', '.join(RECIPES)}"
         )
-        # Only the built-in recipes. Random weights make the quality gates meaningless (int4 fails them),
-        # and a failed gate is a failed run: for the large model the gates always pass.
-        recipes_yaml = "recipes: {}\n" + (LARGE_MODEL_GATES if args.params == "100M" else "")
+        recipes_yaml = "recipes: {}\n"  # only the built-in recipes
         rows = [measure(v, checkpoint_dir, root / v, recipes_yaml) for v in ("a", "b", "c", "c1", "full")]
         rows.append(measure("d", checkpoint_dir, root / "full", recipes_yaml))  # the same instance as "full"
         print_results(rows, params, step_seconds(root / "full"))

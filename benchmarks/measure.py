@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants, from /proc."""
+def tree_rss_bytes(root: int) -> dict[int, int]:
+    """Resident memory of ``root`` and of each of its descendants, by pid, from /proc."""
     parents, rss = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,18 +35,35 @@ def tree_rss_bytes(root: int) -> int:
         children = {pid for pid, parent in parents.items() if parent in tree} - tree
         tree |= children
         grew = bool(children)
-    return sum(rss.get(pid, 0) for pid in tree)
+    return {pid: rss.get(pid, 0) for pid in tree}
+
+
+def _describe(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
+    except OSError:
+        return "?"
 
 
 class PeakTreeRss(threading.Thread):
+    """Samples the tree's RSS; at each new peak it notes which processes held what, to say where it came from."""
+
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.peak, self.running = pid, 0, True
+        self.started, self.at_peak, self.peak_seconds = time.perf_counter(), {}, 0.0
 
     def run(self) -> None:
         while self.running:
-            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            by_pid = tree_rss_bytes(self.pid)
+            if sum(by_pid.values()) > self.peak:
+                self.peak, self.peak_seconds = sum(by_pid.values()), time.perf_counter() - self.started
+                self.at_peak = {pid: (rss, _describe(pid)) for pid, rss in by_pid.items() if rss > 50 * 2**20}
             time.sleep(0.02)
+
+    def breakdown(self) -> str:
+        """The processes of over 50 MB at the peak, largest first."""
+        return "; ".join(f"{rss / 2**20:.0f} MB {what}" for rss, what in sorted(self.at_peak.values(), reverse=True))
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,8 @@ class Measurement:
     peak_tree_mb: float
     largest_process_mb: float
     status: int
+    peak_at_s: float  # when the tree's peak was seen, seconds after the start
+    peak_breakdown: str  # the processes at that moment, largest first
 
 
 def run_measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> Measurement:
@@ -73,4 +92,6 @@ def run_measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) 
         peak_tree_mb=sampler.peak / 2**20,
         largest_process_mb=usage.ru_maxrss / 1024,
         status=os.waitstatus_to_exitcode(status),
+        peak_at_s=sampler.peak_seconds,
+        peak_breakdown=sampler.breakdown(),
     )

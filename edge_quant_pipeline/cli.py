@@ -28,6 +28,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "fewer start when their estimated memory does not fit",
     )
     run.add_argument(
+        "--memory-gb",
+        type=float,
+        help="how much memory runs side by side may take, by their estimated peaks (default: what the largest "
+        "run needs alone, which the machine must fit anyway; raise it on machines with memory and cores to spare)",
+    )
+    run.add_argument(
         "--convert-only",
         action="store_true",
         help="only checkpoint -> float .tflite -> quantized .tflite; no evaluation, publishing or reports",
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         rebuild_all=args.all,
         jobs=args.jobs,
         conversion_only=args.convert_only,
+        memory_budget_mb=args.memory_gb * 1024 if args.memory_gb else None,
     )
     if summary.interrupted_by:
         stopped = ", ".join(f"{r.job} {r.label}".strip() for r in summary.interrupted) or "none"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.memory import return_freed_memory
+
 
 @dataclass(frozen=True)
 class ExportSettings:
@@ -147,4 +149,6 @@ def quantize_tflite(float_tflite: Path, quantizer_recipe: list[dict[str, Any]], 
     except Exception as error:  # the quantizer raises bare ValueError/RuntimeError for unsupported shapes
         raise QuantizationError(f"ai-edge-quantizer rejected the recipe for {float_tflite}: {error}") from error
     write_atomically(output, result.quantized_model)  # a bytearray, written without a copy
+    del result
+    return_freed_memory()  # the parsed and the quantized model: hand their memory back before evaluation
     return output

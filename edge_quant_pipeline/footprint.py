@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_quant_pipeline.memory import MB
+from edge_quant_pipeline.recipes import Recipe
 
 # A process that imported Dagster, torch, TensorFlow and litert-torch (a conversion run), and one that
 # imported Dagster, ai-edge-litert and ai-edge-quantizer (every other run).
@@ -23,12 +24,17 @@ LITERT_PROCESS_MB = 450
 EXPORT_BYTES_PER_PARAMETER = 12
 EXPORT_MB_PER_LAYER = 45
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
-# writes: 1.8x the float file measured for fp16 (the largest output), 0.4x for int8.
-QUANTIZE_FLOAT_FILES = 2.0
-# The runtime maps its XNNPACK weight cache (about the file's size) and touches the file's own pages for
-# what it does not pack: 1.25x the file measured for a float model. Error localisation runs the float file
-# without XNNPACK (about 1x) beside one prefill's activations.
-RUNTIME_FILES = 1.4
+# writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB
+# float file in 30 layers and 4.0 GB for a 1.9 GB one in 24; with int8 or int4 weights 1.1 and 1.4-1.7 GB.
+QUANTIZE_FLOAT_FILES = {True: 2.0, False: 0.5}  # by whether the recipe writes fp16 weights
+QUANTIZE_MB_PER_LAYER = 20
+# The runtime maps its XNNPACK weight cache (about the float weights' size) and the file's own pages for what
+# it does not pack: 1.4-1.6x the float file measured for the float recipe. Weights stored quantized but
+# computed in float (int8 weight-only, fp16) are also dequantized into float32 buffers, per signature: the
+# runtime alone took 7.95 GB for a weight-only int8 0.5B model (4.0x its 1.98 GB float file). Error
+# localisation, after the session, maps the float file without XNNPACK: about 1x.
+RUNTIME_FILES = 1.7
+DEQUANTIZING_RUNTIME_FILES = 4.3
 # Logits of one window held at once by evaluation: the candidate's, the reference's, float64 blocks.
 WINDOW_LOGIT_COPIES = 4
 
@@ -57,30 +63,33 @@ def float_reference_mb(size: ModelSize) -> float:
     return TORCH_PROCESS_MB + model / MB
 
 
-def quantize_mb(size: ModelSize) -> float:
-    return LITERT_PROCESS_MB + QUANTIZE_FLOAT_FILES * size.float_tflite_bytes / MB
+def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
+    """``recipe`` None: any (the largest)."""
+    files = QUANTIZE_FLOAT_FILES[recipe is None or recipe.writes_fp16]
+    return LITERT_PROCESS_MB + files * size.float_tflite_bytes / MB + QUANTIZE_MB_PER_LAYER * size.layers
 
 
-def evaluation_mb(size: ModelSize) -> float:
-    """For any recipe: no quantized file is larger than the float one."""
-    runtime = RUNTIME_FILES * size.float_tflite_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
+def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
+    """``recipe`` None: any (the largest)."""
+    files = DEQUANTIZING_RUNTIME_FILES if recipe is None or recipe.dequantizes else RUNTIME_FILES
+    runtime = files * size.float_tflite_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
     return LITERT_PROCESS_MB + runtime / MB
 
 
-STEP_ESTIMATES = {
-    "float_tflite": export_mb,
-    "float_reference": float_reference_mb,
-    "quantized_tflite": quantize_mb,
-    "evaluation": evaluation_mb,
-}
+def step_mb(step: str, size: ModelSize, recipe: Recipe | None = None) -> float:
+    """The estimated peak of a step's process (an asset's name) for a recipe's run (None: any recipe); steps
+    that hold no model need the bare process."""
+    if step == "float_tflite":
+        return export_mb(size)
+    if step == "float_reference":
+        return float_reference_mb(size)
+    if step == "quantized_tflite":
+        return quantize_mb(size, recipe)
+    if step == "evaluation":
+        return evaluation_mb(size, recipe)
+    return LITERT_PROCESS_MB
 
 
-def step_mb(step: str, size: ModelSize) -> float:
-    """The estimated peak of a step's process; steps that hold no model need the bare process."""
-    estimate = STEP_ESTIMATES.get(step)
-    return estimate(size) if estimate else LITERT_PROCESS_MB
-
-
-def steps_mb(steps: list[str], size: ModelSize) -> float:
+def steps_mb(steps: list[str], size: ModelSize, recipe: Recipe | None = None) -> float:
     """A run executes its steps one after the other in one process: the largest of them."""
-    return max(step_mb(step, size) for step in steps)
+    return max(step_mb(step, size, recipe) for step in steps)

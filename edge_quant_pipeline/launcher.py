@@ -4,10 +4,10 @@
 the UI would launch, executed in process (``execute_in_process``) on the instance in ``DAGSTER_HOME``. What it
 adds is parallelism across partitions without a daemon, sized by memory:
 
-- every run executes in a fresh worker process that exits when the run ends, so a conversion's torch,
-  TensorFlow and model are gone before anything evaluates, and no run inherits what another left behind;
-- workers are started ahead of their runs (importing Dagster and the code location takes a few seconds), at
-  most ``jobs`` at a time;
+- runs execute in worker processes, at most ``jobs`` at a time, started ahead of their runs (importing Dagster
+  and the code location takes a few seconds). A worker exits after a conversion, so torch, TensorFlow and the
+  model are gone before anything evaluates, and after any run that left it holding more memory than it did
+  when it started; no run inherits what another left behind;
 - a run starts only when its estimated peak (``footprint.py``) fits in the memory available, beside what the
   running ones may still add; a run that could never fit fails at once, saying how much it needs;
 - a worker that dies (the kernel's out-of-memory killer, a person) fails its own run, named, with the signal
@@ -31,6 +31,7 @@ from edge_quant_pipeline.checkpoints import CheckpointError, find_checkpoints
 from edge_quant_pipeline.defs.admission import folder_model_size
 from edge_quant_pipeline.defs.automation import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
 from edge_quant_pipeline.defs.checkpoint import fail_runs_of_dead_processes, process_tags
+from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, steps_mb
@@ -123,7 +124,7 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
     return runs + model_reports
 
 
-# --- a worker: one process, one run ----------------------------------------------------------------
+# --- a worker: a process that executes runs -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ class Worker:
             self.process.terminate()
 
 
-# --- the launcher -----------------------------------------------------------------------------------
+# --- the launcher -------------------------------------------------------------------------------------
 
 
 def _print_outcome(outcome: RunOutcome) -> None:
@@ -298,8 +299,11 @@ def not_started_reason(estimate_mb: float, fits: Admission) -> str:
 class _Launch:
     """The state of one launch: what waits, what runs in which worker, what finished."""
 
-    def __init__(self, runs: list[PlannedRun], estimates: dict[PlannedRun, float], launch: LaunchContext, jobs: int):
+    def __init__(
+        self, runs: list[PlannedRun], estimates: dict[PlannedRun, float], launch: LaunchContext, jobs: int, budget_mb
+    ):
         self.pending, self.estimates, self.launch, self.jobs = list(runs), estimates, launch, jobs
+        self.budget_mb = budget_mb
         self.workers: list[Worker] = []
         self.finished: dict[PlannedRun, bool] = {}  # run -> succeeded
         self.summary = LaunchSummary()
@@ -327,24 +331,44 @@ class _Launch:
                 self.summary.skipped.append(run)
                 print(f"  {run.job:<26} {run.label:<42}         skipped: {failed.job} failed", flush=True)
 
+    @property
+    def in_flight_mb(self) -> float:
+        """The estimated peaks of the runs going on."""
+        return sum(w.estimate_mb for w in self.workers if w.run)
+
+    def fits_budget(self, estimate_mb: float) -> bool:
+        """Beside the runs going on, within the launch's budget; a run alone always fits."""
+        running = self.in_flight_mb
+        return not running or running + estimate_mb <= self.budget_mb
+
     def keep_workers_warm(self) -> None:
-        """As many workers as runs can use, at most ``jobs``, each started ahead of its run."""
-        wanted = min(self.jobs, len(self.pending) + sum(1 for w in self.workers if w.run))
+        """Workers started ahead of their runs, at most ``jobs``, and none kept idle while the runs going on leave
+        no room in the budget for another."""
+        busy = sum(1 for w in self.workers if w.run)
+        room = self.fits_budget(LITERT_PROCESS_MB)
+        wanted = min(self.jobs, busy + (len(self.pending) if room else 0))
         self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
+        if not room:
+            for worker in [w for w in self.workers if w.idle]:
+                worker.dismiss()
+                self.retire(worker)
 
     def start_what_fits(self, ready: list[PlannedRun]) -> None:
         for run in ready:
             worker = next((w for w in self.workers if w.idle), None)
             if worker is None:
                 return
+            estimate = self.estimates[run]
+            if not self.fits_budget(estimate):
+                continue  # a smaller one may fit beside what runs
             others = [w.reservation() for w in self.workers if w is not worker]
-            fits = admission(self.estimates[run] - rss_mb(worker.process.pid), others, machine_memory())
+            fits = admission(estimate - rss_mb(worker.process.pid), others, machine_memory())
             if fits.admitted:
                 self.pending.remove(run)
-                worker.start(run, self.estimates[run])
+                worker.start(run, estimate)
             elif fits.needs_mb > fits.ever_mb:
                 self.pending.remove(run)
-                self.finish(RunOutcome(run, 0.0, [not_started_reason(self.estimates[run], fits)]))
+                self.finish(RunOutcome(run, 0.0, [not_started_reason(estimate, fits)]))
 
     def collect(self) -> None:
         """Wait until a worker is ready, a run ends or a worker dies, and take note."""
@@ -388,11 +412,16 @@ class _Launch:
 
 
 def launch(
-    runs: list[PlannedRun], estimates: dict[PlannedRun, float], context: LaunchContext, jobs: int
+    runs: list[PlannedRun],
+    estimates: dict[PlannedRun, float],
+    context: LaunchContext,
+    jobs: int,
+    budget_mb: float | None = None,
 ) -> LaunchSummary:
-    """Run ``runs`` in dependency order, at most ``jobs`` at a time and as many as fit in memory, printing a
-    line per finished run."""
-    state = _Launch(runs, estimates, context, jobs)
+    """Run ``runs`` in dependency order, at most ``jobs`` at a time, and side by side only while their estimated
+    peaks add up to at most ``budget_mb`` (by default: what the largest of them needs alone, which the machine
+    must fit anyway) and fit in the memory available; print a line per finished run."""
+    state = _Launch(runs, estimates, context, jobs, budget_mb or max(estimates.values(), default=0.0))
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while state.busy:
@@ -428,7 +457,8 @@ def run_estimates(
     for run in runs:
         size = sizes.get(run.model) if run.model else None
         steps = job_asset_names(defs, run.job, conversion_only)
-        estimates[run] = steps_mb(steps, size) if size else LITERT_PROCESS_MB
+        recipe = recipe_catalog.recipes.get(run.recipe) if run.recipe else None
+        estimates[run] = steps_mb(steps, size, recipe) if size else LITERT_PROCESS_MB
     return estimates
 
 
@@ -440,6 +470,7 @@ def materialize(
     rebuild_all: bool = False,
     jobs: int = 1,
     conversion_only: bool = False,
+    memory_budget_mb: float | None = None,
 ) -> LaunchSummary:
     """Rebuild what is out of date (everything with ``rebuild_all``), then the reports that it changed.
 
@@ -459,4 +490,5 @@ def materialize(
     from edge_quant_pipeline.definitions import build_definitions
 
     estimates = run_estimates(runs, pipeline, build_definitions(pipeline), conversion_only)
-    return launch(runs, estimates, LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only), jobs)
+    context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only)
+    return launch(runs, estimates, context, jobs, memory_budget_mb)

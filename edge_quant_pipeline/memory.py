@@ -12,6 +12,7 @@ saying how much it needs and how much there is, when it could never fit.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -42,6 +43,15 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 def rss_mb(pid: int | str = "self") -> float:
     return _status_kb("VmRSS", pid) / 1024
+
+
+def return_freed_memory() -> None:
+    """glibc keeps freed heap memory for the process to reuse, however large; after a large structure is gone
+    (a runtime's buffers), hand it back to the kernel. A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:

@@ -89,6 +89,16 @@ class Recipe:
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
 
+    @property
+    def writes_fp16(self) -> bool:
+        return any(SCHEMES[name].weight_dtype == "FP16" for name in self.schemes_used())
+
+    @property
+    def dequantizes(self) -> bool:
+        """Some weights are stored quantized for float compute (int8 weight-only, fp16): the runtime dequantizes
+        them to float32 buffers, which costs memory."""
+        return any(SCHEMES[name].mode == "WEIGHT_ONLY" for name in self.schemes_used())
+
     def schemes_used(self) -> set[str]:
         used = set()
         for component in COMPONENTS:

@@ -2,12 +2,14 @@
 
 Every published artifact is named by a hash of its inputs (checkpoint bytes,
 recipe spec, toolchain), so a pair is up to date exactly when the artifact for
-its *current* inputs exists. For a stale pair we pick the earliest stage whose
+its *current* inputs exists, or when those inputs failed in a way that would
+repeat (a recipe that does not fit the model, one the quantizer or the runtime
+refuses: "settled"). For a stale pair we pick the earliest stage whose
 input changed; declarative automation then carries the change downstream:
 
 - the checkpoint's bytes or the toolchain changed -> convert the model again;
 - the recipe's spec changed                      -> resolve the recipe again;
-- otherwise (never published, or failed)         -> quantize, evaluate, publish.
+- otherwise (never published, or failed otherwise) -> quantize, evaluate, publish.
 """
 
 from dataclasses import dataclass, field
@@ -50,10 +52,10 @@ def model_is_stale(state: ModelState) -> bool:
 def plan_rebuild(
     models: dict[str, ModelState],
     recipes: dict[str, RecipeState],
-    published: set[tuple[str, str]],
+    settled: set[tuple[str, str]],
     rebuild_all: bool = False,
 ) -> RebuildPlan:
-    """``published``: the (model, recipe) pairs whose artifact for the current inputs exists."""
+    """``settled``: the (model, recipe) pairs published, or failed for good, with their current inputs."""
     plan = RebuildPlan()
     plan.convert = [m for m, state in models.items() if rebuild_all or model_is_stale(state)]
     plan.resolve = [r for r, state in recipes.items() if rebuild_all or state.resolved_hash != state.current_hash]
@@ -61,6 +63,6 @@ def plan_rebuild(
         (model, recipe)
         for model in models
         for recipe in recipes
-        if (model, recipe) not in published and model not in plan.convert and recipe not in plan.resolve
+        if (model, recipe) not in settled and model not in plan.convert and recipe not in plan.resolve
     ]
     return plan

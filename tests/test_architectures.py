@@ -123,6 +123,17 @@ def test_rebuilt_model_matches_transformers(tmp_path, family, overrides):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_load_as_float32(tmp_path, dtype):
+    """As most checkpoints ship: litert-torch's loader casts each tensor to its float32 layers; the rebuilt
+    model computes what transformers computes in float32 from the same (rounded) weights."""
+    tiny_model("qwen2").to(dtype).save_pretrained(tmp_path)
+    assert str(dtype).removeprefix("torch.") == read_checkpoint(tmp_path).hf_config["dtype"]
+    # transformers' own float32 model of the stored weights (its RoPE tables computed in float32, as ours)
+    reference = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    assert max_logit_diff(tmp_path, reference) < 1e-4
+
+
 def test_sharded_safetensors(tmp_path):
     reference = tiny_model("llama")
     reference.save_pretrained(tmp_path, max_shard_size="100KB")

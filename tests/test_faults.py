@@ -362,3 +362,29 @@ def test_dagster_yaml_queues_one_run_per_partition(home):
     with instance_at(home) as instance:
         limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
     assert {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+
+
+def test_a_worker_killed_mid_run_is_named_and_the_launch_goes_on(tmp_path, demo_checkpoint_dir):
+    """The kernel's OOM killer (here: SIGKILL by hand) takes the worker that exports: `edge-quant run` says which
+    run died and how, marks that Dagster run failed, skips what needed it and prints its summary."""
+    home = tmp_path
+    shutil.copy(REPO / "dagster.yaml", home)
+    shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / DEMO_MODEL)
+    process = start_run(home, "worker-killed.log")
+    deadline, worker = time.monotonic() + 240, None
+    while worker is None:
+        assert process.poll() is None, (home / "worker-killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the export never started"
+        with instance_at(home) as instance:
+            runs = started_conversions(instance)
+        if runs and export_scratch(home):
+            worker = int(runs[0].tags[PROCESS_TAG].rpartition(":")[2])  # the process executing the conversion
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    assert process.wait(timeout=120) == 1
+    log = (home / "worker-killed.log").read_text()
+    assert "its worker process was killed by SIGKILL (the kernel's out-of-memory killer, or a person)" in log
+    assert log.count("skipped: convert_checkpoint failed") == len(RECIPES)
+    assert "run(s) failed" in log  # the summary
+    with instance_at(home) as instance:
+        assert started_conversions(instance) == []  # marked failed by the launcher, not left STARTED

@@ -36,9 +36,15 @@ def test_generation_agreement_and_first_divergence():
     assert (result.first_divergence, result.min_first_divergence) == (3.0, 2)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def one_shot(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> dict[str, float]:
     """The formulas over whole (windows, positions, vocab) arrays, as evaluation computed them before it streamed."""
-    log_p, log_q = metrics.log_softmax(reference), metrics.log_softmax(logits)
+    log_p, log_q = log_softmax(reference), log_softmax(logits)
     kl = np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=-1), 0.0)
     targets = windows[:, 1:, None]
     p_correct = np.exp(np.take_along_axis(log_p[:, :-1], targets, axis=-1))
@@ -60,15 +66,17 @@ def one_shot(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> 
 
 @pytest.mark.parametrize("vocab", [50, 3000])
 def test_streamed_equals_one_shot(monkeypatch, vocab):
-    """Window by window and a few rows at a time (blocks of 7 rows here, so blocks straddle nothing and end
-    mid-window), the accumulator gives the one-shot numbers."""
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 7 * vocab)
+    """Chunk by chunk, and within a chunk a few rows at a time (blocks of 3 here), the accumulator gives the
+    one-shot numbers."""
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 3 * vocab)
     rng = np.random.default_rng(1)
     reference = rng.normal(scale=3, size=(5, 24, vocab)).astype(np.float32)
     logits = (reference + rng.normal(scale=0.3, size=reference.shape)).astype(np.float32)
     windows = rng.integers(0, vocab, size=(5, 24))
     accumulator = FidelityAccumulator()
-    for w in range(len(windows)):
-        accumulator.add(logits[w], reference[w], windows[w])
+    for w in range(len(windows)):  # in chunks of 5 positions, the last one shorter and ending its window
+        for start in range(0, 24, 5):
+            rows = slice(start, start + 5)
+            accumulator.add(logits[w, rows], reference[w, rows], windows[w, start + 1 : start + 6])
     streamed = vars(accumulator.result(perplexity(reference, windows)))
     assert streamed == pytest.approx(one_shot(logits, reference, windows), rel=1e-6)

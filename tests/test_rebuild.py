@@ -8,12 +8,15 @@ import shutil
 import dagster as dg
 import pytest
 
+from edge_quant_pipeline.checkpoints import read_checkpoint
 from edge_quant_pipeline.definitions import defs
 from edge_quant_pipeline.defs.automation import nightly_schedules
+from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.launcher import materialize
+from edge_quant_pipeline.publish import record_failure
 
 RECIPES = recipe_catalog.names
 MODELS = ["alpha", "beta"]
@@ -143,6 +146,27 @@ def test_a_failed_or_missing_pair_is_requested_nightly(world):
             "quantize_evaluate_publish": ["alpha|dynamic_int8"],
         }
     finally:
+        shutil.move(hidden, published)
+
+
+@pytest.mark.parametrize(
+    "stage, retried", [("recipe validation", False), ("interpreter", False), ("quality gate", True)]
+)
+def test_a_pair_that_failed_in_a_way_that_would_repeat_is_not_retried(world, stage, retried):
+    """Without a published version, a (model, recipe) whose current inputs failed validation, quantization or the
+    runtime is settled (the same inputs would fail again); one that failed a gate is retried, since gates may
+    have changed."""
+    instance, pipeline, root = world
+    published = root / "artifacts" / "alpha" / "dynamic_int8"
+    hidden = root / "hidden"
+    shutil.move(published, hidden)
+    try:
+        checkpoint = read_checkpoint(root / "checkpoints" / "alpha")
+        record_failure(pipeline.store, artifact_inputs(checkpoint, recipe_catalog.get("dynamic_int8")), stage, "x")
+        requested = nightly_requests(instance, pipeline, rebuild_all=False)["quantize_evaluate_publish"]
+        assert requested == (["alpha|dynamic_int8"] if retried else [])
+    finally:
+        shutil.rmtree(published, ignore_errors=True)
         shutil.move(hidden, published)
 
 

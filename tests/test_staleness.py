@@ -7,11 +7,11 @@ FRESH_RECIPE = RecipeState(current_hash="r1", resolved_hash="r1")
 ALL_PUBLISHED = {(m, r) for m in ("m1", "m2") for r in ("a", "b")}
 
 
-def plan(models=None, recipes=None, published=ALL_PUBLISHED, rebuild_all=False):
+def plan(models=None, recipes=None, settled=ALL_PUBLISHED, rebuild_all=False):
     return plan_rebuild(
         {"m1": FRESH_MODEL, "m2": FRESH_MODEL, **(models or {})},
         {"a": FRESH_RECIPE, "b": FRESH_RECIPE, **(recipes or {})},
-        published,
+        settled,
         rebuild_all,
     )
 
@@ -23,7 +23,7 @@ def test_nothing_changed_plans_nothing():
 def test_an_edited_recipe_is_resolved_again_and_nothing_else():
     result = plan(
         recipes={"b": RecipeState(current_hash="r2", resolved_hash="r1")},
-        published=ALL_PUBLISHED - {("m1", "b"), ("m2", "b")},
+        settled=ALL_PUBLISHED - {("m1", "b"), ("m2", "b")},
     )
     assert (result.convert, result.resolve, result.quantize) == ([], ["b"], [])
     assert result.affected_pairs(["m1", "m2"], ["a", "b"]) == [("m1", "b"), ("m2", "b")]
@@ -35,7 +35,7 @@ def test_a_toolchain_upgrade_reconverts():
 
 
 def test_a_failed_pair_is_quantized_again_on_its_own():
-    result = plan(published=ALL_PUBLISHED - {("m1", "a")})
+    result = plan(settled=ALL_PUBLISHED - {("m1", "a")})
     assert (result.convert, result.resolve, result.quantize) == ([], [], [("m1", "a")])
 
 

@@ -13,6 +13,7 @@ from edge_quant_pipeline.checkpoints import Checkpoint, count_parameters, model_
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.footprint import ModelSize, step_mb
 from edge_quant_pipeline.memory import MemoryLedger, PeakMemory
+from edge_quant_pipeline.recipes import Recipe
 
 
 def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_bytes: int | None = None) -> ModelSize:
@@ -57,11 +58,12 @@ class StepUsage:
 
 
 @contextmanager
-def admitted(context: dg.AssetExecutionContext, size: ModelSize) -> Iterator[StepUsage]:
-    """Reserve this step's estimated peak on the machine's ledger (waiting while other steps hold the memory)
-    and measure what it takes; a step that could never fit raises ``NotEnoughMemoryError`` before any work."""
+def admitted(context: dg.AssetExecutionContext, size: ModelSize, recipe: Recipe | None = None) -> Iterator[StepUsage]:
+    """Reserve this step's estimated peak (for ``recipe``'s run, if it is one) on the machine's ledger, waiting
+    while other steps hold the memory, and measure what it takes; a step that could never fit raises
+    ``NotEnoughMemoryError`` before any work."""
     step = context.assets_def.key.path[-1]
-    usage = StepUsage(estimate_mb=step_mb(step, size))
+    usage = StepUsage(estimate_mb=step_mb(step, size, recipe))
     label = f"{step} [{context.partition_key}]"
     with MemoryLedger(settings.memory_ledger()).reserved(usage.estimate_mb, label, context.log.info):
         cpu = time.process_time()

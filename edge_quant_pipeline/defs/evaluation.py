@@ -86,7 +86,8 @@ def evaluation(
     inputs = artifact_inputs(checkpoint, quant_recipe)
     settings, threads = pipeline.export_settings, pipeline.interpreter_threads
     try:
-        with admitted(context, model_size(checkpoint, pipeline, float_tflite.file_bytes)) as usage:
+        size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
+        with admitted(context, size, quant_recipe) as usage:
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads)
             hotspots = localization_metadata(pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:

@@ -76,7 +76,8 @@ def quantized_tflite(
     except RecipeError as error:
         raise rejected(pipeline, inputs, "recipe validation", error) from None
     try:
-        with admitted(context, model_size(checkpoint, pipeline, float_tflite.file_bytes)) as usage:
+        size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
+        with admitted(context, size, quant_recipe) as usage:
             if quant_recipe.is_float:
                 link_or_copy(float_tflite.path, output)
             else:

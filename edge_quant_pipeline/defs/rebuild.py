@@ -14,7 +14,7 @@ from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.publish import published_manifest
+from edge_quant_pipeline.publish import failure_record, published_manifest
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -50,6 +50,20 @@ def _model_state(instance: dg.DagsterInstance, model_id: str, checkpoint: Checkp
     )
 
 
+# Failures that the same inputs would meet again: the recipe does not fit the model, ai-edge-quantizer or the
+# runtime refuse it. A failed quality gate is retried (gates are not part of the inputs yet, and may have
+# changed), and so is a run that died without recording why.
+REPEATABLE_FAILURES = ("recipe validation", "quantization", "interpreter")
+
+
+def is_settled(store, inputs) -> bool:
+    """Published for these inputs, or failed for them in a way that would repeat."""
+    if published_manifest(store, inputs) is not None:
+        return True
+    record = failure_record(store, inputs)
+    return record is not None and record.get("stage") in REPEATABLE_FAILURES
+
+
 def rebuild_plan(
     instance: dg.DagsterInstance,
     pipeline: PipelineConfig,
@@ -69,12 +83,12 @@ def rebuild_plan(
         for name in recipes or recipe_catalog.names
         if name in recipe_catalog.recipes and name not in recipe_catalog.errors
     }
-    published = {
+    settled = {
         (model_id, name)
         for model_id, checkpoint in checkpoints.items()
         if checkpoint is not None
         for name, recipe in usable.items()
-        if published_manifest(pipeline.store, artifact_inputs(checkpoint, recipe)) is not None
+        if is_settled(pipeline.store, artifact_inputs(checkpoint, recipe))
     }
     return plan_rebuild(
         models={m: _model_state(instance, m, c) for m, c in checkpoints.items()},
@@ -82,7 +96,7 @@ def rebuild_plan(
             name: RecipeState(r.spec_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
             for name, r in usable.items()
         },
-        published=published,
+        settled=settled,
         rebuild_all=rebuild_all,
     )
 

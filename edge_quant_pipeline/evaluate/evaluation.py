@@ -66,18 +66,24 @@ def evaluate(
     settings: ExportSettings,
     num_threads: int,
 ) -> Evaluation:
+    # The profile's fresh process first, while this one holds no runtime: the two never hold one each at once.
+    runtime = profile_in_subprocess(candidate.path, settings, num_threads)
     tokens = reference.tokens()
-    # The session is closed before the profile's fresh process maps the file again: never two at once.
-    with PeakMemory() as memory, InterpreterSession(candidate.path, settings, num_threads) as session:
+    with (
+        PeakMemory() as memory,
+        InterpreterSession(candidate.path, settings, num_threads) as session,
+        reference.logits() as stored,
+    ):
         started = time.perf_counter()
         fidelity = FidelityAccumulator()
-        for window, window_reference in zip(tokens["windows"], reference.window_logits(), strict=True):
-            fidelity.add(session.score(window), window_reference, window)
+        for w, window in enumerate(tokens["windows"]):
+            for start, logits in session.score_chunks(window):
+                targets = window[start + 1 : start + len(logits) + 1]
+                fidelity.add(logits, stored.rows(w, start, len(logits)), targets)
         scoring_seconds = time.perf_counter() - started
         length = tokens["continuations"].shape[1]
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
     generation = compare_generation(np.stack(generated), tokens["continuations"])
-    runtime = profile_in_subprocess(candidate.path, settings, num_threads)
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,

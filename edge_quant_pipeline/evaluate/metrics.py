@@ -1,8 +1,8 @@
-"""Fidelity of a candidate's next-token distributions to the float model's, accumulated window by window.
+"""Fidelity of a candidate's next-token distributions to the float model's, accumulated chunk by chunk.
 
-Like llama.cpp's KL-divergence mode, nothing of size tokens x vocabulary is ever held: each window's
-logits are folded into running sums, in float64 and a few rows at a time, and only one float32 KL value
-per position is kept (for its percentiles). What is scored, per window of ``n`` tokens ``t_0 ... t_{n-1}``
+Like llama.cpp's KL-divergence mode, nothing of size tokens x vocabulary is ever held: the logits of a few
+positions at a time are folded into running sums, in float64, and only one float32 KL value per position is
+kept (for its percentiles). What is scored, per window of ``n`` tokens ``t_0 ... t_{n-1}``
 with logits ``l_0 ... l_{n-1}`` (``l_i`` predicts ``t_{i+1}``):
 
 - KL(float || candidate) and top-1 agreement: at every position ``i`` (``n`` per window);
@@ -12,6 +12,8 @@ with logits ``l_0 ... l_{n-1}`` (``l_i`` predicts ``t_{i+1}``):
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,24 +22,27 @@ import numpy as np
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def _row_blocks(rows: int, vocab: int) -> list[slice]:
     step = max(1, _BLOCK_ELEMENTS // vocab)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+def _logsumexp(logits64: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: log(sum(exp(l))), and exp(l - max) with its row sums (the probabilities, undivided)."""
+    peak = logits64.max(axis=-1, keepdims=True)
+    shifted = np.exp(logits64 - peak)
+    total = shifted.sum(axis=-1)
+    return np.log(total) + peak[:, 0], shifted, total
+
+
 def target_nll_sum(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
     """Sum of -log p(t_{i+1}) over the positions of one window that have a next token, and their count."""
-    total = 0.0
-    for rows in _row_blocks(len(tokens) - 1, logits.shape[-1]):
-        log_probs = log_softmax(logits[rows])
-        total -= float(np.take_along_axis(log_probs, tokens[1:][rows, None], axis=-1).sum())
-    return total, len(tokens) - 1
+    total, targets = 0.0, tokens[1:]
+    for rows in _row_blocks(len(targets), logits.shape[-1]):
+        block = logits[rows].astype(np.float64)
+        lse, _, _ = _logsumexp(block)
+        total -= float((block[np.arange(len(block)), targets[rows]] - lse).sum())
+    return total, len(targets)
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,42 @@ class Fidelity:
     logits_sqnr_db: float  # signal-to-quantization-noise ratio of the logits
 
 
+@dataclass(frozen=True)
+class _BlockSums:
+    kl: np.ndarray
+    top1_matches: int
+    nll: float
+    delta_p: float
+    targets: int
+    signal: float
+    noise: float
+
+
+def _block_sums(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> _BlockSums:
+    # With lse = log(sum(exp(l))): log p = l_ref - lse_ref and log q = l - lse, so
+    # KL(p || q) = sum p * (l_ref - l) - (lse_ref - lse): no array of log-probabilities is made.
+    reference64, logits64 = reference.astype(np.float64), logits.astype(np.float64)
+    lse_p, p_undivided, p_total = _logsumexp(reference64)
+    lse_q, _, _ = _logsumexp(logits64)
+    difference = reference64 - logits64
+    kl = np.einsum("ij,ij->i", p_undivided, difference) / p_total - (lse_p - lse_q)
+    scored = np.arange(len(targets))
+    log_q_true = logits64[scored, targets] - lse_q[scored]
+    log_p_true = reference64[scored, targets] - lse_p[scored]
+    return _BlockSums(
+        kl=np.maximum(kl, 0.0).astype(np.float32),
+        top1_matches=int((logits.argmax(-1) == reference.argmax(-1)).sum()),
+        nll=-float(log_q_true.sum()),
+        delta_p=float((np.exp(log_q_true) - np.exp(log_p_true)).sum()),
+        targets=len(targets),
+        signal=float(np.einsum("ij,ij->", reference64, reference64)),
+        noise=float(np.einsum("ij,ij->", difference, difference)),
+    )
+
+
 @dataclass
 class FidelityAccumulator:
-    """Running sums over windows; ``add`` one window's logits at a time, then ``result``."""
+    """Running sums; ``add`` the logits of some consecutive positions at a time (a chunk), then ``result``."""
 
     nll: float = 0.0
     targets: int = 0
@@ -66,25 +104,27 @@ class FidelityAccumulator:
     noise: float = 0.0
     kl: list[np.ndarray] = field(default_factory=list)  # float32, one value per position
 
-    def add(self, logits: np.ndarray, reference: np.ndarray, tokens: np.ndarray) -> None:
-        """One window: candidate and float logits of shape (len(tokens), vocab), and its tokens."""
-        for rows in _row_blocks(len(tokens), logits.shape[-1]):
-            self._add_block(logits[rows], reference[rows], tokens[rows][1:], tokens[rows.stop : rows.stop + 1])
+    def add(self, logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> None:
+        """Candidate and float logits of shape (positions, vocab), and the true next token of each position that
+        has one: all of them, or all but the last when the chunk ends its window."""
+        blocks = [(logits[rows], reference[rows], targets[rows]) for rows in _row_blocks(len(logits), logits.shape[-1])]
+        if len(blocks) == 1:
+            sums = [_block_sums(*blocks[0])]
+        else:  # numpy releases the GIL in its loops: blocks side by side on the cores
+            with ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1)) as pool:
+                sums = list(pool.map(lambda block: _block_sums(*block), blocks))
+        for block in sums:
+            self.kl.append(block.kl)
+            self.top1_matches += block.top1_matches
+            self.nll += block.nll
+            self.delta_p += block.delta_p
+            self.targets += block.targets
+            self.signal += block.signal
+            self.noise += block.noise
 
-    def _add_block(self, logits: np.ndarray, reference: np.ndarray, next_in_block, next_after) -> None:
-        # Targets: the next token of every row but a window's last, which has none.
-        targets = np.concatenate([next_in_block, next_after])
-        log_p, log_q = log_softmax(reference), log_softmax(logits)
-        p = np.exp(log_p)
-        self.kl.append(np.maximum((p * (log_p - log_q)).sum(axis=-1), 0.0).astype(np.float32))
-        self.top1_matches += int((logits.argmax(-1) == reference.argmax(-1)).sum())
-        scored = np.arange(len(targets))
-        self.nll -= float(log_q[scored, targets].sum())
-        self.delta_p += float((np.exp(log_q[scored, targets]) - p[scored, targets]).sum())
-        self.targets += len(targets)
-        reference64 = reference.astype(np.float64)
-        self.signal += float(np.square(reference64).sum())
-        self.noise += float(np.square(logits.astype(np.float64) - reference64).sum())
+    def add_window(self, logits: np.ndarray, reference: np.ndarray, tokens: np.ndarray) -> None:
+        """All positions of one window at once."""
+        self.add(logits, reference, tokens[1:])
 
     def result(self, reference_perplexity: float) -> Fidelity:
         kl = np.concatenate(self.kl).astype(np.float64)
@@ -111,7 +151,7 @@ def compare(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> F
     """The accumulator over arrays already in memory (small models and tests)."""
     accumulator = FidelityAccumulator()
     for w_logits, w_reference, w_tokens in zip(logits, reference, windows, strict=True):
-        accumulator.add(w_logits, w_reference, w_tokens)
+        accumulator.add_window(w_logits, w_reference, w_tokens)
     return accumulator.result(perplexity(reference, windows))
 
 

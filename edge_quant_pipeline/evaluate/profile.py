@@ -9,6 +9,7 @@ process holds the float reference and Dagster. It imports just numpy and ai-edge
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     result = profile(args.tflite, ExportSettings(args.prefill_len, args.kv_cache_len), args.threads)
-    print(json.dumps(asdict(result)))
+    print(json.dumps(asdict(result)), flush=True)
+    os._exit(0)  # without the teardown, in which LiteRT logs the end of its accelerators
 
 
 if __name__ == "__main__":

@@ -3,15 +3,16 @@
 The float reference is a folder, written once per checkpoint and read by every recipe's evaluation:
 
 - ``logits.npy``: the PyTorch model's logits at every position of every window, float32 exactly as torch
-  computed them, shape (windows, window_len, vocab). It is written and read one window at a time with
-  plain file reads (no memory map, whose pages would count towards the reader's RSS), so memory holds one
-  window's logits, whatever the number of windows or the vocabulary;
+  computed them, shape (windows, window_len, vocab). It is written a window at a time and read a chunk of
+  positions at a time, with plain file reads (no memory map, whose pages would count towards the reader's
+  RSS), so memory holds one window's logits at most, whatever the number of windows or the vocabulary;
 - ``tokens.npz``: the windows' tokens, the generation prompts and the model's greedy continuations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +78,27 @@ class FloatReference:
         with np.load(self.path / TOKENS_FILE) as data:
             return {key: data[key] for key in data.files}
 
-    def window_logits(self) -> Iterator[np.ndarray]:
-        """The float logits of each window in turn, shape (window_len, vocab), read from disk one at a time."""
+    @contextmanager
+    def logits(self) -> Iterator["StoredLogits"]:
+        """The stored float logits, open for reading a few positions at a time."""
         with (self.path / LOGITS_FILE).open("rb") as stream:
-            version = np.lib.format.read_magic(stream)
-            shape, _, dtype = _READ_HEADER[version](stream)
-            for _ in range(shape[0]):
-                yield np.fromfile(stream, dtype=dtype, count=shape[1] * shape[2]).reshape(shape[1:])
+            yield StoredLogits(stream)
+
+
+class StoredLogits:
+    """Reads rows of the (windows, positions, vocab) float32 ``.npy`` with plain reads."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        version = np.lib.format.read_magic(stream)
+        self.shape, _, self.dtype = _READ_HEADER[version](stream)
+        self.offset = stream.tell()
+
+    def rows(self, window: int, start: int, count: int) -> np.ndarray:
+        """Positions ``start ... start + count - 1`` of ``window``, shape (count, vocab)."""
+        _, positions, vocab = self.shape
+        self.stream.seek(self.offset + (window * positions + start) * vocab * self.dtype.itemsize)
+        return np.fromfile(self.stream, dtype=self.dtype, count=count * vocab).reshape(count, vocab)
 
 
 class _LogitsWriter:

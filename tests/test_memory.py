@@ -1,0 +1,107 @@
+"""Admission by memory: the arithmetic, and the ledger shared by real processes on this machine."""
+
+import multiprocessing
+import time
+
+import pytest
+
+from edge_quant_pipeline.footprint import ModelSize, step_mb
+from edge_quant_pipeline.memory import (
+    MachineMemory,
+    MemoryLedger,
+    NotEnoughMemoryError,
+    Reservation,
+    admission,
+    machine_memory,
+    rss_mb,
+)
+from edge_quant_pipeline.recipes import BUILTIN_RECIPES
+
+MACHINE = MachineMemory(total_mb=24_000, available_mb=20_000)  # headroom: 5% of the total, 1,200 MB
+
+
+def holder(mb: float) -> Reservation:
+    """A reservation held by this test process (whose RSS counts towards what it has taken already)."""
+    import os
+
+    return Reservation(os.getpid(), "", mb, "holder")
+
+
+def test_a_step_fits_in_what_is_available_less_what_running_steps_may_still_add():
+    grown = rss_mb()
+    assert admission(10_000, [], MACHINE).admitted
+    assert not admission(19_000, [], MACHINE).admitted  # 20,000 available, 1,200 kept free
+    waits = admission(10_000, [holder(grown + 9_000)], MACHINE)  # the holder may still add 9,000
+    assert not waits.admitted and waits.free_mb == pytest.approx(20_000 - 1_200 - 9_000, abs=1)
+    assert waits.needs_mb <= waits.ever_mb  # it fits once the holder is done: wait, do not fail
+
+
+def test_a_step_that_could_never_fit_fails_at_once_saying_what_it_needs(tmp_path):
+    ledger = MemoryLedger(tmp_path / "ledger.json")
+    needs = 4 * machine_memory().total_mb
+    started = time.monotonic()
+    with pytest.raises(NotEnoughMemoryError, match=r"export \[m\] needs about .* GB of memory .* at most .* GB"):
+        with ledger.reserved(needs, "export [m]", on_wait=print):
+            pass
+    assert time.monotonic() - started < 1
+
+
+def _hold(path, mb: float, seconds: float, held) -> None:
+    with MemoryLedger(path).reserved(mb, "big step [other process]", on_wait=print):
+        held.set()
+        time.sleep(seconds)
+
+
+def test_a_step_waits_while_another_process_holds_the_memory(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    machine = machine_memory()
+    # The other process reserves nearly all that is free: a step of 1 GB must wait for it to finish.
+    big = machine.available_mb - max(1024, 0.05 * machine.total_mb) - 512
+    held = multiprocessing.get_context("spawn").Event()
+    other = multiprocessing.get_context("spawn").Process(target=_hold, args=(path, big, 3.0, held))
+    other.start()
+    assert held.wait(60)
+    monkeypatch.setattr("edge_quant_pipeline.memory.WAIT_POLL_SECONDS", 0.2)
+    messages = []
+    started = time.monotonic()
+    with MemoryLedger(path).reserved(rss_mb() + 1024, "small step [this process]", on_wait=messages.append):
+        waited = time.monotonic() - started
+    other.join()
+    assert waited > 1.0, "admitted while the other process held the memory"
+    assert "waiting for 1.0 GB of memory" in messages[0] and "big step [other process]" in messages[0]
+
+
+def test_reservations_of_dead_processes_are_dropped(tmp_path):
+    path = tmp_path / "ledger.json"
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    path.write_text(f'[{{"pid": {dead.pid}, "started": "1", "mb": 1e9, "label": "gone"}}]')
+    assert MemoryLedger(path).try_reserve(rss_mb() + 100, "step").admitted
+
+
+SHAPES = {  # the real configs' sizes (edge_quant_pipeline.synthetic), float files as exported
+    "smollm2-135m": ModelSize(134_515_008, 30, 49_152, 269_060_552, 540_453_760, 128),
+    "qwen2.5-0.5b": ModelSize(494_032_768, 24, 151_936, 988_097_824, 1_977_895_968, 128),
+}
+# Peaks measured on this machine kind, MB (benchmarks/bench_scale.py: each step's process; for a recipe that
+# dequantizes, the runtime alone, which is the larger part of its evaluation).
+MEASURED = [
+    ("smollm2-135m", "float_tflite", None, 3_790),
+    ("smollm2-135m", "float_reference", None, 1_950),
+    ("smollm2-135m", "quantized_tflite", "fp16", 1_900),
+    ("smollm2-135m", "quantized_tflite", "dynamic_int8", 1_070),
+    ("smollm2-135m", "evaluation", "float", 1_080),
+    ("qwen2.5-0.5b", "float_tflite", None, 7_510),
+    ("qwen2.5-0.5b", "float_reference", None, 3_980),
+    ("qwen2.5-0.5b", "quantized_tflite", "fp16", 4_020),
+    ("qwen2.5-0.5b", "quantized_tflite", "dynamic_int8", 1_360),
+    ("qwen2.5-0.5b", "evaluation", "float", 2_910),
+    ("qwen2.5-0.5b", "evaluation", "weight_only_int8", 7_950),
+]
+
+
+@pytest.mark.parametrize("shape, step, recipe, measured", MEASURED)
+def test_estimates_are_above_the_measured_peaks_but_not_far(shape, step, recipe, measured):
+    estimate = step_mb(step, SHAPES[shape], BUILTIN_RECIPES[recipe] if recipe else None)
+    assert measured <= estimate <= 1.5 * measured
