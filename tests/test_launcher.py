@@ -4,9 +4,12 @@ import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+import dagster as dg
+
 from edge_quant_pipeline.definitions import pipeline_config_from_env
 from edge_quant_pipeline.defs.rebuild import DueReports
-from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, plan_runs
+from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, launch, plan_runs
+from edge_quant_pipeline.memory import machine_memory
 from edge_quant_pipeline.staleness import RebuildPlan
 
 MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
@@ -64,3 +67,15 @@ def test_a_model_recipe_run_needs_no_torch(pipeline_run, demo_checkpoint_dir):
     assert failures == []
     assert {"ai_edge_quantizer", "ai_edge_litert"} <= modules
     assert not {"torch", "tensorflow", "litert_torch"} & modules
+
+
+def test_a_run_that_could_never_fit_is_not_started():
+    """Its estimate exceeds all this machine could give it: it fails at once, saying so, and nothing runs."""
+    run = PlannedRun("convert_checkpoint", model="huge")
+    with dg.instance_for_test() as instance:
+        context = LaunchContext(instance.get_ref(), pipeline_config_from_env().model_dump(), conversion_only=False)
+        summary = launch([run], {run: 2 * machine_memory().total_mb}, context, jobs=1)
+        assert instance.get_runs() == []
+    (outcome,) = summary.outcomes
+    assert outcome.failures[0].startswith("not started: it needs about")
+    assert "Run it on a machine with more memory" in outcome.failures[0]
