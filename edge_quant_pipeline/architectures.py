@@ -12,7 +12,9 @@ A config that a family's litert-torch layers would compute differently from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,12 +78,66 @@ def _require(condition: bool, reason: str) -> None:
         raise UnsupportedArchitectureError(reason)
 
 
-def _rope_base(hf_config: dict[str, Any], layer_type: str | None = None, default: float = 10000.0) -> float:
-    """litert-torch's layers compute plain RoPE only; scaled variants would change every logit."""
+def _rope_type(hf_config: dict[str, Any], layer_type: str | None = None) -> str:
     params = rope_parameters(hf_config, layer_type) or hf_config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _rope_base(hf_config: dict[str, Any], layer_type: str | None = None, default: float = 10000.0) -> float:
+    """For families whose litert-torch layers compute plain RoPE only: scaled variants would change every logit."""
+    rope_type = _rope_type(hf_config, layer_type)
     _require(rope_type == "default", f"RoPE scaling {rope_type!r} is not supported, only plain RoPE.")
     return rope_theta(hf_config, layer_type, default)
+
+
+SCALED_ROPE_TYPES = ("llama3", "longrope")
+
+
+def _rope_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig`` fields for the config's RoPE: none for plain RoPE."""
+    rope_type = _rope_type(hf_config)
+    if rope_type == "default":
+        return {}
+    _require(
+        rope_type in SCALED_ROPE_TYPES,
+        f"RoPE scaling {rope_type!r} is not supported, only plain RoPE, {' and '.join(SCALED_ROPE_TYPES)}.",
+    )
+    return _scaled_rope(hf_config)
+
+
+def _scaled_rope(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig`` fields for the RoPE scalings litert-torch's own examples build: Llama 3.1/3.2's
+    (``examples/llama``) and Phi-3.5/4-mini's LongRoPE (``examples/phi``), with the config's factors."""
+    import torch
+
+    params = {**(hf_config.get("rope_scaling") or {}), **rope_parameters(hf_config)}
+    # configs written before transformers 5 keep it at the top level
+    original_length = params.get("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
+    common = dict(condense_ratio=1, dtype=torch.float32, device=torch.device("cpu"))
+    if _rope_type(hf_config) == "llama3":
+        from litert_torch.generative.examples.llama import llama
+
+        build = partial(
+            llama._build_llama3_rope_cache,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            max_seq_len=int(original_length),
+            **common,
+        )
+        return dict(build_rope=build)
+    from litert_torch.generative.examples.phi import phi3
+
+    _require(original_length is not None, "LongRoPE needs original_max_position_embeddings.")
+    # As transformers computes it: the factor defaults to how far the context was stretched.
+    factor = params.get("factor") or _max_positions(hf_config) / original_length
+    scale = params.get("attention_factor") or (
+        math.sqrt(1 + math.log(factor) / math.log(original_length)) if factor > 1 else 1.0
+    )
+    build = partial(phi3._build_phi3_rope, theta_factors=torch.tensor(params["short_factor"]), scale=scale, **common)
+    # transformers switches to long_factor once a position passes original_max_position_embeddings;
+    # one export has one RoPE table, so it covers the short range only.
+    return dict(build_rope=build, max_seq_len=min(_attended_length(hf_config), int(original_length)))
 
 
 def _head_dim(hf_config: dict[str, Any]) -> int:
@@ -100,24 +156,36 @@ def _rms_norm(hf_config: dict[str, Any], zero_centered: bool = False):
     )
 
 
-_ACTIVATIONS = {"silu": "SILU", "gelu": "GELU", "gelu_pytorch_tanh": "GELU_TANH"}
+# gelu_new is Phi's name for the tanh approximation
+_ACTIVATIONS = {"silu": "SILU", "gelu": "GELU", "gelu_pytorch_tanh": "GELU_TANH", "gelu_new": "GELU_TANH"}
+
+
+def _activation(name: str):
+    from litert_torch.generative.layers import model_config as cfg
+
+    _require(name in _ACTIVATIONS, f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)}).")
+    return cfg.ActivationConfig(cfg.ActivationType[_ACTIVATIONS[name]])
 
 
 def _gated_feedforward(hf_config: dict[str, Any], activation: str, **family: Any):
     from litert_torch.generative.layers import model_config as cfg
 
-    _require(activation in _ACTIVATIONS, f"activation {activation!r} is not supported ({', '.join(_ACTIVATIONS)}).")
     return cfg.FeedForwardConfig(
         type=cfg.FeedForwardType.GATED,
-        activation=cfg.ActivationConfig(cfg.ActivationType[_ACTIVATIONS[activation]]),
+        activation=_activation(activation),
         intermediate_size=hf_config["intermediate_size"],
         use_bias=hf_config.get("mlp_bias", False),
         **family,
     )
 
 
+def _partial_rotary(hf_config: dict[str, Any]) -> float:
+    return rope_parameters(hf_config).get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+
+
 def _attention(hf_config: dict[str, Any], rotary_base: float | None = None, **family: Any):
-    """``rotary_base`` is given only by families whose layers differ in it (Gemma 3)."""
+    """``rotary_base`` is given only by families whose layers differ in it (Gemma 3); the RoPE scaling
+    of the others is checked by their family (``_rope_fields``)."""
     from litert_torch.generative.layers import model_config as cfg
 
     num_heads = hf_config["num_attention_heads"]
@@ -126,7 +194,7 @@ def _attention(hf_config: dict[str, Any], rotary_base: float | None = None, **fa
         num_heads=num_heads,
         head_dim=_head_dim(hf_config),
         num_query_groups=hf_config.get("num_key_value_heads") or num_heads,
-        rotary_base=_rope_base(hf_config) if rotary_base is None else rotary_base,
+        rotary_base=rope_theta(hf_config) if rotary_base is None else rotary_base,
         rotary_percentage=1.0,
         qkv_use_bias=bias,
         output_proj_use_bias=bias,
@@ -197,6 +265,11 @@ def _attended_length(hf_config: dict[str, Any]) -> int:
     return min(_max_positions(hf_config), window) if window else _max_positions(hf_config)
 
 
+def _positions(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig`` fields for the positions of a family with global attention: how many, and their RoPE."""
+    return {"max_seq_len": _attended_length(hf_config), **_rope_fields(hf_config)}
+
+
 def _pre_norm_family(
     hf_config: dict[str, Any],
     *,
@@ -225,8 +298,7 @@ def _pre_norm_family(
         model_builder.DecoderOnlyModel,
         tied_default=tied_default,
         names=names or {},
-        max_seq_len=_attended_length(hf_config),
-        **model_fields,
+        **{**_positions(hf_config), **model_fields},
     )
 
 
@@ -249,7 +321,6 @@ def _phi3(hf_config: dict[str, Any]) -> Architecture:
     from litert_torch.generative.layers import model_config as cfg
 
     _require(hf_config.get("hidden_act", "silu") == "silu", "Phi-3's fused gate_up_proj is rebuilt as SiLU-GLU only.")
-    rotary = rope_parameters(hf_config).get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
     # gate_up_proj holds [gate; up]: one linear layer whose SiLU-GLU activation splits it the same way.
     feedforward = cfg.FeedForwardConfig(
         type=cfg.FeedForwardType.SEQUENTIAL,
@@ -258,12 +329,53 @@ def _phi3(hf_config: dict[str, Any]) -> Architecture:
     )
     return _pre_norm_family(
         hf_config,
-        attention=dict(rotary_percentage=rotary),
+        attention=dict(rotary_percentage=_partial_rotary(hf_config)),
         feedforward=feedforward,
         # the loader reads the fused qkv_proj whenever it is named; a sequential feedforward reads up and down only
         names=dict(
             attn_fused_qkv_proj="model.layers.{}.self_attn.qkv_proj", ff_up_proj="model.layers.{}.mlp.gate_up_proj"
         ),
+    )
+
+
+def _phi(hf_config: dict[str, Any]) -> Architecture:
+    """Phi-1, 1.5 and 2 (litert-torch's ``examples/phi/phi2.py``): attention and feedforward side by side
+    on one LayerNorm, biases everywhere, partial RoPE."""
+    from litert_torch.generative.examples.phi import phi2
+    from litert_torch.generative.layers import model_config as cfg
+
+    _require(not hf_config.get("qk_layernorm"), "qk_layernorm is not supported.")
+    _require(not hf_config.get("tie_word_embeddings"), "a tied LM head (which has its own bias) is not supported.")
+    norm = cfg.NormalizationConfig(type=cfg.NormalizationType.LAYER_NORM, epsilon=hf_config["layer_norm_eps"])
+    block = cfg.TransformerBlockConfig(
+        attn_config=_attention(
+            hf_config, rotary_percentage=_partial_rotary(hf_config), qkv_use_bias=True, output_proj_use_bias=True
+        ),
+        ff_config=cfg.FeedForwardConfig(
+            type=cfg.FeedForwardType.SEQUENTIAL,
+            activation=_activation(hf_config.get("hidden_act", "gelu_new")),
+            intermediate_size=hf_config["intermediate_size"],
+            use_bias=True,
+        ),
+        pre_attention_norm_config=norm,
+        parallel_residual=True,
+    )
+    names = dict(
+        ff_up_proj="model.layers.{}.mlp.fc1",
+        ff_down_proj="model.layers.{}.mlp.fc2",
+        attn_output_proj="model.layers.{}.self_attn.dense",
+        post_attn_norm=None,
+        final_norm="model.final_layernorm",
+    )
+    return _architecture(
+        hf_config,
+        block,
+        norm,
+        phi2.Phi2,
+        tied_default=False,
+        names=names,
+        lm_head_use_bias=True,
+        **_positions(hf_config),
     )
 
 
@@ -356,7 +468,7 @@ def _gemma2(hf_config: dict[str, Any]) -> Architecture:
         hf_config,
         gemma2.Gemma2,
         sliding_pattern=2,
-        per_layer_attention=lambda _: {},
+        per_layer_attention=lambda _: dict(rotary_base=_rope_base(hf_config)),
         names={},
         final_logit_softcap=hf_config.get("final_logit_softcapping"),
     )
@@ -390,6 +502,7 @@ _BUILDERS: dict[str, Callable[[dict[str, Any]], Architecture]] = {
     "gemma": _gemma,
     "gemma2": _gemma2,
     "gemma3_text": _gemma3_text,
+    "phi": _phi,
     "phi3": _phi3,
 }
 SUPPORTED_MODEL_TYPES = tuple(_BUILDERS)

@@ -421,8 +421,9 @@ def load_float_model(checkpoint: Checkpoint, kv_cache_len: int):
     if kv_cache_len > architecture.model_config.max_seq_len:
         raise CheckpointError(
             f"{checkpoint.path}: a KV cache of {kv_cache_len} tokens is longer than the "
-            f"{architecture.model_config.max_seq_len} tokens this model attends over (max_position_embeddings, or "
-            "sliding_window for a family whose window litert-torch does not model); use a shorter kv_cache_len."
+            f"{architecture.model_config.max_seq_len} tokens this model attends over (max_position_embeddings; "
+            "sliding_window for a family whose window litert-torch does not model; original_max_position_embeddings "
+            "for LongRoPE); use a shorter kv_cache_len."
         )
     weights = _Weights(weight_files(checkpoint.path), architecture.tied_lm_head)
     try:

@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="edge-quant-tests-"))
@@ -15,6 +16,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).parent.parent
 DEMO_MODEL = "tiny-llama-bytes"
+
+
+def metadata(instance, asset: str, partition: str | None = None) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    assert records, f"{asset} [{partition}] was not materialized"
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ Each test builds a tiny random model with transformers (no downloads), saves it 
 ``save_pretrained`` and loads the folder the way the pipeline does.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,8 @@ from transformers import (
     LlamaForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -65,8 +69,31 @@ FAMILIES = {
         Gemma3ForCausalLM,
         dict(GEMMA_SANDWICH, layer_types=["sliding_attention", "full_attention"]),
     ),
+    "phi": (PhiConfig, PhiForCausalLM, dict(partial_rotary_factor=0.5)),  # Phi-2's is 0.4 of its head_dim of 80
     "phi3": (Phi3Config, Phi3ForCausalLM, dict(partial_rotary_factor=0.5)),  # partial RoPE, as in Phi-4-mini
 }
+# Scaled RoPE as Llama 3.1/3.2 and Phi-3.5/4-mini configure it, with an original context short enough that
+# the scaling changes the frequencies these tiny models use.
+LLAMA3_ROPE = dict(
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=10000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+    )
+)
+LONGROPE = dict(
+    rope_parameters=dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        short_factor=[1.0, 1.5, 2.0, 3.0],  # one per rotated pair: head_dim 16 x partial_rotary_factor 0.5 / 2
+        long_factor=[4.0, 5.0, 6.0, 7.0],
+        partial_rotary_factor=0.5,
+    ),
+    original_max_position_embeddings=64,  # with max_position_embeddings 256: attention scaled by 1.15
+)
 KV_CACHE_LEN = 64
 
 
@@ -109,6 +136,8 @@ def test_every_supported_family_is_tested():
     [
         pytest.param("llama", dict(tie_word_embeddings=True), id="llama-tied"),
         pytest.param("llama", dict(tie_word_embeddings=False), id="llama-untied"),
+        pytest.param("llama", LLAMA3_ROPE, id="llama-llama3-rope"),
+        pytest.param("phi3", LONGROPE, id="phi3-longrope"),
         *(pytest.param(family, {}, id=family) for family in FAMILIES if family != "llama"),
     ],
 )
@@ -121,6 +150,16 @@ def test_rebuilt_model_matches_transformers(tmp_path, family, overrides):
         tied_lm_head=reference.config.tie_word_embeddings,
         reduction_dims={"embedding": (64,), "attention": (64, 64), "feedforward": (64, 128), "lm_head": (64,)},
     )
+
+
+@pytest.mark.parametrize("family, scaling", [("llama", LLAMA3_ROPE), ("phi3", LONGROPE)])
+def test_rope_scaling_is_what_makes_them_match(tmp_path, family, scaling):
+    """The same weights under plain RoPE compute other logits, so the match above is the scaling's."""
+    scaled = tiny_model(family, **scaling)
+    scaled.save_pretrained(tmp_path)
+    plain = FAMILIES[family][1](tiny_config(family, attn_implementation="eager")).eval()
+    plain.load_state_dict(scaled.state_dict())
+    assert max_logit_diff(tmp_path, plain) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -152,7 +191,7 @@ def test_pytorch_model_bin(tmp_path):
 
 
 def test_unknown_model_type_lists_supported_ones(tmp_path):
-    supported = "llama, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3"
+    supported = "llama, qwen2, qwen3, gemma, gemma2, gemma3_text, phi, phi3"
     with pytest.raises(
         UnsupportedArchitectureError, match=f"'mamba' is not supported. Supported model types: {supported}"
     ):
@@ -162,7 +201,9 @@ def test_unknown_model_type_lists_supported_ones(tmp_path):
 @pytest.mark.parametrize(
     "family, overrides, reason",
     [
-        ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=32.0)), "RoPE scaling 'llama3'"),
+        ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=5e5, factor=4.0)), "RoPE scaling 'yarn'"),
+        ("gemma2", dict(rope_parameters=dict(rope_type="linear", factor=8.0)), "RoPE scaling 'linear'"),
+        ("phi", dict(qk_layernorm=True), "qk_layernorm"),
         ("gemma2", dict(query_pre_attn_scalar=24), "query_pre_attn_scalar 24 differs from head_dim 16"),
         ("gemma3_text", dict(final_logit_softcapping=30.0), "no final logit softcap"),
         ("phi3", dict(hidden_act="gelu"), "SiLU-GLU only"),
@@ -181,16 +222,43 @@ def test_rope_bases_from_configs_written_before_transformers_5(tmp_path):
     assert [model_config.block_config(i).attn_config.rotary_base for i in range(2)] == [2e4, 5e5]
 
 
+def test_rope_scaling_from_configs_written_before_transformers_5(tmp_path):
+    """They call it rope_scaling, and Phi-3.5 keeps original_max_position_embeddings at the top level."""
+    reference = tiny_model("phi3", **LONGROPE)
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    scaling = config.pop("rope_parameters")
+    config.update(
+        rope_theta=scaling.pop("rope_theta"),
+        partial_rotary_factor=scaling.pop("partial_rotary_factor"),
+        original_max_position_embeddings=scaling.pop("original_max_position_embeddings", 64),
+        rope_scaling={"type": scaling.pop("rope_type"), **scaling},
+    )
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert max_logit_diff(tmp_path, reference) < 1e-4
+
+
+def test_kv_cache_longer_than_the_short_longrope_range(tmp_path):
+    """Past original_max_position_embeddings transformers switches to long_factor, which one export cannot."""
+    tiny_model("phi3", **{**LONGROPE, "original_max_position_embeddings": 32}).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="KV cache of 64 tokens is longer than the 32 tokens"):
+        load_float_model(read_checkpoint(tmp_path), kv_cache_len=KV_CACHE_LEN)
+
+
 def test_kv_cache_longer_than_an_unmodelled_sliding_window(tmp_path):
     tiny_model("phi3", sliding_window=16).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="KV cache of 64 tokens is longer than the 16 tokens"):
         load_float_model(read_checkpoint(tmp_path), kv_cache_len=KV_CACHE_LEN)
 
 
-# litert-torch's generic model class, and two families' own (their ops are named after their classes)
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text"])
-def test_converted_model_matches_float_in_the_interpreter(tmp_path, family):
-    tiny_model(family).save_pretrained(tmp_path / "checkpoint")
+# litert-torch's generic model class, families' own (their ops are named after their classes) and scaled RoPE
+@pytest.mark.parametrize(
+    "family, overrides",
+    [("qwen2", {}), ("gemma2", {}), ("gemma3_text", {}), ("llama", LLAMA3_ROPE), ("phi3", LONGROPE), ("phi", {})],
+    ids=["qwen2", "gemma2", "gemma3_text", "llama-llama3-rope", "phi3-longrope", "phi"],
+)
+def test_converted_model_matches_float_in_the_interpreter(tmp_path, family, overrides):
+    tiny_model(family, **overrides).save_pretrained(tmp_path / "checkpoint")
     checkpoint = read_checkpoint(tmp_path / "checkpoint")
     settings = ExportSettings(prefill_len=8, kv_cache_len=32)
     model = load_float_model(checkpoint, settings.kv_cache_len)

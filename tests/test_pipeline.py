@@ -7,17 +7,9 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, metadata
 
 from edge_quant_pipeline.weights import read_weights
-
-
-def metadata(instance, asset: str, partition: str) -> dict:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
-    ).records
-    assert records, f"{asset} [{partition}] was not materialized"
-    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
 def key(recipe: str) -> str:

@@ -5,22 +5,12 @@ import base64
 import json
 import shutil
 
-import dagster as dg
 import pandas as pd
 import pytest
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, metadata
 from upath import UPath
 
 from edge_quant_pipeline.publish import CHAMPION, ArtifactInputs, latest_pointer, publish, published_versions
-
-
-def metadata(instance, asset: str, partition: str | None = None) -> dict:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1,
-    ).records
-    assert records, f"{asset} [{partition}] was not materialized"
-    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
 @pytest.fixture

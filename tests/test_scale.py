@@ -6,6 +6,7 @@ import json
 
 import dagster as dg
 import pytest
+from conftest import metadata
 
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.evaluate.reference import LOGITS_FILE
@@ -26,14 +27,6 @@ SHAPE = dict(
 )
 RECIPES = ["float", "dynamic_int8"]
 MB = 2**20
-
-
-def metadata(instance, asset: str, partition: str) -> dict:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
-    ).records
-    assert records, f"{asset} [{partition}] was not materialized"
-    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
 @pytest.fixture(scope="module")
