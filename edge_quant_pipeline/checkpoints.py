@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_quant_pipeline.architectures import Architecture, ModelShape, architecture_for
+from edge_quant_pipeline.exporters import GENERATIVE_API
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # Dagster multi-partition keys use "|" as a separator and refuse "..." in any partition key.
@@ -65,7 +66,13 @@ class Checkpoint:
     # Set by the `checkpoint` asset once litert-torch accepted the architecture, so later
     # steps can validate recipes without importing litert-torch (and torch) again.
     shape: ModelShape | None = None
+    exporter: str = GENERATIVE_API  # set with ``shape``: exporters.plan_export
     parameters: int = 0  # counted from the weight files' headers (0: read before they were counted)
+
+    @property
+    def work_key(self) -> str:
+        """The folder of this version's intermediate files; the two exporters' files never mix."""
+        return self.content_hash[:16] + ("" if self.exporter == GENERATIVE_API else f"-{self.exporter}")
 
     @property
     def vocab_size(self) -> int:
@@ -442,3 +449,16 @@ def load_float_model(checkpoint: Checkpoint, kv_cache_len: int):
     if problem := _weights_error(checkpoint, weights, None):
         raise problem
     return model
+
+
+def load_transformers_model(checkpoint: Checkpoint):
+    """transformers' own model of the checkpoint in float32, with eager attention (its reference math): the
+    float model of a checkpoint that ``export_hf`` exports."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, attn_implementation="eager")
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{checkpoint.path}: transformers cannot load this checkpoint: {error}") from None
+    return model.eval()

@@ -75,7 +75,7 @@ def link_or_copy(source: Path, target: Path) -> Path:
 
 
 @contextmanager
-def _export_scratch(output: Path) -> Iterator[Path]:
+def export_scratch(output: Path) -> Iterator[Path]:
     """A hidden folder beside ``output`` for litert-torch, which picks its own file names, locked while in use.
     Scratch folders whose lock is free were left by killed exports (an export's partial files can be as large
     as the model), so they are removed first; a concurrent export's folder is locked and stays."""
@@ -97,7 +97,7 @@ def export_float_tflite(model: Any, model_config: Any, settings: ExportSettings,
     """Export prefill and decode signatures (external KV cache, logits on prefill)."""
     from litert_torch.generative.utilities import converter
 
-    with _export_scratch(output) as scratch:
+    with export_scratch(output) as scratch:
         exported = converter.convert_to_tflite(
             model,
             output_path=str(scratch),

@@ -53,6 +53,7 @@ def pipeline_config_from_env() -> PipelineConfig:
         artifact_store=artifact_store_from_env(),
         work_dir=str(settings.work_dir()),
         eval_text=str(settings.eval_text()),
+        exporter=settings.exporter(),
     )
 
 

@@ -49,6 +49,7 @@ from upath import UPath
 from upath.implementations.local import LocalPath
 
 from edge_quant_pipeline import convert
+from edge_quant_pipeline.exporters import GENERATIVE_API
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.tflite"
@@ -71,10 +72,13 @@ class ArtifactInputs:
     checkpoint_hash: str
     recipe_hash: str
     toolchain: dict[str, str]
+    exporter: str = GENERATIVE_API
 
     @property
     def version(self) -> str:
-        key = json.dumps([self.checkpoint_hash, self.recipe_hash, self.toolchain], sort_keys=True)
+        # Versions published before there was a second exporter keep their identity.
+        exporter = [] if self.exporter == GENERATIVE_API else [self.exporter]
+        key = json.dumps([self.checkpoint_hash, self.recipe_hash, self.toolchain, *exporter], sort_keys=True)
         return "v-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -215,6 +219,7 @@ def _new_manifest(
         "checkpoint_sha256": inputs.checkpoint_hash,
         "recipe_sha256": inputs.recipe_hash,
         "toolchain": inputs.toolchain,
+        "exporter": inputs.exporter,
         "model_file": MODEL_FILE,
         "artifact_path": str(target),
         "published_at": now(),

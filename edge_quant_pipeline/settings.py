@@ -38,6 +38,11 @@ def eval_text() -> Path:
     return env_path("EDGE_QUANT_EVAL_TEXT", DEFAULT_EVAL_TEXT)
 
 
+def exporter() -> str:
+    """Which litert-torch exporter makes the float .tflite: auto, generative_api or export_hf (exporters.py)."""
+    return os.environ.get("EDGE_QUANT_EXPORTER") or "auto"
+
+
 def memory_ledger() -> Path:
     """The memory reservations of the steps running on this machine (``memory.MemoryLedger``): one file
     for every pipeline process of this user, whatever its other settings."""

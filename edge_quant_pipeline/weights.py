@@ -20,6 +20,7 @@ from edge_quant_pipeline import op_names
 
 _ATTENTION = re.compile(op_names.block_scope(op_names.ATTENTION, r"(\d+)"))
 _FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
+_EMBEDDING = re.compile(op_names.EMBEDDING)
 _LM_HEAD = re.compile(op_names.LM_HEAD)
 _WEIGHT_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
 
@@ -41,7 +42,7 @@ def component_of(op_output_name: str) -> tuple[str, int | None]:
         match = pattern.search(op_output_name)
         if match:
             return component, int(match[1])
-    if op_names.EMBEDDING in op_output_name:
+    if _EMBEDDING.search(op_output_name):
         return "embedding", None
     if _LM_HEAD.search(op_output_name):
         return "lm_head", None

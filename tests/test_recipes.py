@@ -112,7 +112,8 @@ def test_upstream_scopes_all_have_a_retarget():
 
     assert retarget_scope("StatefulPartitionedCall") == "logits_output|Linear_lm_head"
     assert retarget_scope(r"transformer_blocks\[3\]/litert_torch.generative.layers.feed_forward") == (
-        r"(?:TransformerBlock|Gemma2Block|DecoderBlock)_3/litert_torch\.generative\.layers\.feed_forward\."
+        r"(?:TransformerBlock|Gemma2Block|DecoderBlock|DecoderLayer)_3/"
+        r"(?:litert_torch\.generative\.layers\.feed_forward\.|[\w.]*MLP_mlp)"
     )
     with pytest.raises(AssertionError, match="does not know"):
         retarget_scope("some_new_layer_name")

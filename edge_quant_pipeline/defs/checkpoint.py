@@ -16,13 +16,13 @@ from edge_quant_pipeline.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.checkpoints import (
     Checkpoint,
     CheckpointError,
-    architecture_of,
     read_checkpoint,
     scan_checkpoints,
     weight_files,
 )
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.exporters import ExporterSettingError, plan_export
 
 # "<host>:<pid>" of the process executing a run; set by this step, or by whoever launches the run.
 PROCESS_TAG = "edge_quant/process"
@@ -95,9 +95,10 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
         context.instance.add_run_tags(context.run_id, process_tags())
     try:
         found = read_checkpoint(_checkpoint_folder(pipeline.checkpoint_dir_path, context.partition_key))
-        # Fails here, at the checkpoint, for a family litert-torch cannot rebuild.
-        found = replace(found, shape=architecture_of(found).shape)
-    except (CheckpointError, UnsupportedArchitectureError) as error:
+        # Fails here, at the checkpoint, for a family neither of litert-torch's exporters takes.
+        plan = plan_export(found.hf_config, found.path / "config.json", pipeline.exporter)
+        found = replace(found, shape=plan.shape, exporter=plan.exporter)
+    except (CheckpointError, UnsupportedArchitectureError, ExporterSettingError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
         found,
@@ -106,6 +107,7 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
             "checkpoint_dir": dg.MetadataValue.path(str(found.path)),
             "sha256": found.content_hash,
             "model_type": found.hf_config.get("model_type"),
+            "exporter": found.exporter,
             "weight_files": ", ".join(f.name for f in weight_files(found.path)),
             "weight_bytes": sum(f.stat().st_size for f in weight_files(found.path)),
         },

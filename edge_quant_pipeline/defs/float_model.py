@@ -1,14 +1,20 @@
 """`float_tflite` and `float_reference`: the per-checkpoint work every recipe shares.
 
-Both rebuild the checkpoint as a litert-torch model; export is the expensive step
-and runs once per checkpoint version, however many recipes follow.
+Both load the checkpoint as a float PyTorch model (litert-torch's rebuild, or transformers' own model for
+``export_hf``); export is the expensive step and runs once per checkpoint version, however many recipes follow.
 """
 
 from pathlib import Path
 
 import dagster as dg
 
-from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, architecture_of, load_float_model
+from edge_quant_pipeline.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    architecture_of,
+    load_float_model,
+    load_transformers_model,
+)
 from edge_quant_pipeline.convert import export_float_tflite
 from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
@@ -16,21 +22,38 @@ from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.evaluate.reference import (
     EvalTextError,
+    FloatModel,
     FloatReference,
+    RebuiltModel,
+    TransformersModel,
     build_float_reference,
     eval_windows,
     tokenize,
 )
+from edge_quant_pipeline.export_hf import ExportError, export_hf_tflite
+from edge_quant_pipeline.exporters import EXPORT_HF
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
 
-def _float_model(checkpoint: Checkpoint, pipeline: PipelineConfig):
+def _float_model(checkpoint: Checkpoint, pipeline: PipelineConfig) -> FloatModel:
+    kv_cache_len = pipeline.export_settings.kv_cache_len
     try:
-        return load_float_model(checkpoint, pipeline.export_settings.kv_cache_len)
+        if checkpoint.exporter == EXPORT_HF:
+            return TransformersModel(load_transformers_model(checkpoint))
+        model_config = architecture_of(checkpoint).model_config
+        return RebuiltModel(load_float_model(checkpoint, kv_cache_len), model_config, kv_cache_len)
     except CheckpointError as error:
         raise dg.Failure(str(error)) from None
+
+
+def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path) -> Path:
+    settings = pipeline.export_settings
+    if checkpoint.exporter == EXPORT_HF:
+        return export_hf_tflite(checkpoint.path, settings, output)
+    model = _float_model(checkpoint, pipeline)
+    return export_float_tflite(model.model, model.model_config, settings, output)
 
 
 @dg.asset(
@@ -44,15 +67,12 @@ def float_tflite(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
 ) -> dg.Output[TfliteModel]:
     """The checkpoint exported once to a float32 .tflite with prefill and decode signatures."""
-    output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / "float.tflite"
+    output = pipeline.work_path(checkpoint) / "float.tflite"
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage:
-            model = _float_model(checkpoint, pipeline)
-            context.log.info(f"Exporting {checkpoint.path} to {output} (torch.export + MLIR lowering)")
-            model_config = architecture_of(checkpoint).model_config
-            exported = inspect_tflite(export_float_tflite(model, model_config, pipeline.export_settings, output))
-            del model
-    except NotEnoughMemoryError as error:
+            context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
+            exported = inspect_tflite(_export(checkpoint, pipeline, output))
+    except (NotEnoughMemoryError, ExportError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
         exported,
@@ -62,6 +82,7 @@ def float_tflite(
             "weight_bytes": exported.weight_bytes,
             "signatures": f"{pipeline.export_settings.prefill_signature}, decode",
             "kv_cache_len": pipeline.export_settings.kv_cache_len,
+            "exporter": checkpoint.exporter,
             **usage.metadata(),
         },
     )
@@ -83,13 +104,10 @@ def float_reference(
         windows = eval_windows(tokens, settings.kv_cache_len, pipeline.eval_max_tokens, Path(pipeline.eval_text))
     except EvalTextError as error:
         raise dg.Failure(str(error)) from None
-    output = pipeline.work_path(checkpoint.model_id, checkpoint.content_hash) / "float_reference"
+    output = pipeline.work_path(checkpoint) / "float_reference"
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage:
-            model = _float_model(checkpoint, pipeline)
-            model_config = architecture_of(checkpoint).model_config
-            reference = build_float_reference(model, model_config, windows, settings, output)
-            del model
+            reference = build_float_reference(_float_model(checkpoint, pipeline), windows, settings, output)
     except NotEnoughMemoryError as error:
         raise dg.Failure(str(error)) from None
     context.log.info(f"PyTorch float perplexity {reference.perplexity:.3f} over {reference.eval_tokens} tokens")

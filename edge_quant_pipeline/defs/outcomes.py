@@ -16,6 +16,7 @@ def artifact_inputs(checkpoint: Checkpoint, recipe: Recipe) -> ArtifactInputs:
         checkpoint_hash=checkpoint.content_hash,
         recipe_hash=recipe.spec_hash,
         toolchain=toolchain_versions(),
+        exporter=checkpoint.exporter,
     )
 
 

@@ -55,6 +55,7 @@ def published_artifact(
             "previous_version": manifest.get("previous_version") or "",
             "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
             "newly_published": artifact.newly_published,
+            "exporter": checkpoint.exporter,
             **evaluation.as_dict(),
         },
     )

@@ -67,10 +67,7 @@ def quantized_tflite(
     inputs = artifact_inputs(checkpoint, quant_recipe)
     # Stored by the checkpoint asset; outputs stored before it did so need litert-torch once more.
     shape = checkpoint.shape or architecture_of(checkpoint).shape
-    output = (
-        pipeline.work_path(checkpoint.model_id, checkpoint.content_hash)
-        / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
-    )
+    output = pipeline.work_path(checkpoint) / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
     try:
         validate_for_model(quant_recipe, shape)
     except RecipeError as error:

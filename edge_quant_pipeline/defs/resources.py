@@ -5,8 +5,10 @@ from pathlib import Path
 import dagster as dg
 from upath import UPath
 
+from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
+from edge_quant_pipeline.exporters import AUTO
 from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
 
 
@@ -40,6 +42,8 @@ class PipelineConfig(dg.ConfigurableResource):
     # Per-tensor SNR of one prefill against the float file (error_hotspots): the memory of one runtime without
     # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
     localize_errors: bool = True
+    # Which litert-torch exporter makes the float .tflite (exporters.py): auto, generative_api or export_hf.
+    exporter: str = AUTO
 
     @property
     def export_settings(self) -> ExportSettings:
@@ -53,8 +57,8 @@ class PipelineConfig(dg.ConfigurableResource):
     def store(self) -> UPath:
         return self.artifact_store.root
 
-    def work_path(self, model_id: str, checkpoint_hash: str) -> Path:
-        """Intermediate files of one checkpoint version; a new version gets a fresh folder."""
-        path = Path(self.work_dir) / model_id / checkpoint_hash[:16]
+    def work_path(self, checkpoint: Checkpoint) -> Path:
+        """Intermediate files of one checkpoint version and exporter; a new version gets a fresh folder."""
+        path = Path(self.work_dir) / checkpoint.model_id / checkpoint.work_key
         path.mkdir(parents=True, exist_ok=True)
         return path

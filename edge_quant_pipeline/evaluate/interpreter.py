@@ -14,6 +14,10 @@ A Generative API export writes the KV cache at ``input_pos`` (a dynamic update s
 ``input_pos[0]``) and takes its causal mask rows at ``input_pos``, so its prefill signature scores any
 ``prefill_len`` consecutive tokens at any offset of the cache: teacher-forced scoring needs one call per
 ``prefill_len`` tokens, not one per token.
+
+An ``export_hf`` export differs in what its signatures take and give, read from the file: a ``mask`` input
+(added to the attention scores) and a prefill that returns no logits, only the KV cache (the runtime samples
+from decode). There, every position is scored through decode, one token per call, as a phone generates.
 """
 
 from __future__ import annotations
@@ -35,10 +39,23 @@ class RuntimeRejectedError(RuntimeError):
     """The LiteRT runtime could not prepare or run the model."""
 
 
-def empty_kv_cache(runner) -> dict[str, np.ndarray]:
-    """Zeroed ``kv_cache_*`` inputs of a legacy interpreter's signature runner (error localisation)."""
-    inputs = runner.get_input_details()
-    return {name: np.zeros(d["shape"], np.float32) for name, d in inputs.items() if name.startswith("kv_cache_")}
+def causal_mask(positions: np.ndarray, cache_len: int) -> np.ndarray:
+    """The ``mask`` input of an ``export_hf`` signature, (1, 1, len(positions), cache_len): 0 where a query may
+    attend a cache slot (at or before its own position), the most negative float32 elsewhere. A model's
+    sliding window is applied inside the graph, on top of this."""
+    allowed = np.arange(cache_len)[None] <= positions[:, None]
+    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
+
+
+def prefill_inputs(runner, prompt: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs of a legacy interpreter's prefill runner for ``prompt`` from an empty KV cache (error
+    localisation): zeroed ``kv_cache_*``, and the causal mask where the signature takes one."""
+    details = runner.get_input_details()
+    positions = np.arange(len(prompt), dtype=np.int32)
+    inputs = {n: np.zeros(d["shape"], np.float32) for n, d in details.items() if n.startswith("kv_cache_")}
+    if "mask" in details:
+        inputs["mask"] = causal_mask(positions, int(details["mask"]["shape"][-1]))
+    return {**inputs, "tokens": prompt[None].astype(np.int32), "input_pos": positions}
 
 
 class _NativeStderr:
@@ -73,7 +90,8 @@ class _Signature:
         self.inputs = dict(zip(names["inputs"], model.create_input_buffers(self.index), strict=True))
         self.outputs = dict(zip(names["outputs"], model.create_output_buffers(self.index), strict=True))
         self.input_shapes = {n: d["shape"] for n, d in model.get_input_tensor_details(key).items()}
-        self.logits_shape = tuple(model.get_output_tensor_details(key)["logits"]["shape"])
+        outputs = model.get_output_tensor_details(key)
+        self.logits_shape = tuple(outputs["logits"]["shape"]) if "logits" in outputs else None
 
 
 class InterpreterSession:
@@ -122,26 +140,37 @@ class InterpreterSession:
             for name, zeros in self._zeros.items():
                 self._kv[name].write(zeros)
 
-    def _run(self, signature: _Signature, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        inputs = {**{n: signature.inputs[n] for n in ("tokens", "input_pos")}, **self._kv}
+    @property
+    def prefill_scores(self) -> bool:
+        """Whether prefill returns logits for every position it takes (Generative API exports do)."""
+        shape = self._prefill.logits_shape
+        return shape is not None and shape[1] == self.prefill_len
+
+    def _run(self, signature: _Signature, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+        inputs = {**{n: signature.inputs[n] for n in ("tokens", "input_pos", "mask") if n in signature.inputs}}
+        inputs.update(self._kv)
         outputs = {**signature.outputs, **self._spare}
-        shape = signature.logits_shape
+        shape, logits = signature.logits_shape, None
         try:
             with self._stderr.captured():
                 signature.inputs["tokens"].write(tokens.astype(np.int32).reshape(signature.input_shapes["tokens"]))
                 signature.inputs["input_pos"].write(positions.astype(np.int32))
+                if "mask" in signature.inputs:
+                    signature.inputs["mask"].write(causal_mask(positions, int(signature.input_shapes["mask"][-1])))
                 self._model.run_by_name(signature.key, inputs, outputs)
-                logits = signature.outputs["logits"].read(math.prod(shape), np.float32)
+                if shape is not None:
+                    logits = signature.outputs["logits"].read(math.prod(shape), np.float32).reshape(shape)[0]
         except (RuntimeError, ValueError) as error:
             raise RuntimeRejectedError(
                 f"LiteRT failed to run {self.tflite}: {error} {self._stderr.errors()}"
             ) from error
         self._kv, self._spare = self._spare, self._kv
-        return logits.reshape(shape)[0]
+        return logits
 
-    def prefill(self, tokens: np.ndarray, start: int = 0) -> np.ndarray:
-        """Logits for ``prefill_len`` tokens at positions ``start...``, shape (prefill_len, vocab).
-        ``start`` 0 begins a new sequence; a later start continues the one in the KV cache."""
+    def prefill(self, tokens: np.ndarray, start: int = 0) -> np.ndarray | None:
+        """Logits for ``prefill_len`` tokens at positions ``start...``, shape (prefill_len, vocab), where the
+        signature gives them (``prefill_scores``). ``start`` 0 begins a new sequence; a later start continues the
+        one in the KV cache."""
         if start == 0:
             self.reset()
         return self._run(self._prefill, tokens, np.arange(start, start + self.prefill_len))
@@ -152,9 +181,9 @@ class InterpreterSession:
     def score_chunks(self, tokens: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Teacher-forced logits for every position of one sequence, as (first position, logits) per call: whole
         chunks of ``prefill_len`` through prefill, the rest (fewer than ``prefill_len``) through decode, one
-        token each."""
+        token each; all of them through decode where prefill gives no logits."""
         p = self.prefill_len
-        chunked = len(tokens) // p * p
+        chunked = len(tokens) // p * p if self.prefill_scores else 0
         if chunked == 0:
             self.reset()
         for start in range(0, chunked, p):
@@ -168,7 +197,9 @@ class InterpreterSession:
 
     def greedy(self, prompt: np.ndarray, length: int) -> np.ndarray:
         """``length`` tokens generated greedily after a ``prefill_len``-token prompt, through decode."""
-        logits, tokens = self.prefill(prompt)[-1], []
+        logits, tokens = self.prefill(prompt), []
+        # Without prefill logits, decode the prompt's last token again: it writes the same KV cache entry.
+        logits = logits[-1] if logits is not None else self.decode(int(prompt[-1]), len(prompt) - 1)
         for pos in range(len(prompt), len(prompt) + length):
             tokens.append(int(logits.argmax()))
             logits = self.decode(tokens[-1], pos)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -124,40 +125,80 @@ def float_window_logits(model, model_config, window: np.ndarray, kv_cache_len: i
         return model(torch.from_numpy(window)[None].int(), positions, cache)["logits"][0].float().numpy()
 
 
+@dataclass
+class RebuiltModel:
+    """The float model as litert-torch's Generative API rebuilt it (what ``generative_api`` exports)."""
+
+    model: Any
+    model_config: Any
+    kv_cache_len: int
+
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
+        return float_window_logits(self.model, self.model_config, window, self.kv_cache_len)
+
+    def greedy(self, prompts: np.ndarray, length: int) -> np.ndarray:
+        """Greedy continuations with the model's KV cache, as the interpreter's ``greedy`` does; the prompts go
+        as one batch, so decoding reads the weights once per step for all of them."""
+        import torch
+        from litert_torch.generative.layers import kv_cache as kv_utils
+
+        cache = kv_utils.KVCache.from_model_config(self.kv_cache_len, self.model_config, batch_size=len(prompts))
+        tokens = []
+        with torch.inference_mode():
+            positions = torch.arange(prompts.shape[1], dtype=torch.int)
+            out = self.model(torch.from_numpy(prompts).int(), positions, cache)
+            for pos in range(prompts.shape[1], prompts.shape[1] + length):
+                tokens.append(out["logits"][:, -1].argmax(-1).int())
+                out = self.model(tokens[-1][:, None], torch.tensor([pos], dtype=torch.int), out["kv_cache"])
+        return torch.stack(tokens, dim=1).numpy().astype(np.int32)
+
+
+@dataclass
+class TransformersModel:
+    """The float model as transformers runs it, in float32 (what ``export_hf`` exports)."""
+
+    model: Any  # a transformers PreTrainedModel for causal LM
+
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(input_ids=torch.from_numpy(window)[None].long()).logits[0].float().numpy()
+
+    def greedy(self, prompts: np.ndarray, length: int) -> np.ndarray:
+        import torch
+
+        tokens = []
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(prompts).long(), use_cache=True)
+            for _ in range(length):
+                tokens.append(out.logits[:, -1].argmax(-1))
+                out = self.model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+        return torch.stack(tokens, dim=1).numpy().astype(np.int32)
+
+
+class FloatModel(Protocol):
+    def window_logits(self, window: np.ndarray) -> np.ndarray: ...
+
+    def greedy(self, prompts: np.ndarray, length: int) -> np.ndarray: ...
+
+
 def build_float_reference(
-    model, model_config, windows: np.ndarray, settings: ExportSettings, output: Path
+    float_model: FloatModel, windows: np.ndarray, settings: ExportSettings, output: Path
 ) -> FloatReference:
-    """Run the PyTorch model over every window (teacher-forced) and greedily from a few prompts; save both."""
+    """Run the float model over every window (teacher-forced) and greedily from a few prompts; save both."""
     nll, targets = 0.0, 0
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / LOGITS_FILE) as partial, partial.open("wb") as stream:
         writer = None
         for window in windows:
-            logits = float_window_logits(model, model_config, window, settings.kv_cache_len)
+            logits = float_model.window_logits(window)
             writer = writer or _LogitsWriter(stream, (len(windows), *logits.shape))
             writer.write(logits)
             window_nll, window_targets = target_nll_sum(logits, window)
             nll, targets = nll + window_nll, targets + window_targets
     prompts = windows[:GENERATION_PROMPTS, : settings.prefill_len]
-    length = generation_length(settings)
-    continuations = _float_greedy(model, model_config, prompts, length, settings.kv_cache_len)
+    continuations = float_model.greedy(prompts, generation_length(settings))
     with atomic_path(output / TOKENS_FILE) as partial:
         np.savez(partial, windows=windows, prompts=prompts, continuations=continuations)
     return FloatReference(output, float(np.exp(nll / targets)), int(windows.size))
-
-
-def _float_greedy(model, model_config, prompts: np.ndarray, length: int, kv_cache_len: int) -> np.ndarray:
-    """Greedy continuations by the PyTorch model, with its KV cache, as the interpreter's ``greedy`` does; the
-    prompts go as one batch, so decoding reads the weights once per step for all of them."""
-    import torch
-    from litert_torch.generative.layers import kv_cache as kv_utils
-
-    cache = kv_utils.KVCache.from_model_config(kv_cache_len, model_config, batch_size=len(prompts))
-    tokens = []
-    with torch.inference_mode():
-        positions = torch.arange(prompts.shape[1], dtype=torch.int)
-        out = model(torch.from_numpy(prompts).int(), positions, cache)
-        for pos in range(prompts.shape[1], prompts.shape[1] + length):
-            tokens.append(out["logits"][:, -1].argmax(-1).int())
-            out = model(tokens[-1][:, None], torch.tensor([pos], dtype=torch.int), out["kv_cache"])
-    return torch.stack(tokens, dim=1).numpy().astype(np.int32)

@@ -1,0 +1,79 @@
+"""A checkpoint exported with litert-torch's ``export_hf`` (transformers' own modeling code), in a child process.
+
+``export_hf`` patches transformers' classes in place (its ``model_ext``), and the float reference of the same
+checkpoint must be transformers' own model, wherever it runs next; a child process keeps the patches out of
+the step's process, and hands the export's memory back to the machine when it exits. Run as a module, it is
+that child:
+
+    python -m edge_quant_pipeline.export_hf <checkpoint folder> <output folder> --prefill-len 32 --kv-cache-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_quant_pipeline.convert import ExportSettings, export_scratch
+
+
+class ExportError(RuntimeError):
+    """litert-torch could not export the checkpoint."""
+
+
+def export_hf_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Path) -> Path:
+    """Float32 prefill and decode signatures with the KV cache length of ``settings``, as
+    ``convert.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle."""
+    with export_scratch(output) as scratch:
+        command = [sys.executable, "-m", __name__, str(checkpoint_dir), str(scratch)]
+        command += ["--prefill-len", str(settings.prefill_len), "--kv-cache-len", str(settings.kv_cache_len)]
+        returncode, last_line = _run_showing_progress(command)
+        if returncode < 0:
+            raise ExportError(
+                f"export_hf of {checkpoint_dir} was killed by {signal.Signals(-returncode).name} "
+                "(the kernel's out-of-memory killer, or a person); nothing was written."
+            )
+        if returncode != 0:
+            raise ExportError(f"export_hf could not export {checkpoint_dir}: {last_line or 'no error message'}")
+        os.replace(scratch / "model.tflite", output)
+    return output
+
+
+def _run_showing_progress(command: list[str]) -> tuple[int, str]:
+    """Run the child with its output passed on to this process's (the step's log), line by line; returns its
+    exit code and the last line it wrote to stderr (an exception's message, when it fails)."""
+    last_line = ""
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as child:
+        for line in child.stderr:
+            sys.stderr.write(line)
+            last_line = line.strip() or last_line
+    return child.returncode, last_line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint_dir", type=Path)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--prefill-len", type=int, default=ExportSettings.prefill_len)
+    parser.add_argument("--kv-cache-len", type=int, default=ExportSettings.kv_cache_len)
+    args = parser.parse_args()
+    from litert_torch.generative.export_hf import export
+
+    export.export(
+        model=str(args.checkpoint_dir),
+        output_dir=str(args.output_dir),
+        prefill_lengths=[args.prefill_len],
+        cache_length=args.kv_cache_len,
+        quantization_recipe="none",  # None means its default, dynamic int8; the pipeline applies each recipe
+        bundle_litert_lm=False,
+        keep_temporary_files=True,  # in output_dir, a scratch folder the parent removes
+    )
+    sys.stdout.flush()
+    os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing
+
+
+if __name__ == "__main__":
+    main()

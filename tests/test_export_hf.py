@@ -1,0 +1,165 @@
+"""Families through litert-torch's ``export_hf`` (transformers' own modeling code), as the pipeline runs it.
+
+Each family is a tiny random model written by transformers (every parameter moved off its initial value, as
+``test_architectures.py`` does) with a tokenizer beside it, because ``export_hf`` reads one. The exported file
+runs in the LiteRT runtime against transformers' own float32 logits, generates greedily as transformers
+does, and takes a whole-model and a selective recipe whose conformance check passes.
+"""
+
+import json
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+from conftest import metadata
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from edge_quant_pipeline.architectures import UnsupportedArchitectureError
+from edge_quant_pipeline.checkpoints import load_transformers_model, read_checkpoint
+from edge_quant_pipeline.conformance import check_conformance
+from edge_quant_pipeline.convert import ExportSettings, quantize_tflite
+from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
+from edge_quant_pipeline.evaluate.metrics import compare
+from edge_quant_pipeline.evaluate.reference import TransformersModel
+from edge_quant_pipeline.export_hf import export_hf_tflite
+from edge_quant_pipeline.exporters import (
+    EXPORT_HF,
+    GENERATIVE_API,
+    ExporterSettingError,
+    plan_export,
+)
+from edge_quant_pipeline.launcher import materialize
+from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.synthetic import TRAIN_TEXT, make_tokenizer
+from edge_quant_pipeline.weights import read_weights
+
+VOCAB = 512  # the byte-level tokenizer's 256 bytes, its merges and its end-of-text token
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+FAMILIES = {
+    "qwen3": {},
+    # windows of 4 tokens, so that the 32-token windows below cross both kinds of layer
+    "gemma3_text": dict(
+        query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+    ),
+    "llama": dict(
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        )
+    ),
+    "smollm3": dict(num_hidden_layers=4),  # every 4th layer has no RoPE
+    "ministral3": {},
+}
+SETTINGS = ExportSettings(prefill_len=8, kv_cache_len=32)
+SELECTIVE = {
+    "default": "fp16",
+    "embedding": "int8_dynamic",
+    "attention": {1: "int8_weight_only"},
+    "feedforward": "int8_dynamic",
+}
+
+
+def write_tiny_checkpoint(model_type: str, folder, **overrides):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILIES.get(model_type, {}), **overrides})
+    tokenizer = make_tokenizer(VOCAB)
+    config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_export_hf_matches_transformers_in_the_runtime_and_takes_recipes(tmp_path, model_type):
+    folder = write_tiny_checkpoint(model_type, tmp_path / model_type)
+    checkpoint = read_checkpoint(folder)
+    plan = plan_export(checkpoint.hf_config, folder / "config.json", EXPORT_HF)
+    tflite = export_hf_tflite(folder, SETTINGS, tmp_path / "float.tflite")
+
+    reference = TransformersModel(load_transformers_model(checkpoint))
+    windows = np.random.default_rng(0).integers(0, VOCAB, (3, SETTINGS.kv_cache_len), dtype=np.int32)
+    with InterpreterSession(tflite, SETTINGS, num_threads=2) as session:
+        assert not session.prefill_scores  # export_hf's prefill fills the KV cache only: scored through decode
+        logits = np.stack([session.score(w) for w in windows])
+        generated = session.greedy(windows[0, : SETTINGS.prefill_len], 16)
+    expected = np.stack([reference.window_logits(w) for w in windows])
+    assert np.abs(logits - expected).max() < 1e-4
+    fidelity = compare(logits, expected, windows)
+    assert fidelity.perplexity_ratio == pytest.approx(1.0, abs=0.01) and fidelity.top1_agreement > 0.99
+    assert generated.tolist() == reference.greedy(windows[:1, : SETTINGS.prefill_len], 16)[0].tolist()
+
+    for name, body in (("dynamic_int8", {"default": "int8_dynamic"}), ("selective", SELECTIVE)):
+        recipe = parse_recipe(name, body, "test")
+        quantized = quantize_tflite(
+            tflite, ai_edge_quantizer_recipe(recipe, plan.shape.tied_lm_head), tmp_path / f"{name}.tflite"
+        )
+        rows = check_conformance(recipe, read_weights(quantized), plan.shape)
+        assert [r for r in rows if not r.ok] == [], name
+        assert {(r.component, r.block) for r in rows} >= {("attention", b) for b in range(plan.shape.num_layers)}
+
+
+def test_auto_takes_the_rebuild_where_it_fits_and_export_hf_where_it_does_not(tmp_path):
+    llama = AutoConfig.for_model("llama", **TINY).to_dict()
+    assert plan_export(llama, tmp_path / "config.json").exporter == GENERATIVE_API
+    assert plan_export(llama, tmp_path / "config.json", EXPORT_HF).exporter == EXPORT_HF
+    # a RoPE scaling the rebuild's layers lack: transformers' own modules compute it
+    yarn = {**llama, "rope_parameters": dict(rope_type="yarn", rope_theta=1e4, factor=4.0)}
+    assert plan_export(yarn, tmp_path / "config.json").exporter == EXPORT_HF
+    with pytest.raises(UnsupportedArchitectureError, match="RoPE scaling 'yarn'"):
+        plan_export(yarn, tmp_path / "config.json", GENERATIVE_API)
+    smollm3 = AutoConfig.for_model("smollm3", **TINY).to_dict()
+    assert plan_export(smollm3, tmp_path / "config.json").exporter == EXPORT_HF
+
+
+def test_what_neither_exporter_takes_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'mamba' is not supported\. The Generative API"):
+        plan_export({**TINY, "model_type": "mamba"}, tmp_path / "config.json")
+    # a family only the rebuild knows, with a config it refuses, keeps the rebuild's reason
+    with pytest.raises(UnsupportedArchitectureError, match="query_pre_attn_scalar 24 differs"):
+        plan_export({**TINY, "model_type": "gemma2", "query_pre_attn_scalar": 24}, tmp_path / "config.json")
+    with pytest.raises(ExporterSettingError, match="EDGE_QUANT_EXPORTER='onnx' names no exporter"):
+        plan_export({**TINY, "model_type": "llama"}, tmp_path / "config.json", "onnx")
+
+
+def test_an_export_hf_family_through_the_whole_graph(tmp_path):
+    model = "tiny-smollm3"
+    write_tiny_checkpoint("smollm3", tmp_path / "checkpoints" / model)
+    pipeline = PipelineConfig(
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        artifact_store=ArtifactStore(url=str(tmp_path / "artifacts")),
+        work_dir=str(tmp_path / "work"),
+        eval_text=str(TRAIN_TEXT),
+        eval_max_tokens=512,
+    )
+    with dg.instance_for_test() as instance:
+        summary = materialize(instance, pipeline, [model], ["float", "selective_fp16_int8"], jobs=2)
+        assert summary.failures == 0, [o.failures for o in summary.outcomes]
+        assert metadata(instance, "checkpoint", model)["exporter"] == EXPORT_HF
+        float_eval = metadata(instance, "evaluation", f"{model}|float")
+        assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3) and float_eval["top1_agreement"] > 0.999
+        published = metadata(instance, "published_artifact", f"{model}|selective_fp16_int8")
+        assert published["exporter"] == EXPORT_HF
+    recipe_dir = tmp_path / "artifacts" / model / "selective_fp16_int8"
+    latest = json.loads((recipe_dir / "latest.json").read_text())
+    assert json.loads((recipe_dir / latest["version"] / "manifest.json").read_text())["exporter"] == EXPORT_HF
