@@ -6,8 +6,9 @@ own, and the model class that wires the layers together (its generic
 ``DecoderOnlyModel`` unless a family orders norms or masks differently). This
 module derives all three from the ``config.json`` that ``transformers`` writes.
 A config that a family's litert-torch layers would compute differently from
-``transformers`` (RoPE scaling, an attention scale other than ``1/sqrt(head_dim)``,
-...) is refused with the reason rather than rebuilt into a different model.
+``transformers`` (a RoPE scaling other than Llama 3's and LongRoPE, an attention scale other
+than ``1/sqrt(head_dim)``, ...) is refused with the reason rather than rebuilt into a different
+model; ``exporters.py`` then decides whether ``export_hf`` takes it instead.
 """
 
 from __future__ import annotations

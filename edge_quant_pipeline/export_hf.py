@@ -11,6 +11,7 @@ that child:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -18,15 +19,19 @@ import sys
 from pathlib import Path
 
 from edge_quant_pipeline.convert import ExportSettings, export_scratch
+from edge_quant_pipeline.memory import peak_rss_mb
+
+_STATS = "export_stats.json"
 
 
 class ExportError(RuntimeError):
     """litert-torch could not export the checkpoint."""
 
 
-def export_hf_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Path) -> Path:
+def export_hf_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Path) -> float:
     """Float32 prefill and decode signatures with the KV cache length of ``settings``, as
-    ``convert.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle."""
+    ``convert.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle, at ``output``;
+    returns the child's peak RSS in MB."""
     with export_scratch(output) as scratch:
         command = [sys.executable, "-m", __name__, str(checkpoint_dir), str(scratch)]
         command += ["--prefill-len", str(settings.prefill_len), "--kv-cache-len", str(settings.kv_cache_len)]
@@ -39,7 +44,7 @@ def export_hf_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Pat
         if returncode != 0:
             raise ExportError(f"export_hf could not export {checkpoint_dir}: {last_line or 'no error message'}")
         os.replace(scratch / "model.tflite", output)
-    return output
+        return json.loads((scratch / _STATS).read_text())["peak_rss_mb"]
 
 
 def _run_showing_progress(command: list[str]) -> tuple[int, str]:
@@ -71,6 +76,7 @@ def main() -> None:
         bundle_litert_lm=False,
         keep_temporary_files=True,  # in output_dir, a scratch folder the parent removes
     )
+    (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
     sys.stdout.flush()
     os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing
 

@@ -28,7 +28,7 @@ GENERATIVE_API, EXPORT_HF, AUTO = "generative_api", "export_hf", "auto"
 EXPORTER_CHOICES = (AUTO, GENERATIVE_API, EXPORT_HF)
 # Proven through export_hf here: a tiny random model of each, written by transformers, exported, run in the
 # interpreter against transformers' own logits, and quantized with a whole-model and a selective recipe.
-EXPORT_HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "ministral3")
+EXPORT_HF_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "smollm3", "ministral3")
 
 
 class ExporterSettingError(ValueError):
@@ -39,6 +39,10 @@ class ExporterSettingError(ValueError):
 class ExportPlan:
     exporter: str
     shape: ModelShape
+
+
+# What either exporter needs of config.json; a config without one is broken whichever exporter takes it.
+_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def export_hf_shape(hf_config: dict[str, Any]) -> ModelShape:
@@ -66,6 +70,11 @@ def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AU
             f"EDGE_QUANT_EXPORTER={exporter!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
         )
     model_type = hf_config.get("model_type")
+    missing = [name for name in _REQUIRED_FIELDS if name not in hf_config]
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"{config_path}: config.json lacks the field {missing[0]!r} that a {model_type!r} model needs."
+        )
     if exporter != EXPORT_HF:
         try:
             return ExportPlan(GENERATIVE_API, architecture_for(hf_config, config_path).shape)
@@ -82,9 +91,4 @@ def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AU
             f"{', '.join(EXPORT_HF_MODEL_TYPES)}. Convert the checkpoint to one of these families, or add one "
             "(README, Adding a checkpoint)."
         )
-    try:
-        return ExportPlan(EXPORT_HF, export_hf_shape(hf_config))
-    except KeyError as missing:
-        raise UnsupportedArchitectureError(
-            f"{config_path}: config.json lacks the field {missing} that a {model_type!r} model needs."
-        ) from None
+    return ExportPlan(EXPORT_HF, export_hf_shape(hf_config))

@@ -55,15 +55,30 @@ def return_freed_memory() -> None:
 
 
 class PeakMemory:
-    """The peak RSS of this process during a ``with`` block (the kernel's mark, reset on entry)."""
+    """The peak RSS of this process during a ``with`` block (the kernel's mark, reset on entry).
+
+    Blocks nest (a step's measurement around its evaluation's): the kernel keeps one mark per process, so
+    before a block resets it, every enclosing block takes the mark so far, and takes the inner block's peak
+    when it ends."""
+
+    _open: list["PeakMemory"] = []  # the blocks of this process being measured, outermost first
 
     def __enter__(self) -> "PeakMemory":
+        self._take_into_open_blocks(peak_rss_mb())
         Path("/proc/self/clear_refs").write_text("5")  # "5": reset VmHWM to the current RSS
         self.mb = 0.0
+        PeakMemory._open.append(self)
         return self
 
     def __exit__(self, *_exc) -> None:
-        self.mb = peak_rss_mb()
+        PeakMemory._open.remove(self)
+        self.mb = max(self.mb, peak_rss_mb())
+        self._take_into_open_blocks(self.mb)
+
+    @staticmethod
+    def _take_into_open_blocks(mb: float) -> None:
+        for block in PeakMemory._open:
+            block.mb = max(block.mb, mb)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ def test_export_hf_matches_transformers_in_the_runtime_and_takes_recipes(tmp_pat
     folder = write_tiny_checkpoint(model_type, tmp_path / model_type)
     checkpoint = read_checkpoint(folder)
     plan = plan_export(checkpoint.hf_config, folder / "config.json", EXPORT_HF)
-    tflite = export_hf_tflite(folder, SETTINGS, tmp_path / "float.tflite")
+    tflite = tmp_path / "float.tflite"
+    assert export_hf_tflite(folder, SETTINGS, tflite) > 500  # the child's peak RSS in MB: torch and a model
 
     reference = TransformersModel(load_transformers_model(checkpoint))
     windows = np.random.default_rng(0).integers(0, VOCAB, (3, SETTINGS.kv_cache_len), dtype=np.int32)

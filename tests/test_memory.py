@@ -10,6 +10,7 @@ from edge_quant_pipeline.memory import (
     MachineMemory,
     MemoryLedger,
     NotEnoughMemoryError,
+    PeakMemory,
     Reservation,
     admission,
     machine_memory,
@@ -105,3 +106,15 @@ MEASURED = [
 def test_estimates_are_above_the_measured_peaks_but_not_far(shape, step, recipe, measured):
     estimate = step_mb(step, SHAPES[shape], BUILTIN_RECIPES[recipe] if recipe else None)
     assert measured <= estimate <= 1.5 * measured
+
+
+def test_a_measured_block_inside_another_keeps_the_outer_peak():
+    """One kernel mark per process: the inner block's reset must not hide what the outer block saw before."""
+    import numpy as np
+
+    with PeakMemory() as outer:
+        held = np.ones(400 * 2**20 // 8)  # 400 MB, touched, then given back
+        del held
+        with PeakMemory() as inner:
+            pass
+    assert outer.mb > inner.mb + 300

@@ -43,11 +43,13 @@ def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSi
 
 @dataclass
 class StepUsage:
-    """What a step took, measured: its process's peak RSS (the kernel's mark) and its CPU time, all threads."""
+    """What a step took, measured: its process's peak RSS (the kernel's mark), or that of a child process doing
+    its work if larger (``child_peak_rss_mb``, reported by the child), and its CPU time, all threads."""
 
     estimate_mb: float
     peak_rss_mb: float = 0.0
     cpu_s: float = 0.0
+    child_peak_rss_mb: float = 0.0
 
     def metadata(self) -> dict[str, float]:
         return {
@@ -69,4 +71,4 @@ def admitted(context: dg.AssetExecutionContext, size: ModelSize, recipe: Recipe 
         cpu = time.process_time()
         with PeakMemory() as peak:
             yield usage
-        usage.peak_rss_mb, usage.cpu_s = peak.mb, time.process_time() - cpu
+        usage.peak_rss_mb, usage.cpu_s = max(peak.mb, usage.child_peak_rss_mb), time.process_time() - cpu

@@ -16,7 +16,7 @@ from edge_quant_pipeline.checkpoints import (
     load_transformers_model,
 )
 from edge_quant_pipeline.convert import export_float_tflite
-from edge_quant_pipeline.defs.admission import admitted, model_size
+from edge_quant_pipeline.defs.admission import StepUsage, admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
@@ -48,10 +48,11 @@ def _float_model(checkpoint: Checkpoint, pipeline: PipelineConfig) -> FloatModel
         raise dg.Failure(str(error)) from None
 
 
-def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path) -> Path:
+def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usage: StepUsage) -> Path:
     settings = pipeline.export_settings
     if checkpoint.exporter == EXPORT_HF:
-        return export_hf_tflite(checkpoint.path, settings, output)
+        usage.child_peak_rss_mb = export_hf_tflite(checkpoint.path, settings, output)
+        return output
     model = _float_model(checkpoint, pipeline)
     return export_float_tflite(model.model, model.model_config, settings, output)
 
@@ -71,7 +72,7 @@ def float_tflite(
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage:
             context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
-            exported = inspect_tflite(_export(checkpoint, pipeline, output))
+            exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
     except (NotEnoughMemoryError, ExportError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(

@@ -173,7 +173,7 @@ class TransformersModel:
             out = self.model(input_ids=torch.from_numpy(prompts).long(), use_cache=True)
             for _ in range(length):
                 tokens.append(out.logits[:, -1].argmax(-1))
-                out = self.model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+                out = self.model(input_ids=tokens[-1][:, None], cache=out.cache, use_cache=True)
         return torch.stack(tokens, dim=1).numpy().astype(np.int32)
 
 
