@@ -103,10 +103,10 @@ def _rope_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
         rope_type in SCALED_ROPE_TYPES,
         f"RoPE scaling {rope_type!r} is not supported, only plain RoPE, {' and '.join(SCALED_ROPE_TYPES)}.",
     )
-    return _scaled_rope(hf_config)
+    return _scaled_rope(hf_config, rope_type)
 
 
-def _scaled_rope(hf_config: dict[str, Any]) -> dict[str, Any]:
+def _scaled_rope(hf_config: dict[str, Any], rope_type: str) -> dict[str, Any]:
     """``ModelConfig`` fields for the RoPE scalings litert-torch's own examples build: Llama 3.1/3.2's
     (``examples/llama``) and Phi-3.5/4-mini's LongRoPE (``examples/phi``), with the config's factors."""
     import torch
@@ -115,7 +115,7 @@ def _scaled_rope(hf_config: dict[str, Any]) -> dict[str, Any]:
     # configs written before transformers 5 keep it at the top level
     original_length = params.get("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
     common = dict(condense_ratio=1, dtype=torch.float32, device=torch.device("cpu"))
-    if _rope_type(hf_config) == "llama3":
+    if rope_type == "llama3":
         from litert_torch.generative.examples.llama import llama
 
         build = partial(

@@ -45,11 +45,18 @@ class ExportPlan:
 _REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
+def _transformers_default(hf_config: dict[str, Any], field: str) -> Any:
+    """A field config.json leaves out, as transformers fills it in for this model type (export_hf runs its model)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(hf_config["model_type"]), field)
+
+
 def export_hf_shape(hf_config: dict[str, Any]) -> ModelShape:
     """The model's shape as recipe validation needs it, from config.json (transformers' own layer sizes)."""
     hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim") or hidden // heads
-    tied = bool(hf_config.get("tie_word_embeddings", hf_config.get("model_type") == "gemma3_text"))
+    tied = bool(hf_config.get("tie_word_embeddings", _transformers_default(hf_config, "tie_word_embeddings")))
     return ModelShape(
         num_layers=hf_config["num_hidden_layers"],
         tied_lm_head=tied,

@@ -18,6 +18,31 @@ REPO = Path(__file__).parent.parent
 DEMO_MODEL = "tiny-llama-bytes"
 
 
+# Llama 3.1/3.2's RoPE scaling, with an original context short enough (32 tokens) that the scaling changes the
+# frequencies tiny test models use.
+LLAMA3_ROPE = dict(
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=10000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+    )
+)
+
+
+def move_off_initial_values(model):
+    """Every parameter of a freshly initialised model moved (norm weights start as all ones or zeros), so that
+    a tensor mapped to the wrong place changes the logits."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
 def metadata(instance, asset: str, partition: str | None = None) -> dict:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import LLAMA3_ROPE, move_off_initial_values
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -72,18 +73,8 @@ FAMILIES = {
     "phi": (PhiConfig, PhiForCausalLM, dict(partial_rotary_factor=0.5)),  # Phi-2's is 0.4 of its head_dim of 80
     "phi3": (Phi3Config, Phi3ForCausalLM, dict(partial_rotary_factor=0.5)),  # partial RoPE, as in Phi-4-mini
 }
-# Scaled RoPE as Llama 3.1/3.2 and Phi-3.5/4-mini configure it, with an original context short enough that
-# the scaling changes the frequencies these tiny models use.
-LLAMA3_ROPE = dict(
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=10000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=32,
-    )
-)
+# Scaled RoPE as Phi-3.5/4-mini configure it (Llama 3's: conftest.LLAMA3_ROPE), with an original context short
+# enough that the scaling changes the frequencies these tiny models use.
 LONGROPE = dict(
     rope_parameters=dict(
         rope_type="longrope",
@@ -105,13 +96,8 @@ def tiny_config(family: str, **overrides):
 def tiny_model(family: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     # eager attention is transformers' reference math (its SDPA path cannot softcap, which Gemma 2 needs)
-    model = FAMILIES[family][1](tiny_config(family, attn_implementation="eager", **overrides)).eval()
-    # Move every parameter off its initial value (norm weights start as all ones or zeros),
-    # so that a tensor mapped to the wrong place changes the logits.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model
+    model = FAMILIES[family][1](tiny_config(family, attn_implementation="eager", **overrides))
+    return move_off_initial_values(model.eval())
 
 
 def max_logit_diff(checkpoint_dir, reference: torch.nn.Module) -> float:

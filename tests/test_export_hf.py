@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import pytest
 import torch
-from conftest import metadata
+from conftest import LLAMA3_ROPE, metadata, move_off_initial_values
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from edge_quant_pipeline.architectures import UnsupportedArchitectureError
@@ -54,16 +54,7 @@ FAMILIES = {
     "gemma3_text": dict(
         query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
     ),
-    "llama": dict(
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=10000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=32,
-        )
-    ),
+    "llama": LLAMA3_ROPE,
     "smollm3": dict(num_hidden_layers=4),  # every 4th layer has no RoPE
     "ministral3": {},
 }
@@ -81,11 +72,7 @@ def write_tiny_checkpoint(model_type: str, folder, **overrides):
     config = AutoConfig.for_model(model_type, **{**TINY, **FAMILIES.get(model_type, {}), **overrides})
     tokenizer = make_tokenizer(VOCAB)
     config.eos_token_id = tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    model.save_pretrained(folder)
+    move_off_initial_values(AutoModelForCausalLM.from_config(config).eval()).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -147,7 +147,7 @@ class InterpreterSession:
         return shape is not None and shape[1] == self.prefill_len
 
     def _run(self, signature: _Signature, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
-        inputs = {**{n: signature.inputs[n] for n in ("tokens", "input_pos", "mask") if n in signature.inputs}}
+        inputs = {n: signature.inputs[n] for n in ("tokens", "input_pos", "mask") if n in signature.inputs}
         inputs.update(self._kv)
         outputs = {**signature.outputs, **self._spare}
         shape, logits = signature.logits_shape, None
