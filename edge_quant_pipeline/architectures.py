@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def language_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields: config.json's own, or its ``text_config``'s for a multimodal checkpoint
+    (Gemma 4 as Google ships it: ``Gemma4ForConditionalGeneration``, which may hold no vision or audio tower)."""
+    return hf_config.get("text_config") or hf_config
+
+
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's ``model_type`` has no mapping to litert-torch layers."""
 

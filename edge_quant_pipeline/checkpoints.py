@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_quant_pipeline.architectures import Architecture, ModelShape, architecture_for
+from edge_quant_pipeline.architectures import Architecture, ModelShape, architecture_for, language_config
 from edge_quant_pipeline.exporters import GENERATIVE_API
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -76,11 +76,11 @@ class Checkpoint:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.hf_config["vocab_size"])
+        return int(language_config(self.hf_config)["vocab_size"])
 
     @property
     def num_layers(self) -> int:
-        return int(self.hf_config.get("num_hidden_layers", 1))
+        return int(language_config(self.hf_config).get("num_hidden_layers", 1))
 
     @property
     def weight_bytes(self) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.memory import return_freed_memory
 
 
@@ -152,3 +153,17 @@ def quantize_tflite(float_tflite: Path, quantizer_recipe: list[dict[str, Any]], 
     del result
     return_freed_memory()  # the parsed and the quantized model: hand their memory back before evaluation
     return output
+
+
+def quantize_model(
+    float_tflite: Path, quantizer_recipe: list[dict[str, Any]], embedder_recipe: list[dict[str, Any]], output: Path
+) -> Path:
+    """The model with ``quantizer_recipe`` and each of its embedders (``embedders.py``) with ``embedder_recipe``,
+    the embedders first (``output`` existing means they do); an empty recipe keeps a file's float bytes."""
+    for role, source in embedders_of(float_tflite).items():
+        _quantized_or_linked(source, embedder_recipe, embedder_path(output, role))
+    return _quantized_or_linked(float_tflite, quantizer_recipe, output)
+
+
+def _quantized_or_linked(source: Path, quantizer_recipe: list[dict[str, Any]], output: Path) -> Path:
+    return quantize_tflite(source, quantizer_recipe, output) if quantizer_recipe else link_or_copy(source, output)

@@ -6,6 +6,9 @@ the step's process, and hands the export's memory back to the machine when it ex
 that child:
 
     python -m edge_quant_pipeline.export_hf <checkpoint folder> <output folder> --prefill-len 32 --kv-cache-len 128
+
+With ``--externalize-embedder`` (Gemma 4's per-layer embeddings need it), the embedding lookups are exported as
+files of their own, which end up beside the model (``embedders.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 from edge_quant_pipeline.convert import ExportSettings, export_scratch
+from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path
 from edge_quant_pipeline.memory import peak_rss_mb
 
 _STATS = "export_stats.json"
@@ -28,13 +32,16 @@ class ExportError(RuntimeError):
     """litert-torch could not export the checkpoint."""
 
 
-def export_hf_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Path) -> float:
+def export_hf_tflite(
+    checkpoint_dir: Path, settings: ExportSettings, output: Path, externalize_embedder: bool = False
+) -> float:
     """Float32 prefill and decode signatures with the KV cache length of ``settings``, as
-    ``convert.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle, at ``output``;
-    returns the child's peak RSS in MB."""
+    ``convert.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle, at ``output``
+    (its embedders beside it, with ``externalize_embedder``); returns the child's peak RSS in MB."""
     with export_scratch(output) as scratch:
         command = [sys.executable, "-m", __name__, str(checkpoint_dir), str(scratch)]
         command += ["--prefill-len", str(settings.prefill_len), "--kv-cache-len", str(settings.kv_cache_len)]
+        command += ["--externalize-embedder"] if externalize_embedder else []
         returncode, last_line = _run_showing_progress(command)
         if returncode < 0:
             raise ExportError(
@@ -43,6 +50,9 @@ def export_hf_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Pat
             )
         if returncode != 0:
             raise ExportError(f"export_hf could not export {checkpoint_dir}: {last_line or 'no error message'}")
+        for role in EMBEDDER_INPUTS:  # before the model: a model file whose embedders are missing never exists
+            if (scratch / f"{role}.tflite").exists():
+                os.replace(scratch / f"{role}.tflite", embedder_path(output, role))
         os.replace(scratch / "model.tflite", output)
         return json.loads((scratch / _STATS).read_text())["peak_rss_mb"]
 
@@ -64,7 +74,9 @@ def main() -> None:
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--prefill-len", type=int, default=ExportSettings.prefill_len)
     parser.add_argument("--kv-cache-len", type=int, default=ExportSettings.kv_cache_len)
+    parser.add_argument("--externalize-embedder", action="store_true")
     args = parser.parse_args()
+    _dense_models_need_no_experts_kernel()
     from litert_torch.generative.export_hf import export
 
     export.export(
@@ -74,11 +86,27 @@ def main() -> None:
         cache_length=args.kv_cache_len,
         quantization_recipe="none",  # None means its default, dynamic int8; the pipeline applies each recipe
         bundle_litert_lm=False,
+        externalize_embedder=args.externalize_embedder,
         keep_temporary_files=True,  # in output_dir, a scratch folder the parent removes
     )
     (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
     sys.stdout.flush()
     os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing
+
+
+def _dense_models_need_no_experts_kernel() -> None:
+    """litert-torch 0.10 replaces Gemma 4's text model with its own class, from a module without transformers'
+    ``@use_experts_implementation`` marker, and transformers 5.24 then refuses the ``grouped_mm`` experts
+    kernel that the enclosing model asked for ("does not support setting experts implementation"). Such a class
+    gets transformers' reference (``eager``) experts instead; the dense models exported here run none."""
+    from transformers import modeling_utils
+
+    check = modeling_utils.PreTrainedModel._check_and_adjust_experts_implementation
+
+    def eager_where_it_cannot_be_set(model, requested):
+        return check(model, requested) if type(model)._can_set_experts_implementation() else "eager"
+
+    modeling_utils.PreTrainedModel._check_and_adjust_experts_implementation = eager_where_it_cannot_be_set
 
 
 if __name__ == "__main__":

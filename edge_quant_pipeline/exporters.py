@@ -22,13 +22,14 @@ from edge_quant_pipeline.architectures import (
     ModelShape,
     UnsupportedArchitectureError,
     architecture_for,
+    language_config,
 )
 
 GENERATIVE_API, EXPORT_HF, AUTO = "generative_api", "export_hf", "auto"
 EXPORTER_CHOICES = (AUTO, GENERATIVE_API, EXPORT_HF)
 # Proven through export_hf here: a tiny random model of each, written by transformers, exported, run in the
 # interpreter against transformers' own logits, and quantized with a whole-model and a selective recipe.
-EXPORT_HF_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "smollm3", "ministral3")
+EXPORT_HF_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "smollm3", "ministral3", "gemma4", "gemma4_text")
 
 
 class ExporterSettingError(ValueError):
@@ -54,19 +55,26 @@ def _transformers_default(hf_config: dict[str, Any], field: str) -> Any:
 
 def export_hf_shape(hf_config: dict[str, Any]) -> ModelShape:
     """The model's shape as recipe validation needs it, from config.json (transformers' own layer sizes)."""
-    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hidden // heads
+    text = language_config(hf_config)
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    head_dims = {text.get("head_dim") or hidden // heads, text.get("global_head_dim") or hidden // heads}
     tied = bool(hf_config.get("tie_word_embeddings", _transformers_default(hf_config, "tie_word_embeddings")))
+    embedding = (hidden, text["hidden_size_per_layer_input"]) if per_layer_embeddings(hf_config) else (hidden,)
     return ModelShape(
-        num_layers=hf_config["num_hidden_layers"],
+        num_layers=text["num_hidden_layers"],
         tied_lm_head=tied,
         reduction_dims={
-            "embedding": (hidden,),
-            "attention": (hidden, heads * head_dim),
-            "feedforward": (hidden, hf_config["intermediate_size"]),
+            "embedding": embedding,
+            "attention": (hidden, *sorted(heads * d for d in head_dims)),
+            "feedforward": (hidden, text["intermediate_size"]),
             "lm_head": (hidden,),
         },
     )
+
+
+def per_layer_embeddings(hf_config: dict[str, Any]) -> bool:
+    """Gemma 4's per-layer embeddings (E2B, E4B), which ``export_hf`` exports only as an embedder of their own."""
+    return bool(language_config(hf_config).get("hidden_size_per_layer_input"))
 
 
 def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AUTO) -> ExportPlan:
@@ -77,7 +85,7 @@ def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AU
             f"EDGE_QUANT_EXPORTER={exporter!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
         )
     model_type = hf_config.get("model_type")
-    missing = [name for name in _REQUIRED_FIELDS if name not in hf_config]
+    missing = [name for name in _REQUIRED_FIELDS if name not in language_config(hf_config)]
     if missing:
         raise UnsupportedArchitectureError(
             f"{config_path}: config.json lacks the field {missing[0]!r} that a {model_type!r} model needs."
@@ -98,4 +106,21 @@ def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AU
             f"{', '.join(EXPORT_HF_MODEL_TYPES)}. Convert the checkpoint to one of these families, or add one "
             "(README, Adding a checkpoint)."
         )
+    _refuse_what_export_hf_cannot_export(hf_config, config_path)
     return ExportPlan(EXPORT_HF, export_hf_shape(hf_config))
+
+
+def _refuse_what_export_hf_cannot_export(hf_config: dict[str, Any], config_path: Path) -> None:
+    text = language_config(hf_config)
+    if hf_config["model_type"] == "gemma4_text" and per_layer_embeddings(hf_config):
+        raise UnsupportedArchitectureError(
+            f"{config_path}: a text-only Gemma 4 checkpoint (Gemma4ForCausalLM) with per-layer embeddings "
+            "(hidden_size_per_layer_input) cannot be exported: litert-torch's export_hf takes them only from a "
+            "Gemma4ForConditionalGeneration checkpoint (model_type 'gemma4'), as Google publishes Gemma 4 E2B "
+            "and E4B. Use that checkpoint."
+        )
+    if text.get("enable_moe_block"):
+        raise UnsupportedArchitectureError(
+            f"{config_path}: this Gemma 4 model has mixture-of-experts blocks (enable_moe_block), which are not "
+            "supported here; the dense Gemma 4 models (E2B, E4B, 31B) are."
+        )

@@ -3,6 +3,7 @@
 Layout (``<store>`` is a local folder or a URL such as ``s3://bucket/prefix``)::
 
     <store>/<model>/<recipe>/<version>/model.tflite
+    <store>/<model>/<recipe>/<version>/model.embedder.tflite, ...  # where the model has embedders (Gemma 4)
     <store>/<model>/<recipe>/<version>/manifest.json
     <store>/<model>/<recipe>/latest.json          # the version published last
     <store>/<model>/<recipe>/failed.json          # why the current inputs did not publish
@@ -49,6 +50,7 @@ from upath import UPath
 from upath.implementations.local import LocalPath
 
 from edge_quant_pipeline import convert
+from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.exporters import GENERATIVE_API
 
 MANIFEST = "manifest.json"
@@ -164,8 +166,15 @@ def _copy_hashing(source: Path, target: UPath) -> str:
 
 
 def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The model file, then the manifest: the manifest is what makes a version exist."""
-    manifest = {**manifest, "model_sha256": _copy_hashing(tflite, folder / MODEL_FILE)}
+    """The model file and its embedders (``embedders.py``), then the manifest: the manifest is what makes a
+    version exist."""
+    model_file = folder / MODEL_FILE
+    embedders = {
+        role: _copy_hashing(path, embedder_path(model_file, role)) for role, path in embedders_of(tflite).items()
+    }
+    manifest = {**manifest, "model_sha256": _copy_hashing(tflite, model_file)}
+    if embedders:
+        manifest["embedder_sha256"] = embedders
     write_json(folder / MANIFEST, manifest)
     return manifest
 

@@ -336,3 +336,15 @@ def ai_edge_quantizer_recipe(recipe: Recipe, tied_lm_head: bool) -> list[dict[st
         elif value:
             _add_rule(manager, value, op_names.block_scope(layer))
     return manager.get_quantization_recipe()
+
+
+def embedder_quantizer_recipe(recipe: Recipe) -> list[dict[str, Any]]:
+    """For a model's embedder file (``embedders.py``), one embedding lookup: the recipe's embedding scheme."""
+    from ai_edge_quantizer import recipe_manager
+
+    scheme = scheme_for(recipe, "embedding", None, tied_lm_head=False)[1]
+    if not scheme:
+        return []
+    manager = recipe_manager.RecipeManager()
+    _add_rule(manager, scheme, ".*")
+    return manager.get_quantization_recipe()

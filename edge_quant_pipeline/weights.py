@@ -7,16 +7,18 @@ component from the name of the op that consumes it, as litert-torch writes it
 (``...TransformerBlock_3/...CausalSelfAttention...``, ``decode_logits_output``).
 A buffer shared by several consumers (the prefill and decode signatures, or a
 tied embedding and LM head) is listed once per component and counted once in bytes.
+A model's embedders (``embedders.py``) are part of it: their weights are its embedding.
 """
 
 from __future__ import annotations
 
 import mmap
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge_quant_pipeline import op_names
+from edge_quant_pipeline.embedders import embedders_of
 
 _ATTENTION = re.compile(op_names.block_scope(op_names.ATTENTION, r"(\d+)"))
 _FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
@@ -34,7 +36,8 @@ class WeightTensor:
     compute: str  # float (dequantized before use) | integer (consumed quantized)
     shape: tuple[int, ...]
     num_bytes: int
-    buffer: int  # flatbuffer buffer index; the identity of the stored data
+    buffer: int  # flatbuffer buffer index; with ``file``, the identity of the stored data
+    file: str = "model"  # the model, or the role of the embedder file that holds it
 
 
 def component_of(op_output_name: str) -> tuple[str, int | None]:
@@ -81,6 +84,14 @@ def _quant_param_bytes(quant, subgraph, model, schema) -> int:
 
 
 def read_weights(tflite: Path) -> list[WeightTensor]:
+    """The weights of the model in ``tflite`` and of its embedders."""
+    weights = _read_file_weights(tflite)
+    for role, path in embedders_of(tflite).items():
+        weights += [replace(w, component="embedding", file=role) for w in _read_file_weights(path)]
+    return weights
+
+
+def _read_file_weights(tflite: Path) -> list[WeightTensor]:
     """Walks the flatbuffer in place (memory-mapped) rather than unpacking it into Python objects:
     the object API copies every buffer, which costs seconds and the model's size in memory."""
     from ai_edge_litert import schema_py_generated as schema
@@ -127,16 +138,25 @@ def read_weights(tflite: Path) -> list[WeightTensor]:
 
 @dataclass(frozen=True)
 class TfliteModel:
-    """A ``.tflite`` file on disk and the weights inside it."""
+    """A ``.tflite`` file on disk, its embedders beside it, and the weights inside them."""
 
     path: Path
-    file_bytes: int
+    file_bytes: int  # the model's and its embedders'
     weights: list[WeightTensor]
 
     @property
+    def embedders(self) -> dict[str, Path]:
+        return embedders_of(self.path)
+
+    @property
     def weight_bytes(self) -> int:
-        return sum({w.buffer: w.num_bytes for w in self.weights}.values())
+        return sum({(w.file, w.buffer): w.num_bytes for w in self.weights}.values())
+
+    def embedder_metadata(self) -> dict[str, str]:
+        """For the UI, where there are embedders."""
+        return {"embedders": ", ".join(str(p) for p in self.embedders.values())} if self.embedders else {}
 
 
 def inspect_tflite(path: Path) -> TfliteModel:
-    return TfliteModel(path=path, file_bytes=path.stat().st_size, weights=read_weights(path))
+    files = (path, *embedders_of(path).values())
+    return TfliteModel(path=path, file_bytes=sum(p.stat().st_size for p in files), weights=read_weights(path))

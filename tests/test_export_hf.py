@@ -4,8 +4,12 @@ Each family is a tiny random model written by transformers (every parameter move
 ``test_architectures.py`` does) with a tokenizer beside it, because ``export_hf`` reads one. The exported file
 runs in the LiteRT runtime against transformers' own float32 logits, generates greedily as transformers
 does, and takes a whole-model and a selective recipe whose conformance check passes.
+
+Gemma 4 comes as Google ships it, a ``Gemma4ForConditionalGeneration`` (here without vision or audio towers),
+with per-layer embeddings, so its embedding lookups are files of their own (``embedders.py``).
 """
 
+import hashlib
 import json
 
 import dagster as dg
@@ -18,8 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from edge_quant_pipeline.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.checkpoints import load_transformers_model, read_checkpoint
 from edge_quant_pipeline.conformance import check_conformance
-from edge_quant_pipeline.convert import ExportSettings, quantize_tflite
+from edge_quant_pipeline.convert import ExportSettings, quantize_model
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.embedders import embedders_of
 from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
 from edge_quant_pipeline.evaluate.metrics import compare
 from edge_quant_pipeline.evaluate.reference import TransformersModel
@@ -28,10 +33,11 @@ from edge_quant_pipeline.exporters import (
     EXPORT_HF,
     GENERATIVE_API,
     ExporterSettingError,
+    per_layer_embeddings,
     plan_export,
 )
 from edge_quant_pipeline.launcher import materialize
-from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, make_tokenizer
 from edge_quant_pipeline.weights import read_weights
 
@@ -48,6 +54,13 @@ TINY = dict(
     bos_token_id=None,
     pad_token_id=None,
 )
+GEMMA4_LAYERS = dict(
+    num_hidden_layers=4,
+    layer_types=["sliding_attention", "full_attention"] * 2,
+    sliding_window=4,
+    global_head_dim=32,
+    pad_token_id=0,  # Gemma 4's forward needs one
+)
 FAMILIES = {
     "qwen3": {},
     # windows of 4 tokens, so that the 32-token windows below cross both kinds of layer
@@ -57,6 +70,16 @@ FAMILIES = {
     "llama": LLAMA3_ROPE,
     "smollm3": dict(num_hidden_layers=4),  # every 4th layer has no RoPE
     "ministral3": {},
+    # as E2B: per-layer embeddings, global layers with their own head size, the last blocks reusing the KV
+    # cache of earlier ones, and those blocks' feed-forward twice as wide
+    "gemma4": dict(
+        GEMMA4_LAYERS,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=VOCAB,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+    ),
+    "gemma4_text": dict(GEMMA4_LAYERS, hidden_size_per_layer_input=0),  # as the large Gemma 4: no PLE
 }
 SETTINGS = ExportSettings(prefill_len=8, kv_cache_len=32)
 SELECTIVE = {
@@ -67,11 +90,18 @@ SELECTIVE = {
 }
 
 
+def tiny_config(model_type: str, **overrides):
+    fields = {**TINY, **FAMILIES.get(model_type, {}), **overrides}
+    if model_type == "gemma4":
+        text_config = AutoConfig.for_model("gemma4_text", **fields).to_dict()
+        return AutoConfig.for_model("gemma4", text_config=text_config, vision_config=None, audio_config=None)
+    return AutoConfig.for_model(model_type, **fields)
+
+
 def write_tiny_checkpoint(model_type: str, folder, **overrides):
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILIES.get(model_type, {}), **overrides})
     tokenizer = make_tokenizer(VOCAB)
-    config.eos_token_id = tokenizer.eos_token_id
+    config = tiny_config(model_type, eos_token_id=tokenizer.eos_token_id, **overrides)
     move_off_initial_values(AutoModelForCausalLM.from_config(config).eval()).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -83,7 +113,10 @@ def test_export_hf_matches_transformers_in_the_runtime_and_takes_recipes(tmp_pat
     checkpoint = read_checkpoint(folder)
     plan = plan_export(checkpoint.hf_config, folder / "config.json", EXPORT_HF)
     tflite = tmp_path / "float.tflite"
-    assert export_hf_tflite(folder, SETTINGS, tflite) > 500  # the child's peak RSS in MB: torch and a model
+    embedders = per_layer_embeddings(checkpoint.hf_config)
+    # the child's peak RSS in MB: torch and a model
+    assert export_hf_tflite(folder, SETTINGS, tflite, externalize_embedder=embedders) > 500
+    assert sorted(embedders_of(tflite)) == (["embedder", "per_layer_embedder"] if embedders else [])
 
     reference = TransformersModel(load_transformers_model(checkpoint))
     windows = np.random.default_rng(0).integers(0, VOCAB, (3, SETTINGS.kv_cache_len), dtype=np.int32)
@@ -99,11 +132,15 @@ def test_export_hf_matches_transformers_in_the_runtime_and_takes_recipes(tmp_pat
 
     for name, body in (("dynamic_int8", {"default": "int8_dynamic"}), ("selective", SELECTIVE)):
         recipe = parse_recipe(name, body, "test")
-        quantized = quantize_tflite(
-            tflite, ai_edge_quantizer_recipe(recipe, plan.shape.tied_lm_head), tmp_path / f"{name}.tflite"
+        quantizer_recipe = ai_edge_quantizer_recipe(recipe, plan.shape.tied_lm_head)
+        quantized = quantize_model(
+            tflite, quantizer_recipe, embedder_quantizer_recipe(recipe), tmp_path / f"{name}.tflite"
         )
-        rows = check_conformance(recipe, read_weights(quantized), plan.shape)
+        weights = read_weights(quantized)
+        rows = check_conformance(recipe, weights, plan.shape)
         assert [r for r in rows if not r.ok] == [], name
+        # an embedder holds the embedding: quantized as the recipe's embedding, and checked with it above
+        assert {w.file for w in weights if w.component == "embedding"} == set(embedders_of(tflite) or ["model"])
         assert {(r.component, r.block) for r in rows} >= {("attention", b) for b in range(plan.shape.num_layers)}
 
 
@@ -126,13 +163,20 @@ def test_what_neither_exporter_takes_is_refused_before_any_work(tmp_path):
     # a family only the rebuild knows, with a config it refuses, keeps the rebuild's reason
     with pytest.raises(UnsupportedArchitectureError, match="query_pre_attn_scalar 24 differs"):
         plan_export({**TINY, "model_type": "gemma2", "query_pre_attn_scalar": 24}, tmp_path / "config.json")
+    text_only = tiny_config("gemma4_text", hidden_size_per_layer_input=16).to_dict()
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma4ForConditionalGeneration checkpoint"):
+        plan_export(text_only, tmp_path / "config.json")
+    experts = tiny_config("gemma4", enable_moe_block=True, num_experts=4, top_k_experts=2).to_dict()
+    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts"):
+        plan_export(experts, tmp_path / "config.json")
     with pytest.raises(ExporterSettingError, match="EDGE_QUANT_EXPORTER='onnx' names no exporter"):
         plan_export({**TINY, "model_type": "llama"}, tmp_path / "config.json", "onnx")
 
 
-def test_an_export_hf_family_through_the_whole_graph(tmp_path):
-    model = "tiny-smollm3"
-    write_tiny_checkpoint("smollm3", tmp_path / "checkpoints" / model)
+@pytest.mark.parametrize("model_type", ["smollm3", "gemma4"])
+def test_an_export_hf_family_through_the_whole_graph(tmp_path, model_type):
+    model = f"tiny-{model_type}"
+    write_tiny_checkpoint(model_type, tmp_path / "checkpoints" / model)
     pipeline = PipelineConfig(
         checkpoint_dir=str(tmp_path / "checkpoints"),
         artifact_store=ArtifactStore(url=str(tmp_path / "artifacts")),
@@ -149,5 +193,12 @@ def test_an_export_hf_family_through_the_whole_graph(tmp_path):
         published = metadata(instance, "published_artifact", f"{model}|selective_fp16_int8")
         assert published["exporter"] == EXPORT_HF
     recipe_dir = tmp_path / "artifacts" / model / "selective_fp16_int8"
-    latest = json.loads((recipe_dir / "latest.json").read_text())
-    assert json.loads((recipe_dir / latest["version"] / "manifest.json").read_text())["exporter"] == EXPORT_HF
+    version = recipe_dir / json.loads((recipe_dir / "latest.json").read_text())["version"]
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["exporter"] == EXPORT_HF
+    # the embedders are published beside the model, each with its hash, as LiteRT-LM needs them all
+    published_embedders = embedders_of(version / "model.tflite")
+    assert sorted(manifest.get("embedder_sha256", {})) == sorted(published_embedders)
+    assert bool(published_embedders) == (model_type == "gemma4")
+    for role, path in published_embedders.items():
+        assert manifest["embedder_sha256"][role] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -31,7 +31,7 @@ from edge_quant_pipeline.evaluate.reference import (
     tokenize,
 )
 from edge_quant_pipeline.export_hf import ExportError, export_hf_tflite
-from edge_quant_pipeline.exporters import EXPORT_HF
+from edge_quant_pipeline.exporters import EXPORT_HF, per_layer_embeddings
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
@@ -51,7 +51,8 @@ def _float_model(checkpoint: Checkpoint, pipeline: PipelineConfig) -> FloatModel
 def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usage: StepUsage) -> Path:
     settings = pipeline.export_settings
     if checkpoint.exporter == EXPORT_HF:
-        usage.child_peak_rss_mb = export_hf_tflite(checkpoint.path, settings, output)
+        embedders = per_layer_embeddings(checkpoint.hf_config)
+        usage.child_peak_rss_mb = export_hf_tflite(checkpoint.path, settings, output, externalize_embedder=embedders)
         return output
     model = _float_model(checkpoint, pipeline)
     return export_float_tflite(model.model, model.model_config, settings, output)
@@ -79,6 +80,7 @@ def float_tflite(
         exported,
         metadata={
             "tflite": dg.MetadataValue.path(str(exported.path)),
+            **exported.embedder_metadata(),
             "file_bytes": exported.file_bytes,
             "weight_bytes": exported.weight_bytes,
             "signatures": f"{pipeline.export_settings.prefill_signature}, decode",

@@ -5,14 +5,20 @@ import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
 from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
-from edge_quant_pipeline.convert import QuantizationError, link_or_copy, quantize_tflite
+from edge_quant_pipeline.convert import QuantizationError, quantize_model
 from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.memory import NotEnoughMemoryError
-from edge_quant_pipeline.recipes import Recipe, RecipeError, ai_edge_quantizer_recipe, validate_for_model
+from edge_quant_pipeline.recipes import (
+    Recipe,
+    RecipeError,
+    ai_edge_quantizer_recipe,
+    embedder_quantizer_recipe,
+    validate_for_model,
+)
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
@@ -75,10 +81,8 @@ def quantized_tflite(
     try:
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
         with admitted(context, size, quant_recipe) as usage:
-            if quant_recipe.is_float:
-                link_or_copy(float_tflite.path, output)
-            else:
-                quantize_tflite(float_tflite.path, ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head), output)
+            model_recipe = ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head)
+            quantize_model(float_tflite.path, model_recipe, embedder_quantizer_recipe(quant_recipe), output)
     except (QuantizationError, NotEnoughMemoryError) as error:
         stage = "memory" if isinstance(error, NotEnoughMemoryError) else "quantization"
         raise rejected(pipeline, inputs, stage, error) from None
@@ -91,6 +95,7 @@ def quantized_tflite(
         quantized,
         metadata={
             "tflite": dg.MetadataValue.path(str(output)),
+            **quantized.embedder_metadata(),
             "file_bytes": quantized.file_bytes,
             "weight_bytes": quantized.weight_bytes,
             "file_ratio_vs_float": ratio,

@@ -18,6 +18,8 @@ A Generative API export writes the KV cache at ``input_pos`` (a dynamic update s
 An ``export_hf`` export differs in what its signatures take and give, read from the file: a ``mask`` input
 (added to the attention scores) and a prefill that returns no logits, only the KV cache (the runtime samples
 from decode). There, every position is scored through decode, one token per call, as a phone generates.
+Where the embedding lookups are files of their own (``embedders.py``), they run first, on the tokens, and
+the model takes their outputs instead of the tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.convert import ExportSettings
+from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedders_of, signature_for
 from edge_quant_pipeline.memory import return_freed_memory
 
 
@@ -47,7 +50,32 @@ def causal_mask(positions: np.ndarray, cache_len: int) -> np.ndarray:
     return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
 
 
-def prefill_inputs(runner, prompt: np.ndarray) -> dict[str, np.ndarray]:
+class Embedders:
+    """The embedders beside a model (``embedders.py``), in the LiteRT interpreter: tokens in, the model's
+    embedding inputs out. Without embedders, the model takes the tokens themselves."""
+
+    def __init__(self, tflite: Path, num_threads: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreters = {
+            role: Interpreter(model_path=str(path), num_threads=num_threads)
+            for role, path in embedders_of(tflite).items()
+        }
+        self._runners: dict[tuple[str, int], object] = {}
+
+    def inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        if not self._interpreters:
+            return {"tokens": tokens[None].astype(np.int32)}
+        return {EMBEDDER_INPUTS[role]: self._run(role, tokens) for role in self._interpreters}
+
+    def _run(self, role: str, tokens: np.ndarray) -> np.ndarray:
+        key = (role, len(tokens))
+        if key not in self._runners:
+            self._runners[key] = self._interpreters[role].get_signature_runner(signature_for(role, len(tokens)))
+        return self._runners[key](token_ids=tokens[None].astype(np.int32))["embeddings"]
+
+
+def prefill_inputs(runner, prompt: np.ndarray, embedders: Embedders) -> dict[str, np.ndarray]:
     """The inputs of a legacy interpreter's prefill runner for ``prompt`` from an empty KV cache (error
     localisation): zeroed ``kv_cache_*``, and the causal mask where the signature takes one."""
     details = runner.get_input_details()
@@ -55,7 +83,7 @@ def prefill_inputs(runner, prompt: np.ndarray) -> dict[str, np.ndarray]:
     inputs = {n: np.zeros(d["shape"], np.float32) for n, d in details.items() if n.startswith("kv_cache_")}
     if "mask" in details:
         inputs["mask"] = causal_mask(positions, int(details["mask"]["shape"][-1]))
-    return {**inputs, "tokens": prompt[None].astype(np.int32), "input_pos": positions}
+    return {**inputs, **embedders.inputs(prompt), "input_pos": positions}
 
 
 class _NativeStderr:
@@ -110,6 +138,7 @@ class InterpreterSession:
                 self._model = CompiledModel.from_file(str(tflite), options=options.Options(cpu_options=cpu))
                 self._prefill = _Signature(self._model, settings.prefill_signature)
                 self._decode = _Signature(self._model, "decode")
+                self._embedders = Embedders(tflite, num_threads)
             except (RuntimeError, ValueError) as error:
                 raise RuntimeRejectedError(
                     f"LiteRT could not prepare {tflite}: {error} {self._stderr.errors()}"
@@ -131,7 +160,7 @@ class InterpreterSession:
         """Free the model, its packed weights and buffers now rather than whenever Python collects them, and
         hand the memory back to the kernel (glibc would keep it for reuse: 3.2 GB after a 0.5B model's session)."""
         with self._stderr.captured():
-            self._prefill = self._decode = self._kv = self._spare = self._model = None
+            self._prefill = self._decode = self._kv = self._spare = self._model = self._embedders = None
         return_freed_memory()
 
     def reset(self) -> None:
@@ -147,17 +176,18 @@ class InterpreterSession:
         return shape is not None and shape[1] == self.prefill_len
 
     def _run(self, signature: _Signature, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
-        inputs = {n: signature.inputs[n] for n in ("tokens", "input_pos", "mask") if n in signature.inputs}
-        inputs.update(self._kv)
-        outputs = {**signature.outputs, **self._spare}
         shape, logits = signature.logits_shape, None
         try:
             with self._stderr.captured():
-                signature.inputs["tokens"].write(tokens.astype(np.int32).reshape(signature.input_shapes["tokens"]))
+                token_inputs = self._embedders.inputs(tokens)
+                for name, values in token_inputs.items():
+                    signature.inputs[name].write(values.reshape(signature.input_shapes[name]))
                 signature.inputs["input_pos"].write(positions.astype(np.int32))
                 if "mask" in signature.inputs:
                     signature.inputs["mask"].write(causal_mask(positions, int(signature.input_shapes["mask"][-1])))
-                self._model.run_by_name(signature.key, inputs, outputs)
+                names = [n for n in ("input_pos", "mask", *token_inputs) if n in signature.inputs]
+                inputs = {**{n: signature.inputs[n] for n in names}, **self._kv}
+                self._model.run_by_name(signature.key, inputs, {**signature.outputs, **self._spare})
                 if shape is not None:
                     logits = signature.outputs["logits"].read(math.prod(shape), np.float32).reshape(shape)[0]
         except (RuntimeError, ValueError) as error:

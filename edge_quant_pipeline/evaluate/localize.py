@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError, prefill_inputs
+from edge_quant_pipeline.evaluate.interpreter import Embedders, RuntimeRejectedError, prefill_inputs
 from edge_quant_pipeline.weights import component_of
 
 _SNR_EPSILON = 1e-9  # ai-edge-quantizer's validation_utils.get_snr
@@ -74,7 +74,7 @@ def _activations(tflite: Path, prompt: np.ndarray, signature: str, num_threads: 
             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
         )
         runner = interpreter.get_signature_runner(signature)
-        runner(**prefill_inputs(runner, prompt))
+        runner(**prefill_inputs(runner, prompt, Embedders(tflite, num_threads)))
     except (RuntimeError, ValueError) as error:
         raise RuntimeRejectedError(f"LiteRT could not run {tflite} to localise errors: {error}") from error
     subgraph = runner._subgraph_index  # as ai-edge-quantizer's validator finds a signature's tensors
