@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,7 +170,8 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
 
 
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    staging = convert.hidden_sibling(target.parent, f".{target.name}.tmp-")
+    staging.mkdir()  # with the umask's permissions, unlike mkdtemp's 0700: the version is for others to read
     try:
         manifest = _write_version(UPath(staging), tflite, manifest)
         os.rename(staging, target)  # atomic: the version appears whole

@@ -2,6 +2,7 @@
 with real conversion, real quantization and the real LiteRT interpreter."""
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -83,6 +84,20 @@ def test_published_artifacts_carry_lineage(pipeline_run):
     assert set(manifest["toolchain"]) == {"litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch"}
     assert manifest["metrics"]["weight_ratio"] > 1.9
     assert (artifact / "model.tflite").stat().st_size == manifest["metrics"]["file_bytes"]
+
+
+def test_everything_in_the_store_has_the_permissions_the_umask_gives(pipeline_run):
+    """Versions, manifests, pointers and reports as a user's own files would be (0755 and 0644 under the usual
+    umask 022), so that a web server or another account can read what was published."""
+    from edge_quant_pipeline.definitions import pipeline_config_from_env
+
+    umask = os.umask(0)
+    os.umask(umask)
+    store = Path(pipeline_config_from_env().store.path)
+    modes = {p.relative_to(store).as_posix(): p.stat().st_mode & 0o777 for p in store.rglob("*")}
+    assert {f"{DEMO_MODEL}/champion.json", f"{DEMO_MODEL}/report.parquet", "report.png"} <= set(modes)
+    assert {p for p in modes if p.endswith("/manifest.json")}, "nothing was published"
+    assert modes == {p: (0o777 if (store / p).is_dir() else 0o666) & ~umask for p in modes}
 
 
 def test_report_lists_every_recipe(pipeline_run):

@@ -26,6 +26,7 @@ from edge_quant_pipeline.publish import (
     publish,
     published_manifest,
     published_versions,
+    record_failure,
 )
 
 METRICS = {
@@ -119,6 +120,25 @@ def test_champion_pointer_moves_only_when_the_champion_changes(store):
     assert not again.changed
     assert moved.changed and moved.previous["recipe"] == "int8"
     assert (store / "model" / "champion.json").read_text().count('"int4"') == 1
+
+
+def test_published_files_have_the_permissions_the_umask_gives(tmp_path, tflite):
+    """Not mkstemp's and mkdtemp's private 0600 and 0700: a web server or another account reads the store."""
+    store = ArtifactStore(url=str(tmp_path / "store")).root
+    previous = os.umask(0o027)
+    try:
+        publish(store, inputs("c1"), tflite, METRICS, {})
+        record_failure(store, inputs("c2"), "evaluation", "quality gate")
+        point_champion(store, "model", {"recipe": "int8", "version": inputs("c1").version})
+    finally:
+        os.umask(previous)
+    folders = [p for p in Path(store.path).rglob("*") if p.is_dir()]
+    files = [p for p in Path(store.path).rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.tflite", "manifest.json", "latest.json", "failed.json", "champion.json"}
+    assert {p.relative_to(store.path).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders} == {
+        f: "0o750" for f in ("model", "model/int8", f"model/int8/{inputs('c1').version}")
+    }
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
 
 
 KILLED_PUBLISH = """
