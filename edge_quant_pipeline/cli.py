@@ -46,15 +46,41 @@ def default_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+def checked_recipes(selected: list[str] | None) -> list[str]:
+    """Every ``EDGE_QUANT_*`` setting, ``recipes.yaml`` and the recipes this run would use, before any work:
+    a SettingError or RecipeError with one line per problem."""
+    from edge_quant_pipeline import settings
+    from edge_quant_pipeline.recipes import RecipeError, load_catalog
+
+    settings.check()
+    catalog = load_catalog(settings.recipes_file())
+    problems = []
+    for name in selected or catalog.names:
+        try:
+            catalog.get(name)
+        except RecipeError as error:
+            problems.append(str(error))
+    if problems:
+        raise RecipeError("\n".join(problems))
+    return selected or catalog.names
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
     quiet_third_party_noise()
+    from edge_quant_pipeline.recipes import RecipeError
+    from edge_quant_pipeline.settings import SettingError
+
+    try:
+        recipes = checked_recipes(args.recipe)
+    except (SettingError, RecipeError) as error:
+        print(error, file=sys.stderr)  # the messages say what to fix; a traceback would only bury them
+        return 2
     import dagster as dg
 
     from edge_quant_pipeline import settings
     from edge_quant_pipeline.checkpoints import scan_checkpoints
     from edge_quant_pipeline.definitions import pipeline_config_from_env
-    from edge_quant_pipeline.defs.partitions import recipe_catalog
     from edge_quant_pipeline.launcher import materialize
     from edge_quant_pipeline.report import REPORT_FILE, read_parquet, to_markdown
 
@@ -70,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         dg.DagsterInstance.get(),
         pipeline,
         models,
-        args.recipe or recipe_catalog.names,
+        recipes,
         rebuild_all=args.all,
         jobs=args.jobs,
         conversion_only=args.convert_only,

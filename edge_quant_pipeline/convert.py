@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,14 +40,21 @@ class QuantizationError(RuntimeError):
     """ai-edge-quantizer rejected a recipe for this model."""
 
 
+def hidden_sibling(folder: Path, prefix: str, suffix: str = "") -> Path:
+    """A fresh name in ``folder`` (64 random bits), for a file or folder that is renamed into place when done."""
+    return folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A hidden sibling of ``path`` to write to; renamed over ``path`` when the block succeeds, removed when it
     fails. Readers, and other runs writing the same file at the same time, see the old file or a new one,
     never half of one. The sibling keeps ``path``'s suffix, for writers that add one (``np.savez``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    os.close(handle)
+    name = hidden_sibling(path.parent, f".{path.stem}.tmp-", path.suffix)
+    # Created as open() creates files, with the umask's permissions: mkstemp's 0600 would leave published
+    # manifests and pointers unreadable to anyone but the pipeline's user. O_EXCL: never another writer's file.
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield Path(name)
         os.replace(name, path)

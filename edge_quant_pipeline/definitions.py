@@ -82,4 +82,7 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
     )
 
 
+# Every EDGE_QUANT_* setting, checked before the code location is built from them: a bad one stops the load with
+# one line per problem (recipes.yaml was read, and checked, when `defs.partitions` was imported).
+settings.check()
 defs = build_definitions(pipeline_config_from_env())

@@ -5,9 +5,9 @@ Layout (``<store>`` is a local folder or a URL such as ``s3://bucket/prefix``)::
     <store>/<model>/<recipe>/<version>/model.tflite
     <store>/<model>/<recipe>/<version>/model.embedder.tflite, ...  # where the model has embedders (Gemma 4)
     <store>/<model>/<recipe>/<version>/manifest.json
-    <store>/<model>/<recipe>/latest.json          # the version published last
-    <store>/<model>/<recipe>/failed.json          # why the current inputs did not publish
-    <store>/<model>/champion.json                 # the smallest published recipe of the current checkpoint
+    <store>/<model>/<recipe>/latest.json          # the version published last, absent once the latest inputs fail
+    <store>/<model>/<recipe>/failed.json          # why the current inputs did not publish (or no longer pass)
+    <store>/<model>/champion.json                 # the smallest published recipe of the current checkpoint, if any
     <store>/<model>/report.parquet, report.png
     <store>/report.parquet, report.png            # every model
 
@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,12 +97,12 @@ class PublishedArtifact:
 
 @dataclass(frozen=True)
 class ChampionUpdate:
-    current: dict[str, Any]
+    current: dict[str, Any] | None  # None: no recipe of the current checkpoint is published
     previous: dict[str, Any] | None  # the pointer before this update
 
     @property
     def changed(self) -> bool:
-        return self.previous is None or _same_version(self.previous) != _same_version(self.current)
+        return _same_version(self.previous) != _same_version(self.current)
 
 
 def now() -> str:
@@ -180,7 +179,8 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
 
 
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    staging = convert.hidden_sibling(target.parent, f".{target.name}.tmp-")
+    staging.mkdir()  # with the umask's permissions, unlike mkdtemp's 0700: the version is for others to read
     try:
         manifest = _write_version(UPath(staging), tflite, manifest)
         os.rename(staging, target)  # atomic: the version appears whole
@@ -244,24 +244,27 @@ def publish(
     recipe_dir = _recipe_dir(store, inputs)
     target = recipe_dir / inputs.version
     with _one_publisher_at_a_time(recipe_dir):
-        existing = read_json(target / MANIFEST)
-        if existing is not None:
-            _point_latest(recipe_dir, existing)  # also repairs a publish killed between manifest and pointer
-            return PublishedArtifact(target, inputs.version, existing, newly_published=False)
-        manifest = _new_manifest(store, inputs, target, metrics, details)
-        if is_local(target):
-            manifest = _write_version_locally(Path(target.path), tflite, manifest)
-        else:
-            manifest = _write_version(target, tflite, manifest)
+        manifest = read_json(target / MANIFEST)
+        newly_published = manifest is None
+        if newly_published:
+            manifest = _new_manifest(store, inputs, target, metrics, details)
+            if is_local(target):
+                manifest = _write_version_locally(Path(target.path), tflite, manifest)
+            else:
+                manifest = _write_version(target, tflite, manifest)
+        # Also repairs a publish killed between manifest and pointer, and brings back an existing version that
+        # failed an evaluation since: these inputs passed their latest one.
         _point_latest(recipe_dir, manifest)
         (recipe_dir / FAILURE_RECORD).unlink(missing_ok=True)
-    return PublishedArtifact(target, inputs.version, manifest, newly_published=True)
+    return PublishedArtifact(target, inputs.version, manifest, newly_published)
 
 
 def record_failure(store: UPath, inputs: ArtifactInputs, stage: str, error: str) -> None:
-    """Say why these inputs have no published version; earlier versions stay untouched."""
+    """Say why these inputs have no published version, and withdraw ``latest.json``, which would otherwise name
+    a version of older inputs or one that no longer passes. The versions themselves stay untouched."""
+    recipe_dir = _recipe_dir(store, inputs)
     write_json(
-        _recipe_dir(store, inputs) / FAILURE_RECORD,
+        recipe_dir / FAILURE_RECORD,
         {
             "version": inputs.version,
             "checkpoint_sha256": inputs.checkpoint_hash,
@@ -271,6 +274,7 @@ def record_failure(store: UPath, inputs: ArtifactInputs, stage: str, error: str)
             "failed_at": now(),
         },
     )
+    (recipe_dir / LATEST).unlink(missing_ok=True)
 
 
 def published_manifest(store: UPath, inputs: ArtifactInputs) -> dict[str, Any] | None:
@@ -282,17 +286,30 @@ def failure_record(store: UPath, inputs: ArtifactInputs) -> dict[str, Any] | Non
     return record if record is not None and record.get("version") == inputs.version else None
 
 
+def latest_outcome(store: UPath, inputs: ArtifactInputs) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(manifest, failure record) of the latest evaluation of these inputs, at most one of them: a failure
+    recorded for this version beside its manifest came after it (publishing removes the record), so the version
+    no longer counts as published, though it stays in the store."""
+    failure = failure_record(store, inputs)
+    return (None, failure) if failure is not None else (published_manifest(store, inputs), None)
+
+
 def latest_pointer(store: UPath, model_id: str, recipe: str) -> dict[str, Any] | None:
     return read_json(store / model_id / recipe / LATEST)
 
 
-def _same_version(pointer: dict[str, Any]) -> tuple[str, str]:
-    return pointer["recipe"], pointer["version"]
+def _same_version(pointer: dict[str, Any] | None) -> tuple[str, str] | None:
+    return None if pointer is None else (pointer["recipe"], pointer["version"])
 
 
-def point_champion(store: UPath, model_id: str, champion: dict[str, Any]) -> ChampionUpdate:
-    """Point ``<store>/<model>/champion.json`` at ``champion`` (recipe, version, ...) unless it already does."""
-    update = ChampionUpdate(current=champion, previous=read_json(store / model_id / CHAMPION))
-    if update.changed:
-        write_json(store / model_id / CHAMPION, {**champion, "chosen_at": now()})
+def point_champion(store: UPath, model_id: str, champion: dict[str, Any] | None) -> ChampionUpdate:
+    """Point ``<store>/<model>/champion.json`` at ``champion`` (recipe, version, ...) unless it already does.
+    Without a champion the pointer is removed: kept, it would name an artifact of an older checkpoint or one
+    that failed its latest evaluation."""
+    path = store / model_id / CHAMPION
+    update = ChampionUpdate(current=champion, previous=read_json(path))
+    if update.changed and champion is None:
+        path.unlink(missing_ok=True)
+    elif update.changed:
+        write_json(path, {**champion, "chosen_at": now()})
     return update

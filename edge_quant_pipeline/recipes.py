@@ -162,20 +162,33 @@ def _component(recipe: str, component: str, value: Any) -> ComponentScheme:
     return blocks
 
 
-def parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str, float] = DEFAULT_GATES) -> Recipe:
+def _at(source: Path | str, line: int | None) -> str:
+    return f"{source}, line {line}" if line else str(source)
+
+
+def parse_recipe(
+    name: str, body: Any, source: str, default_gates: Mapping[str, float] = DEFAULT_GATES, line: int | None = None
+) -> Recipe:
+    """The recipe ``name`` as ``source`` (a file, its entry at ``line``) gives it; a RecipeError starts there."""
+    try:
+        return _parse_recipe(name, body, source, default_gates)
+    except RecipeError as error:
+        raise RecipeError(f"{_at(source, line)}: {error}") from None
+
+
+def _parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str, float]) -> Recipe:
     if not isinstance(body, Mapping):
-        raise RecipeError(f"recipe {name!r} in {source}: expected a mapping with keys {', '.join(RECIPE_KEYS)}.")
+        raise RecipeError(f"recipe {name!r}: expected a mapping with keys {', '.join(RECIPE_KEYS)}.")
     unknown = sorted(set(body) - set(RECIPE_KEYS))
     if unknown:
         raise RecipeError(
-            f"recipe {name!r} in {source}: unknown key(s) {', '.join(map(str, unknown))}. "
-            f"Allowed keys: {', '.join(RECIPE_KEYS)}."
+            f"recipe {name!r}: unknown key(s) {', '.join(map(str, unknown))}. Allowed keys: {', '.join(RECIPE_KEYS)}."
         )
     components = {c: _component(name, c, body.get(c)) for c in COMPONENTS}
     if all(v is None for v in components.values()):
-        raise RecipeError(f"recipe {name!r} in {source}: sets no scheme; give at least one of {', '.join(COMPONENTS)}.")
+        raise RecipeError(f"recipe {name!r}: sets no scheme; give at least one of {', '.join(COMPONENTS)}.")
     try:
-        gates = {**default_gates, **parse_gates(f"recipe {name!r} in {source}", body.get("gates"))}
+        gates = {**default_gates, **parse_gates(f"recipe {name!r}", body.get("gates"))}
     except GateConfigError as error:
         raise RecipeError(str(error)) from None
     return Recipe(name=name, description=str(body.get("description", "")), source=source, gates=gates, **components)
@@ -200,35 +213,65 @@ class Catalog:
         return self.recipes[name]
 
 
+def _key_lines(node: yaml.Node | None) -> dict[str, int]:
+    """The line (from 1) of each key of a YAML mapping, for messages that say where to look."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value): key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> RecipeError:
+    """One line: where the parser stopped and why, rather than PyYAML's multi-line excerpt."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    reason = " ".join(f"{problem} {context or ''}".split())
+    return RecipeError(f"{where}: not valid YAML: {reason}.")
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[str, int], dict[str, int]]:
+    """The document, the lines of its top-level keys and of its recipes."""
+    try:
+        text = path.read_text()
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise _yaml_error(path, error) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: cannot be read as text ({error}).") from None
+    top = {str(key.value): value for key, value in root.value} if isinstance(root, yaml.MappingNode) else {}
+    return document, _key_lines(root), _key_lines(top.get("recipes"))
+
+
 def load_catalog(recipes_yaml: Path | None) -> Catalog:
     """Built-in recipes plus those of ``recipes_yaml``.
 
     A malformed recipe does not hide the others: it stays in the catalog with its
-    error, so only its own partitions fail. A file that is not YAML at all fails whole.
+    error (which names the file and line), so only its own partitions fail. A file that
+    is not YAML at all, or not a ``recipes:`` mapping, fails whole.
     """
     if recipes_yaml is None or not recipes_yaml.exists():
         return Catalog(dict(BUILTIN_RECIPES), {})
-    try:
-        document = yaml.safe_load(recipes_yaml.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{recipes_yaml}: not valid YAML ({error}).") from None
+    document, top_lines, lines = _read_yaml(recipes_yaml)
     entries = document.get("recipes", {}) if isinstance(document, Mapping) else None
     if not isinstance(entries, Mapping):
         raise RecipeError(f"{recipes_yaml}: expected a top-level 'recipes:' mapping of recipe name -> recipe.")
+    where = f"{_at(recipes_yaml, top_lines.get('gates'))} (top-level gates)"
     try:
-        default_gates = {**DEFAULT_GATES, **parse_gates(f"{recipes_yaml} (top level)", document.get("gates"))}
+        default_gates = {**DEFAULT_GATES, **parse_gates(where, document.get("gates"))}
     except GateConfigError as error:
         raise RecipeError(str(error)) from None
     recipes = {name: replace(recipe, gates=default_gates) for name, recipe in BUILTIN_RECIPES.items()}
     errors = {}
     for name, body in entries.items():
-        name = str(name)
+        name, where = str(name), _at(recipes_yaml, lines.get(str(name)))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise RecipeError(f"{recipes_yaml}: recipe name {name!r} may only use letters, digits, '_', '.', '-'.")
+            raise RecipeError(f"{where}: recipe name {name!r} may only use letters, digits, '_', '.', '-'.")
         try:
             if name in BUILTIN_RECIPES:
-                raise RecipeError(f"recipe {name!r} in {recipes_yaml}: this name is built in; give yours another name.")
-            recipes[name] = parse_recipe(name, body, str(recipes_yaml), default_gates)
+                raise RecipeError(f"{where}: recipe {name!r}: this name is built in; give yours another name.")
+            recipes[name] = parse_recipe(name, body, str(recipes_yaml), default_gates, lines.get(name))
         except RecipeError as error:
             errors[name] = str(error)
     return Catalog(recipes, errors)

@@ -97,13 +97,13 @@ def champion_of(frame: pd.DataFrame) -> dict[str, Any] | None:
     }
 
 
-def champion_note(update: ChampionUpdate | None) -> str:
-    if update is None:
-        return "**Champion:** none, no recipe of this checkpoint is published."
-
+def champion_note(update: ChampionUpdate) -> str:
     def name(pointer: dict[str, Any]) -> str:
         return f"{pointer['recipe']} #{pointer.get('number', 0)} ({pointer['version']})"
 
+    if update.current is None:
+        note = "**Champion:** none, no recipe of this checkpoint is published"
+        return note + (f"; until now {name(update.previous)}." if update.previous else ".")
     note = f"**Champion:** {name(update.current)}, {update.current['file_bytes'] / 1e6:.3f} MB"
     if not update.changed:
         return note + ", unchanged."

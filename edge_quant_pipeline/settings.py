@@ -1,49 +1,254 @@
-"""Defaults and environment variables: the knobs a user sets without touching code."""
+"""Defaults and environment variables: the knobs a user sets without touching code.
+
+Every ``EDGE_QUANT_*`` variable is read here, and each reader checks its value. ``check()`` runs them all when
+`edge-quant run` starts and when the code location loads, so that a bad value is found before any work, as one
+line naming the variable, the value and the fix.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
+import re
 import tempfile
+import zoneinfo
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_CHECKPOINT_DIR = PACKAGE_DIR / "demo" / "checkpoints"
 DEFAULT_EVAL_TEXT = PACKAGE_DIR / "demo" / "corpus" / "eval.txt"
 
+ARTIFACT_DIR_VARIABLE = "EDGE_QUANT_ARTIFACT_DIR"
+DEFAULT_ARTIFACT_DIR = "artifacts"
+EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
+EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s")
+STEP_MEMORY_VARIABLE = "EDGE_QUANT_STEP_MEMORY_MB"
+# Peak RSS of one step process, demo model, multiprocess executor: float_tflite (the
+# export) 1,335 MB, float_reference 1,221 MB, checkpoint 1,184 MB, nearly all of it
+# torch + TensorFlow + litert-torch being imported; quantized_tflite and evaluation
+# 0.2-0.3 GB, but they hold the model too. 1.5 GB leaves 15% headroom over the
+# largest; larger checkpoints need more (the export holds the model a few times over).
+DEFAULT_STEP_MEMORY_MB = 1536
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+class SettingError(ValueError):
+    """An ``EDGE_QUANT_*`` variable the pipeline cannot use; the message names it, its value and the fix.
+    Several at once come one per line."""
+
+
+def _shown(name: str, default: object) -> str:
+    value = os.environ.get(name)
+    return f"{name}={value!r}" if value else f"{name} (not set, so {str(default)!r})"
+
 
 def env_path(name: str, default: Path | str) -> Path:
     return Path(os.environ.get(name) or default).expanduser().absolute()
 
 
+def _folder(name: str, default: Path | str, fix: str, must_exist: bool) -> Path:
+    path = env_path(name, default)
+    if path.exists() and not path.is_dir():
+        raise SettingError(f"{_shown(name, default)}: {path} is not a folder; {fix}.")
+    if must_exist and not path.exists():
+        raise SettingError(f"{_shown(name, default)}: no folder {path}; {fix}.")
+    return path
+
+
 def checkpoint_dir() -> Path:
     """Folder with one subfolder per checkpoint (config.json + weights)."""
-    return env_path("EDGE_QUANT_CHECKPOINT_DIR", DEMO_CHECKPOINT_DIR)
+    return _folder(
+        "EDGE_QUANT_CHECKPOINT_DIR",
+        DEMO_CHECKPOINT_DIR,
+        "set it to the folder that holds one subfolder per checkpoint",
+        must_exist=True,
+    )
 
 
 def recipes_file() -> Path:
-    """User recipes, merged with the built-in ones."""
-    return env_path("EDGE_QUANT_RECIPES", "recipes.yaml")
+    """User recipes, merged with the built-in ones; without the default file, the built-in ones alone."""
+    name, path = "EDGE_QUANT_RECIPES", env_path("EDGE_QUANT_RECIPES", "recipes.yaml")
+    if path.is_dir() or (os.environ.get(name) and not path.exists()):  # set by hand: a typo, not "no recipes"
+        problem = f"{path} is a folder" if path.is_dir() else f"no file {path}"
+        raise SettingError(
+            f"{_shown(name, 'recipes.yaml')}: {problem}; set it to your recipes.yaml, or unset it for "
+            "./recipes.yaml (the built-in recipes alone when there is none)."
+        )
+    return path
 
 
-ARTIFACT_DIR_VARIABLE = "EDGE_QUANT_ARTIFACT_DIR"
-DEFAULT_ARTIFACT_DIR = "artifacts"
+def artifact_dir() -> str:
+    """The artifact store: a local folder, or a URL of a filesystem fsspec has installed (``s3://...``)."""
+    url = os.environ.get(ARTIFACT_DIR_VARIABLE) or DEFAULT_ARTIFACT_DIR
+    protocol = url.split("://", 1)[0] if "://" in url else ""
+    if not protocol:
+        _folder(ARTIFACT_DIR_VARIABLE, DEFAULT_ARTIFACT_DIR, "set it to a folder or a URL", must_exist=False)
+        return url
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as error:  # a package missing (s3fs, gcsfs, ...), or no such protocol
+        raise SettingError(
+            f"{_shown(ARTIFACT_DIR_VARIABLE, DEFAULT_ARTIFACT_DIR)}: fsspec cannot open {protocol}:// ({error}); "
+            "install its filesystem package, or use a local folder."
+        ) from None
+    return url
 
 
 def work_dir() -> Path:
     """Intermediate .tflite files and float reference logits."""
-    return env_path("EDGE_QUANT_WORK_DIR", ".edge_quant/work")
+    return _folder("EDGE_QUANT_WORK_DIR", ".edge_quant/work", "set it to a folder for work files", must_exist=False)
 
 
 def eval_text() -> Path:
-    return env_path("EDGE_QUANT_EVAL_TEXT", DEFAULT_EVAL_TEXT)
+    name, path = "EDGE_QUANT_EVAL_TEXT", env_path("EDGE_QUANT_EVAL_TEXT", DEFAULT_EVAL_TEXT)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        problem = "not a readable file" if path.exists() else "no such file"
+        raise SettingError(
+            f"{_shown(name, DEFAULT_EVAL_TEXT)}: {problem} ({path}); set it to a UTF-8 text file of held-out text, "
+            "or unset it for the demo's."
+        )
+    return path
 
 
 def exporter() -> str:
     """Which litert-torch exporter makes the float .tflite: auto, generative_api or export_hf (exporters.py)."""
-    return os.environ.get("EDGE_QUANT_EXPORTER") or "auto"
+    from edge_quant_pipeline.exporters import EXPORTER_CHOICES
+
+    choice = os.environ.get("EDGE_QUANT_EXPORTER") or "auto"
+    if choice not in EXPORTER_CHOICES:
+        raise SettingError(
+            f"EDGE_QUANT_EXPORTER={choice!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
+        )
+    return choice
 
 
 def memory_ledger() -> Path:
     """The memory reservations of the steps running on this machine (``memory.MemoryLedger``): one file
     for every pipeline process of this user, whatever its other settings."""
-    return env_path("EDGE_QUANT_MEMORY_LEDGER", Path(tempfile.gettempdir()) / f"edge-quant-memory-{os.getuid()}.json")
+    name = "EDGE_QUANT_MEMORY_LEDGER"
+    default = Path(tempfile.gettempdir()) / f"edge-quant-memory-{os.getuid()}.json"
+    path = env_path(name, default)
+    if path.is_dir() or not path.parent.is_dir():
+        problem = f"{path} is a folder" if path.is_dir() else f"no folder {path.parent}"
+        raise SettingError(
+            f"{_shown(name, default)}: {problem}; set it to a file in an existing folder, the same for every "
+            "pipeline process on this machine."
+        )
+    return path
+
+
+def executor() -> str:
+    """How runs the daemon or the UI launch execute their steps (``defs/executor.py``)."""
+    choice = os.environ.get(EXECUTOR_VARIABLE) or "in_process"
+    if choice not in EXECUTOR_CHOICES:
+        raise SettingError(
+            f"{EXECUTOR_VARIABLE}={choice!r} is not an executor; use one of: {', '.join(EXECUTOR_CHOICES)}."
+        )
+    if choice == "k8s" and importlib.util.find_spec("dagster_k8s") is None:
+        raise SettingError(f"{EXECUTOR_VARIABLE}='k8s' needs dagster-k8s; install it: pip install -e '.[k8s]'.")
+    return choice
+
+
+def step_memory_mb() -> int:
+    value = os.environ.get(STEP_MEMORY_VARIABLE) or str(DEFAULT_STEP_MEMORY_MB)
+    if not value.isdigit() or int(value) == 0:
+        raise SettingError(f"{STEP_MEMORY_VARIABLE}={value!r}: expected a positive whole number of megabytes.")
+    return int(value)
+
+
+def nightly_cron() -> str:
+    # Dagster's own test of a schedule's cron string, so that what passes here loads as a schedule.
+    from dagster._utils.schedules import is_valid_cron_string
+
+    cron = os.environ.get("EDGE_QUANT_NIGHTLY_CRON") or "0 2 * * *"
+    if not is_valid_cron_string(cron):
+        raise SettingError(
+            f"EDGE_QUANT_NIGHTLY_CRON={cron!r} is not a cron schedule; give five fields, minute hour day month "
+            "weekday, for example '0 2 * * *' (02:00 every day)."
+        )
+    return cron
+
+
+def nightly_timezone() -> str:
+    timezone = os.environ.get("EDGE_QUANT_NIGHTLY_TIMEZONE") or "UTC"
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise SettingError(
+            f"EDGE_QUANT_NIGHTLY_TIMEZONE={timezone!r} is not a time zone; use an IANA name such as 'UTC' or "
+            "'Europe/Berlin'."
+        ) from None
+    return timezone
+
+
+def nightly_rebuild_all() -> bool:
+    value = os.environ.get("EDGE_QUANT_NIGHTLY_REBUILD_ALL", "")
+    if value.lower() not in _TRUE + _FALSE:
+        raise SettingError(
+            f"EDGE_QUANT_NIGHTLY_REBUILD_ALL={value!r} is neither on nor off; use 1, true, yes or on to rebuild "
+            "everything nightly, or 0, false, no, off or nothing for only what changed."
+        )
+    return value.lower() in _TRUE
+
+
+def postgres_url() -> str | None:
+    """The production profile's database (``deploy/dagster.yaml`` reads it; Dagster connects with SQLAlchemy)."""
+    url = os.environ.get("EDGE_QUANT_POSTGRES_URL")
+    if not url:
+        return None
+    from sqlalchemy.engine import make_url
+
+    shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # the password stays out of messages
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except Exception as error:  # not a URL (ArgumentError), an unknown dialect or a driver not installed
+        raise SettingError(
+            f"EDGE_QUANT_POSTGRES_URL={shown!r} cannot be used ({type(error).__name__}: {error}); spell the driver "
+            "that the postgres extra installs (pip install -e '.[postgres]'): "
+            "postgresql+psycopg2://user:password@host:5432/database."
+        ) from None
+    return url
+
+
+# Every variable and the reader that checks it.
+SETTINGS = {
+    "EDGE_QUANT_CHECKPOINT_DIR": checkpoint_dir,
+    "EDGE_QUANT_RECIPES": recipes_file,
+    ARTIFACT_DIR_VARIABLE: artifact_dir,
+    "EDGE_QUANT_WORK_DIR": work_dir,
+    "EDGE_QUANT_EVAL_TEXT": eval_text,
+    "EDGE_QUANT_EXPORTER": exporter,
+    "EDGE_QUANT_MEMORY_LEDGER": memory_ledger,
+    EXECUTOR_VARIABLE: executor,
+    STEP_MEMORY_VARIABLE: step_memory_mb,
+    "EDGE_QUANT_NIGHTLY_CRON": nightly_cron,
+    "EDGE_QUANT_NIGHTLY_TIMEZONE": nightly_timezone,
+    "EDGE_QUANT_NIGHTLY_REBUILD_ALL": nightly_rebuild_all,
+    "EDGE_QUANT_POSTGRES_URL": postgres_url,
+}
+
+
+def _unknown_variables() -> list[str]:
+    """A misspelt variable would otherwise be ignored without a word, and its default used."""
+    return [
+        f"{name}={os.environ[name]!r} is not a setting of this pipeline; "
+        + "".join(f"did you mean {match}? " for match in difflib.get_close_matches(name, SETTINGS, n=1))
+        + f"Its settings: {', '.join(SETTINGS)}."
+        for name in sorted(os.environ)
+        if name.startswith("EDGE_QUANT_") and name not in SETTINGS
+    ]
+
+
+def check() -> None:
+    """Every ``EDGE_QUANT_*`` setting, read and checked at once: a SettingError with one line per bad one."""
+    problems = _unknown_variables()
+    for read in SETTINGS.values():
+        try:
+            read()
+        except SettingError as error:
+            problems.append(str(error))
+    if problems:
+        raise SettingError("\n".join(problems))

@@ -7,6 +7,8 @@ component from the name of the op that consumes it, as litert-torch writes it
 (``...TransformerBlock_3/...CausalSelfAttention...``, ``decode_logits_output``).
 A buffer shared by several consumers (the prefill and decode signatures, or a
 tied embedding and LM head) is listed once per component and counted once in bytes.
+A weight's bytes are what the file stores for it: its buffer, and the quantization
+parameters of every tensor on that buffer (see ``_quant_bytes_by_buffer``).
 A model's embedders (``embedders.py``) are part of it: their weights are its embedding.
 """
 
@@ -69,18 +71,75 @@ def _blockwise(quant, schema):
 
 
 def _buffer_bytes(model, index: int) -> int:
-    """Stored bytes of a buffer: inline data, or (models over 2 GB) a slice after the flatbuffer."""
+    """Stored bytes of a buffer: inline data, or a slice after the flatbuffer (as ai-edge-quantizer writes every
+    buffer, and the converter those of models over 2 GB)."""
     buffer = model.Buffers(index)
     return buffer.DataLength() or buffer.Size()
 
 
-def _quant_param_bytes(quant, subgraph, model, schema) -> int:
-    """Scales stored beside a quantized weight count towards its size."""
-    if quant is None:
-        return 0
-    if quant.DetailsType() == schema.QuantizationDetails.BlockwiseQuantization:
-        return _buffer_bytes(model, subgraph.Tensors(_blockwise(quant, schema).Scales()).Buffer())
-    return 4 * quant.ScaleLength()
+def _inline_quant_bytes(quant) -> int:
+    """The scale, zero-point, min and max vectors of one tensor's quantization table, in the dtypes the schema
+    stores them in (float32 scales, int64 zero points)."""
+    vectors = (
+        (quant.ScaleLength, quant.ScaleAsNumpy),
+        (quant.ZeroPointLength, quant.ZeroPointAsNumpy),
+        (quant.MinLength, quant.MinAsNumpy),
+        (quant.MaxLength, quant.MaxAsNumpy),
+    )
+    return sum(as_numpy().nbytes for length, as_numpy in vectors if length())
+
+
+def _side_buffers(quant, subgraph, schema) -> set[int]:
+    """Buffers holding blockwise scales and zero points (a zero-point index of -1 means none)."""
+    if quant.DetailsType() != schema.QuantizationDetails.BlockwiseQuantization:
+        return set()
+    details = _blockwise(quant, schema)
+    return {subgraph.Tensors(i).Buffer() for i in (details.Scales(), details.ZeroPoints()) if i >= 0}
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """A weight as one op of one signature consumes it."""
+
+    subgraph: int
+    tensor: int
+    consumer: str  # the consuming op's output name, which says the component
+    compute: str
+
+
+def _weight_operands(model, weight_ops: set[int]) -> list[_Operand]:
+    operands = []
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        operators = [subgraph.Operators(i) for i in range(subgraph.OperatorsLength())]
+        producers = {out: op for op in operators for out in op.OutputsAsNumpy().tolist()}
+        for op in operators:
+            if op.OpcodeIndex() not in weight_ops:
+                continue
+            index, compute = int(op.Inputs(1)), "integer"
+            producer = producers.get(index)
+            if producer is not None:  # weight-only schemes: weight -> DEQUANTIZE -> op
+                index, compute = int(producer.Inputs(0)), "float"
+            operands.append(_Operand(s, index, subgraph.Tensors(op.Outputs(0)).Name().decode(), compute))
+    return operands
+
+
+def _quant_bytes_by_buffer(model, operands: list[_Operand], schema) -> dict[int, int]:
+    """Quantization parameters stored for each weight buffer. Each tensor on a buffer (one per signature) has a
+    table of its own, so its inline vectors are stored once per tensor; blockwise scales and zero points are
+    buffers, stored once however many tensors name them."""
+    inline: dict[int, int] = {}
+    side: dict[int, set[int]] = {}
+    for s, index in {(o.subgraph, o.tensor) for o in operands}:  # a tensor two ops consume is stored once
+        subgraph = model.Subgraphs(s)
+        tensor = subgraph.Tensors(index)
+        buffer, quant = tensor.Buffer(), tensor.Quantization()
+        inline[buffer] = inline.get(buffer, 0)
+        side.setdefault(buffer, set())
+        if quant is not None:
+            inline[buffer] += _inline_quant_bytes(quant)
+            side[buffer] |= _side_buffers(quant, subgraph, schema)
+    return {b: inline[b] + sum(_buffer_bytes(model, i) for i in side[b]) for b in inline}
 
 
 def read_weights(tflite: Path) -> list[WeightTensor]:
@@ -104,35 +163,30 @@ def _read_file_weights(tflite: Path) -> list[WeightTensor]:
         weight_ops = {
             i for i, c in enumerate(codes) if op_names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] in _WEIGHT_OPS
         }
+        operands = [
+            o
+            for o in _weight_operands(model, weight_ops)
+            if _buffer_bytes(model, model.Subgraphs(o.subgraph).Tensors(o.tensor).Buffer())
+        ]
+        quant_bytes = _quant_bytes_by_buffer(model, operands, schema)
         weights: dict[tuple[int, str, int | None], WeightTensor] = {}
-        for s in range(model.SubgraphsLength()):
-            subgraph = model.Subgraphs(s)
-            operators = [subgraph.Operators(i) for i in range(subgraph.OperatorsLength())]
-            producers = {out: op for op in operators for out in op.OutputsAsNumpy().tolist()}
-            for op in operators:
-                if op.OpcodeIndex() not in weight_ops:
-                    continue
-                index, compute = int(op.Inputs(1)), "integer"
-                producer = producers.get(index)
-                if producer is not None:  # weight-only schemes: weight -> DEQUANTIZE -> op
-                    index, compute = int(producer.Inputs(0)), "float"
-                tensor = subgraph.Tensors(index)
-                component, block = component_of(subgraph.Tensors(op.Outputs(0)).Name().decode())
-                key = (tensor.Buffer(), component, block)
-                stored = _buffer_bytes(model, tensor.Buffer())
-                if stored == 0 or key in weights:
-                    continue
-                dtype, quant = type_names[tensor.Type()], tensor.Quantization()
-                weights[key] = WeightTensor(
-                    component=component,
-                    block=block,
-                    dtype=dtype,
-                    granularity=_granularity(quant, schema),
-                    compute="float" if dtype.startswith("FLOAT") else compute,
-                    shape=tuple(int(d) for d in tensor.ShapeAsNumpy()),
-                    num_bytes=stored + _quant_param_bytes(quant, subgraph, model, schema),
-                    buffer=tensor.Buffer(),
-                )
+        for operand in operands:
+            tensor = model.Subgraphs(operand.subgraph).Tensors(operand.tensor)
+            component, block = component_of(operand.consumer)
+            key = (tensor.Buffer(), component, block)
+            if key in weights:
+                continue
+            dtype, quant = type_names[tensor.Type()], tensor.Quantization()
+            weights[key] = WeightTensor(
+                component=component,
+                block=block,
+                dtype=dtype,
+                granularity=_granularity(quant, schema),
+                compute="float" if dtype.startswith("FLOAT") else operand.compute,
+                shape=tuple(int(d) for d in tensor.ShapeAsNumpy()),
+                num_bytes=_buffer_bytes(model, tensor.Buffer()) + quant_bytes[tensor.Buffer()],
+                buffer=tensor.Buffer(),
+            )
     return list(weights.values())
 
 

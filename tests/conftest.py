@@ -52,6 +52,28 @@ def metadata(instance, asset: str, partition: str | None = None) -> dict:
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
+def scramble_weights(tflite: Path, component: str) -> bytes:
+    """The file with every weight buffer of ``component`` overwritten by random bytes (structure intact)."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edge_quant_pipeline.weights import read_weights
+
+    data = bytearray(tflite.read_bytes())
+    model = schema.Model.GetRootAs(bytes(data), 0)
+    rng = np.random.default_rng(0)
+    for weight in read_weights(tflite):
+        if weight.component == component:
+            buffer = model.Buffers(weight.buffer)
+            # inline data is found by its bytes; ai-edge-quantizer stores it after the flatbuffer
+            offset, size = (buffer.Offset(), buffer.Size()) if buffer.Size() else (None, buffer.DataLength())
+            if offset is None:
+                offset = bytes(data).find(buffer.DataAsNumpy().tobytes())
+            assert offset > 0
+            data[offset : offset + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint_dir() -> Path:
     from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR

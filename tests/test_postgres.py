@@ -27,6 +27,7 @@ import pytest
 import sqlalchemy
 from conftest import DEMO_MODEL, REPO
 
+from edge_quant_pipeline import settings
 from edge_quant_pipeline.defs import executor
 from edge_quant_pipeline.defs.automation import CONVERT_JOB, checkpoint_sensor
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
@@ -277,7 +278,7 @@ def executor_config(monkeypatch, choice: str, **env: str) -> dict:
     """The executor config a job of the code location runs with, validated by Dagster, for this environment."""
     from edge_quant_pipeline.definitions import defs
 
-    monkeypatch.setenv(executor.EXECUTOR_VARIABLE, choice)
+    monkeypatch.setenv(settings.EXECUTOR_VARIABLE, choice)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     chosen = dg.Definitions(
@@ -289,7 +290,7 @@ def executor_config(monkeypatch, choice: str, **env: str) -> dict:
 
 
 def test_in_process_is_the_default(monkeypatch):
-    monkeypatch.delenv(executor.EXECUTOR_VARIABLE, raising=False)
+    monkeypatch.delenv(settings.EXECUTOR_VARIABLE, raising=False)
     assert executor.executor_from_env() is dg.in_process_executor
     assert set(executor_config(monkeypatch, "in_process")) == {"in_process"}
 
@@ -334,7 +335,7 @@ def test_definitions_module_takes_the_executor_from_the_environment():
     load = "from edge_quant_pipeline.definitions import defs; print(defs.resolve_job_def('report').executor_def.name)"
 
     def import_with(choice: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, executor.EXECUTOR_VARIABLE: choice}
+        env = {**os.environ, settings.EXECUTOR_VARIABLE: choice}
         return subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, cwd=REPO)
 
     assert import_with("k8s").stdout.strip() == "k8s"
@@ -347,6 +348,6 @@ def test_definitions_module_takes_the_executor_from_the_environment():
 
 
 def test_bad_step_memory_is_refused_with_the_variable_named(monkeypatch):
-    monkeypatch.setenv(executor.STEP_MEMORY_VARIABLE, "2GB")
+    monkeypatch.setenv(settings.STEP_MEMORY_VARIABLE, "2GB")
     with pytest.raises(ValueError, match="EDGE_QUANT_STEP_MEMORY_MB='2GB': expected a positive whole number"):
-        executor.step_memory_mb()
+        settings.step_memory_mb()

@@ -21,11 +21,13 @@ from edge_quant_pipeline.publish import (
     MODEL_FILE,
     STAGING,
     ArtifactInputs,
+    latest_outcome,
     latest_pointer,
     point_champion,
     publish,
     published_manifest,
     published_versions,
+    record_failure,
 )
 
 METRICS = {
@@ -111,6 +113,21 @@ def test_a_version_without_its_manifest_does_not_exist(tflite):
     assert artifact.newly_published and artifact.model_file.read_bytes() == tflite.read_bytes()
 
 
+def test_a_failure_after_publishing_withdraws_the_version_until_it_passes_again(store, tflite):
+    """The latest evaluation decides: a failure recorded for a published version outranks its manifest and takes
+    latest.json away (the version stays); publishing the same inputs again brings both back."""
+    published = publish(store, inputs(), tflite, METRICS, {})
+    record_failure(store, inputs(), "quality gate", "perplexity_ratio = 1.2 (fails max_perplexity_ratio 1.1)")
+    manifest, failure = latest_outcome(store, inputs())
+    assert manifest is None and failure["stage"] == "quality gate"
+    assert latest_pointer(store, "model", "int8") is None
+    assert published_manifest(store, inputs()) == published.manifest
+
+    again = publish(store, inputs(), tflite, METRICS, {})
+    assert not again.newly_published and latest_outcome(store, inputs()) == (published.manifest, None)
+    assert latest_pointer(store, "model", "int8")["version"] == published.version
+
+
 def test_champion_pointer_moves_only_when_the_champion_changes(store):
     first = point_champion(store, "model", {"recipe": "int8", "version": "v-1"})
     again = point_champion(store, "model", {"recipe": "int8", "version": "v-1"})
@@ -119,6 +136,28 @@ def test_champion_pointer_moves_only_when_the_champion_changes(store):
     assert not again.changed
     assert moved.changed and moved.previous["recipe"] == "int8"
     assert (store / "model" / "champion.json").read_text().count('"int4"') == 1
+    gone = point_champion(store, "model", None)  # no recipe of the current checkpoint is published
+    assert gone.changed and gone.previous["recipe"] == "int4" and not (store / "model" / "champion.json").exists()
+    assert not point_champion(store, "model", None).changed
+
+
+def test_published_files_have_the_permissions_the_umask_gives(tmp_path, tflite):
+    """Not mkstemp's and mkdtemp's private 0600 and 0700: a web server or another account reads the store."""
+    store = ArtifactStore(url=str(tmp_path / "store")).root
+    previous = os.umask(0o027)
+    try:
+        publish(store, inputs("c1"), tflite, METRICS, {})
+        record_failure(store, inputs(recipe="fp16"), "evaluation", "quality gate")
+        point_champion(store, "model", {"recipe": "int8", "version": inputs("c1").version})
+    finally:
+        os.umask(previous)
+    folders = [p for p in Path(store.path).rglob("*") if p.is_dir()]
+    files = [p for p in Path(store.path).rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.tflite", "manifest.json", "latest.json", "failed.json", "champion.json"}
+    assert {p.relative_to(store.path).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders} == {
+        f: "0o750" for f in ("model", "model/int8", "model/fp16", f"model/int8/{inputs('c1').version}")
+    }
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
 
 
 KILLED_PUBLISH = """

@@ -4,19 +4,31 @@ real published artifacts (the session run); changes are made to a copy of its st
 import base64
 import json
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
+import dagster as dg
 import pandas as pd
 import pytest
-from conftest import DEMO_MODEL, metadata
+from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
-from edge_quant_pipeline.publish import CHAMPION, ArtifactInputs, latest_pointer, publish, published_versions
+from edge_quant_pipeline.publish import (
+    CHAMPION,
+    FAILURE_RECORD,
+    ArtifactInputs,
+    latest_pointer,
+    publish,
+    published_versions,
+    record_failure,
+)
 
 
 @pytest.fixture
-def copied_store(pipeline_run, tmp_path):
-    """A pipeline whose artifact store is a copy of the session's, and a function running the report on it."""
-    from edge_quant_pipeline.definitions import defs, pipeline_config_from_env
+def copied(pipeline_run, tmp_path):
+    """A pipeline whose artifact store is a copy of the session's; functions running on it the report, and the
+    evaluation and publishing of one recipe (whose gate check they return)."""
+    from edge_quant_pipeline.definitions import build_definitions, pipeline_config_from_env
     from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
     instance, _ = pipeline_run
@@ -24,18 +36,51 @@ def copied_store(pipeline_run, tmp_path):
     shutil.copytree(pipeline_config_from_env().store.path, store)
     env = pipeline_config_from_env()
     pipeline = PipelineConfig(
-        checkpoint_dir=env.checkpoint_dir, work_dir=env.work_dir, artifact_store=ArtifactStore(url=str(store))
+        checkpoint_dir=env.checkpoint_dir,
+        work_dir=env.work_dir,
+        artifact_store=ArtifactStore(url=str(store)),
+        localize_errors=False,  # not what these tests look at
     )
+    defs = build_definitions(pipeline)
 
     def report() -> dict:
-        result = defs.resolve_job_def("report").execute_in_process(
-            partition_key=DEMO_MODEL, instance=instance, resources={"pipeline": pipeline}
-        )
+        result = defs.resolve_job_def("report").execute_in_process(partition_key=DEMO_MODEL, instance=instance)
         assert result.success
         (materialization,) = result.asset_materializations_for_node("quantization_report")
         return {k: v.value for k, v in materialization.metadata.items()}
 
-    return UPath(store), report
+    def evaluate_and_publish(recipe: str) -> dg.AssetCheckEvaluation:
+        result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
+            partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": recipe}),
+            instance=instance,
+            raise_on_error=False,
+            asset_selection=[dg.AssetKey("evaluation"), dg.AssetKey("published_artifact")],
+        )
+        (gate,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "quality_gates"]
+        return gate
+
+    return SimpleNamespace(
+        store=UPath(store),
+        pipeline=pipeline,
+        instance=instance,
+        report=report,
+        evaluate_and_publish=evaluate_and_publish,
+    )
+
+
+def inputs_of(manifest: dict) -> ArtifactInputs:
+    return ArtifactInputs(
+        manifest["model"],
+        manifest["recipe"],
+        manifest["checkpoint_sha256"],
+        manifest["recipe_sha256"],
+        manifest["toolchain"],
+        manifest["exporter"],
+    )
+
+
+def rows(meta: dict) -> pd.DataFrame:
+    return pd.read_parquet(meta["parquet"]).set_index("recipe")
 
 
 def test_champion_is_the_smallest_published_recipe(pipeline_run):
@@ -71,26 +116,67 @@ def test_report_shows_a_size_vs_quality_plot(pipeline_run):
         assert png.startswith(b"\x89PNG") and png == UPath(meta["plot"]).read_bytes()
 
 
-def test_report_says_when_the_champion_changes(copied_store):
-    store, report = copied_store
-    champion = json.loads((store / DEMO_MODEL / CHAMPION).read_text())
-    versions = store / DEMO_MODEL / champion["recipe"]
-    hidden = store.parent / "hidden"
-    shutil.move(versions.path, hidden.path)  # as if the champion recipe had failed its gates
-    runner_up = report()
-    assert runner_up["champion_changed"] and runner_up["champion"] != champion["recipe"]
-    assert f"changed from {champion['recipe']} #1 ({champion['version']})" in runner_up["report"]
+def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(copied):
+    """A real gate failure of the champion's current version (its weights damaged, evaluated again): failed.json
+    for that version beside its manifest. The report, latest.json and champion.json follow that evaluation, the
+    version stays in the store, the pair is due again, and passing again brings everything back."""
+    from edge_quant_pipeline.defs.rebuild import rebuild_plan
 
-    shutil.move(hidden.path, versions.path)
-    back = report()
-    assert back["champion"] == champion["recipe"] and f"changed from {runner_up['champion']} #1" in back["report"]
-    assert json.loads((store / DEMO_MODEL / CHAMPION).read_text())["version"] == champion["version"]
-    assert not report()["champion_changed"]
+    champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
+    recipe, folder = champion["recipe"], copied.store / DEMO_MODEL / champion["recipe"]
+    partition = str(dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": recipe}))
+    quantized = Path(metadata(copied.instance, "quantized_tflite", partition)["tflite"])
+    original = quantized.read_bytes()
+    quantized.write_bytes(scramble_weights(quantized, "feedforward"))
+    try:
+        assert not copied.evaluate_and_publish(recipe).passed
+    finally:
+        quantized.write_bytes(original)
+    assert json.loads((folder / FAILURE_RECORD).read_text())["version"] == champion["version"]
+    assert [m["version"] for m in published_versions(copied.store, DEMO_MODEL, recipe)] == [champion["version"]]
+    assert latest_pointer(copied.store, DEMO_MODEL, recipe) is None
+    assert rebuild_plan(copied.instance, copied.pipeline, [DEMO_MODEL]).quantize == [(DEMO_MODEL, recipe)]
+
+    runner_up = copied.report()
+    assert rows(runner_up).loc[recipe, "status"] == "failed (quality gate)"
+    assert runner_up["champion_changed"] and runner_up["champion"] not in ("", recipe)
+    assert f"changed from {recipe} #1 ({champion['version']})" in runner_up["report"]
+    assert json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())["recipe"] == runner_up["champion"]
+
+    assert copied.evaluate_and_publish(recipe).passed  # the file as it was: the same version passes again
+    assert not (folder / FAILURE_RECORD).exists()
+    assert latest_pointer(copied.store, DEMO_MODEL, recipe)["version"] == champion["version"]
+    back = copied.report()
+    assert rows(back).loc[recipe, "status"] == "published"
+    assert back["champion"] == recipe and f"changed from {runner_up['champion']} #1" in back["report"]
+    assert json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())["version"] == champion["version"]
+    assert not copied.report()["champion_changed"]
 
 
-def test_report_shows_the_change_since_the_previous_version(copied_store):
+def test_no_champion_when_no_recipe_of_the_current_checkpoint_publishes(copied):
+    """Every recipe's current version failed its latest evaluation (the records evaluation writes): champion.json
+    goes rather than name an artifact that is not the current checkpoint's champion; the versions stay."""
+    from edge_quant_pipeline.defs.partitions import recipe_catalog
+
+    champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
+    for recipe in recipe_catalog.names:
+        (manifest,) = published_versions(copied.store, DEMO_MODEL, recipe)  # the current checkpoint's
+        record_failure(copied.store, inputs_of(manifest), "quality gate", "top1_agreement = 0.1")
+    meta = copied.report()
+    assert set(rows(meta)["status"]) == {"failed (quality gate)"}
+    assert meta["champion"] == "" and meta["champion_changed"]
+    assert (
+        f"**Champion:** none, no recipe of this checkpoint is published; until now {champion['recipe']}"
+        in (meta["report"])
+    )
+    assert not (copied.store / DEMO_MODEL / CHAMPION).exists()
+    assert all(len(published_versions(copied.store, DEMO_MODEL, r)) == 1 for r in recipe_catalog.names)
+    assert not copied.report()["champion_changed"]
+
+
+def test_report_shows_the_change_since_the_previous_version(copied):
     """fp16 republished after an older, larger and worse version of itself: number 2, with the diff."""
-    store, report = copied_store
+    store, report = copied.store, copied.report
     (current,) = published_versions(store, DEMO_MODEL, "fp16")
     folder = store / DEMO_MODEL / "fp16" / current["version"]
     tflite = store.parent / "fp16.tflite"
@@ -102,10 +188,7 @@ def test_report_shows_the_change_since_the_previous_version(copied_store):
         "perplexity_ratio": current["metrics"]["perplexity_ratio"] + 0.01,
     }
     publish(store, ArtifactInputs(DEMO_MODEL, "fp16", "an older checkpoint", "r", {}), tflite, old, {})
-    inputs = ArtifactInputs(
-        DEMO_MODEL, "fp16", current["checkpoint_sha256"], current["recipe_sha256"], current["toolchain"]
-    )
-    republished = publish(store, inputs, tflite, current["metrics"], {})
+    republished = publish(store, inputs_of(current), tflite, current["metrics"], {})
     assert republished.manifest["number"] == 2
     assert republished.manifest["delta"]["file_bytes"] == -1000
     assert latest_pointer(store, DEMO_MODEL, "fp16")["number"] == 2

@@ -9,12 +9,12 @@ partition by partition, in dependency order.
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dagster as dg
 
+from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints import CheckpointError, hash_checkpoint, scan_checkpoints, validate_checkpoint
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.rebuild import rebuild_plan
@@ -166,9 +166,9 @@ def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.Sc
 
 def nightly_schedules_from_env() -> list[dg.ScheduleDefinition]:
     return nightly_schedules(
-        cron=os.environ.get("EDGE_QUANT_NIGHTLY_CRON", "0 2 * * *"),
-        timezone=os.environ.get("EDGE_QUANT_NIGHTLY_TIMEZONE", "UTC"),
-        rebuild_all=os.environ.get("EDGE_QUANT_NIGHTLY_REBUILD_ALL", "") in ("1", "true", "yes"),
+        cron=settings.nightly_cron(),
+        timezone=settings.nightly_timezone(),
+        rebuild_all=settings.nightly_rebuild_all(),
     )
 
 

@@ -18,25 +18,12 @@ from collections.abc import Callable
 
 import dagster as dg
 
-EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
-STEP_MEMORY_VARIABLE = "EDGE_QUANT_STEP_MEMORY_MB"
-# Peak RSS of one step process, demo model, multiprocess executor: float_tflite (the
-# export) 1,335 MB, float_reference 1,221 MB, checkpoint 1,184 MB, nearly all of it
-# torch + TensorFlow + litert-torch being imported; quantized_tflite and evaluation
-# 0.2-0.3 GB, but they hold the model too. 1.5 GB leaves 15% headroom over the
-# largest; larger checkpoints need more (the export holds the model a few times over).
-DEFAULT_STEP_MEMORY_MB = 1536
+from edge_quant_pipeline import settings
+
 # Steps that never hold a model: 196-250 MB measured (quant_recipe, published_artifact
 # streams the file, the two reports). On Kubernetes they request this much instead.
 LIGHT_STEPS = ("quant_recipe", "published_artifact", "quantization_report", "all_models_report")
 LIGHT_STEP_MEMORY_MB = 512
-
-
-def step_memory_mb() -> int:
-    value = os.environ.get(STEP_MEMORY_VARIABLE) or str(DEFAULT_STEP_MEMORY_MB)
-    if not value.isdigit() or int(value) == 0:
-        raise ValueError(f"{STEP_MEMORY_VARIABLE}={value!r}: expected a positive whole number of megabytes.")
-    return int(value)
 
 
 def machine_memory_mb() -> int:
@@ -49,7 +36,7 @@ def max_concurrent_steps(step_mb: int, memory_mb: int, cores: int) -> int:
 
 
 def multiprocess() -> dg.ExecutorDefinition:
-    limit = max_concurrent_steps(step_memory_mb(), machine_memory_mb(), os.cpu_count() or 1)
+    limit = max_concurrent_steps(settings.step_memory_mb(), machine_memory_mb(), os.cpu_count() or 1)
     return dg.multiprocess_executor.configured({"max_concurrent": limit}, name="multiprocess")
 
 
@@ -72,7 +59,7 @@ def k8s() -> dg.ExecutorDefinition:
 
     return k8s_job_executor.configured(
         {
-            "step_k8s_config": k8s_resources(step_memory_mb()),
+            "step_k8s_config": k8s_resources(settings.step_memory_mb()),
             "per_step_k8s_config": {step: k8s_resources(LIGHT_STEP_MEMORY_MB) for step in LIGHT_STEPS},
         },
         name="k8s",
@@ -87,7 +74,4 @@ EXECUTORS: dict[str, Callable[[], dg.ExecutorDefinition]] = {
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
-    choice = os.environ.get(EXECUTOR_VARIABLE) or "in_process"
-    if choice not in EXECUTORS:
-        raise ValueError(f"{EXECUTOR_VARIABLE}={choice!r} is not an executor; use one of: {', '.join(EXECUTORS)}.")
-    return EXECUTORS[choice]()
+    return EXECUTORS[settings.executor()]()

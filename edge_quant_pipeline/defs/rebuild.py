@@ -14,7 +14,7 @@ from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.publish import failure_record, published_manifest
+from edge_quant_pipeline.publish import latest_outcome
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -57,11 +57,10 @@ REPEATABLE_FAILURES = ("recipe validation", "quantization", "interpreter")
 
 
 def is_settled(store, inputs) -> bool:
-    """Published for these inputs, or failed for them in a way that would repeat."""
-    if published_manifest(store, inputs) is not None:
-        return True
-    record = failure_record(store, inputs)
-    return record is not None and record.get("stage") in REPEATABLE_FAILURES
+    """Published for these inputs, or failed for them in a way that would repeat, by their latest evaluation (a
+    published version that failed its gates since is retried like any gate failure)."""
+    manifest, failure = latest_outcome(store, inputs)
+    return manifest is not None or (failure is not None and failure.get("stage") in REPEATABLE_FAILURES)
 
 
 def rebuild_plan(

@@ -10,7 +10,7 @@ from edge_quant_pipeline.defs.conditions import ON_ANY_PUBLISH
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.publish import failure_record, point_champion, published_manifest, write_atomically
+from edge_quant_pipeline.publish import latest_outcome, point_champion, write_atomically
 from edge_quant_pipeline.report import (
     PLOT_FILE,
     REPORT_FILE,
@@ -50,28 +50,27 @@ def stored_report(frame: pd.DataFrame, folder: UPath, note: str = "") -> dict[st
 def quantization_report(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
 ) -> dg.Output[pd.DataFrame]:
-    """One row per recipe for the current checkpoint: published metrics, or why it did not publish;
-    the champion (smallest published file) marked and pointed to by `<store>/<model>/champion.json`."""
+    """One row per recipe for the current checkpoint, as its latest evaluation left it: published metrics, or why
+    it did not publish (or no longer passes); the champion (smallest published file) marked and pointed to by
+    `<store>/<model>/champion.json`, which is removed when no recipe of this checkpoint is published."""
     rows = []
     for name in recipe_catalog.names:
         if name in recipe_catalog.errors:
             rows.append({"recipe": name, "status": "failed (recipe)", "error": recipe_catalog.errors[name]})
             continue
         inputs = artifact_inputs(checkpoint, recipe_catalog.recipes[name])
-        rows.append(
-            report_row(name, published_manifest(pipeline.store, inputs), failure_record(pipeline.store, inputs))
-        )
+        rows.append(report_row(name, *latest_outcome(pipeline.store, inputs)))
     frame = build_report(rows)
     champion = champion_of(frame)
-    update = point_champion(pipeline.store, checkpoint.model_id, champion) if champion else None
-    if update is not None and update.changed:
+    update = point_champion(pipeline.store, checkpoint.model_id, champion)
+    if update.changed:
         context.log.info(champion_note(update))
     return dg.Output(
         frame,
         metadata={
             **stored_report(frame, pipeline.store / checkpoint.model_id, champion_note(update)),
             "champion": champion["recipe"] if champion else "",
-            "champion_changed": bool(update and update.changed),
+            "champion_changed": update.changed,
         },
     )
 

@@ -1,0 +1,133 @@
+"""Configuration checked before any work: the real `edge-quant` command and the code location as Dagster loads it,
+with bad EDGE_QUANT_* settings and a bad recipes.yaml. Each problem is one line naming what, the value and the fix."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_quant_pipeline.cli import checked_recipes
+from edge_quant_pipeline.recipes import RecipeError
+
+BAD_SCHEME = "recipes:\n  good: {default: fp16}\n  bad:\n    default: int3\n"
+
+
+def environment(home: Path, **settings: str) -> dict[str, str]:
+    """This process's environment (PYTHONPATH, the venv) with only the given EDGE_QUANT_* settings, all in ``home``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_QUANT_")}
+    return {
+        **inherited,
+        "DAGSTER_HOME": str(home),
+        "EDGE_QUANT_ARTIFACT_DIR": str(home / "artifacts"),
+        "EDGE_QUANT_WORK_DIR": str(home / "work"),
+        **settings,
+    }
+
+
+def edge_quant_run(home: Path, **settings: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_quant_pipeline.cli", "run"],
+        cwd=home,  # ./recipes.yaml is the default recipes file
+        env=environment(home, **settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def refused(result: subprocess.CompletedProcess, home: Path, made: set[str] = frozenset()) -> list[str]:
+    """The lines `edge-quant run` printed, after checking it stopped before any work and without a traceback."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout == ""  # not even the instance line: nothing started
+    assert {p.name for p in home.iterdir()} == set(made)  # no instance storage, work files or artifacts
+    return result.stderr.splitlines()
+
+
+def test_a_missing_eval_text_is_one_line_before_the_export(tmp_path):
+    result = edge_quant_run(tmp_path, EDGE_QUANT_EVAL_TEXT="held-out.txt")
+    assert refused(result, tmp_path) == [
+        f"EDGE_QUANT_EVAL_TEXT='held-out.txt': no such file ({tmp_path / 'held-out.txt'}); set it to a UTF-8 text "
+        "file of held-out text, or unset it for the demo's."
+    ]
+
+
+def test_each_bad_setting_gets_its_own_line(tmp_path):
+    result = edge_quant_run(
+        tmp_path,
+        EDGE_QUANT_STEP_MEMORY_MB="2GB",
+        EDGE_QUANT_EXPORTER="onnx",
+        EDGE_QUANT_NIGHTLY_TIMEZONE="Mars/Olympus",
+        EDGE_QUANT_CHECKPOINT_DIR=str(tmp_path / "checkpoints"),
+        EDGE_QUANT_EVAL_TXT="typo.txt",
+    )
+    expected = [
+        "EDGE_QUANT_EVAL_TXT='typo.txt' is not a setting of this pipeline; did you mean EDGE_QUANT_EVAL_TEXT?",
+        f"EDGE_QUANT_CHECKPOINT_DIR='{tmp_path / 'checkpoints'}': no folder {tmp_path / 'checkpoints'}; set it to",
+        "EDGE_QUANT_EXPORTER='onnx' names no exporter; use one of auto, generative_api, export_hf.",
+        "EDGE_QUANT_STEP_MEMORY_MB='2GB': expected a positive whole number of megabytes.",
+        "EDGE_QUANT_NIGHTLY_TIMEZONE='Mars/Olympus' is not a time zone; use an IANA name",
+    ]
+    lines = refused(result, tmp_path)
+    assert len(lines) == len(expected)
+    assert [line[: len(start)] for line, start in zip(lines, expected, strict=True)] == expected
+
+
+def test_recipes_yaml_that_is_not_yaml_is_one_line_with_its_line(tmp_path):
+    (tmp_path / "recipes.yaml").write_text("recipes:\n  mine:\n\tdefault: fp16\n")
+    lines = refused(edge_quant_run(tmp_path), tmp_path, made={"recipes.yaml"})
+    assert lines == [
+        f"{tmp_path / 'recipes.yaml'}, line 3, column 1: not valid YAML: found character '\\t' that cannot start "
+        "any token while scanning for the next token."
+    ]
+
+
+def test_an_invalid_recipe_is_one_line_with_file_and_line(tmp_path):
+    (tmp_path / "recipes.yaml").write_text(BAD_SCHEME)
+    lines = refused(edge_quant_run(tmp_path), tmp_path, made={"recipes.yaml"})
+    assert lines == [
+        f"{tmp_path / 'recipes.yaml'}, line 3: recipe 'bad', field 'default': unknown scheme 'int3'. Allowed "
+        "schemes: int8_dynamic, int8_weight_only, fp16, int4_dynamic_block32, int4_dynamic_block64, "
+        "int4_dynamic_block128, int4_dynamic_block256."
+    ]
+
+
+def test_a_run_that_leaves_the_invalid_recipe_out_may_start(tmp_path, monkeypatch):
+    (tmp_path / "recipes.yaml").write_text(BAD_SCHEME)
+    monkeypatch.setenv("EDGE_QUANT_RECIPES", str(tmp_path / "recipes.yaml"))
+    assert checked_recipes(["good", "fp16"]) == ["good", "fp16"]
+    with pytest.raises(RecipeError, match=r"^\S+recipes.yaml, line 3: recipe 'bad'"):
+        checked_recipes(None)
+
+
+def load_code_location(home: Path, **settings: str) -> subprocess.CompletedProcess:
+    """The code location loaded as `dagster dev` and the code server load it."""
+    return subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "edge_quant_pipeline.definitions"],
+        cwd=home,
+        env=environment(home, **settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_code_location_does_not_load_with_a_bad_setting(tmp_path):
+    result = load_code_location(tmp_path, EDGE_QUANT_EVAL_TEXT=str(tmp_path / "missing.txt"))
+    assert result.returncode != 0
+    assert (
+        f"SettingError: EDGE_QUANT_EVAL_TEXT='{tmp_path / 'missing.txt'}': no such file ({tmp_path / 'missing.txt'});"
+        in result.stdout + result.stderr
+    )
+
+
+def test_the_code_location_names_the_line_of_bad_yaml(tmp_path):
+    (tmp_path / "recipes.yaml").write_text("recipes:\n  mine: {default: fp16\n  other: fp16\n")
+    result = load_code_location(tmp_path)
+    assert result.returncode != 0
+    assert (
+        f"RecipeError: {tmp_path / 'recipes.yaml'}, line 3, column 8: not valid YAML: expected ',' or '}}', but got "
+        "':' while parsing a flow mapping.\n" in result.stdout + result.stderr
+    )
