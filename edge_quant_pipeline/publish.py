@@ -3,6 +3,7 @@
 Layout (``<store>`` is a local folder or a URL such as ``s3://bucket/prefix``)::
 
     <store>/<model>/<recipe>/<version>/model.tflite
+    <store>/<model>/<recipe>/<version>/model.litertlm     # the LiteRT-LM bundle apps load
     <store>/<model>/<recipe>/<version>/model.embedder.tflite, ...  # where the model has embedders (Gemma 4)
     <store>/<model>/<recipe>/<version>/manifest.json
     <store>/<model>/<recipe>/latest.json          # the version published last, absent once the latest inputs fail
@@ -49,11 +50,13 @@ from upath import UPath
 from upath.implementations.local import LocalPath
 
 from edge_quant_pipeline import convert
+from edge_quant_pipeline.bundle import BUILDER_PACKAGE, builder_version, bundle_path
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.exporters import GENERATIVE_API
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.tflite"
+BUNDLE_FILE = "model.litertlm"
 FAILURE_RECORD = "failed.json"
 LATEST = "latest.json"
 CHAMPION = "champion.json"
@@ -165,8 +168,8 @@ def _copy_hashing(source: Path, target: UPath) -> str:
 
 
 def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The model file and its embedders (``embedders.py``), then the manifest: the manifest is what makes a
-    version exist."""
+    """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``bundle.py``), then the
+    manifest: the manifest is what makes a version exist."""
     model_file = folder / MODEL_FILE
     embedders = {
         role: _copy_hashing(path, embedder_path(model_file, role)) for role, path in embedders_of(tflite).items()
@@ -174,6 +177,9 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
     manifest = {**manifest, "model_sha256": _copy_hashing(tflite, model_file)}
     if embedders:
         manifest["embedder_sha256"] = embedders
+    if bundle_path(tflite).exists():
+        manifest["bundle_sha256"] = _copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
+        manifest["bundle_builder"] = f"{BUILDER_PACKAGE}=={builder_version()}"
     write_json(folder / MANIFEST, manifest)
     return manifest
 

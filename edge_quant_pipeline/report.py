@@ -36,6 +36,10 @@ DISPLAY_COLUMNS = {
     "prefill_ms": ("prefill ms", ".2f"),
     "decode_tokens_per_s": ("decode tok/s", ".0f"),
     "peak_rss_mb": ("RSS MB", ".0f"),
+    # the bundle in LiteRT-LM itself: the runtime's own measurements
+    "litert_lm_time_to_first_token_ms": ("LiteRT-LM TTFT ms", ".1f"),
+    "litert_lm_prefill_tokens_per_s": ("LiteRT-LM prefill tok/s", ".0f"),
+    "litert_lm_decode_tokens_per_s": ("LiteRT-LM decode tok/s", ".0f"),
 }
 # The manifest's `delta` (this version minus the previous one), one column per metric.
 DELTA_COLUMNS = {

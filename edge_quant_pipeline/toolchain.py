@@ -7,7 +7,15 @@ import warnings
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
-TOOLCHAIN_PACKAGES = ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch")
+# litert-lm-builder packs the bundle, litert-lm-api runs it: both shape what is published.
+TOOLCHAIN_PACKAGES = (
+    "litert-torch",
+    "ai-edge-quantizer",
+    "ai-edge-litert",
+    "torch",
+    "litert-lm-builder",
+    "litert-lm-api",
+)
 
 
 @cache

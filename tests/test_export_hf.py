@@ -190,12 +190,14 @@ def test_an_export_hf_family_through_the_whole_graph(tmp_path, model_type):
         assert metadata(instance, "checkpoint", model)["exporter"] == EXPORT_HF
         float_eval = metadata(instance, "evaluation", f"{model}|float")
         assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3) and float_eval["top1_agreement"] > 0.999
+        # its LiteRT-LM bundle (Gemma 4's with both embedders in it) generates as the interpreter does
+        assert float_eval["runtime_error"] == "" and float_eval["litert_lm_interpreter_agreement"] == 1.0
         published = metadata(instance, "published_artifact", f"{model}|selective_fp16_int8")
         assert published["exporter"] == EXPORT_HF
     recipe_dir = tmp_path / "artifacts" / model / "selective_fp16_int8"
     version = recipe_dir / json.loads((recipe_dir / "latest.json").read_text())["version"]
     manifest = json.loads((version / "manifest.json").read_text())
-    assert manifest["exporter"] == EXPORT_HF
+    assert manifest["exporter"] == EXPORT_HF and (version / "model.litertlm").is_file() and manifest["bundle_sha256"]
     # the embedders are published beside the model, each with its hash, as LiteRT-LM needs them all
     published_embedders = embedders_of(version / "model.tflite")
     assert sorted(manifest.get("embedder_sha256", {})) == sorted(published_embedders)

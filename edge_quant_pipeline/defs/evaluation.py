@@ -1,15 +1,17 @@
-"""`evaluation`: the quantized model run in the LiteRT interpreter against the float reference."""
+"""`evaluation`: the quantized model run in the LiteRT interpreter against the float reference, and its LiteRT-LM
+bundle in LiteRT-LM."""
 
 import dagster as dg
 import pandas as pd
 
+from edge_quant_pipeline.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate.evaluation import evaluate
+from edge_quant_pipeline.evaluate.evaluation import Bundle, evaluate
 from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
@@ -57,7 +59,7 @@ def localization_metadata(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
-    code_version=f"evaluation-3|{toolchain_tag()}",
+    code_version=f"evaluation-4|{toolchain_tag()}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
@@ -70,7 +72,13 @@ def localization_metadata(
             asset="evaluation",
             blocking=True,
             description="The recipe's thresholds (recipes.yaml `gates`); a failing partition is not published.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "runs_in_litert_lm",
+            asset="evaluation",
+            blocking=True,
+            description="The .litertlm bundle loads in LiteRT-LM and generates; one that does not is not published.",
+        ),
     ],
 )
 def evaluation(
@@ -88,7 +96,8 @@ def evaluation(
     try:
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
         with admitted(context, size, quant_recipe) as usage:
-            result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads)
+            bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
+            result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle)
             hotspots = localization_metadata(pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
@@ -98,7 +107,8 @@ def evaluation(
         f"{quant_recipe.name}: perplexity {result.perplexity:.3f} "
         f"({result.perplexity_ratio:.4f}x float), top-1 agreement {result.top1_agreement:.1%}"
     )
-    yield dg.Output(result, metadata={**result.as_dict(), **hotspots, **usage.metadata()})
+    bundle_metadata = {"litertlm": dg.MetadataValue.path(str(bundle.path))}
+    yield dg.Output(result, metadata={**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()})
     gates = check_gates(result.as_dict(), quant_recipe.gates)
     failed = [g for g in gates if not g.passed]
     if failed:
@@ -109,3 +119,21 @@ def evaluation(
         description="; ".join(map(str, failed or gates)),
         metadata={g.gate: g.value for g in gates},
     )
+    if result.runtime_error and not failed:  # a gate failure recorded above says enough
+        record_failure(pipeline.store, inputs, "litert-lm", result.runtime_error)
+    runtime = result.runtime
+    yield dg.AssetCheckResult(
+        check_name="runs_in_litert_lm",
+        passed=runtime is not None,
+        description=result.runtime_error
+        or f"LiteRT-LM generated {runtime.litert_lm_interpreter_agreement:.0%} of the interpreter's greedy tokens",
+    )
+
+
+def _bundle(pipeline: PipelineConfig, checkpoint: Checkpoint, quantized: TfliteModel, inputs) -> Bundle:
+    """The LiteRT-LM bundle of the quantized file, beside it; a checkpoint that cannot make one fails here."""
+    try:
+        spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.kv_cache_len)
+    except BundleError as error:
+        raise rejected(pipeline, inputs, "bundle", error) from None
+    return Bundle(build_bundle(quantized.path, spec, checkpoint.exporter, bundle_path(quantized.path)), spec)

@@ -8,6 +8,10 @@ Hugging Face tensor names).
 
 Run it again with ``python -m edge_quant_pipeline.demo.train_demo_model``; on 2
 CPU cores it takes about a minute and prints the held-out perplexity.
+
+Its tokenizer is the bytes themselves (token id = byte value), written beside the
+weights as a ``tokenizer.json`` (``byte_tokenizer``) so that a LiteRT-LM bundle of
+the demo carries it, as a real checkpoint's carries its own.
 """
 
 from __future__ import annotations
@@ -48,6 +52,29 @@ DEMO_CONFIG = LlamaConfig(
 
 def byte_tokens(path: Path) -> torch.Tensor:
     return torch.tensor(list(path.read_bytes()), dtype=torch.long)
+
+
+NEWLINE = ord("\n")
+
+
+def byte_tokenizer():
+    """Byte-level BPE without merges, each byte its own token with the byte's value as id: what ``byte_tokens``
+    computes, in the form runtimes load. ByteLevel's alphabet maps each byte to one printable character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    characters = _byte_characters()
+    tokenizer = Tokenizer(models.BPE(vocab={characters[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _byte_characters() -> dict[int, str]:
+    """GPT-2's byte-to-character table, which ByteLevel applies: printable bytes map to themselves, the other
+    bytes to the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
 def random_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
@@ -94,7 +121,10 @@ def train(output_dir: Path, steps: int, seq_len: int, batch_size: int, seed: int
         "train_text_sha256": hashlib.sha256((CORPUS_DIR / "train.txt").read_bytes()).hexdigest(),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The bytes have no end-of-text token; a newline ends a reply (LiteRT-LM needs a stop token to run at all).
+    model.generation_config.eos_token_id = NEWLINE
     model.save_pretrained(output_dir)
+    byte_tokenizer().save(str(output_dir / "tokenizer.json"))
     (output_dir / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 

@@ -4,17 +4,22 @@ Teacher-forced scoring runs over the same windows of the held-out text as the fl
 through the prefill signature with the KV cache carried across chunks, window by window against the stored
 reference, so memory holds one window of logits. Free-running greedy generation through the decode signature
 proves the decode path. Latency and the interpreter's own memory are measured in a fresh process.
+The LiteRT-LM bundle of the same file then generates from the first prompt in LiteRT-LM itself, in a fresh
+process too (``litert_lm.py``), and is compared with the interpreter's generation.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from edge_quant_pipeline.bundle import BundleSpec
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
+from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, RuntimeCheck, check_bundle
 from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
 from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
 from edge_quant_pipeline.evaluate.reference import FloatReference
@@ -54,9 +59,18 @@ class Evaluation:
     eval_tokens_per_s: float  # teacher-forced scoring through the interpreter, comparison included
     prefill_tokens_per_s: float  # the interpreter's own prefill speed on this file (profile)
     eval_peak_rss_mb: float  # of the evaluating process while it scored and generated
+    runtime: RuntimeCheck | None  # the bundle in LiteRT-LM; None when it failed, and ``runtime_error`` says why
+    runtime_error: str
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, float | int | str]:
+        flat = {k: v for k, v in asdict(self).items() if k != "runtime"}
+        return {**flat, **(asdict(self.runtime) if self.runtime else {})}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path  # the .litertlm of the evaluated .tflite
+    spec: BundleSpec
 
 
 def evaluate(
@@ -65,6 +79,7 @@ def evaluate(
     reference: FloatReference,
     settings: ExportSettings,
     num_threads: int,
+    bundle: Bundle,
 ) -> Evaluation:
     # The profile's fresh process first, while this one holds no runtime: the two never hold one each at once.
     runtime = profile_in_subprocess(candidate.path, settings, num_threads)
@@ -84,6 +99,12 @@ def evaluate(
         length = tokens["continuations"].shape[1]
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
     generation = compare_generation(np.stack(generated), tokens["continuations"])
+    try:
+        prompt, continuation = tokens["prompts"][0], tokens["continuations"][0]
+        check = check_bundle(bundle.path, bundle.spec, prompt, generated[0], continuation)
+        runtime_error = ""
+    except BundleRejectedError as error:
+        check, runtime_error = None, str(error)
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,
@@ -98,4 +119,6 @@ def evaluate(
         eval_tokens_per_s=tokens["windows"].size / scoring_seconds,
         prefill_tokens_per_s=settings.prefill_len / runtime.prefill_ms * 1000,
         eval_peak_rss_mb=memory.mb,
+        runtime=check,
+        runtime_error=runtime_error,
     )

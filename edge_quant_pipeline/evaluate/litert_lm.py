@@ -1,0 +1,155 @@
+"""A LiteRT-LM bundle in the LiteRT-LM runtime itself, on the CPU, as an app runs it: in a fresh process.
+
+The process loads the bundle (``Engine``), prefills a prompt given as text (the runtime tokenizes it with the
+bundle's tokenizer and prepends its start token), decodes greedily, and prints what came out and the runtime's
+own benchmark (init time, time to first token, prefill and decode tokens per second) with its peak RSS. A fresh
+process keeps the runtime's native logs and its memory out of the step, and a crash of the runtime a message:
+
+    python -m edge_quant_pipeline.evaluate.litert_lm model.litertlm --prompt-file prompt.txt --tokens 16
+
+The runtime reports success for a bundle it misreads (``litert-lm run`` exits 0, and its benchmark is all
+zeros), so the check is on what it generated, not on whether it raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_quant_pipeline.bundle import BundleSpec
+from edge_quant_pipeline.memory import peak_rss_mb
+
+
+@dataclass(frozen=True)
+class RuntimeRun:
+    """What LiteRT-LM generated from one prompt, and its own measurements of the run."""
+
+    text: str  # what it generated, detokenized by the runtime
+    prompt_tokens: int  # as the runtime counted them (its start token included)
+    init_s: float
+    time_to_first_token_ms: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_mb: float
+
+
+class BundleRejectedError(RuntimeError):
+    """LiteRT-LM could not load or run the bundle, or generated nothing from it."""
+
+
+@dataclass(frozen=True)
+class RuntimeCheck:
+    """The bundle in LiteRT-LM against the interpreter on the same ``.tflite``: flat, for the evaluation's table.
+    Agreements count the generated tokens equal, position by position, to the interpreter's greedy tokens (and
+    the float model's) from the same prompt; a runtime that stopped early (a stop token) agrees on fewer.
+    The runtime gives text, so both sides are compared as text tokenized again by the bundle's tokenizer:
+    ids that do not survive detokenizing (unused or partial-UTF-8 tokens) are changed alike on both sides."""
+
+    litert_lm_interpreter_agreement: float
+    litert_lm_float_agreement: float
+    litert_lm_prompt_tokens: int
+    litert_lm_init_s: float
+    litert_lm_time_to_first_token_ms: float
+    litert_lm_prefill_tokens_per_s: float
+    litert_lm_decode_tokens_per_s: float
+    litert_lm_peak_rss_mb: float
+
+
+def _agreement(generated: list[int], reference: list[int]) -> float:
+    return float(np.mean([i < len(generated) and generated[i] == token for i, token in enumerate(reference)]))
+
+
+def check_bundle(
+    bundle: Path, spec: BundleSpec, prompt: np.ndarray, interpreter: np.ndarray, float_model: np.ndarray
+) -> RuntimeCheck:
+    """Generate in LiteRT-LM after ``prompt`` (token ids; as text, without the start token the runtime adds
+    itself) as many tokens as ``interpreter`` and ``float_model`` hold, and compare."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(spec.tokenizer))
+
+    def as_text_tokens(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def text_of(ids: np.ndarray) -> str:
+        return tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+    ids = prompt[1:] if spec.start_token_id is not None and prompt[0] == spec.start_token_id else prompt
+    run = run_bundle(bundle, text_of(ids), len(interpreter))
+    generated = as_text_tokens(run.text)
+    return RuntimeCheck(
+        litert_lm_interpreter_agreement=_agreement(generated, as_text_tokens(text_of(interpreter))),
+        litert_lm_float_agreement=_agreement(generated, as_text_tokens(text_of(float_model))),
+        litert_lm_prompt_tokens=run.prompt_tokens,
+        litert_lm_init_s=run.init_s,
+        litert_lm_time_to_first_token_ms=run.time_to_first_token_ms,
+        litert_lm_prefill_tokens_per_s=run.prefill_tokens_per_s,
+        litert_lm_decode_tokens_per_s=run.decode_tokens_per_s,
+        litert_lm_peak_rss_mb=run.peak_rss_mb,
+    )
+
+
+def run_bundle(bundle: Path, prompt: str, num_tokens: int) -> RuntimeRun:
+    """Generate ``num_tokens`` greedily after ``prompt`` in a fresh process. The XNNPACK cache the runtime would
+    write next to the bundle (packed weights, as large as the model) goes to a scratch folder beside it, removed
+    when the run ends."""
+    with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.run-") as scratch:
+        prompt_file = Path(scratch) / "prompt.txt"
+        prompt_file.write_text(prompt)
+        command = [sys.executable, "-m", __name__, str(bundle), "--prompt-file", str(prompt_file)]
+        command += ["--tokens", str(num_tokens), "--cache-dir", scratch]
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    if done.returncode != 0:
+        # the runtime's first error line (glog's "E0000 ... file.cc:123] message"; the later ones are its teardown
+        # complaining), else Python's last word
+        lines = done.stderr.strip().splitlines()
+        errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
+        reason = errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
+        raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {reason}")
+    run = RuntimeRun(**json.loads(done.stdout.strip().splitlines()[-1]))
+    if not run.text:
+        raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--prompt-file", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    args = parser.parse_args()
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    with litert_lm.Engine(
+        str(args.bundle), backend=litert_lm.Backend.CPU(), enable_benchmark=True, cache_dir=str(args.cache_dir)
+    ) as engine:
+        session = engine.create_session(
+            apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1), max_output_tokens=args.tokens
+        )
+        session.run_prefill([args.prompt_file.read_text()])
+        text = "".join(session.run_decode().texts)
+        info = session.get_benchmark_info()
+        run = RuntimeRun(
+            text=text,
+            prompt_tokens=info.last_prefill_token_count,
+            init_s=info.init_time_in_second,
+            time_to_first_token_ms=1e3 * info.time_to_first_token_in_second,
+            prefill_tokens_per_s=info.last_prefill_tokens_per_second,
+            decode_tokens_per_s=info.last_decode_tokens_per_second,
+            peak_rss_mb=peak_rss_mb(),
+        )
+        session.close()
+    print(json.dumps(asdict(run)))
+
+
+if __name__ == "__main__":
+    main()
