@@ -58,12 +58,12 @@ def test_litert_lm_generates_what_the_interpreter_generates(demo_float, demo_che
     assert spec.stop_token_ids == (10,) and spec.start_token_id is None  # a newline ends a reply
     bundle = build_bundle(demo_float, spec, GENERATIVE_API, bundle_path(demo_float))
     text = DEFAULT_EVAL_TEXT.read_text()[: SETTINGS.prefill_len]
-    run = run_bundle(bundle, text, 12)
+    run = run_bundle(bundle, [text, text[1:]], 12)
     with InterpreterSession(demo_float, SETTINGS, num_threads=2) as session:
         expected = session.greedy(np.frombuffer(text.encode(), np.uint8).astype(np.int32), 12)
-    generated = list(run.text.encode())  # the demo's tokens are its bytes
+    generated = list(run.texts[0].encode())  # the demo's tokens are its bytes
     assert generated == expected.tolist()[: len(generated)] and len(generated) > 0
-    assert run.prompt_tokens == SETTINGS.prefill_len
+    assert run.prompt_tokens == SETTINGS.prefill_len and len(run.texts) == 2 and run.texts[1]
     # the runtime's XNNPACK cache (as large as the packed weights) does not outlive the run
     assert {p.name for p in demo_float.parent.iterdir()} == {"model.tflite", "model.litertlm"}
 
@@ -73,7 +73,7 @@ def test_a_bundle_without_executor_metadata_is_caught(tmp_path, demo_float, demo
     spec = bundle_spec(demo_checkpoint_dir, json.loads((demo_checkpoint_dir / "config.json").read_text()), 128)
     bundle = build_bundle(demo_float, spec, GENERATIVE_API, tmp_path / "no-metadata.litertlm", False)
     with pytest.raises(BundleRejectedError, match="Input token ids are too long"):
-        run_bundle(bundle, DEFAULT_EVAL_TEXT.read_text()[:32], 8)
+        run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8)
 
 
 def test_a_checkpoint_without_what_a_bundle_needs_is_refused_with_the_file_to_fix(tmp_path, demo_checkpoint_dir):

@@ -4,7 +4,7 @@ Teacher-forced scoring runs over the same windows of the held-out text as the fl
 through the prefill signature with the KV cache carried across chunks, window by window against the stored
 reference, so memory holds one window of logits. Free-running greedy generation through the decode signature
 proves the decode path. Latency and the interpreter's own memory are measured in a fresh process.
-The LiteRT-LM bundle of the same file then generates from the first prompt in LiteRT-LM itself, in a fresh
+The LiteRT-LM bundle of the same file then generates from the same prompts in LiteRT-LM itself, in a fresh
 process too (``litert_lm.py``), and is compared with the interpreter's generation.
 """
 
@@ -100,8 +100,7 @@ def evaluate(
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
     generation = compare_generation(np.stack(generated), tokens["continuations"])
     try:
-        prompt, continuation = tokens["prompts"][0], tokens["continuations"][0]
-        check = check_bundle(bundle.path, bundle.spec, prompt, generated[0], continuation)
+        check = check_bundle(bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"])
         runtime_error = ""
     except BundleRejectedError as error:
         check, runtime_error = None, str(error)

@@ -1,11 +1,12 @@
 """A LiteRT-LM bundle in the LiteRT-LM runtime itself, on the CPU, as an app runs it: in a fresh process.
 
-The process loads the bundle (``Engine``), prefills a prompt given as text (the runtime tokenizes it with the
-bundle's tokenizer and prepends its start token), decodes greedily, and prints what came out and the runtime's
-own benchmark (init time, time to first token, prefill and decode tokens per second) with its peak RSS. A fresh
-process keeps the runtime's native logs and its memory out of the step, and a crash of the runtime a message:
+The process loads the bundle once (``Engine``) and, in a session per prompt, prefills the prompt given as text
+(the runtime tokenizes it with the bundle's tokenizer and prepends its start token) and decodes greedily; it
+prints what came out and the runtime's own benchmark (init time; time to first token, prefill and decode
+tokens per second, the median over the prompts) with its peak RSS. A fresh process keeps the runtime's native
+logs and its memory out of the step, and a crash of the runtime a message:
 
-    python -m edge_quant_pipeline.evaluate.litert_lm model.litertlm --prompt-file prompt.txt --tokens 16
+    python -m edge_quant_pipeline.evaluate.litert_lm model.litertlm --prompts-file prompts.json --tokens 16
 
 The runtime reports success for a bundle it misreads (``litert-lm run`` exits 0, and its benchmark is all
 zeros), so the check is on what it generated, not on whether it raised.
@@ -31,8 +32,8 @@ from edge_quant_pipeline.memory import peak_rss_mb
 class RuntimeRun:
     """What LiteRT-LM generated from one prompt, and its own measurements of the run."""
 
-    text: str  # what it generated, detokenized by the runtime
-    prompt_tokens: int  # as the runtime counted them (its start token included)
+    texts: list[str]  # what it generated from each prompt, detokenized by the runtime
+    prompt_tokens: int  # of the first prompt, as the runtime counted them (its start token included)
     init_s: float
     time_to_first_token_ms: float
     prefill_tokens_per_s: float
@@ -67,10 +68,10 @@ def _agreement(generated: list[int], reference: list[int]) -> float:
 
 
 def check_bundle(
-    bundle: Path, spec: BundleSpec, prompt: np.ndarray, interpreter: np.ndarray, float_model: np.ndarray
+    bundle: Path, spec: BundleSpec, prompts: np.ndarray, interpreter: np.ndarray, float_model: np.ndarray
 ) -> RuntimeCheck:
-    """Generate in LiteRT-LM after ``prompt`` (token ids; as text, without the start token the runtime adds
-    itself) as many tokens as ``interpreter`` and ``float_model`` hold, and compare."""
+    """Generate in LiteRT-LM after each of ``prompts`` (token ids; given as text, without the start token the
+    runtime adds itself) as many tokens as ``interpreter`` and ``float_model`` hold per prompt, and compare."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(spec.tokenizer))
@@ -81,12 +82,15 @@ def check_bundle(
     def text_of(ids: np.ndarray) -> str:
         return tokenizer.decode(ids.tolist(), skip_special_tokens=False)
 
-    ids = prompt[1:] if spec.start_token_id is not None and prompt[0] == spec.start_token_id else prompt
-    run = run_bundle(bundle, text_of(ids), len(interpreter))
-    generated = as_text_tokens(run.text)
+    def agreement(expected: np.ndarray) -> float:
+        pairs = zip(run.texts, expected, strict=True)
+        return float(np.mean([_agreement(as_text_tokens(t), as_text_tokens(text_of(e))) for t, e in pairs]))
+
+    starts = spec.start_token_id is not None and (prompts[:, 0] == spec.start_token_id).all()
+    run = run_bundle(bundle, [text_of(p[1:] if starts else p) for p in prompts], interpreter.shape[1])
     return RuntimeCheck(
-        litert_lm_interpreter_agreement=_agreement(generated, as_text_tokens(text_of(interpreter))),
-        litert_lm_float_agreement=_agreement(generated, as_text_tokens(text_of(float_model))),
+        litert_lm_interpreter_agreement=agreement(interpreter),
+        litert_lm_float_agreement=agreement(float_model),
         litert_lm_prompt_tokens=run.prompt_tokens,
         litert_lm_init_s=run.init_s,
         litert_lm_time_to_first_token_ms=run.time_to_first_token_ms,
@@ -96,14 +100,14 @@ def check_bundle(
     )
 
 
-def run_bundle(bundle: Path, prompt: str, num_tokens: int) -> RuntimeRun:
-    """Generate ``num_tokens`` greedily after ``prompt`` in a fresh process. The XNNPACK cache the runtime would
-    write next to the bundle (packed weights, as large as the model) goes to a scratch folder beside it, removed
-    when the run ends."""
+def run_bundle(bundle: Path, prompts: list[str], num_tokens: int) -> RuntimeRun:
+    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process. The XNNPACK cache the
+    runtime would write next to the bundle (packed weights, as large as the model) goes to a scratch folder
+    beside it, removed when the run ends."""
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.run-") as scratch:
-        prompt_file = Path(scratch) / "prompt.txt"
-        prompt_file.write_text(prompt)
-        command = [sys.executable, "-m", __name__, str(bundle), "--prompt-file", str(prompt_file)]
+        prompts_file = Path(scratch) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        command = [sys.executable, "-m", __name__, str(bundle), "--prompts-file", str(prompts_file)]
         command += ["--tokens", str(num_tokens), "--cache-dir", scratch]
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
     if done.returncode != 0:
@@ -114,7 +118,7 @@ def run_bundle(bundle: Path, prompt: str, num_tokens: int) -> RuntimeRun:
         reason = errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
         raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {reason}")
     run = RuntimeRun(**json.loads(done.stdout.strip().splitlines()[-1]))
-    if not run.text:
+    if not all(run.texts):
         raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")
     return run
 
@@ -122,32 +126,36 @@ def run_bundle(bundle: Path, prompt: str, num_tokens: int) -> RuntimeRun:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--prompt-file", type=Path, required=True)
+    parser.add_argument("--prompts-file", type=Path, required=True, help="a JSON list of prompts")
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--cache-dir", type=Path, required=True)
     args = parser.parse_args()
     import litert_lm
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    texts, benchmarks = [], []
     with litert_lm.Engine(
         str(args.bundle), backend=litert_lm.Backend.CPU(), enable_benchmark=True, cache_dir=str(args.cache_dir)
     ) as engine:
-        session = engine.create_session(
-            apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1), max_output_tokens=args.tokens
-        )
-        session.run_prefill([args.prompt_file.read_text()])
-        text = "".join(session.run_decode().texts)
-        info = session.get_benchmark_info()
-        run = RuntimeRun(
-            text=text,
-            prompt_tokens=info.last_prefill_token_count,
-            init_s=info.init_time_in_second,
-            time_to_first_token_ms=1e3 * info.time_to_first_token_in_second,
-            prefill_tokens_per_s=info.last_prefill_tokens_per_second,
-            decode_tokens_per_s=info.last_decode_tokens_per_second,
-            peak_rss_mb=peak_rss_mb(),
-        )
-        session.close()
+        for prompt in json.loads(args.prompts_file.read_text()):
+            session = engine.create_session(
+                apply_prompt_template=False,
+                sampler_config=litert_lm.SamplerConfig(top_k=1),
+                max_output_tokens=args.tokens,
+            )
+            session.run_prefill([prompt])
+            texts.append("".join(session.run_decode().texts))
+            benchmarks.append(session.get_benchmark_info())
+            session.close()
+    run = RuntimeRun(
+        texts=texts,
+        prompt_tokens=benchmarks[0].last_prefill_token_count,
+        init_s=benchmarks[0].init_time_in_second,
+        time_to_first_token_ms=1e3 * float(np.median([b.time_to_first_token_in_second for b in benchmarks])),
+        prefill_tokens_per_s=float(np.median([b.last_prefill_tokens_per_second for b in benchmarks])),
+        decode_tokens_per_s=float(np.median([b.last_decode_tokens_per_second for b in benchmarks])),
+        peak_rss_mb=peak_rss_mb(),
+    )
     print(json.dumps(asdict(run)))
 
 
