@@ -29,9 +29,11 @@ def toolchain_versions() -> dict[str, str]:
     return versions
 
 
-def toolchain_tag() -> str:
-    """One string that changes whenever any toolchain package changes version."""
-    return ",".join(f"{name}={v}" for name, v in toolchain_versions().items())
+def toolchain_tag(packages: tuple[str, ...] = CONVERSION_PACKAGES) -> str:
+    """One string that changes whenever one of ``packages`` changes version: an asset's code version names what
+    it runs, so a new LiteRT-LM does not export a 1B model again."""
+    versions = toolchain_versions()
+    return ",".join(f"{name}={versions[name]}" for name in packages)
 
 
 def quiet_third_party_noise() -> None:

@@ -19,7 +19,8 @@ from edge_quant_pipeline.gates import check_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
 from edge_quant_pipeline.publish import record_failure
 from edge_quant_pipeline.recipes import Recipe
-from edge_quant_pipeline.toolchain import toolchain_tag
+from edge_quant_pipeline.timing import computing
+from edge_quant_pipeline.toolchain import TOOLCHAIN_PACKAGES, toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel
 
 
@@ -38,16 +39,24 @@ def hotspot_table(errors: list[TensorError], top_n: int) -> str:
 
 
 def localization_metadata(
-    pipeline: PipelineConfig, float_tflite: TfliteModel, candidate: TfliteModel, reference: FloatReference
+    context: dg.AssetExecutionContext,
+    pipeline: PipelineConfig,
+    float_tflite: TfliteModel,
+    candidate: TfliteModel,
+    reference: FloatReference,
 ) -> dict:
     """Error hotspots per tensor and per layer on the first prompt, and the memory that took."""
     if not pipeline.localize_errors:
         return {}
     prompt = reference.tokens()["prompts"][0]
-    with PeakMemory() as memory:
-        errors = tensor_errors(
-            float_tflite.path, candidate.path, prompt, pipeline.export_settings, pipeline.interpreter_threads
-        )
+    try:
+        with computing(), PeakMemory() as memory:
+            errors = tensor_errors(
+                float_tflite.path, candidate.path, prompt, pipeline.export_settings, pipeline.interpreter_threads
+            )
+    except Exception as error:  # a diagnosis that fails takes nothing measured with it; it says why instead
+        context.log.warning(f"error localisation of {candidate.path} failed: {type(error).__name__}: {error}")
+        return {"error_hotspots": f"not localised: {type(error).__name__}: {error}"}
     return {
         "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
         "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
@@ -59,7 +68,7 @@ def localization_metadata(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
-    code_version=f"evaluation-4|{toolchain_tag()}",
+    code_version=f"evaluation-4|{toolchain_tag(TOOLCHAIN_PACKAGES)}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
@@ -98,7 +107,7 @@ def evaluation(
         with admitted(context, size, quant_recipe) as usage:
             bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle)
-            hotspots = localization_metadata(pipeline, float_tflite, quantized_tflite, float_reference)
+            hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
     except RuntimeRejectedError as error:

@@ -33,6 +33,7 @@ from edge_quant_pipeline.evaluate.reference import (
 from edge_quant_pipeline.export_hf import ExportError, export_hf_tflite
 from edge_quant_pipeline.exporters import EXPORT_HF, per_layer_embeddings
 from edge_quant_pipeline.memory import NotEnoughMemoryError
+from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
@@ -73,7 +74,8 @@ def float_tflite(
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage:
             context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
-            exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
+            with computing():
+                exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
     except (NotEnoughMemoryError, ExportError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
@@ -109,7 +111,7 @@ def float_reference(
         raise dg.Failure(str(error)) from None
     output = pipeline.work_path(checkpoint) / "float_reference"
     try:
-        with admitted(context, model_size(checkpoint, pipeline)) as usage:
+        with admitted(context, model_size(checkpoint, pipeline)) as usage, computing():
             reference = build_float_reference(_float_model(checkpoint, pipeline), windows, settings, output)
     except NotEnoughMemoryError as error:
         raise dg.Failure(str(error)) from None

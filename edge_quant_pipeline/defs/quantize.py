@@ -12,6 +12,7 @@ from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.memory import NotEnoughMemoryError
+from edge_quant_pipeline.publish import record_failure
 from edge_quant_pipeline.recipes import (
     Recipe,
     RecipeError,
@@ -19,6 +20,7 @@ from edge_quant_pipeline.recipes import (
     embedder_quantizer_recipe,
     validate_for_model,
 )
+from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
@@ -80,7 +82,7 @@ def quantized_tflite(
         raise rejected(pipeline, inputs, "recipe validation", error) from None
     try:
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
-        with admitted(context, size, quant_recipe) as usage:
+        with admitted(context, size, quant_recipe) as usage, computing():
             model_recipe = ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head)
             quantize_model(float_tflite.path, model_recipe, embedder_quantizer_recipe(quant_recipe), output)
     except (QuantizationError, NotEnoughMemoryError) as error:
@@ -105,14 +107,14 @@ def quantized_tflite(
         },
     )
     mismatches = [row for row in rows if not row.ok]
+    description = f"{len(mismatches)} of {len(rows)} components differ from the recipe: " + ", ".join(
+        f"{r.component}{'' if r.block is None else f'[{r.block}]'}" for r in mismatches
+    )
+    if mismatches:  # the check blocks everything after it; the report says why
+        record_failure(pipeline.store, inputs, "conformance", description)
     yield dg.AssetCheckResult(
         check_name="matches_recipe",
         passed=not mismatches,
-        description=(
-            f"{len(mismatches)} of {len(rows)} components differ from the recipe: "
-            + ", ".join(f"{r.component}{'' if r.block is None else f'[{r.block}]'}" for r in mismatches)
-        )
-        if mismatches
-        else f"all {len(rows)} components as specified",
+        description=description if mismatches else f"all {len(rows)} components as specified",
         metadata={"components": dg.MetadataValue.md(table)},
     )

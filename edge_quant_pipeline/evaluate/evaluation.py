@@ -24,6 +24,7 @@ from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_ge
 from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.memory import PeakMemory
+from edge_quant_pipeline.timing import computing, timed_alone
 from edge_quant_pipeline.weights import TfliteModel
 
 
@@ -52,8 +53,10 @@ class Evaluation:
     generation_agreement: float
     first_divergence: float
     min_first_divergence: int
-    prefill_ms: float
+    prefill_ms: float  # the interpreter's, in a fresh process, alone on the machine (profile.py)
+    prefill_spread: float
     decode_tokens_per_s: float
+    decode_spread: float
     peak_rss_mb: float
     eval_tokens: int
     eval_tokens_per_s: float  # teacher-forced scoring through the interpreter, comparison included
@@ -82,9 +85,11 @@ def evaluate(
     bundle: Bundle,
 ) -> Evaluation:
     # The profile's fresh process first, while this one holds no runtime: the two never hold one each at once.
-    runtime = profile_in_subprocess(candidate.path, settings, num_threads)
+    with timed_alone():
+        runtime = profile_in_subprocess(candidate.path, settings, num_threads)
     tokens = reference.tokens()
     with (
+        computing(),
         PeakMemory() as memory,
         InterpreterSession(candidate.path, settings, num_threads) as session,
         reference.logits() as stored,
@@ -100,7 +105,10 @@ def evaluate(
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
     generation = compare_generation(np.stack(generated), tokens["continuations"])
     try:
-        check = check_bundle(bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"])
+        with timed_alone():  # LiteRT-LM's benchmark is a timed measurement too
+            check = check_bundle(
+                bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"]
+            )
         runtime_error = ""
     except BundleRejectedError as error:
         check, runtime_error = None, str(error)

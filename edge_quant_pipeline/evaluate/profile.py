@@ -24,13 +24,23 @@ from edge_quant_pipeline.evaluate.interpreter import InterpreterSession, Runtime
 from edge_quant_pipeline.memory import peak_rss_mb
 
 PREFILL_REPEATS = 5
+DECODE_RUNS, DECODE_TOKENS = 5, 32  # each run decodes up to 32 tokens after the prompt, as a short reply does
 
 
 @dataclass(frozen=True)
 class RuntimeProfile:
-    prefill_ms: float  # median of repeated prefill calls
-    decode_tokens_per_s: float  # over one full decode run to the end of the KV cache
+    """Warm (the first call of each signature is not timed), the median of several runs, and their spread:
+    (slowest - fastest) / median, so a number is read against its noise."""
+
+    prefill_ms: float
+    prefill_spread: float
+    decode_tokens_per_s: float
+    decode_spread: float
     peak_rss_mb: float  # of the whole interpreter process, Python included
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def profile(tflite: Path, settings: ExportSettings, num_threads: int) -> RuntimeProfile:
@@ -43,14 +53,20 @@ def profile(tflite: Path, settings: ExportSettings, num_threads: int) -> Runtime
             session.prefill(prompt)
             prefill_seconds.append(time.perf_counter() - started)
         session.decode(0, settings.prefill_len)  # warm-up of the decode signature, which has its own first-call cost
-        positions = range(settings.prefill_len + 1, settings.kv_cache_len)
-        started = time.perf_counter()
-        for pos in positions:
-            session.decode(0, pos)
-        decode_seconds = time.perf_counter() - started
+        positions = range(
+            settings.prefill_len + 1, min(settings.prefill_len + 1 + DECODE_TOKENS, settings.kv_cache_len)
+        )
+        decode_rates = []
+        for _ in range(DECODE_RUNS):
+            started = time.perf_counter()
+            for pos in positions:
+                session.decode(0, pos)
+            decode_rates.append(len(positions) / (time.perf_counter() - started))
     return RuntimeProfile(
         prefill_ms=1000 * statistics.median(prefill_seconds),
-        decode_tokens_per_s=len(positions) / decode_seconds,
+        prefill_spread=_spread(prefill_seconds),
+        decode_tokens_per_s=statistics.median(decode_rates),
+        decode_spread=_spread(decode_rates),
         peak_rss_mb=peak_rss_mb(),
     )
 
