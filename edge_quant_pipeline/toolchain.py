@@ -7,15 +7,10 @@ import warnings
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
-# litert-lm-builder packs the bundle, litert-lm-api runs it: both shape what is published.
-TOOLCHAIN_PACKAGES = (
-    "litert-torch",
-    "ai-edge-quantizer",
-    "ai-edge-litert",
-    "torch",
-    "litert-lm-builder",
-    "litert-lm-api",
-)
+CONVERSION_PACKAGES = ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch")
+# litert-lm-builder packs the bundle and litert-lm-api runs it: they shape what is published, not the .tflite.
+BUNDLE_PACKAGES = ("litert-lm-builder", "litert-lm-api")
+TOOLCHAIN_PACKAGES = CONVERSION_PACKAGES + BUNDLE_PACKAGES
 
 
 @cache
