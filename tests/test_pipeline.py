@@ -81,7 +81,8 @@ def test_published_artifacts_carry_lineage(pipeline_run):
     checkpoint = metadata(instance, "checkpoint", DEMO_MODEL)
     assert manifest["checkpoint_sha256"] == checkpoint["sha256"]
     assert manifest["recipe_spec"] == {"default": "fp16", "embedding": None, "attention": None, "feedforward": None}
-    assert set(manifest["toolchain"]) == {"litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch"}
+    conversion = {"litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch"}
+    assert set(manifest["toolchain"]) == conversion | {"litert-lm-builder", "litert-lm-api"}
     assert manifest["metrics"]["weight_ratio"] > 1.9
     assert (artifact / "model.tflite").stat().st_size == manifest["metrics"]["file_bytes"]
 
