@@ -191,7 +191,7 @@ def test_an_export_hf_family_through_the_whole_graph(tmp_path, model_type):
         float_eval = metadata(instance, "evaluation", f"{model}|float")
         assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3) and float_eval["top1_agreement"] > 0.999
         # its LiteRT-LM bundle (Gemma 4's with both embedders in it) generates as the interpreter does
-        assert float_eval["runtime_error"] == "" and float_eval["litert_lm_interpreter_agreement"] == 1.0
+        assert float_eval["litert_lm_error"] == "" and float_eval["litert_lm_interpreter_agreement"] == 1.0
         published = metadata(instance, "published_artifact", f"{model}|selective_fp16_int8")
         assert published["exporter"] == EXPORT_HF
     recipe_dir = tmp_path / "artifacts" / model / "selective_fp16_int8"

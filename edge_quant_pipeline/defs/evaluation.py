@@ -128,14 +128,14 @@ def evaluation(
         description="; ".join(map(str, failed or gates)),
         metadata={g.gate: g.value for g in gates},
     )
-    if result.runtime_error and not failed:  # a gate failure recorded above says enough
-        record_failure(pipeline.store, inputs, "litert-lm", result.runtime_error)
-    runtime = result.runtime
+    if result.litert_lm_error and not failed:  # a gate failure recorded above says enough
+        record_failure(pipeline.store, inputs, "litert-lm", result.litert_lm_error)
+    litert_lm = result.litert_lm
     yield dg.AssetCheckResult(
         check_name="runs_in_litert_lm",
-        passed=runtime is not None,
-        description=result.runtime_error
-        or f"LiteRT-LM generated {runtime.litert_lm_interpreter_agreement:.0%} of the interpreter's greedy tokens",
+        passed=litert_lm is not None,
+        description=result.litert_lm_error
+        or f"LiteRT-LM generated {litert_lm.litert_lm_interpreter_agreement:.0%} of the interpreter's greedy tokens",
     )
 
 

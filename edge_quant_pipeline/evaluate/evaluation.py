@@ -62,12 +62,12 @@ class Evaluation:
     eval_tokens_per_s: float  # teacher-forced scoring through the interpreter, comparison included
     prefill_tokens_per_s: float  # the interpreter's own prefill speed on this file (profile)
     eval_peak_rss_mb: float  # of the evaluating process while it scored and generated
-    runtime: RuntimeCheck | None  # the bundle in LiteRT-LM; None when it failed, and ``runtime_error`` says why
-    runtime_error: str
+    litert_lm: RuntimeCheck | None  # the bundle in LiteRT-LM; None when it failed, and ``litert_lm_error`` says why
+    litert_lm_error: str
 
     def as_dict(self) -> dict[str, float | int | str]:
-        flat = {k: v for k, v in asdict(self).items() if k != "runtime"}
-        return {**flat, **(asdict(self.runtime) if self.runtime else {})}
+        flat = {k: v for k, v in asdict(self).items() if k != "litert_lm"}
+        return {**flat, **(asdict(self.litert_lm) if self.litert_lm else {})}
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def evaluate(
 ) -> Evaluation:
     # The profile's fresh process first, while this one holds no runtime: the two never hold one each at once.
     with timed_alone():
-        runtime = profile_in_subprocess(candidate.path, settings, num_threads)
+        profile = profile_in_subprocess(candidate.path, settings, num_threads)
     tokens = reference.tokens()
     with (
         computing(),
@@ -109,9 +109,9 @@ def evaluate(
             check = check_bundle(
                 bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"]
             )
-        runtime_error = ""
+        litert_lm_error = ""
     except BundleRejectedError as error:
-        check, runtime_error = None, str(error)
+        check, litert_lm_error = None, str(error)
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,
@@ -121,11 +121,11 @@ def evaluate(
         generation_agreement=generation.agreement,
         first_divergence=generation.first_divergence,
         min_first_divergence=generation.min_first_divergence,
-        **asdict(runtime),
+        **asdict(profile),
         eval_tokens=int(tokens["windows"].size),
         eval_tokens_per_s=tokens["windows"].size / scoring_seconds,
-        prefill_tokens_per_s=settings.prefill_len / runtime.prefill_ms * 1000,
+        prefill_tokens_per_s=settings.prefill_len / profile.prefill_ms * 1000,
         eval_peak_rss_mb=memory.mb,
-        runtime=check,
-        runtime_error=runtime_error,
+        litert_lm=check,
+        litert_lm_error=litert_lm_error,
     )
