@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         report = read_parquet(pipeline.store / model / REPORT_FILE)  # as of now, whoever wrote it
         if report is not None:
             print(f"\n{model}\n\n{to_markdown(report)}")
-    print(f"\nArtifacts:        {pipeline.store}  (<model>/<recipe>/<version>/model.tflite + manifest.json)")
+    layout = "<model>/<recipe>/<version>/model.tflite, model.litertlm, manifest.json"
+    print(f"\nArtifacts:        {pipeline.store}  ({layout})")
     print(f"Reports:          {pipeline.store}/report.parquet, {pipeline.store}/<model>/report.parquet")
     print(
         f"{summary.failures} run(s) failed; see them with `dagster dev`." if summary.failures else "All runs succeeded."
