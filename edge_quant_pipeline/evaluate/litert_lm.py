@@ -30,7 +30,7 @@ from edge_quant_pipeline.memory import peak_rss_mb
 
 @dataclass(frozen=True)
 class RuntimeRun:
-    """What LiteRT-LM generated from one prompt, and its own measurements of the run."""
+    """What LiteRT-LM generated from each prompt, and its own measurements of the run."""
 
     texts: list[str]  # what it generated from each prompt, detokenized by the runtime
     prompt_tokens: int  # of the first prompt, as the runtime counted them (its start token included)
