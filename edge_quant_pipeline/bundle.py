@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_quant_pipeline.architectures import language_config
+from edge_quant_pipeline.atomic import atomic_path
 from edge_quant_pipeline.embedders import embedders_of
 from edge_quant_pipeline.exporters import GENERATIVE_API
 
@@ -185,8 +186,6 @@ def build_bundle(tflite: Path, spec: BundleSpec, exporter: str, output: Path, ex
     """``output``, packed from ``tflite`` and its embedders; ``executor_metadata=False`` packs the bundle LiteRT-LM
     misreads (the tests prove that the runtime check catches it)."""
     import litert_lm_builder as builder_lib
-
-    from edge_quant_pipeline.convert import atomic_path
 
     builder = builder_lib.LitertLmFileBuilder()
     builder.add_system_metadata(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.atomic import link_or_copy, write_atomically
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.memory import return_freed_memory
 
@@ -38,49 +38,6 @@ class ExportSettings:
 
 class QuantizationError(RuntimeError):
     """ai-edge-quantizer rejected a recipe for this model."""
-
-
-def hidden_sibling(folder: Path, prefix: str, suffix: str = "") -> Path:
-    """A fresh name in ``folder`` (64 random bits), for a file or folder that is renamed into place when done."""
-    return folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A hidden sibling of ``path`` to write to; renamed over ``path`` when the block succeeds, removed when it
-    fails. Readers, and other runs writing the same file at the same time, see the old file or a new one,
-    never half of one. The sibling keeps ``path``'s suffix, for writers that add one (``np.savez``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = hidden_sibling(path.parent, f".{path.stem}.tmp-", path.suffix)
-    # Created as open() creates files, with the umask's permissions: mkstemp's 0600 would leave published
-    # manifests and pointers unreadable to anyone but the pipeline's user. O_EXCL: never another writer's file.
-    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield Path(name)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
-def write_atomically(path: Path, content: bytes | bytearray) -> None:
-    """Readers never see a half-written file: write a sibling, then rename over."""
-    with atomic_path(path) as tmp, tmp.open("wb") as stream:
-        stream.write(content)
-        stream.flush()
-        os.fsync(stream.fileno())
-
-
-def link_or_copy(source: Path, target: Path) -> Path:
-    """``target`` with ``source``'s bytes: a hard link where the filesystem allows (no copy of a large file),
-    else a copy; atomically either way."""
-    with atomic_path(target) as partial:
-        partial.unlink()
-        try:
-            os.link(source, partial)
-        except OSError:  # another filesystem, or one without hard links
-            shutil.copyfile(source, partial)
-    return target
 
 
 @contextmanager

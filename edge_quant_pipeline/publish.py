@@ -49,7 +49,7 @@ from typing import Any
 from upath import UPath
 from upath.implementations.local import LocalPath
 
-from edge_quant_pipeline import convert
+from edge_quant_pipeline import atomic
 from edge_quant_pipeline.bundle import BUILDER_PACKAGE, builder_version, bundle_path
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.exporters import GENERATIVE_API
@@ -119,7 +119,7 @@ def is_local(path: UPath) -> bool:
 def write_atomically(path: UPath, content: bytes) -> None:
     """Readers see the old content or the new, never half of it."""
     if is_local(path):
-        convert.write_atomically(Path(path.path), content)
+        atomic.write_atomically(Path(path.path), content)
     else:
         path.write_bytes(content)  # one PUT: an object appears whole or not at all
 
@@ -185,7 +185,7 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
 
 
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    staging = convert.hidden_sibling(target.parent, f".{target.name}.tmp-")
+    staging = atomic.hidden_sibling(target.parent, f".{target.name}.tmp-")
     staging.mkdir()  # with the umask's permissions, unlike mkdtemp's 0700: the version is for others to read
     try:
         manifest = _write_version(UPath(staging), tflite, manifest)

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge_quant_pipeline.convert import ExportSettings, atomic_path
+from edge_quant_pipeline.atomic import atomic_path
+from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.metrics import target_nll_sum
 
 LOGITS_FILE, TOKENS_FILE = "logits.npy", "tokens.npz"
