@@ -59,7 +59,11 @@ def export_hf_shape(hf_config: dict[str, Any]) -> ModelShape:
     hidden, heads = text["hidden_size"], text["num_attention_heads"]
     head_dims = {text.get("head_dim") or hidden // heads, text.get("global_head_dim") or hidden // heads}
     tied = bool(hf_config.get("tie_word_embeddings", _transformers_default(hf_config, "tie_word_embeddings")))
-    embedding = (hidden, text["hidden_size_per_layer_input"]) if per_layer_embeddings(hf_config) else (hidden,)
+    # the per-layer table's rows hold every block's slice (blocks x hidden_size_per_layer_input)
+    per_layer = (
+        text["num_hidden_layers"] * text["hidden_size_per_layer_input"] if per_layer_embeddings(hf_config) else 0
+    )
+    embedding = (hidden, per_layer) if per_layer else (hidden,)
     return ModelShape(
         num_layers=text["num_hidden_layers"],
         tied_lm_head=tied,
