@@ -78,18 +78,18 @@ def _token_ids(value: Any) -> list[int]:
     return [value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)]
 
 
-def _stop_token_ids(checkpoint_dir: Path, hf_config: dict[str, Any]) -> tuple[int, ...]:
+def _stop_token_ids(generation: dict[str, Any], hf_config: dict[str, Any]) -> tuple[int, ...]:
     """generation_config.json's eos_token_id, else config.json's (the model's own text's or its language model's)."""
-    for source in (_read_json(checkpoint_dir / "generation_config.json"), hf_config, language_config(hf_config)):
+    for source in (generation, hf_config, language_config(hf_config)):
         if ids := _token_ids(source.get("eos_token_id")):
             return tuple(ids)
     return ()
 
 
-def _start_token_id(tokenizer, checkpoint_dir: Path, hf_config: dict[str, Any]) -> int | None:
+def _start_token_id(tokenizer, generation: dict[str, Any], hf_config: dict[str, Any]) -> int | None:
     """The BOS token where tokenizing prepends it: a declared BOS that tokenization never adds would make the
     runtime prepend a token the model never saw there (litert-torch's export_hf checks the same)."""
-    declared = _read_json(checkpoint_dir / "generation_config.json").get("bos_token_id")
+    declared = generation.get("bos_token_id")
     declared = declared if declared is not None else language_config(hf_config).get("bos_token_id")
     ids = tokenizer.encode("x").ids
     return declared if declared is not None and ids and ids[0] == declared else None
@@ -111,7 +111,8 @@ def bundle_spec(checkpoint_dir: Path, hf_config: dict[str, Any], kv_cache_len: i
             f"{tokenizer_file}: missing; a LiteRT-LM bundle carries the model's tokenizer. Save it beside the "
             "weights (tokenizer.save_pretrained)."
         )
-    stop_token_ids = _stop_token_ids(checkpoint_dir, hf_config)
+    generation = _read_json(checkpoint_dir / "generation_config.json")
+    stop_token_ids = _stop_token_ids(generation, hf_config)
     if not stop_token_ids:
         raise BundleError(
             f"{checkpoint_dir / 'generation_config.json'}: no eos_token_id (nor in config.json); LiteRT-LM needs "
@@ -120,7 +121,7 @@ def bundle_spec(checkpoint_dir: Path, hf_config: dict[str, Any], kv_cache_len: i
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     return BundleSpec(
         tokenizer=tokenizer_file,
-        start_token_id=_start_token_id(tokenizer, checkpoint_dir, hf_config),
+        start_token_id=_start_token_id(tokenizer, generation, hf_config),
         stop_token_ids=stop_token_ids,
         chat_template=_chat_template(checkpoint_dir),
         llm_model_type=LLM_MODEL_TYPES.get(hf_config.get("model_type"), "generic_model"),

@@ -59,22 +59,15 @@ NEWLINE = ord("\n")
 
 def byte_tokenizer():
     """Byte-level BPE without merges, each byte its own token with the byte's value as id: what ``byte_tokens``
-    computes, in the form runtimes load. ByteLevel's alphabet maps each byte to one printable character."""
+    computes, in the form runtimes load. ByteLevel maps each byte to one printable character, by GPT-2's table."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    characters = _byte_characters()
+    characters = bytes_to_unicode()
     tokenizer = Tokenizer(models.BPE(vocab={characters[b]: b for b in range(256)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
-
-
-def _byte_characters() -> dict[int, str]:
-    """GPT-2's byte-to-character table, which ByteLevel applies: printable bytes map to themselves, the other
-    bytes to the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
 def random_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):

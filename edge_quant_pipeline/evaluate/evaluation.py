@@ -67,7 +67,7 @@ class Evaluation:
 
     def as_dict(self) -> dict[str, float | int | str]:
         flat = {k: v for k, v in asdict(self).items() if k != "litert_lm"}
-        return {**flat, **(asdict(self.litert_lm) if self.litert_lm else {})}
+        return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {})}
 
 
 @dataclass(frozen=True)

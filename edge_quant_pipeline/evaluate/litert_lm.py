@@ -47,20 +47,21 @@ class BundleRejectedError(RuntimeError):
 
 @dataclass(frozen=True)
 class RuntimeCheck:
-    """The bundle in LiteRT-LM against the interpreter on the same ``.tflite``: flat, for the evaluation's table.
-    Agreements count the generated tokens equal, position by position, to the interpreter's greedy tokens (and
-    the float model's) from the same prompt; a runtime that stopped early (a stop token) agrees on fewer.
-    The runtime gives text, so both sides are compared as text tokenized again by the bundle's tokenizer:
-    ids that do not survive detokenizing (unused or partial-UTF-8 tokens) are changed alike on both sides."""
+    """The bundle in LiteRT-LM against the interpreter on the same ``.tflite``. Agreements count the generated
+    tokens equal, position by position, to the interpreter's greedy tokens (and the float model's) from the same
+    prompt; a runtime that stopped early (a stop token) agrees on fewer. The runtime gives text, so both sides are
+    compared as text tokenized again by the bundle's tokenizer: ids that do not survive detokenizing (unused or
+    partial-UTF-8 tokens) are changed alike on both sides."""
 
-    litert_lm_interpreter_agreement: float
-    litert_lm_float_agreement: float
-    litert_lm_prompt_tokens: int
-    litert_lm_init_s: float
-    litert_lm_time_to_first_token_ms: float
-    litert_lm_prefill_tokens_per_s: float
-    litert_lm_decode_tokens_per_s: float
-    litert_lm_peak_rss_mb: float
+    run: RuntimeRun
+    interpreter_agreement: float
+    float_agreement: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Flat and named for LiteRT-LM, for the evaluation's table (the generated texts stay out)."""
+        measured = {name: value for name, value in asdict(self.run).items() if name != "texts"}
+        agreements = {"interpreter_agreement": self.interpreter_agreement, "float_agreement": self.float_agreement}
+        return {f"litert_lm_{name}": value for name, value in {**agreements, **measured}.items()}
 
 
 def _agreement(generated: list[int], reference: list[int]) -> float:
@@ -93,16 +94,7 @@ def check_bundle(
         pairs = zip(run.texts, expected[chosen], strict=True)
         return float(np.mean([_agreement(as_text_tokens(t), as_text_tokens(text_of(e))) for t, e in pairs]))
 
-    return RuntimeCheck(
-        litert_lm_interpreter_agreement=agreement(interpreter),
-        litert_lm_float_agreement=agreement(float_model),
-        litert_lm_prompt_tokens=run.prompt_tokens,
-        litert_lm_init_s=run.init_s,
-        litert_lm_time_to_first_token_ms=run.time_to_first_token_ms,
-        litert_lm_prefill_tokens_per_s=run.prefill_tokens_per_s,
-        litert_lm_decode_tokens_per_s=run.decode_tokens_per_s,
-        litert_lm_peak_rss_mb=run.peak_rss_mb,
-    )
+    return RuntimeCheck(run, interpreter_agreement=agreement(interpreter), float_agreement=agreement(float_model))
 
 
 def run_bundle(bundle: Path, prompts: list[str], num_tokens: int) -> RuntimeRun:
