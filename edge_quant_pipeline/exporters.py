@@ -24,6 +24,7 @@ from edge_quant_pipeline.architectures import (
     architecture_for,
     language_config,
 )
+from edge_quant_pipeline.settings import SettingError
 
 GENERATIVE_API, EXPORT_HF, AUTO = "generative_api", "export_hf", "auto"
 EXPORTER_CHOICES = (AUTO, GENERATIVE_API, EXPORT_HF)
@@ -32,8 +33,17 @@ EXPORTER_CHOICES = (AUTO, GENERATIVE_API, EXPORT_HF)
 EXPORT_HF_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "smollm3", "ministral3", "gemma4", "gemma4_text")
 
 
-class ExporterSettingError(ValueError):
+class ExporterSettingError(SettingError):
     """The exporter setting names no exporter."""
+
+
+def checked_exporter(exporter: str) -> str:
+    """``exporter`` if it names one (the environment's setting, or the pipeline resource's)."""
+    if exporter not in EXPORTER_CHOICES:
+        raise ExporterSettingError(
+            f"EDGE_QUANT_EXPORTER={exporter!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
+        )
+    return exporter
 
 
 @dataclass(frozen=True)
@@ -84,10 +94,7 @@ def per_layer_embeddings(hf_config: dict[str, Any]) -> bool:
 def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AUTO) -> ExportPlan:
     """The exporter for this checkpoint (``exporter`` pins one), or ``UnsupportedArchitectureError`` saying why
     neither takes it."""
-    if exporter not in EXPORTER_CHOICES:
-        raise ExporterSettingError(
-            f"EDGE_QUANT_EXPORTER={exporter!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
-        )
+    checked_exporter(exporter)
     model_type = hf_config.get("model_type")
     missing = [name for name in _REQUIRED_FIELDS if name not in language_config(hf_config)]
     if missing:

@@ -115,14 +115,9 @@ def eval_text() -> Path:
 
 def exporter() -> str:
     """Which litert-torch exporter makes the float .tflite: auto, generative_api or export_hf (exporters.py)."""
-    from edge_quant_pipeline.exporters import EXPORTER_CHOICES
+    from edge_quant_pipeline.exporters import AUTO, checked_exporter
 
-    choice = os.environ.get("EDGE_QUANT_EXPORTER") or "auto"
-    if choice not in EXPORTER_CHOICES:
-        raise SettingError(
-            f"EDGE_QUANT_EXPORTER={choice!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
-        )
-    return choice
+    return checked_exporter(os.environ.get("EDGE_QUANT_EXPORTER") or AUTO)
 
 
 def memory_ledger() -> Path:
