@@ -23,6 +23,7 @@ from typing import Any
 
 from edge_quant_pipeline.architectures import language_config
 from edge_quant_pipeline.atomic import atomic_path
+from edge_quant_pipeline.checkpoints import TOKENIZER_FILE
 from edge_quant_pipeline.embedders import embedders_of
 from edge_quant_pipeline.exporters import GENERATIVE_API
 
@@ -105,7 +106,7 @@ def _chat_template(checkpoint_dir: Path) -> str | None:
 def bundle_spec(checkpoint_dir: Path, hf_config: dict[str, Any], kv_cache_len: int) -> BundleSpec:
     from tokenizers import Tokenizer
 
-    tokenizer_file = checkpoint_dir / "tokenizer.json"
+    tokenizer_file = checkpoint_dir / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise BundleError(
             f"{tokenizer_file}: missing; a LiteRT-LM bundle carries the model's tokenizer. Save it beside the "

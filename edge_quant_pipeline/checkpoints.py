@@ -26,6 +26,7 @@ from edge_quant_pipeline.architectures import Architecture, ModelShape, architec
 from edge_quant_pipeline.exporters import GENERATIVE_API
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILE = "tokenizer.json"  # what evaluation tokenizes with and bundles carry
 # Dagster multi-partition keys use "|" as a separator and refuse "..." in any partition key.
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+|\.{2,}")
 ID_RULE = "letters, digits, '_', '-' and single '.' of ASCII; every other run of characters becomes '-'"
@@ -68,6 +69,9 @@ class Checkpoint:
     shape: ModelShape | None = None
     exporter: str = GENERATIVE_API  # set with ``shape``: exporters.plan_export
     parameters: int = 0  # counted from the weight files' headers (0: read before they were counted)
+    # sha256 of tokenizer.json, which evaluation and bundles tokenize with; None: none (byte-level, or read before
+    # it was hashed). Covered by ``content_hash`` too; kept apart so the manifest can say which tokenizer it was.
+    tokenizer_hash: str | None = None
 
     @property
     def work_key(self) -> str:
@@ -154,6 +158,15 @@ def scan_checkpoints(root: Path) -> CheckpointScan:
 def find_checkpoints(root: Path) -> dict[str, Path]:
     """The usable checkpoint folders of ``root`` by model id (see ``scan_checkpoints`` for the refused ones)."""
     return scan_checkpoints(root).found
+
+
+def file_sha256(path: Path) -> str | None:
+    """None when there is no such file."""
+    try:
+        with path.open("rb") as stream:
+            return hashlib.file_digest(stream, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def hash_checkpoint(checkpoint_dir: Path) -> str:
@@ -323,6 +336,7 @@ def read_checkpoint(checkpoint_dir: Path) -> Checkpoint:
         content_hash=content_hash,
         hf_config=hf_config,
         parameters=parameters,
+        tokenizer_hash=file_sha256(checkpoint_dir / TOKENIZER_FILE),
     )
 
 

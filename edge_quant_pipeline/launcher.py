@@ -36,7 +36,7 @@ from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_d
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, steps_mb
 from edge_quant_pipeline.memory import Admission, Reservation, admission, machine_memory, rss_mb
-from edge_quant_pipeline.staleness import RebuildPlan
+from edge_quant_pipeline.staleness import MODEL_ASSETS, RebuildPlan
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
 REPORT_JOB, ALL_MODELS_REPORT_JOB = "report", "report_all_models"
@@ -58,6 +58,7 @@ class PlannedRun:
     recipe: str | None = None
     after: tuple["PlannedRun", ...] = ()  # runs that must have finished first
     needs_success: bool = True  # skip this run when one of `after` failed
+    assets: tuple[str, ...] | None = None  # a part of the job's assets (None: all of them)
 
     @property
     def partition_key(self) -> str | None:
@@ -67,7 +68,8 @@ class PlannedRun:
 
     @property
     def label(self) -> str:
-        return str(self.partition_key or "")
+        part = f" ({', '.join(self.assets)})" if self.assets else ""
+        return str(self.partition_key or "") + part
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,10 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
 
     ``reports`` None: no reports (``--convert-only``).
     """
-    converts = {m: PlannedRun(CONVERT_JOB, model=m) for m in plan.convert}
+    converts = {
+        m: PlannedRun(CONVERT_JOB, model=m, assets=None if assets == MODEL_ASSETS else assets)
+        for m, assets in plan.convert.items()
+    }
     resolves = {r: PlannedRun(RESOLVE_JOB, recipe=r) for r in plan.resolve}
     pairs = {
         (m, r): PlannedRun(
@@ -141,9 +146,10 @@ class LaunchContext:
         return PipelineConfig(**{**fields, "artifact_store": ArtifactStore(**fields["artifact_store"])})
 
 
-def job_asset_names(defs: dg.Definitions, job_name: str, conversion_only: bool) -> list[str]:
-    names = [key.path[-1] for key in defs.resolve_job_def(job_name).asset_layer.executable_asset_keys]
-    return [n for n in names if n in CONVERSION_ASSETS] if conversion_only else names
+def run_asset_names(defs: dg.Definitions, run: PlannedRun, conversion_only: bool) -> list[str]:
+    """The assets ``run`` materializes: its own part of its job, and with ``--convert-only`` none after conversion."""
+    names = [key.path[-1] for key in defs.resolve_job_def(run.job).asset_layer.executable_asset_keys]
+    return [n for n in names if (not run.assets or n in run.assets) and (not conversion_only or n in CONVERSION_ASSETS)]
 
 
 class Lane:
@@ -161,8 +167,8 @@ class Lane:
         """One Dagster run, in this process, as the UI would launch it."""
         started = time.perf_counter()
         selection = None
-        if self.conversion_only:
-            selection = [dg.AssetKey(name) for name in job_asset_names(self.defs, run.job, conversion_only=True)]
+        if self.conversion_only or run.assets:
+            selection = [dg.AssetKey(name) for name in run_asset_names(self.defs, run, self.conversion_only)]
         result = self.defs.resolve_job_def(run.job).execute_in_process(
             partition_key=run.partition_key,
             instance=self.instance,
@@ -456,7 +462,7 @@ def run_estimates(
     estimates = {}
     for run in runs:
         size = sizes.get(run.model) if run.model else None
-        steps = job_asset_names(defs, run.job, conversion_only)
+        steps = run_asset_names(defs, run, conversion_only)
         recipe = recipe_catalog.recipes.get(run.recipe) if run.recipe else None
         estimates[run] = steps_mb(steps, size, recipe) if size else LITERT_PROCESS_MB
     return estimates

@@ -12,9 +12,11 @@ Layout (``<store>`` is a local folder or a URL such as ``s3://bucket/prefix``)::
     <store>/<model>/report.parquet, report.png
     <store>/report.parquet, report.png            # every model
 
-``<version>`` is derived from the content of the inputs (checkpoint bytes,
-recipe spec, toolchain), so publishing the same inputs twice is a no-op; the
-manifest's ``number`` counts versions per (model, recipe): 1, 2, 3...
+``<version>`` is derived from every input that shapes the model's bytes or its
+metrics (``ArtifactInputs``: checkpoint bytes, tokenizer, recipe spec, toolchain,
+exporter, export settings, eval text and evaluation settings, gates), all of them
+recorded in the manifest; publishing the same inputs twice makes no new version,
+and the manifest's ``number`` counts versions per (model, recipe): 1, 2, 3...
 
 A version exists iff its manifest.json exists, and the manifest is written last,
 in one step: on a local filesystem the whole version folder is assembled under a
@@ -41,10 +43,10 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from upath import UPath
 from upath.implementations.local import LocalPath
@@ -69,7 +71,7 @@ COPY_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class ArtifactInputs:
-    """What a published model is a function of."""
+    """What a published model, its bytes and its metrics, are a function of."""
 
     model_id: str
     recipe: str
@@ -77,12 +79,27 @@ class ArtifactInputs:
     recipe_hash: str
     toolchain: dict[str, str]
     exporter: str = GENERATIVE_API
+    tokenizer_hash: str | None = None
+    export: Mapping[str, Any] = field(default_factory=dict)  # prefill and KV cache lengths: in the signatures
+    evaluation: Mapping[str, Any] = field(default_factory=dict)  # eval text sha256 and the evaluation settings
+    gates: Mapping[str, float] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything the version is derived from, as the manifest records it."""
+        return {
+            "checkpoint_sha256": self.checkpoint_hash,
+            "recipe_sha256": self.recipe_hash,
+            "toolchain": self.toolchain,
+            "exporter": self.exporter,
+            "tokenizer_sha256": self.tokenizer_hash,
+            "export": dict(self.export),
+            "evaluation_settings": dict(self.evaluation),
+            "gates": dict(self.gates),
+        }
 
     @property
     def version(self) -> str:
-        # Versions published before there was a second exporter keep their identity.
-        exporter = [] if self.exporter == GENERATIVE_API else [self.exporter]
-        key = json.dumps([self.checkpoint_hash, self.recipe_hash, self.toolchain, *exporter], sort_keys=True)
+        key = json.dumps(self.identity(), sort_keys=True)
         return "v-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -231,10 +248,7 @@ def _new_manifest(
         "number": version_number(previous) + 1 if previous else 1,
         "previous_version": previous["version"] if previous else None,
         "delta": metric_delta(previous["metrics"], metrics) if previous else {},
-        "checkpoint_sha256": inputs.checkpoint_hash,
-        "recipe_sha256": inputs.recipe_hash,
-        "toolchain": inputs.toolchain,
-        "exporter": inputs.exporter,
+        **inputs.identity(),
         "model_file": MODEL_FILE,
         "artifact_path": str(target),
         "published_at": now(),
@@ -243,10 +257,37 @@ def _new_manifest(
     }
 
 
+def _reevaluated(
+    store: UPath, manifest: dict[str, Any], tflite: Path, metrics: dict[str, Any], details: dict[str, Any]
+) -> dict[str, Any]:
+    """An existing version with the metrics of its latest evaluation (latency moves between runs of the same
+    bytes; the manifest says what the UI says), diffed again against the version before it. A file whose bytes
+    differ from the published ones is not what was published: its metrics are not written."""
+    with tflite.open("rb") as stream:
+        if hashlib.file_digest(stream, "sha256").hexdigest() != manifest.get("model_sha256"):
+            return manifest
+    previous = next(
+        (
+            m
+            for m in published_versions(store, manifest["model"], manifest["recipe"])
+            if m["version"] == manifest.get("previous_version")
+        ),
+        None,
+    )
+    return {
+        **manifest,
+        **details,
+        "metrics": metrics,
+        "delta": metric_delta(previous["metrics"], metrics) if previous else {},
+        "evaluated_at": now(),
+    }
+
+
 def publish(
     store: UPath, inputs: ArtifactInputs, tflite: Path, metrics: dict[str, Any], details: dict[str, Any]
 ) -> PublishedArtifact:
-    """Publish ``tflite`` with a manifest of ``inputs``, ``metrics`` and ``details``; idempotent."""
+    """Publish ``tflite`` with a manifest of ``inputs``, ``metrics`` and ``details``; the same inputs again make
+    no new version, only refresh its manifest's metrics."""
     recipe_dir = _recipe_dir(store, inputs)
     target = recipe_dir / inputs.version
     with _one_publisher_at_a_time(recipe_dir):
@@ -258,6 +299,9 @@ def publish(
                 manifest = _write_version_locally(Path(target.path), tflite, manifest)
             else:
                 manifest = _write_version(target, tflite, manifest)
+        elif (refreshed := _reevaluated(store, manifest, tflite, metrics, details)) is not manifest:
+            manifest = refreshed
+            write_json(target / MANIFEST, manifest)  # one atomic write: readers see the old manifest or this one
         # Also repairs a publish killed between manifest and pointer, and brings back an existing version that
         # failed an evaluation since: these inputs passed their latest one.
         _point_latest(recipe_dir, manifest)

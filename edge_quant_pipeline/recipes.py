@@ -90,6 +90,11 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
 
     @property
+    def definition_hash(self) -> str:
+        """The spec and the gates: all of the catalog entry that shapes a result (the quant_recipe data version)."""
+        return hashlib.sha256(json.dumps([self.spec(), dict(self.gates)], sort_keys=True).encode()).hexdigest()
+
+    @property
     def writes_fp16(self) -> bool:
         return any(SCHEMES[name].weight_dtype == "FP16" for name in self.schemes_used())
 

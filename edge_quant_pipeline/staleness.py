@@ -1,25 +1,40 @@
 """Which (model, recipe) results are out of date, and the first stage that must run again.
 
 Every published artifact is named by a hash of its inputs (checkpoint bytes,
-recipe spec, toolchain), so a pair is up to date exactly when the artifact for
-its *current* inputs exists, or when those inputs failed in a way that would
-repeat (a recipe that does not fit the model, one the quantizer or the runtime
-refuses: "settled"). For a stale pair we pick the earliest stage whose
-input changed; declarative automation then carries the change downstream:
+recipe spec and gates, toolchain, export and evaluation settings, eval text), so a
+pair is up to date exactly when the artifact for its *current* inputs exists, or
+when those inputs failed in a way that would repeat (a recipe that does not fit the
+model, one the quantizer or the runtime refuses, one that fails its gates:
+"settled"). For a stale pair we pick the earliest stage whose input changed;
+declarative automation then carries the change downstream:
 
-- the checkpoint's bytes or the toolchain changed -> convert the model again;
-- the recipe's spec changed                      -> resolve the recipe again;
+- the checkpoint's bytes, the exporter setting, the toolchain or the export
+  settings changed -> convert the model again (export included);
+- only the eval text or its token budget changed -> the float reference alone;
+- the recipe's spec or gates changed -> resolve the recipe again;
 - otherwise (never published, or failed otherwise) -> quantize, evaluate, publish.
 """
 
 from dataclasses import dataclass, field
+
+# The per-model assets the conversion job makes, in the order of the graph.
+MODEL_ASSETS = ("checkpoint", "float_tflite", "float_reference")
 
 
 @dataclass(frozen=True)
 class ModelState:
     current_hash: str  # of the checkpoint on disk now
     converted_hash: str | None  # data version of the last `checkpoint` materialization
-    converted_with_current_toolchain: bool
+    # The per-model assets whose last materialization had another code version (settings included) than now.
+    changed_code: tuple[str, ...] = ()
+
+    @property
+    def assets_to_run(self) -> tuple[str, ...]:
+        """What the conversion job must make again: all of it for new bytes; else what changed (a new eval text
+        does not export again)."""
+        if self.converted_hash != self.current_hash or "checkpoint" in self.changed_code:
+            return MODEL_ASSETS
+        return tuple(a for a in MODEL_ASSETS if a in self.changed_code)
 
 
 @dataclass(frozen=True)
@@ -30,7 +45,7 @@ class RecipeState:
 
 @dataclass
 class RebuildPlan:
-    convert: list[str] = field(default_factory=list)
+    convert: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> the assets it must make again
     resolve: list[str] = field(default_factory=list)
     quantize: list[tuple[str, str]] = field(default_factory=list)
 
@@ -45,10 +60,6 @@ class RebuildPlan:
         ]
 
 
-def model_is_stale(state: ModelState) -> bool:
-    return state.converted_hash != state.current_hash or not state.converted_with_current_toolchain
-
-
 def plan_rebuild(
     models: dict[str, ModelState],
     recipes: dict[str, RecipeState],
@@ -57,7 +68,11 @@ def plan_rebuild(
 ) -> RebuildPlan:
     """``settled``: the (model, recipe) pairs published, or failed for good, with their current inputs."""
     plan = RebuildPlan()
-    plan.convert = [m for m, state in models.items() if rebuild_all or model_is_stale(state)]
+    plan.convert = {
+        m: MODEL_ASSETS if rebuild_all else state.assets_to_run
+        for m, state in models.items()
+        if rebuild_all or state.assets_to_run
+    }
     plan.resolve = [r for r, state in recipes.items() if rebuild_all or state.resolved_hash != state.current_hash]
     plan.quantize = [
         (model, recipe)

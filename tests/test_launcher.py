@@ -10,7 +10,7 @@ from edge_quant_pipeline.definitions import pipeline_config_from_env
 from edge_quant_pipeline.defs.rebuild import DueReports
 from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, launch, plan_runs
 from edge_quant_pipeline.memory import machine_memory
-from edge_quant_pipeline.staleness import RebuildPlan
+from edge_quant_pipeline.staleness import MODEL_ASSETS, RebuildPlan
 
 MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
 
@@ -20,7 +20,7 @@ def by_label(runs: list[PlannedRun]) -> dict[tuple[str, str], PlannedRun]:
 
 
 def test_pairs_wait_for_their_conversion_and_recipe_and_reports_for_their_pairs():
-    plan = RebuildPlan(convert=["m1"], resolve=["r2"], quantize=[("m2", "r1")])
+    plan = RebuildPlan(convert={"m1": MODEL_ASSETS}, resolve=["r2"], quantize=[("m2", "r1")])
     runs = by_label(plan_runs(plan, MODELS, RECIPES, DueReports(models=[], all_models=False)))
     convert, resolve = runs[("convert_checkpoint", "m1")], runs[("resolve_recipe", "r2")]
     assert runs[("quantize_evaluate_publish", "m1|r1")].after == (convert,)
@@ -34,7 +34,7 @@ def test_pairs_wait_for_their_conversion_and_recipe_and_reports_for_their_pairs(
 
 
 def test_conversions_are_planned_first():
-    plan = RebuildPlan(convert=["m1", "m2"], resolve=["r1"])
+    plan = RebuildPlan(convert={"m1": MODEL_ASSETS, "m2": MODEL_ASSETS}, resolve=["r1"])
     jobs = [r.job for r in plan_runs(plan, MODELS, RECIPES, None)]
     assert jobs[:3] == ["convert_checkpoint", "convert_checkpoint", "resolve_recipe"]
 
@@ -46,8 +46,14 @@ def test_nothing_to_do_launches_nothing_unless_a_report_is_due():
 
 
 def test_convert_only_plans_no_reports():
-    runs = plan_runs(RebuildPlan(convert=["m1"]), MODELS, RECIPES, None)
+    runs = plan_runs(RebuildPlan(convert={"m1": MODEL_ASSETS}), MODELS, RECIPES, None)
     assert {r.job for r in runs} == {"convert_checkpoint", "quantize_evaluate_publish"}
+
+
+def test_a_new_eval_text_converts_only_the_float_reference():
+    runs = plan_runs(RebuildPlan(convert={"m1": ("float_reference",)}), MODELS, RECIPES, None)
+    convert = next(r for r in runs if r.job == "convert_checkpoint")
+    assert convert.assets == ("float_reference",) and convert.label == "m1 (float_reference)"
 
 
 def _run_in_a_fresh_worker(launch: LaunchContext, run: PlannedRun) -> tuple[list[str], set[str]]:

@@ -123,6 +123,10 @@ def test_republishing_the_same_inputs_is_a_no_op(pipeline_run):
     after = metadata(instance, "published_artifact", key("fp16"))
     assert result.success
     assert after["version"] == before["version"] and after["newly_published"] is False
+    # the manifest says what the UI says: the metrics of the latest evaluation, latency included
+    manifest = json.loads((Path(after["artifact_path"]) / "manifest.json").read_text())
+    for name in ("decode_tokens_per_s", "prefill_ms", "perplexity_ratio"):
+        assert manifest["metrics"][name] == after[name]
 
 
 def test_every_quantized_model_passed_its_blocking_conformance_check(pipeline_run):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -68,13 +69,43 @@ def test_store_url_picks_the_filesystem(tmp_path, monkeypatch):
     assert artifact_store_from_env().root == UPath("artifacts").absolute()
 
 
-def test_publishing_the_same_inputs_twice_is_a_no_op(store, tflite):
+def test_publishing_the_same_inputs_twice_makes_one_version_with_the_latest_metrics(store, tflite):
     first = publish(store, inputs(), tflite, METRICS, {})
-    second = publish(store, inputs(), tflite, METRICS, {})
+    second = publish(store, inputs(), tflite, {**METRICS, "decode_tokens_per_s": 2900.0}, {})
     assert first.newly_published and not second.newly_published
-    assert second.manifest == first.manifest
+    assert second.manifest["metrics"]["decode_tokens_per_s"] == 2900.0
+    assert published_manifest(store, inputs()) == second.manifest
+    unchanged = ("version", "number", "published_at", "model_sha256")
+    assert {k: second.manifest[k] for k in unchanged} == {k: first.manifest[k] for k in unchanged}
     assert first.model_file.read_bytes() == tflite.read_bytes()
     assert [m["version"] for m in published_versions(store, "model", "int8")] == [first.version]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"checkpoint_hash": "c2"},
+        {"recipe_hash": "r2"},
+        {"toolchain": {"litert-torch": "0.11.0"}},
+        {"exporter": "export_hf"},
+        {"tokenizer_hash": "t2"},
+        {"export": {"prefill_len": 64, "kv_cache_len": 128}},
+        {"evaluation": {"eval_text_sha256": "e2", "eval_max_tokens": 2048}},
+        {"gates": {"max_perplexity_ratio": 1.05}},
+    ],
+)
+def test_every_input_makes_its_own_version_and_is_recorded_in_the_manifest(store, tflite, change):
+    base = replace(
+        inputs(),
+        tokenizer_hash="t1",
+        export={"prefill_len": 32, "kv_cache_len": 128},
+        evaluation={"eval_text_sha256": "e1", "eval_max_tokens": 2048},
+        gates={"max_perplexity_ratio": 1.1},
+    )
+    changed = replace(base, **change)
+    assert changed.version != base.version
+    manifest = publish(store, changed, tflite, METRICS, {}).manifest
+    assert {k: manifest[k] for k in changed.identity()} == changed.identity()
 
 
 def test_versions_are_numbered_per_model_and_recipe_and_latest_follows(store, tflite):
@@ -124,7 +155,7 @@ def test_a_failure_after_publishing_withdraws_the_version_until_it_passes_again(
     assert published_manifest(store, inputs()) == published.manifest
 
     again = publish(store, inputs(), tflite, METRICS, {})
-    assert not again.newly_published and latest_outcome(store, inputs()) == (published.manifest, None)
+    assert not again.newly_published and latest_outcome(store, inputs()) == (again.manifest, None)
     assert latest_pointer(store, "model", "int8")["version"] == published.version
 
 

@@ -4,19 +4,21 @@ Two copies of the demo checkpoint, the whole recipe catalog, a real test instanc
 really converts, quantizes and evaluates."""
 
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from edge_quant_pipeline.checkpoints import read_checkpoint
-from edge_quant_pipeline.definitions import defs
-from edge_quant_pipeline.defs.automation import nightly_schedules
+from edge_quant_pipeline.checkpoints import file_sha256, read_checkpoint
+from edge_quant_pipeline.definitions import build_definitions
+from edge_quant_pipeline.defs.automation import checkpoint_sensor, nightly_schedules, recipe_sensor
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.launcher import materialize
-from edge_quant_pipeline.publish import record_failure
+from edge_quant_pipeline.publish import published_versions, record_failure
+from edge_quant_pipeline.staleness import MODEL_ASSETS
 
 RECIPES = recipe_catalog.names
 MODELS = ["alpha", "beta"]
@@ -61,6 +63,12 @@ def world(tmp_path_factory, demo_checkpoint_dir):
         yield instance, pipeline, root
 
 
+@pytest.fixture(scope="module")
+def defs(world):
+    """The code location as it loads with the world's settings (code versions include them)."""
+    return build_definitions(world[1])
+
+
 def test_first_run_converts_each_model_once_and_quantizes_each_pair_once(world):
     instance, _, _ = world
     assert conversions(instance) == {"alpha": 1, "beta": 1}
@@ -92,7 +100,7 @@ def test_nothing_changed_converts_and_quantizes_nothing(world):
     assert (conversions(instance), quantizations(instance)) == before
 
 
-def test_a_run_launched_elsewhere_makes_only_its_models_report_due(world):
+def test_a_run_launched_elsewhere_makes_only_its_models_report_due(world, defs):
     """The daemon (or the UI) re-ran one pair: the next `edge-quant run` rebuilds that model's report
     and the all-models one, and launches nothing else."""
     instance, pipeline, _ = world
@@ -100,7 +108,6 @@ def test_a_run_launched_elsewhere_makes_only_its_models_report_due(world):
     result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
         partition_key=dg.MultiPartitionKey({"model": "alpha", "recipe": "float"}),
         instance=instance,
-        resources={"pipeline": pipeline},
     )
     assert result.success
     assert reports_due(instance, MODELS).models == ["alpha"]
@@ -112,8 +119,9 @@ def nightly_requests(instance, pipeline, rebuild_all: bool) -> dict[str, list[st
     """The partitions each nightly schedule requests on a tick now."""
     requests = {}
     for schedule in nightly_schedules("0 2 * * *", "UTC", rebuild_all=rebuild_all):
+        repository = build_definitions(pipeline).get_repository_def()
         with dg.build_schedule_context(
-            instance=instance, resources={"pipeline": pipeline}, repository_def=defs.get_repository_def()
+            instance=instance, resources={"pipeline": pipeline}, repository_def=repository
         ) as context:
             requests[schedule.job_name] = sorted(
                 str(r.partition_key) for r in schedule.evaluate_tick(context).run_requests
@@ -124,6 +132,19 @@ def nightly_requests(instance, pipeline, rebuild_all: bool) -> dict[str, list[st
 def test_nightly_schedules_request_nothing_when_nothing_changed(world):
     instance, pipeline, _ = world
     assert set(map(tuple, nightly_requests(instance, pipeline, rebuild_all=False).values())) == {()}
+
+
+def test_sensors_request_nothing_when_nothing_changed(world):
+    """After `edge-quant run` (whose runs carry no run key), the sensors find the instance holds every
+    checkpoint version and recipe already: the daemon starting up launches nothing."""
+    instance, pipeline, _ = world
+    cursor = None
+    for _ in range(2):  # the first tick sees the folders, the second finds them settled
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"pipeline": pipeline}) as context:
+            result = checkpoint_sensor(context)
+        cursor = result.cursor
+        assert result.run_requests == [] and result.dynamic_partitions_requests == []
+    assert recipe_sensor(dg.build_sensor_context(instance=instance)) == []
 
 
 def test_rebuild_all_requests_every_model_and_recipe(world):
@@ -150,19 +171,21 @@ def test_a_failed_or_missing_pair_is_requested_nightly(world):
 
 
 @pytest.mark.parametrize(
-    "stage, retried", [("recipe validation", False), ("interpreter", False), ("quality gate", True)]
+    "stage, retried", [("recipe validation", False), ("interpreter", False), ("quality gate", False), ("memory", True)]
 )
 def test_a_pair_that_failed_in_a_way_that_would_repeat_is_not_retried(world, stage, retried):
-    """Without a published version, a (model, recipe) whose current inputs failed validation, quantization or the
-    runtime is settled (the same inputs would fail again); one that failed a gate is retried, since gates may
-    have changed."""
+    """Without a published version, a (model, recipe) whose current inputs (gates included) failed validation,
+    quantization, the runtime or its gates is settled (the same inputs would fail again); one that ran out of
+    memory is retried."""
     instance, pipeline, root = world
     published = root / "artifacts" / "alpha" / "dynamic_int8"
     hidden = root / "hidden"
     shutil.move(published, hidden)
     try:
         checkpoint = read_checkpoint(root / "checkpoints" / "alpha")
-        record_failure(pipeline.store, artifact_inputs(checkpoint, recipe_catalog.get("dynamic_int8")), stage, "x")
+        record_failure(
+            pipeline.store, artifact_inputs(pipeline, checkpoint, recipe_catalog.get("dynamic_int8")), stage, "x"
+        )
         requested = nightly_requests(instance, pipeline, rebuild_all=False)["quantize_evaluate_publish"]
         assert requested == (["alpha|dynamic_int8"] if retried else [])
     finally:
@@ -175,7 +198,7 @@ def test_changing_one_checkpoint_rebuilds_only_its_partitions(world):
     before_q = quantizations(instance)
     flip_last_byte(root / "checkpoints" / "beta" / "model.safetensors")
     plan = rebuild_plan(instance, pipeline, MODELS, RECIPES)
-    assert (plan.convert, plan.resolve, plan.quantize) == (["beta"], [], [])
+    assert (plan.convert, plan.resolve, plan.quantize) == ({"beta": MODEL_ASSETS}, [], [])
 
     summary = materialize(instance, pipeline, MODELS, RECIPES, jobs=2)
     assert summary.failures == 0
@@ -191,7 +214,7 @@ def test_changing_one_checkpoint_rebuilds_only_its_partitions(world):
     assert rebuild_plan(instance, pipeline, MODELS, RECIPES).empty
 
 
-def test_automation_carries_a_conversion_downstream(world):
+def test_automation_carries_a_conversion_downstream(world, defs):
     """After only the model-level job ran for a changed checkpoint, declarative automation
     requests exactly that model's (model, recipe) partitions."""
     instance, pipeline, root = world
@@ -199,9 +222,7 @@ def test_automation_carries_a_conversion_downstream(world):
     assert before.total_requested == 0
 
     flip_last_byte(root / "checkpoints" / "alpha" / "model.safetensors")
-    result = defs.resolve_job_def("convert_checkpoint").execute_in_process(
-        partition_key="alpha", instance=instance, resources={"pipeline": pipeline}
-    )
+    result = defs.resolve_job_def("convert_checkpoint").execute_in_process(partition_key="alpha", instance=instance)
     assert result.success
 
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
@@ -209,3 +230,35 @@ def test_automation_carries_a_conversion_downstream(world):
     for asset in ("quantized_tflite", "evaluation", "published_artifact"):
         assert {str(k) for k in after.get_requested_partitions(dg.AssetKey(asset))} == alpha_pairs
     assert after.get_requested_partitions(dg.AssetKey("float_tflite")) == set()  # already rebuilt by the run
+
+
+def test_a_new_eval_text_rebuilds_the_reference_and_every_evaluation_but_no_export(world, tmp_path):
+    """The eval text is an input of the float reference and of every metric: a new one is seen as stale through
+    every entry point, is a new artifact version, and is recorded in the manifest; the export is not redone."""
+    instance, pipeline, root = world
+    eval_text = tmp_path / "eval.txt"
+    eval_text.write_text(Path(pipeline.eval_text).read_text()[::-1])
+    edited = PipelineConfig(
+        **{**pipeline.model_dump(), "artifact_store": pipeline.artifact_store, "eval_text": str(eval_text)}
+    )
+    assert rebuild_plan(instance, edited, MODELS, RECIPES).convert == {m: ("float_reference",) for m in MODELS}
+    with dg.build_sensor_context(instance=instance, resources={"pipeline": edited}) as context:
+        cursor = checkpoint_sensor(context).cursor
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"pipeline": edited}) as context:
+        requests = checkpoint_sensor(context).run_requests
+    assert {(r.partition_key, tuple(k.path[-1] for k in r.asset_selection)) for r in requests} == {
+        (m, ("float_reference",)) for m in MODELS
+    }
+
+    before = conversions(instance), quantizations(instance)
+    summary = materialize(instance, edited, MODELS, RECIPES, jobs=2)
+    assert summary.failures == 0
+    assert conversions(instance) == before[0]  # no export
+    assert {m: materializations(instance, "float_reference", m) for m in MODELS} == {"alpha": 3, "beta": 3}
+    assert all(after > before[1][pair] for pair, after in quantizations(instance).items())
+    manifests = published_versions(edited.store, "beta", "float")
+    assert [m["evaluation_settings"]["eval_text_sha256"] for m in manifests[-2:]] == [
+        file_sha256(Path(pipeline.eval_text)),
+        file_sha256(eval_text),
+    ]
+    assert rebuild_plan(instance, edited, MODELS, RECIPES).empty

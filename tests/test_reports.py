@@ -38,8 +38,7 @@ def copied(pipeline_run, tmp_path):
     pipeline = PipelineConfig(
         checkpoint_dir=env.checkpoint_dir,
         work_dir=env.work_dir,
-        artifact_store=ArtifactStore(url=str(store)),
-        localize_errors=False,  # not what these tests look at
+        artifact_store=ArtifactStore(url=str(store)),  # every other setting as the session's: the same versions
     )
     defs = build_definitions(pipeline)
 
@@ -76,6 +75,10 @@ def inputs_of(manifest: dict) -> ArtifactInputs:
         manifest["recipe_sha256"],
         manifest["toolchain"],
         manifest["exporter"],
+        manifest["tokenizer_sha256"],
+        manifest["export"],
+        manifest["evaluation_settings"],
+        manifest["gates"],
     )
 
 
@@ -119,7 +122,8 @@ def test_report_shows_a_size_vs_quality_plot(pipeline_run):
 def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(copied):
     """A real gate failure of the champion's current version (its weights damaged, evaluated again): failed.json
     for that version beside its manifest. The report, latest.json and champion.json follow that evaluation, the
-    version stays in the store, the pair is due again, and passing again brings everything back."""
+    version stays in the store, the pair is not retried with the same inputs, and passing again brings everything
+    back."""
     from edge_quant_pipeline.defs.rebuild import rebuild_plan
 
     champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
@@ -135,7 +139,7 @@ def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(cop
     assert json.loads((folder / FAILURE_RECORD).read_text())["version"] == champion["version"]
     assert [m["version"] for m in published_versions(copied.store, DEMO_MODEL, recipe)] == [champion["version"]]
     assert latest_pointer(copied.store, DEMO_MODEL, recipe) is None
-    assert rebuild_plan(copied.instance, copied.pipeline, [DEMO_MODEL]).quantize == [(DEMO_MODEL, recipe)]
+    assert rebuild_plan(copied.instance, copied.pipeline, [DEMO_MODEL]).empty
 
     runner_up = copied.report()
     assert rows(runner_up).loc[recipe, "status"] == "failed (quality gate)"

@@ -98,8 +98,9 @@ def test_missing_folder_is_a_skip_with_the_fix(tmp_path):
     assert isinstance(result, dg.SkipReason) and "EDGE_QUANT_CHECKPOINT_DIR" in result.skip_message
 
 
-def test_recipe_sensor_keys_each_recipe_by_its_spec():
-    requests = recipe_sensor(dg.build_sensor_context())
+def test_recipe_sensor_keys_each_recipe_by_its_spec_and_gates():
+    with dg.instance_for_test() as instance:
+        requests = recipe_sensor(dg.build_sensor_context(instance=instance))
     assert {r.partition_key: r.run_key for r in requests} == {
-        name: f"{name}@{recipe.spec_hash}" for name, recipe in recipe_catalog.recipes.items()
+        name: f"{name}@{recipe.definition_hash}" for name, recipe in recipe_catalog.recipes.items()
     }

@@ -2,7 +2,9 @@
 nightly re-quantization schedules, and declarative automation downstream.
 
 Sensors and schedules only request the first stage that must run again (a model's
-conversion, a recipe's resolution, or a pair's quantization); the automation
+conversion, a recipe's resolution, or a pair's quantization), and only when the
+instance does not already hold it for the current inputs: whoever made it (this
+sensor, `edge-quant run`, the UI), nothing is made twice. The automation
 conditions on the assets (``conditions.py``) carry the change down the graph,
 partition by partition, in dependency order.
 """
@@ -16,9 +18,11 @@ import dagster as dg
 
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints import CheckpointError, hash_checkpoint, scan_checkpoints, validate_checkpoint
+from edge_quant_pipeline.defs.outcomes import code_version
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_catalog
-from edge_quant_pipeline.defs.rebuild import rebuild_plan
+from edge_quant_pipeline.defs.rebuild import DATA_VERSION_TAG, MODEL_ASSET_DEFS, latest_tags, model_state, rebuild_plan
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.staleness import MODEL_ASSETS
 
 CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
 # The version part of the run key of a checkpoint that fails the cheap checks (see ``checkpoint_version``).
@@ -52,18 +56,34 @@ def checkpoint_version(context: dg.SensorEvaluationContext, path: Path, signatur
     return hash_checkpoint(path)
 
 
-def settled_request(
+def settled_hash(
     context: dg.SensorEvaluationContext, model_id: str, path: Path, seen: dict[str, SeenCheckpoint]
-) -> dg.RunRequest | None:
-    """A run for a checkpoint whose files held still for a tick; None (and ``seen`` updated) while they change."""
+) -> str | None:
+    """The version of a checkpoint whose files held still for a tick; None (and ``seen`` updated) while they change."""
     signature = folder_signature(path)
     previous = seen.get(model_id)
     if previous is None or previous.signature != signature:
         seen[model_id] = SeenCheckpoint(signature)  # still being written, or just appeared
         return None
     previous.content_hash = previous.content_hash or checkpoint_version(context, path, signature)
-    # The run key makes one checkpoint version trigger once, across restarts.
-    return dg.RunRequest(partition_key=model_id, run_key=f"{model_id}@{previous.content_hash}")
+    return previous.content_hash
+
+
+def conversion_request(
+    context: dg.SensorEvaluationContext, pipeline: PipelineConfig, model_id: str, content_hash: str
+) -> dg.RunRequest | None:
+    """The part of the conversion the instance lacks for this checkpoint version and the current settings (the
+    whole of it for new bytes, only the float reference for a new eval text), or None when it has it all."""
+    assets = model_state(context.instance, pipeline, model_id, content_hash).assets_to_run
+    if not assets:
+        return None
+    versions = "|".join(code_version(asset, pipeline) or "" for asset in MODEL_ASSET_DEFS)
+    # The run key makes one state trigger once, across restarts, also while its run is still going.
+    return dg.RunRequest(
+        partition_key=model_id,
+        run_key=f"{model_id}@{content_hash}@{hashlib.sha256(versions.encode()).hexdigest()[:12]}",
+        asset_selection=None if assets == MODEL_ASSETS else [dg.AssetKey(a) for a in assets],
+    )
 
 
 @dg.sensor(
@@ -86,24 +106,22 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
             context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
         del seen[gone]
 
-    requests, settling = [], []
+    requests, settling, settled = [], [], []
     for model_id, path in scan.found.items():
         try:
-            request = settled_request(context, model_id, path, seen)
+            content_hash = settled_hash(context, model_id, path, seen)
         except OSError as error:  # a file vanished or changed while it was read: this tick skips the checkpoint
             context.log.info(f"Could not read {path} this tick ({error}); looking again next tick.")
             seen.pop(model_id, None)
-            request = None
-        if request is None:
+            content_hash = None
+        if content_hash is None:
             settling.append(model_id)
-        else:
+            continue
+        settled.append(model_id)
+        if request := conversion_request(context, pipeline, model_id, content_hash):
             requests.append(request)
 
-    new_models = [
-        r.partition_key
-        for r in requests
-        if not context.instance.has_dynamic_partition(model_partitions.name, r.partition_key)
-    ]
+    new_models = [m for m in settled if not context.instance.has_dynamic_partition(model_partitions.name, m)]
     if settling:
         context.log.info(f"Waiting for {', '.join(settling)} to stop changing")
     return dg.SensorResult(
@@ -117,13 +135,14 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
     job_name=RESOLVE_JOB,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Resolves each recipe of the catalog once per version of its spec.",
+    description="Resolves each recipe of the catalog whose spec or gates the instance has not resolved yet.",
 )
 def recipe_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest]:
     return [
-        dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.spec_hash}")
+        dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.definition_hash}")
         for name, recipe in recipe_catalog.recipes.items()
         if name not in recipe_catalog.errors
+        and latest_tags(context.instance, "quant_recipe", name).get(DATA_VERSION_TAG) != recipe.definition_hash
     ]
 
 
@@ -136,14 +155,20 @@ def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.Sc
 
     def requests_for(job_name: str, context: dg.ScheduleEvaluationContext, pipeline: PipelineConfig):
         plan = rebuild_plan(context.instance, pipeline, rebuild_all=rebuild_all)
-        keys = {
-            CONVERT_JOB: plan.convert,
-            RESOLVE_JOB: plan.resolve,
-            QUANTIZE_JOB: [dg.MultiPartitionKey({"model": m, "recipe": r}) for m, r in plan.quantize],
+        keys: dict[str, tuple[str, ...] | None] = {  # partition -> the assets to make, None: all the job's
+            CONVERT_JOB: {m: None if assets == MODEL_ASSETS else assets for m, assets in plan.convert.items()},
+            RESOLVE_JOB: dict.fromkeys(plan.resolve),
+            QUANTIZE_JOB: dict.fromkeys(dg.MultiPartitionKey({"model": m, "recipe": r}) for m, r in plan.quantize),
         }[job_name]
         # Schedule run keys are scoped to one tick: they only tell this tick's requests apart.
         return [
-            dg.RunRequest(partition_key=key, run_key=str(key), tags={"edge_quant/trigger": "nightly"}) for key in keys
+            dg.RunRequest(
+                partition_key=key,
+                run_key=str(key),
+                asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
+                tags={"edge_quant/trigger": "nightly"},
+            )
+            for key, assets in keys.items()
         ]
 
     def build(job_name: str) -> dg.ScheduleDefinition:

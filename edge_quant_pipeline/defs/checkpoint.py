@@ -86,7 +86,7 @@ def _checkpoint_folder(root: Path, model_id: str) -> Path:
     raise CheckpointError(scan.refusal_for(model_id) or missing)
 
 
-@dg.asset(partitions_def=model_partitions, group_name="checkpoints")
+@dg.asset(partitions_def=model_partitions, group_name="checkpoints", code_version="checkpoint-1")
 def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[Checkpoint]:
     """A Hugging Face style checkpoint folder (config.json + weights), validated and hashed."""
     for run_id in fail_runs_of_dead_processes(context.instance):
@@ -106,6 +106,7 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
         metadata={
             "checkpoint_dir": dg.MetadataValue.path(str(found.path)),
             "sha256": found.content_hash,
+            "tokenizer_sha256": found.tokenizer_hash or "none (byte-level)",
             "model_type": found.hf_config.get("model_type"),
             "exporter": found.exporter,
             "weight_files": ", ".join(f.name for f in weight_files(found.path)),

@@ -100,7 +100,7 @@ def evaluation(
     quantized_tflite: TfliteModel,
 ):
     """Perplexity, KL, top-1, generation agreement, SQNR, speed and memory, measured in the interpreter."""
-    inputs = artifact_inputs(checkpoint, quant_recipe)
+    inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
     settings, threads = pipeline.export_settings, pipeline.interpreter_threads
     try:
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)

@@ -109,7 +109,8 @@ def float_reference(
         windows = eval_windows(tokens, settings.kv_cache_len, pipeline.eval_max_tokens, Path(pipeline.eval_text))
     except EvalTextError as error:
         raise dg.Failure(str(error)) from None
-    output = pipeline.work_path(checkpoint) / "float_reference"
+    eval_text_sha256 = pipeline.evaluation_settings()["eval_text_sha256"]
+    output = pipeline.work_path(checkpoint) / f"float_reference-{eval_text_sha256[:12]}-{pipeline.eval_max_tokens}"
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage, computing():
             reference = build_float_reference(_float_model(checkpoint, pipeline), windows, settings, output)
@@ -122,6 +123,7 @@ def float_reference(
             "perplexity": reference.perplexity,
             "eval_tokens": reference.eval_tokens,
             "eval_text": dg.MetadataValue.path(pipeline.eval_text),
+            "eval_text_sha256": eval_text_sha256,
             "reference": dg.MetadataValue.path(str(reference.path)),
             **usage.metadata(),
         },

@@ -1,5 +1,8 @@
 """What identifies a (model, recipe) result, and how a rejected one is recorded before it fails."""
 
+from dataclasses import asdict
+from typing import Any
+
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint
@@ -9,7 +12,7 @@ from edge_quant_pipeline.recipes import Recipe
 from edge_quant_pipeline.toolchain import toolchain_versions
 
 
-def artifact_inputs(checkpoint: Checkpoint, recipe: Recipe) -> ArtifactInputs:
+def artifact_inputs(pipeline: PipelineConfig, checkpoint: Checkpoint, recipe: Recipe) -> ArtifactInputs:
     return ArtifactInputs(
         model_id=checkpoint.model_id,
         recipe=recipe.name,
@@ -17,7 +20,41 @@ def artifact_inputs(checkpoint: Checkpoint, recipe: Recipe) -> ArtifactInputs:
         recipe_hash=recipe.spec_hash,
         toolchain=toolchain_versions(),
         exporter=checkpoint.exporter,
+        tokenizer_hash=checkpoint.tokenizer_hash,
+        export=asdict(pipeline.export_settings),
+        evaluation=pipeline.evaluation_settings(),
+        gates=dict(recipe.gates),
     )
+
+
+def _settings_by_asset(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
+    export = asdict(pipeline.export_settings)
+    evaluation = pipeline.evaluation_settings()
+    reference = {key: evaluation[key] for key in ("eval_text_sha256", "eval_max_tokens")}
+    return {
+        "checkpoint": {"exporter": pipeline.exporter},
+        "float_tflite": export,
+        "float_reference": {**reference, "kv_cache_len": export["kv_cache_len"]},
+        "evaluation": evaluation,
+    }
+
+
+def settings_tag(settings: dict[str, Any]) -> str:
+    """``name=value,...``, hashes cut to 12 digits: short enough for the UI's code version column."""
+    return ",".join(f"{k}={str(v)[:12] if k.endswith('sha256') else v}" for k, v in sorted(settings.items()))
+
+
+def code_version(asset: dg.AssetsDefinition, pipeline: PipelineConfig) -> str | None:
+    """The asset's code version with the settings that shape its output: changing one shows the asset changed
+    to the UI, to declarative automation and to the rebuild plan, as a code change does."""
+    base = asset.code_versions_by_key[asset.key]
+    settings = _settings_by_asset(pipeline).get(asset.key.path[-1])
+    return f"{base}|{settings_tag(settings)}" if settings else base
+
+
+def with_setting_versions(asset: dg.AssetsDefinition, pipeline: PipelineConfig) -> dg.AssetsDefinition:
+    version = code_version(asset, pipeline)
+    return asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version))
 
 
 def rejected(pipeline: PipelineConfig, inputs: ArtifactInputs, stage: str, error: Exception) -> dg.Failure:

@@ -31,7 +31,7 @@ def published_artifact(
     evaluation: Evaluation,
 ) -> dg.Output[PublishedArtifact]:
     """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff)."""
-    inputs = artifact_inputs(checkpoint, quant_recipe)
+    inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
     artifact = publish(
         pipeline.store,
         inputs,
@@ -40,7 +40,6 @@ def published_artifact(
         {
             "checkpoint_path": str(checkpoint.path),
             "recipe_spec": quant_recipe.spec(),
-            "export": {"prefill_len": pipeline.prefill_len, "kv_cache_len": pipeline.kv_cache_len},
             "dagster_run_id": context.run.run_id,
         },
     )

@@ -72,7 +72,7 @@ def quantized_tflite(
     quant_recipe: Recipe,
 ):
     """The model quantized with one recipe (the `float` recipe is the float file itself)."""
-    inputs = artifact_inputs(checkpoint, quant_recipe)
+    inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
     # Stored by the checkpoint asset; outputs stored before it did so need litert-torch once more.
     shape = checkpoint.shape or architecture_of(checkpoint).shape
     output = pipeline.work_path(checkpoint) / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"

@@ -10,13 +10,16 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint
+from edge_quant_pipeline.defs.checkpoint import checkpoint as checkpoint_asset
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
-from edge_quant_pipeline.defs.outcomes import artifact_inputs
+from edge_quant_pipeline.defs.outcomes import artifact_inputs, code_version
 from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import latest_outcome
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
 
+# The per-model assets, in the order of the graph; their code versions include the settings that shape them.
+MODEL_ASSET_DEFS = (checkpoint_asset, float_tflite, float_reference)
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 
@@ -36,24 +39,27 @@ def latest_tags(instance: dg.DagsterInstance, asset: str, partition: str) -> dic
     return dict(record.asset_materialization.tags or {}) if record else {}
 
 
-def _model_state(instance: dg.DagsterInstance, model_id: str, checkpoint: Checkpoint | None) -> ModelState:
-    converted = latest_tags(instance, "checkpoint", model_id)
+def model_state(
+    instance: dg.DagsterInstance, pipeline: PipelineConfig, model_id: str, content_hash: str | None
+) -> ModelState:
+    """``content_hash`` None: the checkpoint cannot be read, which is always "changed" (its conversion then fails
+    with the reason)."""
     return ModelState(
-        # An unreadable checkpoint is always "changed": its conversion then fails with the reason.
-        current_hash=checkpoint.content_hash if checkpoint else "unreadable",
-        converted_hash=converted.get(DATA_VERSION_TAG),
-        converted_with_current_toolchain=all(
-            latest_tags(instance, asset.key.path[-1], model_id).get(CODE_VERSION_TAG)
-            == asset.code_versions_by_key[asset.key]
-            for asset in (float_tflite, float_reference)
+        current_hash=content_hash or "unreadable",
+        converted_hash=latest_tags(instance, "checkpoint", model_id).get(DATA_VERSION_TAG),
+        changed_code=tuple(
+            asset.key.path[-1]
+            for asset in MODEL_ASSET_DEFS
+            if latest_tags(instance, asset.key.path[-1], model_id).get(CODE_VERSION_TAG)
+            != code_version(asset, pipeline)
         ),
     )
 
 
-# Failures that the same inputs would meet again: the recipe does not fit the model, ai-edge-quantizer or the
-# runtime refuse it. A failed quality gate is retried (gates are not part of the inputs yet, and may have
-# changed), and so is a run that died without recording why.
-REPEATABLE_FAILURES = ("recipe validation", "quantization", "interpreter")
+# Failures that the same inputs (gates and evaluation settings included) would meet again: the recipe does not fit
+# the model, ai-edge-quantizer or the runtime refuse it, the file differs from the recipe, the metrics fail the
+# gates. A run that died, or ran out of memory, without its inputs being at fault, is retried.
+REPEATABLE_FAILURES = ("recipe validation", "quantization", "conformance", "interpreter", "quality gate")
 
 
 def is_settled(store, inputs) -> bool:
@@ -87,12 +93,12 @@ def rebuild_plan(
         for model_id, checkpoint in checkpoints.items()
         if checkpoint is not None
         for name, recipe in usable.items()
-        if is_settled(pipeline.store, artifact_inputs(checkpoint, recipe))
+        if is_settled(pipeline.store, artifact_inputs(pipeline, checkpoint, recipe))
     }
     return plan_rebuild(
-        models={m: _model_state(instance, m, c) for m, c in checkpoints.items()},
+        models={m: model_state(instance, pipeline, m, c and c.content_hash) for m, c in checkpoints.items()},
         recipes={
-            name: RecipeState(r.spec_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
+            name: RecipeState(r.definition_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
             for name, r in usable.items()
         },
         settled=settled,

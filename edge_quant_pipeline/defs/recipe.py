@@ -1,4 +1,4 @@
-"""`quant_recipe`: one validated recipe per partition; its data version is the hash of its spec."""
+"""`quant_recipe`: one validated recipe per partition; its data version is the hash of its spec and gates."""
 
 import dagster as dg
 
@@ -15,11 +15,12 @@ def quant_recipe(context: dg.AssetExecutionContext) -> dg.Output[Recipe]:
         raise dg.Failure(str(error)) from None
     return dg.Output(
         recipe,
-        data_version=dg.DataVersion(recipe.spec_hash),
+        data_version=dg.DataVersion(recipe.definition_hash),
         metadata={
             "description": recipe.description,
             "source": recipe.source,
             "spec": dg.MetadataValue.json(recipe.spec()),
             "spec_sha256": recipe.spec_hash,
+            "gates": dg.MetadataValue.json(dict(recipe.gates)),
         },
     )

@@ -58,7 +58,7 @@ def quantization_report(
         if name in recipe_catalog.errors:
             rows.append({"recipe": name, "status": "failed (recipe)", "error": recipe_catalog.errors[name]})
             continue
-        inputs = artifact_inputs(checkpoint, recipe_catalog.recipes[name])
+        inputs = artifact_inputs(pipeline, checkpoint, recipe_catalog.recipes[name])
         rows.append(report_row(name, *latest_outcome(pipeline.store, inputs)))
     frame = build_report(rows)
     champion = champion_of(frame)

@@ -1,11 +1,12 @@
 """The resources every asset reads its paths and settings from: the pipeline's settings and the artifact store."""
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from upath import UPath
 
-from edge_quant_pipeline.checkpoints import Checkpoint
+from edge_quant_pipeline.checkpoints import Checkpoint, file_sha256
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.exporters import AUTO
@@ -49,6 +50,16 @@ class PipelineConfig(dg.ConfigurableResource):
     def export_settings(self) -> ExportSettings:
         return ExportSettings(prefill_len=self.prefill_len, kv_cache_len=self.kv_cache_len)
 
+    def evaluation_settings(self) -> dict[str, Any]:
+        """Besides the two models, what an evaluation's metrics depend on (the eval text by its sha256)."""
+        return {
+            "eval_text_sha256": file_sha256(Path(self.eval_text)),
+            "eval_max_tokens": self.eval_max_tokens,
+            "interpreter_threads": self.interpreter_threads,
+            "localize_errors": self.localize_errors,
+            "hotspots_top_n": self.hotspots_top_n,
+        }
+
     @property
     def checkpoint_dir_path(self) -> Path:
         return Path(self.checkpoint_dir)
@@ -58,7 +69,13 @@ class PipelineConfig(dg.ConfigurableResource):
         return self.artifact_store.root
 
     def work_path(self, checkpoint: Checkpoint) -> Path:
-        """Intermediate files of one checkpoint version and exporter; a new version gets a fresh folder."""
-        path = Path(self.work_dir) / checkpoint.model_id / checkpoint.work_key
+        """Intermediate files of one checkpoint version, exporter and export shape; a change of any of them gets
+        a fresh folder, so files made for other settings are never read nor overwritten."""
+        export = self.export_settings
+        path = (
+            Path(self.work_dir)
+            / checkpoint.model_id
+            / f"{checkpoint.work_key}-p{export.prefill_len}-kv{export.kv_cache_len}"
+        )
         path.mkdir(parents=True, exist_ok=True)
         return path

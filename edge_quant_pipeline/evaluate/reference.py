@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_quant_pipeline.atomic import atomic_path
+from edge_quant_pipeline.checkpoints import TOKENIZER_FILE
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.metrics import target_nll_sum
 
@@ -36,7 +37,7 @@ def tokenize(text_path: Path, checkpoint_dir: Path, vocab_size: int) -> np.ndarr
     """With the checkpoint's ``tokenizer.json`` when it has one; byte-level otherwise (the demo model)."""
     if not text_path.is_file():
         raise EvalTextError(f"{text_path}: the eval text does not exist. Set EDGE_QUANT_EVAL_TEXT to a text file.")
-    tokenizer_file = checkpoint_dir / "tokenizer.json"
+    tokenizer_file = checkpoint_dir / TOKENIZER_FILE
     if tokenizer_file.is_file():
         from tokenizers import Tokenizer
 
