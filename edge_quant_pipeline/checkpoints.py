@@ -27,6 +27,7 @@ from edge_quant_pipeline.exporters import GENERATIVE_API
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILE = "tokenizer.json"  # what evaluation tokenizes with and bundles carry
+UNREADABLE = "unreadable-"  # the start of the version of a checkpoint that fails the cheap checks (look_again)
 # Dagster multi-partition keys use "|" as a separator and refuse "..." in any partition key.
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+|\.{2,}")
 ID_RULE = "letters, digits, '_', '-' and single '.' of ASCII; every other run of characters becomes '-'"
@@ -158,6 +159,38 @@ def scan_checkpoints(root: Path) -> CheckpointScan:
 def find_checkpoints(root: Path) -> dict[str, Path]:
     """The usable checkpoint folders of ``root`` by model id (see ``scan_checkpoints`` for the refused ones)."""
     return scan_checkpoints(root).found
+
+
+@dataclass(frozen=True)
+class SeenCheckpoint:
+    """A checkpoint folder as a watcher saw it last."""
+
+    signature: str  # names, sizes and mtimes of its files
+    content_hash: str | None = None  # its version, once the signature held still between two looks
+    problem: str | None = None  # why it fails the checks that read no tensor data
+
+
+def folder_signature(path: Path) -> str:
+    """Raises OSError when a file vanishes between listing and stat."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return json.dumps([(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def look_again(path: Path, previous: SeenCheckpoint | None) -> SeenCheckpoint:
+    """The folder now. It gets a version once its files held still since ``previous``: the sha256 of its bytes
+    once the checks that read no tensor data pass; else (it may be GBs of garbage) ``UNREADABLE`` and a hash of
+    its signature, with the problem, so its run, which fails at the `checkpoint` step with the reason, is
+    requested once per state of the folder. Raises OSError when a file vanishes while it is read."""
+    signature = folder_signature(path)
+    if previous is None or previous.signature != signature:
+        return SeenCheckpoint(signature)  # still being written, or just appeared
+    if previous.content_hash:
+        return previous
+    try:
+        validate_checkpoint(path)
+    except CheckpointError as error:
+        return SeenCheckpoint(signature, UNREADABLE + hashlib.sha256(signature.encode()).hexdigest()[:16], str(error))
+    return SeenCheckpoint(signature, hash_checkpoint(path))
 
 
 def file_sha256(path: Path) -> str | None:

@@ -38,6 +38,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only checkpoint -> float .tflite -> quantized .tflite; no evaluation, publishing or reports",
     )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' output (TensorFlow, LiteRT, torch...) here; it is always in the run logs",
+    )
     return parser.parse_args(argv)
 
 
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         conversion_only=args.convert_only,
         memory_budget_mb=args.memory_gb * 1024 if args.memory_gb else None,
+        verbose=args.verbose,
     )
     if summary.interrupted_by:
         stopped = ", ".join(f"{r.job} {r.label}".strip() for r in summary.interrupted) or "none"

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -36,6 +37,7 @@ from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_d
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, steps_mb
 from edge_quant_pipeline.memory import Admission, Reservation, admission, machine_memory, rss_mb
+from edge_quant_pipeline.run_view import RunView
 from edge_quant_pipeline.staleness import MODEL_ASSETS, RebuildPlan
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
@@ -75,7 +77,7 @@ class PlannedRun:
 @dataclass(frozen=True)
 class RunOutcome:
     run: PlannedRun
-    seconds: float
+    seconds: float | None  # None: it never started
     failures: list[str]  # failed steps and checks, one line each; empty when the run succeeded
     worker_retires: bool = True  # its worker exits after it, rather than take another run
 
@@ -139,6 +141,8 @@ class LaunchContext:
     instance_ref: Any
     pipeline_fields: dict[str, Any]
     conversion_only: bool
+    # False: the libraries' output (TensorFlow, LiteRT, absl, torch...) goes only to each run's compute logs
+    verbose: bool = False
 
     def pipeline(self) -> PipelineConfig:
         # Resources do not pickle (their config schema does not): rebuilt from their fields.
@@ -163,7 +167,7 @@ class Lane:
         self.instance = dg.DagsterInstance.from_ref(launch.instance_ref)
         self.conversion_only = launch.conversion_only
 
-    def execute(self, run: "PlannedRun") -> "RunOutcome":
+    def execute(self, run: "PlannedRun", run_id: str | None = None) -> "RunOutcome":
         """One Dagster run, in this process, as the UI would launch it."""
         started = time.perf_counter()
         selection = None
@@ -175,15 +179,20 @@ class Lane:
             raise_on_error=False,
             run_config=RUN_CONFIG,
             asset_selection=selection,
+            run_id=run_id,
             tags=process_tags(),  # so that a later run can tell this one died if this process is killed
         )
         checks = result.get_asset_check_evaluations()
         failures = [f"check {c.check_name}: {c.description}" for c in checks if not c.passed]
         failures += [
-            e.step_failure_data.error.message.strip().splitlines()[0] for e in result.all_events if e.is_step_failure
+            e.step_failure_data.error.message.strip().splitlines()[0]
+            for e in result.all_events
+            # a step stopped by a failed blocking check: the check's line above says why
+            if e.is_step_failure and e.step_failure_data.error.cls_name != "DagsterAssetCheckFailedError"
         ]
-        if result.success is False and not failures:
-            failures.append("the run failed; see it in the Dagster UI")
+        if failures or result.success is False:
+            # Its steps' output, the libraries' included, is in its compute logs, which the UI shows.
+            failures.append(f"run {result.run_id}: its logs are in `dagster dev`, Runs")
         return RunOutcome(run=run, seconds=time.perf_counter() - started, failures=failures)
 
 
@@ -192,13 +201,16 @@ def _worker_main(connection: Connection, launch: LaunchContext) -> None:
     conversion (which imported torch and held the model) and after any run that left its memory above what
     it held when it was ready: the next run gets a process holding nothing of the last."""
     Path("/proc/self/oom_score_adj").write_text(str(WORKER_OOM_SCORE_ADJ))
+    if not launch.verbose:
+        _silence_terminal()
     lane = Lane(launch)
     import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
 
     baseline_mb = rss_mb()
     connection.send(READY)
-    while (run := connection.recv()) is not None:
-        outcome = lane.execute(run)
+    while (message := connection.recv()) is not None:
+        run, run_id = message
+        outcome = lane.execute(run, run_id)
         retire = run.job == CONVERT_JOB or rss_mb() > baseline_mb + WORKER_GROWTH_MB
         connection.send(replace(outcome, worker_retires=retire))
         if retire:
@@ -207,6 +219,16 @@ def _worker_main(connection: Connection, launch: LaunchContext) -> None:
     # TensorFlow stretch to seconds and in which LiteRT logs the teardown of its accelerators.
     connection.close()
     os._exit(0)
+
+
+def _silence_terminal() -> None:
+    """Point this process's stdout and stderr, the file descriptors themselves (C++ libraries write to them), away
+    from the terminal. Dagster still captures each step's output into the run's compute logs: it redirects the
+    descriptors to its log file for the step, and copies to these only what the terminal would have shown."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class Worker:
@@ -222,6 +244,7 @@ class Worker:
         theirs.close()
         self.ready = False
         self.run: PlannedRun | None = None
+        self.run_id: str | None = None
         self.outcome: RunOutcome | None = None
         self.estimate_mb = LITERT_PROCESS_MB
         self.started = time.perf_counter()
@@ -232,7 +255,8 @@ class Worker:
         return self.ready and self.run is None
 
     def start(self, run: "PlannedRun", estimate_mb: float) -> None:
-        self.connection.send(run)
+        self.run_id = str(uuid.uuid4())  # as Dagster makes them; chosen here so that the launcher can follow the run
+        self.connection.send((run, self.run_id))
         self.run, self.outcome = run, None
         self.estimate_mb, self.started, self.peak_mb = estimate_mb, time.perf_counter(), 0.0
 
@@ -282,12 +306,12 @@ class Worker:
 # --- the launcher -------------------------------------------------------------------------------------
 
 
-def _print_outcome(outcome: RunOutcome) -> None:
-    line = f"  {outcome.run.job:<26} {outcome.run.label:<42} {outcome.seconds:6.1f}s"
-    if not outcome.failures:
-        print(f"{line}  ok", flush=True)
-    else:
-        print(f"{line}  FAILED" + "".join(f"\n      {reason}" for reason in outcome.failures), flush=True)
+def current_step(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """The step a run started last, from its event log (what the UI shows)."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.STEP_START, ascending=False, limit=1
+    ).records
+    return records[0].event_log_entry.step_key if records else None
 
 
 def _interrupt(signum, _frame) -> None:
@@ -306,10 +330,17 @@ class _Launch:
     """The state of one launch: what waits, what runs in which worker, what finished."""
 
     def __init__(
-        self, runs: list[PlannedRun], estimates: dict[PlannedRun, float], launch: LaunchContext, jobs: int, budget_mb
+        self,
+        runs: list[PlannedRun],
+        estimates: dict[PlannedRun, float],
+        launch: LaunchContext,
+        jobs: int,
+        budget_mb: float,
+        view: RunView,
     ):
         self.pending, self.estimates, self.launch, self.jobs = list(runs), estimates, launch, jobs
-        self.budget_mb = budget_mb
+        self.budget_mb, self.view = budget_mb, view
+        self.instance = dg.DagsterInstance.from_ref(launch.instance_ref)
         self.workers: list[Worker] = []
         self.finished: dict[PlannedRun, bool] = {}  # run -> succeeded
         self.summary = LaunchSummary()
@@ -321,7 +352,8 @@ class _Launch:
     def finish(self, outcome: RunOutcome) -> None:
         self.finished[outcome.run] = not outcome.failures
         self.summary.outcomes.append(outcome)
-        _print_outcome(outcome)
+        run = outcome.run
+        self.view.finished(run, run.job, run.label, outcome.seconds, outcome.failures)
 
     def ready_runs(self) -> list[PlannedRun]:
         """The runs that may start now, after skipping those whose prerequisites failed (and theirs, and so on)."""
@@ -335,7 +367,7 @@ class _Launch:
                 self.pending.remove(run)
                 self.finished[run] = False
                 self.summary.skipped.append(run)
-                print(f"  {run.job:<26} {run.label:<42}         skipped: {failed.job} failed", flush=True)
+                self.view.finished(run, run.job, run.label, None, [f"skipped: its {failed.job} run failed"])
 
     @property
     def in_flight_mb(self) -> float:
@@ -372,9 +404,10 @@ class _Launch:
             if fits.admitted:
                 self.pending.remove(run)
                 worker.start(run, estimate)
+                self.view.started(run, run.job, run.label)
             elif fits.needs_mb > fits.ever_mb:
                 self.pending.remove(run)
-                self.finish(RunOutcome(run, 0.0, [not_started_reason(estimate, fits)]))
+                self.finish(RunOutcome(run, None, [not_started_reason(estimate, fits)]))
 
     def collect(self) -> None:
         """Wait until a worker is ready, a run ends or a worker dies, and take note."""
@@ -382,6 +415,8 @@ class _Launch:
         for worker in list(self.workers):
             worker.poll()
             run = worker.run
+            if run is not None and (step := current_step(self.instance, worker.run_id)):
+                self.view.stage(run, step)
             if (outcome := worker.take_outcome()) is not None:
                 self.finish(outcome)
                 if outcome.worker_retires:
@@ -401,8 +436,8 @@ class _Launch:
         worker.process.join(timeout=30)
 
     def fail_dead_runs(self) -> None:
-        for run_id in fail_runs_of_dead_processes(dg.DagsterInstance.from_ref(self.launch.instance_ref)):
-            print(f"      its Dagster run {run_id} is marked failed", flush=True)
+        for run_id in fail_runs_of_dead_processes(self.instance):
+            self.view.note(f"      its Dagster run {run_id} is marked failed")
 
     def stop(self, reason: str) -> None:
         """Interrupted: stop every worker, and mark the runs they were executing failed."""
@@ -426,25 +461,29 @@ def launch(
 ) -> LaunchSummary:
     """Run ``runs`` in dependency order, at most ``jobs`` at a time, and side by side only while their estimated
     peaks add up to at most ``budget_mb`` (by default: what the largest of them needs alone, which the machine
-    must fit anyway) and fit in the memory available; print a line per finished run."""
-    state = _Launch(runs, estimates, context, jobs, budget_mb or max(estimates.values(), default=0.0))
+    must fit anyway) and fit in the memory available; show them going on, and a line per finished run."""
+    view = RunView(total=len(runs))
+    state = _Launch(runs, estimates, context, jobs, budget_mb or max(estimates.values(), default=0.0), view)
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while state.busy:
-            ready = state.ready_runs()
-            state.keep_workers_warm()
-            state.start_what_fits(ready)
-            if not state.busy:
-                break
-            if not state.workers:
-                raise RuntimeError(f"runs wait for runs that were never planned: {[r.label for r in state.pending]}")
-            state.collect()
-    except KeyboardInterrupt as interrupt:
-        state.stop(str(interrupt) or "SIGINT")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for worker in state.workers:
-            worker.dismiss()
+    with view:
+        try:
+            while state.busy:
+                ready = state.ready_runs()
+                state.keep_workers_warm()
+                state.start_what_fits(ready)
+                if not state.busy:
+                    break
+                if not state.workers:
+                    raise RuntimeError(
+                        f"runs wait for runs that were never planned: {[r.label for r in state.pending]}"
+                    )
+                state.collect()
+        except KeyboardInterrupt as interrupt:
+            state.stop(str(interrupt) or "SIGINT")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            for worker in state.workers:
+                worker.dismiss()
     return state.summary
 
 
@@ -477,6 +516,7 @@ def materialize(
     jobs: int = 1,
     conversion_only: bool = False,
     memory_budget_mb: float | None = None,
+    verbose: bool = False,
 ) -> LaunchSummary:
     """Rebuild what is out of date (everything with ``rebuild_all``), then the reports that it changed.
 
@@ -496,5 +536,5 @@ def materialize(
     from edge_quant_pipeline.definitions import build_definitions
 
     estimates = run_estimates(runs, pipeline, build_definitions(pipeline), conversion_only)
-    context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only)
+    context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only, verbose)
     return launch(runs, estimates, context, jobs, memory_budget_mb)

@@ -34,6 +34,9 @@ def toolchain_tag(packages: tuple[str, ...] = CONVERSION_PACKAGES) -> str:
 def quiet_third_party_noise() -> None:
     """For the command line and its workers: what a user cannot act on stays out of the terminal."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    # Workers end with os._exit, leaving their semaphores to multiprocessing's resource tracker, which cleans them
+    # up and says so; it is a process of its own, which takes its warning filters from the environment.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*is currently in beta.*")

@@ -22,7 +22,8 @@ import pytest
 from conftest import DEMO_MODEL, REPO
 from test_checkpoints import edit_tensors
 
-from edge_quant_pipeline.defs.automation import UNREADABLE, checkpoint_sensor
+from edge_quant_pipeline.checkpoints import UNREADABLE
+from edge_quant_pipeline.defs.automation import checkpoint_sensor
 from edge_quant_pipeline.defs.checkpoint import PROCESS_TAG
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.publish import LATEST, MANIFEST, MODEL_FILE, STAGING
@@ -122,7 +123,7 @@ def test_a_hostile_folder_never_stops_the_sensor(hostile_folder, tmp_path, capfd
         started = time.monotonic()
         settled = sensor_tick(instance, pipeline, first.cursor)
         seconds = time.monotonic() - started
-    keys = {r.partition_key: r.run_key.split("@", 1)[1] for r in settled.run_requests}
+    keys = {r.partition_key: r.run_key.split("@")[1] for r in settled.run_requests}  # model@version@code versions
     assert seconds < 5, "the sensor read the 20 GB files instead of failing fast"
     assert set(keys) == {"good", "x-y", "linked-folder", *BAD_CHECKPOINTS}  # not "a-b", nor "模型"
     assert keys["good"] == keys["x-y"] and len(keys["good"]) == 64  # the same bytes, the same sha256

@@ -11,13 +11,13 @@ partition by partition, in dependency order.
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 
 from edge_quant_pipeline import settings
-from edge_quant_pipeline.checkpoints import CheckpointError, hash_checkpoint, scan_checkpoints, validate_checkpoint
+from edge_quant_pipeline.checkpoints import SeenCheckpoint, look_again, scan_checkpoints
 from edge_quant_pipeline.defs.outcomes import code_version
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_catalog
 from edge_quant_pipeline.defs.rebuild import DATA_VERSION_TAG, MODEL_ASSET_DEFS, latest_tags, model_state, rebuild_plan
@@ -25,48 +25,20 @@ from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.staleness import MODEL_ASSETS
 
 CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
-# The version part of the run key of a checkpoint that fails the cheap checks (see ``checkpoint_version``).
-UNREADABLE = "unreadable-"
-
-
-@dataclass
-class SeenCheckpoint:
-    signature: str  # names, sizes and mtimes of its files
-    content_hash: str | None = None  # computed once the signature held still for a tick
-
-
-def folder_signature(path: Path) -> str:
-    """Raises OSError when a file vanishes between listing and stat."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return json.dumps([(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-
-
-def checkpoint_version(context: dg.SensorEvaluationContext, path: Path, signature: str) -> str:
-    """The sha256 of the checkpoint's bytes, once the checks that read no tensor data pass.
-
-    A checkpoint that fails them is not hashed (it may be GBs of garbage): its version is a hash of its
-    signature, so its run, which fails at the `checkpoint` step with the reason, is requested once per
-    state of the folder. Raises OSError when a file vanishes while it is read.
-    """
-    try:
-        validate_checkpoint(path)
-    except CheckpointError as error:
-        context.log.warning(f"{error} Its `checkpoint` step will fail with this reason until the folder changes.")
-        return UNREADABLE + hashlib.sha256(signature.encode()).hexdigest()[:16]
-    return hash_checkpoint(path)
 
 
 def settled_hash(
     context: dg.SensorEvaluationContext, model_id: str, path: Path, seen: dict[str, SeenCheckpoint]
 ) -> str | None:
-    """The version of a checkpoint whose files held still for a tick; None (and ``seen`` updated) while they change."""
-    signature = folder_signature(path)
+    """The version of a checkpoint whose files held still for a tick; None (and ``seen`` updated) while they change.
+    Raises OSError when a file vanishes while it is read."""
     previous = seen.get(model_id)
-    if previous is None or previous.signature != signature:
-        seen[model_id] = SeenCheckpoint(signature)  # still being written, or just appeared
-        return None
-    previous.content_hash = previous.content_hash or checkpoint_version(context, path, signature)
-    return previous.content_hash
+    seen[model_id] = current = look_again(path, previous)
+    if current is not previous and current.problem:  # said once per state of the folder
+        context.log.warning(
+            f"{current.problem} Its `checkpoint` step will fail with this reason until the folder changes."
+        )
+    return current.content_hash
 
 
 def conversion_request(

@@ -23,6 +23,7 @@ from edge_quant_pipeline.checkpoints import (
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.exporters import ExporterSettingError, plan_export
+from edge_quant_pipeline.processes import is_alive
 
 # "<host>:<pid>" of the process executing a run; set by this step, or by whoever launches the run.
 PROCESS_TAG = "edge_quant/process"
@@ -33,25 +34,6 @@ RUN_PROCESS_EXECUTORS = ("in_process", "execute_in_process_executor")
 def process_tags() -> dict[str, str]:
     """Tags naming this process as the one executing a run (pass them to ``execute_in_process``)."""
     return {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the pid exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """Killed but never reaped: in a container without an init process, a killed worker keeps its pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (not Linux), or it just went
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # the state follows the parenthesized command name
 
 
 def fail_runs_of_dead_processes(instance: dg.DagsterInstance) -> list[str]:
@@ -66,7 +48,7 @@ def fail_runs_of_dead_processes(instance: dg.DagsterInstance) -> list[str]:
     for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
         run = record.dagster_run
         run_host, _, pid = run.tags.get(PROCESS_TAG, "").rpartition(":")
-        if run_host != host or not pid.isdigit() or _is_alive(int(pid)):
+        if run_host != host or not pid.isdigit() or is_alive(int(pid)):
             continue
         instance.report_run_failed(
             run,

@@ -1,0 +1,80 @@
+"""What `edge-quant run` prints, as a user runs it: a line per run with its outcome and, under a failed run, why;
+the libraries' output only in the run logs, unless --verbose."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_MODEL, REPO
+
+# A recipe that can only fail its gate: no quantized model has zero KL.
+RECIPES_YAML = "recipes:\n  int8_never_good_enough:\n    default: int8_dynamic\n    gates: {max_mean_kl: 0.0}\n"
+# What TensorFlow, absl, torch, litert-torch, ai-edge-quantizer and LiteRT write while the demo runs.
+LIBRARY_OUTPUT = ("LiteRT-Torch Convert", "absl", "cudart_stub", "Quantized data for tensor", "INFO: [")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, demo_checkpoint_dir) -> Path:
+    home = tmp_path_factory.mktemp("cli")
+    shutil.copy(REPO / "dagster.yaml", home)
+    shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / DEMO_MODEL)
+    (home / "recipes.yaml").write_text(RECIPES_YAML)
+    return home
+
+
+def edge_quant_run(home: Path, *args: str) -> str:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_QUANT_")},
+        "DAGSTER_HOME": str(home),
+        "EDGE_QUANT_CHECKPOINT_DIR": str(home / "checkpoints"),
+        "EDGE_QUANT_ARTIFACT_DIR": str(home / "artifacts"),
+        "EDGE_QUANT_WORK_DIR": str(home / "work"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_quant_pipeline.cli", "run", *args],
+        cwd=home,  # dagster.yaml's storage paths and ./recipes.yaml are relative to it
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def first_run(home) -> str:
+    return edge_quant_run(home, "--recipe", "float", "--recipe", "int8_never_good_enough")
+
+
+def test_each_run_gets_a_line_and_a_failed_one_its_reason(first_run):
+    lines = first_run.splitlines()
+    for job, label in [
+        ("convert_checkpoint", DEMO_MODEL),
+        ("resolve_recipe", "float"),
+        ("quantize_evaluate_publish", f"{DEMO_MODEL}|float"),
+        ("report", DEMO_MODEL),
+    ]:
+        assert any(re.fullmatch(rf"\s+{job}\s+{re.escape(label)}\s+[\d.]+s\s+ok", line) for line in lines), first_run
+    failed = next(i for i, line in enumerate(lines) if f"{DEMO_MODEL}|int8_never_good_enough" in line)
+    assert lines[failed].endswith("FAILED")
+    assert "check quality_gates: mean_kl = " in lines[failed + 1] and "fails max_mean_kl 0" in lines[failed + 1]
+    assert re.search(r"run [0-9a-f-]{36}: its logs are in `dagster dev`", lines[failed + 2])
+    assert "1 run(s) failed" in first_run
+
+
+def test_the_libraries_output_is_in_the_run_logs_not_on_the_terminal(first_run, home):
+    assert not [marker for marker in LIBRARY_OUTPUT if marker in first_run], first_run
+    assert "Traceback" not in first_run and "Warning" not in first_run
+    # The steps' stdout and stderr, as the UI shows them (dagster.yaml: compute_logs)
+    compute_logs = [p.read_text(errors="replace") for p in (home / ".dagster" / "logs").rglob("*.[oe][ur][tr]")]
+    assert any("LiteRT-Torch Convert" in log for log in compute_logs)  # the export's progress
+
+
+def test_verbose_shows_the_libraries_output(first_run, home):
+    output = edge_quant_run(home, "--all", "--recipe", "float", "--convert-only", "--verbose")
+    assert "LiteRT-Torch Convert" in output
