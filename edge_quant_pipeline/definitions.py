@@ -55,6 +55,7 @@ def pipeline_config_from_env() -> PipelineConfig:
         work_dir=str(settings.work_dir()),
         eval_text=str(settings.eval_text()),
         exporter=settings.exporter(),
+        recipes_file=str(settings.recipes_file().absolute()),
     )
 
 
@@ -84,7 +85,9 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
     )
 
 
-# Every EDGE_QUANT_* setting, checked before the code location is built from them: a bad one stops the load with
-# one line per problem (recipes.yaml was read, and checked, when `defs.partitions` was imported).
-settings.check()
-defs = build_definitions(pipeline_config_from_env())
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location as Dagster loads it, from the EDGE_QUANT_* settings, all checked before it is built: a bad
+    one stops the load with one line per problem."""
+    settings.check()
+    return build_definitions(pipeline_config_from_env())

@@ -32,7 +32,7 @@ from edge_quant_pipeline.checkpoints import CheckpointError, find_checkpoints
 from edge_quant_pipeline.defs.admission import folder_model_size
 from edge_quant_pipeline.defs.automation import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
 from edge_quant_pipeline.defs.checkpoint import fail_runs_of_dead_processes, process_tags
-from edge_quant_pipeline.defs.partitions import recipe_catalog
+from edge_quant_pipeline.defs.partitions import sync_recipe_partitions
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, steps_mb
@@ -498,11 +498,11 @@ def run_estimates(
             sizes[model] = folder_model_size(folders[model], pipeline) if model in folders else None
         except (CheckpointError, OSError):
             sizes[model] = None  # its run fails at the checkpoint step, with the reason
-    estimates = {}
+    estimates, catalog = {}, pipeline.recipe_catalog()
     for run in runs:
         size = sizes.get(run.model) if run.model else None
         steps = run_asset_names(defs, run, conversion_only)
-        recipe = recipe_catalog.recipes.get(run.recipe) if run.recipe else None
+        recipe = catalog.recipes.get(run.recipe) if run.recipe else None
         estimates[run] = steps_mb(steps, size, recipe) if size else LITERT_PROCESS_MB
     return estimates
 
@@ -526,6 +526,7 @@ def materialize(
     for run_id in fail_runs_of_dead_processes(instance):
         print(f"Run {run_id} was left STARTED by a process that is gone (killed?); marked it failed.")
     instance.add_dynamic_partitions("model", [m for m in models if not instance.has_dynamic_partition("model", m)])
+    sync_recipe_partitions(instance, pipeline.recipe_catalog().names)
     plan = rebuild_plan(instance, pipeline, models, recipes, rebuild_all=rebuild_all)
     reports = None if conversion_only else reports_due(instance, models, rebuild_all)
     if plan.empty:

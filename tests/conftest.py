@@ -15,6 +15,17 @@ os.environ["EDGE_QUANT_WORK_DIR"] = str(SESSION_DIR / "work")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).parent.parent
+
+
+def _recipe_catalog():
+    from edge_quant_pipeline import settings
+    from edge_quant_pipeline.recipes import load_catalog
+
+    return load_catalog(settings.recipes_file())
+
+
+# The catalog the tests' code location loads (./recipes.yaml plus the built-in recipes).
+recipe_catalog = _recipe_catalog()
 DEMO_MODEL = "tiny-llama-bytes"
 
 
@@ -87,7 +98,6 @@ def pipeline_run():
     import dagster as dg
 
     from edge_quant_pipeline.definitions import pipeline_config_from_env
-    from edge_quant_pipeline.defs.partitions import recipe_catalog
     from edge_quant_pipeline.launcher import materialize
 
     with dg.instance_for_test() as instance:

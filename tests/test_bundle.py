@@ -6,11 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DEMO_MODEL, SESSION_DIR, metadata
+from conftest import DEMO_MODEL, SESSION_DIR, metadata, recipe_catalog
 
 from edge_quant_pipeline.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, run_bundle
 from edge_quant_pipeline.exporters import GENERATIVE_API

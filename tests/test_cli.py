@@ -1,6 +1,7 @@
 """What `edge-quant run` prints, as a user runs it: a line per run with its outcome and, under a failed run, why;
 the libraries' output only in the run logs, unless --verbose."""
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,11 @@ def home(tmp_path_factory, demo_checkpoint_dir) -> Path:
     home = tmp_path_factory.mktemp("cli")
     shutil.copy(REPO / "dagster.yaml", home)
     shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / DEMO_MODEL)
+    # A checkpoint refused at its `checkpoint` step: its runs fail or are skipped, the other model's go on.
+    refused = shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / "yarn-llama")
+    config = json.loads((refused / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (refused / "config.json").write_text(json.dumps(config))
     (home / "recipes.yaml").write_text(RECIPES_YAML)
     return home
 
@@ -64,7 +70,18 @@ def test_each_run_gets_a_line_and_a_failed_one_its_reason(first_run):
     assert lines[failed].endswith("FAILED")
     assert "check quality_gates: mean_kl = " in lines[failed + 1] and "fails max_mean_kl 0" in lines[failed + 1]
     assert re.search(r"run [0-9a-f-]{36}: its logs are in `dagster dev`", lines[failed + 2])
-    assert "1 run(s) failed" in first_run
+    assert "check quality_gates" in first_run
+
+
+def test_a_model_that_cannot_be_converted_fails_alone_with_its_reason(first_run):
+    lines = first_run.splitlines()
+    failed = next(i for i, line in enumerate(lines) if re.match(r"\s+convert_checkpoint\s+yarn-llama ", line))
+    assert lines[failed].endswith("FAILED") and "RoPE scaling 'yarn' is not supported" in lines[failed + 1]
+    for recipe in ("float", "int8_never_good_enough"):
+        skipped = next(i for i, line in enumerate(lines) if f"yarn-llama|{recipe}" in line)
+        assert lines[skipped].endswith("not run") and "skipped: its convert_checkpoint run failed" in lines[skipped + 1]
+    assert f"\n{DEMO_MODEL}\n\n| recipe " in first_run  # the other model's table is printed
+    assert first_run.rstrip().endswith("run(s) failed; see them with `dagster dev`.")
 
 
 def test_the_libraries_output_is_in_the_run_logs_not_on_the_terminal(first_run, home):

@@ -7,13 +7,13 @@ from conftest import REPO
 def test_definitions_load():
     from edge_quant_pipeline.definitions import defs
 
-    dg.Definitions.validate_loadable(defs)
+    dg.Definitions.validate_loadable(defs())
 
 
 def test_sensors_and_schedules_ship_running():
     from edge_quant_pipeline.definitions import defs
 
-    repo = defs.get_repository_def()
+    repo = defs().get_repository_def()
     sensors = {s.name: s.default_status for s in repo.sensor_defs}
     assert sensors == {
         name: dg.DefaultSensorStatus.RUNNING for name in ("checkpoint_sensor", "recipe_sensor", "downstream_automation")

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import DEMO_MODEL, metadata, scramble_weights
+from conftest import DEMO_MODEL, metadata, recipe_catalog, scramble_weights
 
 from edge_quant_pipeline.weights import read_weights
 
@@ -102,7 +102,6 @@ def test_everything_in_the_store_has_the_permissions_the_umask_gives(pipeline_ru
 
 
 def test_report_lists_every_recipe(pipeline_run):
-    from edge_quant_pipeline.defs.partitions import recipe_catalog
 
     instance, _ = pipeline_run
     meta = metadata(instance, "quantization_report", DEMO_MODEL)
@@ -117,8 +116,12 @@ def test_republishing_the_same_inputs_is_a_no_op(pipeline_run):
 
     instance, _ = pipeline_run
     before = metadata(instance, "published_artifact", key("fp16"))
-    result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
-        partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "fp16"}), instance=instance
+    result = (
+        defs()
+        .resolve_job_def("quantize_evaluate_publish")
+        .execute_in_process(
+            partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "fp16"}), instance=instance
+        )
     )
     after = metadata(instance, "published_artifact", key("fp16"))
     assert result.success
@@ -130,7 +133,6 @@ def test_republishing_the_same_inputs_is_a_no_op(pipeline_run):
 
 
 def test_every_quantized_model_passed_its_blocking_conformance_check(pipeline_run):
-    from edge_quant_pipeline.defs.partitions import recipe_catalog
 
     instance, _ = pipeline_run
     check = dg.AssetCheckKey(dg.AssetKey("quantized_tflite"), "matches_recipe")
@@ -172,7 +174,7 @@ def test_damaged_weights_fail_the_gate_and_are_not_published(pipeline_run):
     published_before = metadata(instance, "published_artifact", str(partition))
     original = quantized.read_bytes()
     quantized.write_bytes(scramble_weights(quantized, "feedforward"))
-    job = defs.resolve_job_def("quantize_evaluate_publish")
+    job = defs().resolve_job_def("quantize_evaluate_publish")
     selection = [dg.AssetKey("evaluation"), dg.AssetKey("published_artifact")]
     try:
         result = job.execute_in_process(

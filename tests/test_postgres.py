@@ -209,7 +209,7 @@ def watched_location() -> dg.Definitions:
     from edge_quant_pipeline.definitions import convert_checkpoint_job, defs, pipeline_config_from_env
 
     return dg.Definitions(
-        assets=defs.assets,
+        assets=defs().assets,
         jobs=[convert_checkpoint_job],
         sensors=[checkpoint_sensor_every_second],
         resources={"pipeline": pipeline_config_from_env()},
@@ -282,8 +282,9 @@ def executor_config(monkeypatch, choice: str, **env: str) -> dict:
     monkeypatch.setenv(settings.EXECUTOR_VARIABLE, choice)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    loaded = defs()
     chosen = dg.Definitions(
-        assets=defs.assets, jobs=defs.jobs, resources=defs.resources, executor=executor.executor_from_env()
+        assets=loaded.assets, jobs=loaded.jobs, resources=loaded.resources, executor=executor.executor_from_env()
     )
     dg.Definitions.validate_loadable(chosen)
     job = chosen.resolve_job_def("quantize_evaluate_publish")
@@ -333,7 +334,7 @@ def test_k8s_step_pods_request_the_step_memory(monkeypatch):
 
 
 def test_definitions_module_takes_the_executor_from_the_environment():
-    load = "from edge_quant_pipeline.definitions import defs; print(defs.resolve_job_def('report').executor_def.name)"
+    load = "from edge_quant_pipeline.definitions import defs; print(defs().resolve_job_def('report').executor_def.name)"
 
     def import_with(choice: str) -> subprocess.CompletedProcess:
         env = {**os.environ, settings.EXECUTOR_VARIABLE: choice}

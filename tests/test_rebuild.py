@@ -8,12 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from conftest import recipe_catalog
 
 from edge_quant_pipeline.checkpoints import file_sha256, read_checkpoint
 from edge_quant_pipeline.definitions import build_definitions
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, nightly_schedules, recipe_sensor
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
-from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.launcher import materialize
@@ -144,7 +144,9 @@ def test_sensors_request_nothing_when_nothing_changed(world):
             result = checkpoint_sensor(context)
         cursor = result.cursor
         assert result.run_requests == [] and result.dynamic_partitions_requests == []
-    assert recipe_sensor(dg.build_sensor_context(instance=instance)) == []
+    with dg.build_sensor_context(instance=instance, resources={"pipeline": pipeline}) as context:
+        result = recipe_sensor(context)
+    assert result.run_requests == [] and result.dynamic_partitions_requests == []
 
 
 def test_rebuild_all_requests_every_model_and_recipe(world):

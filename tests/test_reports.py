@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import DEMO_MODEL, metadata, scramble_weights
+from conftest import DEMO_MODEL, metadata, recipe_catalog, scramble_weights
 from upath import UPath
 
 from edge_quant_pipeline.publish import (
@@ -101,7 +101,6 @@ def test_champion_is_the_smallest_published_recipe(pipeline_run):
 
 def test_every_published_recipe_has_version_one_and_a_latest_pointer(pipeline_run):
     from edge_quant_pipeline.definitions import pipeline_config_from_env
-    from edge_quant_pipeline.defs.partitions import recipe_catalog
 
     store = pipeline_config_from_env().store
     for recipe in recipe_catalog.names:
@@ -160,7 +159,6 @@ def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(cop
 def test_no_champion_when_no_recipe_of_the_current_checkpoint_publishes(copied):
     """Every recipe's current version failed its latest evaluation (the records evaluation writes): champion.json
     goes rather than name an artifact that is not the current checkpoint's champion; the versions stay."""
-    from edge_quant_pipeline.defs.partitions import recipe_catalog
 
     champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
     for recipe in recipe_catalog.names:

@@ -5,9 +5,9 @@ import shutil
 
 import dagster as dg
 import pytest
+from conftest import recipe_catalog
 
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, recipe_sensor
-from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
 
@@ -98,9 +98,15 @@ def test_missing_folder_is_a_skip_with_the_fix(tmp_path):
     assert isinstance(result, dg.SkipReason) and "EDGE_QUANT_CHECKPOINT_DIR" in result.skip_message
 
 
-def test_recipe_sensor_keys_each_recipe_by_its_spec_and_gates():
+def test_recipe_sensor_keeps_a_partition_per_recipe_and_keys_each_by_its_spec_and_gates(watched):
+    _, pipeline = watched
     with dg.instance_for_test() as instance:
-        requests = recipe_sensor(dg.build_sensor_context(instance=instance))
-    assert {r.partition_key: r.run_key for r in requests} == {
+        instance.add_dynamic_partitions("recipe", ["dropped-from-recipes-yaml"])
+        with dg.build_sensor_context(instance=instance, resources={"pipeline": pipeline}) as context:
+            result = recipe_sensor(context)
+    assert {r.partition_key: r.run_key for r in result.run_requests} == {
         name: f"{name}@{recipe.definition_hash}" for name, recipe in recipe_catalog.recipes.items()
     }
+    added, deleted = result.dynamic_partitions_requests
+    assert list(added.partition_keys) == recipe_catalog.names
+    assert list(deleted.partition_keys) == ["dropped-from-recipes-yaml"]

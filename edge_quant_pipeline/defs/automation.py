@@ -19,7 +19,7 @@ import dagster as dg
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints import SeenCheckpoint, look_again, scan_checkpoints
 from edge_quant_pipeline.defs.outcomes import code_version
-from edge_quant_pipeline.defs.partitions import model_partitions, recipe_catalog
+from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partition_changes, recipe_partitions
 from edge_quant_pipeline.defs.rebuild import DATA_VERSION_TAG, MODEL_ASSET_DEFS, latest_tags, model_state, rebuild_plan
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.staleness import MODEL_ASSETS
@@ -107,15 +107,24 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
     job_name=RESOLVE_JOB,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Resolves each recipe of the catalog whose spec or gates the instance has not resolved yet.",
+    description="Keeps a `recipe` partition per catalog entry, and resolves each recipe whose spec or gates the "
+    "instance has not resolved yet.",
 )
-def recipe_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest]:
-    return [
-        dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.definition_hash}")
-        for name, recipe in recipe_catalog.recipes.items()
-        if name not in recipe_catalog.errors
-        and latest_tags(context.instance, "quant_recipe", name).get(DATA_VERSION_TAG) != recipe.definition_hash
-    ]
+def recipe_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineConfig) -> dg.SensorResult:
+    catalog = pipeline.recipe_catalog()
+    added, deleted = recipe_partition_changes(context.instance, catalog.names)
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(partition_key=name, run_key=f"{name}@{recipe.definition_hash}")
+            for name, recipe in catalog.recipes.items()
+            if name not in catalog.errors
+            and latest_tags(context.instance, "quant_recipe", name).get(DATA_VERSION_TAG) != recipe.definition_hash
+        ],
+        dynamic_partitions_requests=[
+            *([recipe_partitions.build_add_request(added)] if added else []),
+            *([recipe_partitions.build_delete_request(deleted)] if deleted else []),
+        ],
+    )
 
 
 def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.ScheduleDefinition]:

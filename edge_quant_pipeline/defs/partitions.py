@@ -1,18 +1,16 @@
-"""Partitions: one `model` per checkpoint (dynamic), one `recipe` per catalog entry, and their product."""
+"""Partitions: one `model` per checkpoint and one `recipe` per catalog entry (both dynamic), and their product.
+
+Models are added by the checkpoint sensor and `edge-quant run`; recipes follow the catalog (built-ins plus
+recipes.yaml): the recipe sensor and `edge-quant run` add an entry's partition and delete the partition of an
+entry that is gone (``recipe_partition_changes``), so an edited recipes.yaml needs no reload of the code location.
+"""
 
 import warnings
 
 import dagster as dg
 
-from edge_quant_pipeline import settings
-from edge_quant_pipeline.recipes import load_catalog
-
-# Read once per code-location load: editing recipes.yaml and reloading adds or
-# removes recipe partitions without touching the others.
-recipe_catalog = load_catalog(settings.recipes_file())
-
 model_partitions = dg.DynamicPartitionsDefinition(name="model")
-recipe_partitions = dg.StaticPartitionsDefinition(recipe_catalog.names)
+recipe_partitions = dg.DynamicPartitionsDefinition(name="recipe")
 model_recipe_partitions = dg.MultiPartitionsDefinition({"model": model_partitions, "recipe": recipe_partitions})
 
 # A (model, recipe) asset reads the model-level and recipe-level assets of its own key.
@@ -21,3 +19,16 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", dg.BetaWarning)
     BY_MODEL = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
     BY_RECIPE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="recipe")
+
+
+def recipe_partition_changes(instance: dg.DagsterInstance, names: list[str]) -> tuple[list[str], list[str]]:
+    """(partitions to add, partitions to delete) for the recipe partitions to be the catalog's ``names``."""
+    existing = instance.get_dynamic_partitions(recipe_partitions.name)
+    return [n for n in names if n not in existing], [n for n in existing if n not in names]
+
+
+def sync_recipe_partitions(instance: dg.DagsterInstance, names: list[str]) -> None:
+    added, deleted = recipe_partition_changes(instance, names)
+    instance.add_dynamic_partitions(recipe_partitions.name, added)
+    for name in deleted:
+        instance.delete_dynamic_partition(recipe_partitions.name, name)

@@ -13,7 +13,6 @@ from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_ch
 from edge_quant_pipeline.defs.checkpoint import checkpoint as checkpoint_asset
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, code_version
-from edge_quant_pipeline.defs.partitions import recipe_catalog
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import latest_outcome
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
@@ -83,10 +82,11 @@ def rebuild_plan(
             checkpoints[model_id] = read_checkpoint(found[model_id]) if model_id in found else None
         except CheckpointError:
             checkpoints[model_id] = None
+    catalog = pipeline.recipe_catalog()
     usable = {
-        name: recipe_catalog.recipes[name]
-        for name in recipes or recipe_catalog.names
-        if name in recipe_catalog.recipes and name not in recipe_catalog.errors
+        name: catalog.recipes[name]
+        for name in recipes or catalog.names
+        if name in catalog.recipes and name not in catalog.errors
     }
     settled = {
         (model_id, name)

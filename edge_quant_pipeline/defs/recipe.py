@@ -2,15 +2,16 @@
 
 import dagster as dg
 
-from edge_quant_pipeline.defs.partitions import recipe_catalog, recipe_partitions
+from edge_quant_pipeline.defs.partitions import recipe_partitions
+from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.recipes import Recipe, RecipeError
 
 
 @dg.asset(partitions_def=recipe_partitions, group_name="recipes")
-def quant_recipe(context: dg.AssetExecutionContext) -> dg.Output[Recipe]:
-    """A quantization recipe from the catalog (built-ins + recipes.yaml)."""
+def quant_recipe(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[Recipe]:
+    """A quantization recipe from the catalog (built-ins + recipes.yaml, as the file is now)."""
     try:
-        recipe = recipe_catalog.get(context.partition_key)
+        recipe = pipeline.recipe_catalog().get(context.partition_key)
     except RecipeError as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(

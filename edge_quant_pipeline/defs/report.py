@@ -8,7 +8,7 @@ from upath import UPath
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.conditions import ON_ANY_PUBLISH
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
-from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions, recipe_catalog
+from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import latest_outcome, point_champion, write_atomically
 from edge_quant_pipeline.report import (
@@ -53,12 +53,12 @@ def quantization_report(
     """One row per recipe for the current checkpoint, as its latest evaluation left it: published metrics, or why
     it did not publish (or no longer passes); the champion (smallest published file) marked and pointed to by
     `<store>/<model>/champion.json`, which is removed when no recipe of this checkpoint is published."""
-    rows = []
-    for name in recipe_catalog.names:
-        if name in recipe_catalog.errors:
-            rows.append({"recipe": name, "status": "failed (recipe)", "error": recipe_catalog.errors[name]})
+    rows, catalog = [], pipeline.recipe_catalog()
+    for name in catalog.names:
+        if name in catalog.errors:
+            rows.append({"recipe": name, "status": "failed (recipe)", "error": catalog.errors[name]})
             continue
-        inputs = artifact_inputs(pipeline, checkpoint, recipe_catalog.recipes[name])
+        inputs = artifact_inputs(pipeline, checkpoint, catalog.recipes[name])
         rows.append(report_row(name, *latest_outcome(pipeline.store, inputs)))
     frame = build_report(rows)
     champion = champion_of(frame)

@@ -10,6 +10,7 @@ from edge_quant_pipeline.checkpoints import Checkpoint, file_sha256
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.exporters import AUTO
+from edge_quant_pipeline.recipes import Catalog, load_catalog
 from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
 
 
@@ -45,6 +46,11 @@ class PipelineConfig(dg.ConfigurableResource):
     localize_errors: bool = True
     # Which litert-torch exporter makes the float .tflite (exporters.py): auto, generative_api or export_hf.
     exporter: str = AUTO
+    # User recipes, merged with the built-in ones (none there: the built-in ones alone); read when used.
+    recipes_file: str = "recipes.yaml"
+
+    def recipe_catalog(self) -> Catalog:
+        return load_catalog(Path(self.recipes_file))
 
     @property
     def export_settings(self) -> ExportSettings:
