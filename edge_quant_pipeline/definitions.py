@@ -87,7 +87,10 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    """The code location as Dagster loads it, from the EDGE_QUANT_* settings, all checked before it is built: a bad
-    one stops the load with one line per problem."""
+    """The code location as Dagster loads it, from the EDGE_QUANT_* settings and recipes.yaml, all checked before
+    it is built: a bad setting, or a recipes.yaml that is not YAML, stops the load with one line per problem (a bad
+    recipe fails only its own partitions)."""
     settings.check()
-    return build_definitions(pipeline_config_from_env())
+    pipeline = pipeline_config_from_env()
+    pipeline.recipe_catalog()
+    return build_definitions(pipeline)

@@ -38,7 +38,7 @@ from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, steps_mb
 from edge_quant_pipeline.memory import Admission, Reservation, admission, machine_memory, rss_mb
 from edge_quant_pipeline.run_view import RunView
-from edge_quant_pipeline.staleness import MODEL_ASSETS, RebuildPlan
+from edge_quant_pipeline.staleness import RebuildPlan, as_selection
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
 REPORT_JOB, ALL_MODELS_REPORT_JOB = "report", "report_all_models"
@@ -101,10 +101,7 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
 
     ``reports`` None: no reports (``--convert-only``).
     """
-    converts = {
-        m: PlannedRun(CONVERT_JOB, model=m, assets=None if assets == MODEL_ASSETS else assets)
-        for m, assets in plan.convert.items()
-    }
+    converts = {m: PlannedRun(CONVERT_JOB, model=m, assets=as_selection(assets)) for m, assets in plan.convert.items()}
     resolves = {r: PlannedRun(RESOLVE_JOB, recipe=r) for r in plan.resolve}
     pairs = {
         (m, r): PlannedRun(

@@ -37,6 +37,11 @@ class ModelState:
         return tuple(a for a in MODEL_ASSETS if a in self.changed_code)
 
 
+def as_selection(assets: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The assets of a conversion as a run's asset selection: None for the whole conversion job."""
+    return None if assets == MODEL_ASSETS else assets
+
+
 @dataclass(frozen=True)
 class RecipeState:
     current_hash: str  # of the spec in the catalog now

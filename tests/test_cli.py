@@ -24,10 +24,9 @@ def home(tmp_path_factory, demo_checkpoint_dir) -> Path:
     shutil.copy(REPO / "dagster.yaml", home)
     shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / DEMO_MODEL)
     # A checkpoint refused at its `checkpoint` step: its runs fail or are skipped, the other model's go on.
-    refused = shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / "yarn-llama")
+    refused = shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / "mamba")
     config = json.loads((refused / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    (refused / "config.json").write_text(json.dumps(config))
+    (refused / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     (home / "recipes.yaml").write_text(RECIPES_YAML)
     return home
 
@@ -75,10 +74,10 @@ def test_each_run_gets_a_line_and_a_failed_one_its_reason(first_run):
 
 def test_a_model_that_cannot_be_converted_fails_alone_with_its_reason(first_run):
     lines = first_run.splitlines()
-    failed = next(i for i, line in enumerate(lines) if re.match(r"\s+convert_checkpoint\s+yarn-llama ", line))
-    assert lines[failed].endswith("FAILED") and "RoPE scaling 'yarn' is not supported" in lines[failed + 1]
+    failed = next(i for i, line in enumerate(lines) if re.match(r"\s+convert_checkpoint\s+mamba ", line))
+    assert lines[failed].endswith("FAILED") and "model_type 'mamba' is not supported" in lines[failed + 1]
     for recipe in ("float", "int8_never_good_enough"):
-        skipped = next(i for i, line in enumerate(lines) if f"yarn-llama|{recipe}" in line)
+        skipped = next(i for i, line in enumerate(lines) if f"mamba|{recipe}" in line)
         assert lines[skipped].endswith("not run") and "skipped: its convert_checkpoint run failed" in lines[skipped + 1]
     assert f"\n{DEMO_MODEL}\n\n| recipe " in first_run  # the other model's table is printed
     assert first_run.rstrip().endswith("run(s) failed; see them with `dagster dev`.")

@@ -22,7 +22,7 @@ from edge_quant_pipeline.defs.outcomes import code_version
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partition_changes, recipe_partitions
 from edge_quant_pipeline.defs.rebuild import DATA_VERSION_TAG, MODEL_ASSET_DEFS, latest_tags, model_state, rebuild_plan
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.staleness import MODEL_ASSETS
+from edge_quant_pipeline.staleness import as_selection
 
 CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
 
@@ -49,12 +49,13 @@ def conversion_request(
     assets = model_state(context.instance, pipeline, model_id, content_hash).assets_to_run
     if not assets:
         return None
+    selection = as_selection(assets)
     versions = "|".join(code_version(asset, pipeline) or "" for asset in MODEL_ASSET_DEFS)
     # The run key makes one state trigger once, across restarts, also while its run is still going.
     return dg.RunRequest(
         partition_key=model_id,
         run_key=f"{model_id}@{content_hash}@{hashlib.sha256(versions.encode()).hexdigest()[:12]}",
-        asset_selection=None if assets == MODEL_ASSETS else [dg.AssetKey(a) for a in assets],
+        asset_selection=[dg.AssetKey(a) for a in selection] if selection else None,
     )
 
 
@@ -137,7 +138,7 @@ def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.Sc
     def requests_for(job_name: str, context: dg.ScheduleEvaluationContext, pipeline: PipelineConfig):
         plan = rebuild_plan(context.instance, pipeline, rebuild_all=rebuild_all)
         keys: dict[str, tuple[str, ...] | None] = {  # partition -> the assets to make, None: all the job's
-            CONVERT_JOB: {m: None if assets == MODEL_ASSETS else assets for m, assets in plan.convert.items()},
+            CONVERT_JOB: {m: as_selection(assets) for m, assets in plan.convert.items()},
             RESOLVE_JOB: dict.fromkeys(plan.resolve),
             QUANTIZE_JOB: dict.fromkeys(dg.MultiPartitionKey({"model": m, "recipe": r}) for m, r in plan.quantize),
         }[job_name]
