@@ -33,9 +33,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield Path(name)
         os.replace(name, path)
-    except BaseException:
+    finally:
+        # Gone after a rename, except where ``name`` was made a hard link of ``path``'s own file: renaming one
+        # link of a file over another is a no-op that leaves both.
         Path(name).unlink(missing_ok=True)
-        raise
 
 
 def write_atomically(path: Path, content: bytes | bytearray) -> None:
@@ -48,7 +49,9 @@ def write_atomically(path: Path, content: bytes | bytearray) -> None:
 
 def link_or_copy(source: Path, target: Path) -> Path:
     """``target`` with ``source``'s bytes: a hard link where the filesystem allows (no copy of a large file),
-    else a copy; atomically either way."""
+    else a copy; atomically either way. Already ``source``'s file: left as it is."""
+    if target.exists() and target.samefile(source):
+        return target
     with atomic_path(target) as partial:
         partial.unlink()
         try:

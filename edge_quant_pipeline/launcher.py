@@ -182,7 +182,7 @@ class Lane:
         checks = result.get_asset_check_evaluations()
         failures = [f"check {c.check_name}: {c.description}" for c in checks if not c.passed]
         failures += [
-            e.step_failure_data.error.message.strip().splitlines()[0]
+            step_failure_reason(e.step_failure_data.error)
             for e in result.all_events
             # a step stopped by a failed blocking check: the check's line above says why
             if e.is_step_failure and e.step_failure_data.error.cls_name != "DagsterAssetCheckFailedError"
@@ -191,6 +191,14 @@ class Lane:
             # Its steps' output, the libraries' included, is in its compute logs, which the UI shows.
             failures.append(f"run {result.run_id}: its logs are in `dagster dev`, Runs")
         return RunOutcome(run=run, seconds=time.perf_counter() - started, failures=failures)
+
+
+def step_failure_reason(error: Any) -> str:
+    """The first line of what went wrong in a step (a ``SerializableErrorInfo``): Dagster wraps an exception a
+    step raises in one of its own ("Error occurred while executing op ..."), the exception being its cause."""
+    while error.cls_name == "DagsterExecutionStepExecutionError" and error.cause is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[0]
 
 
 def _worker_main(connection: Connection, launch: LaunchContext) -> None:

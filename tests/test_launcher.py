@@ -8,7 +8,7 @@ import dagster as dg
 
 from edge_quant_pipeline.definitions import pipeline_config_from_env
 from edge_quant_pipeline.defs.rebuild import DueReports
-from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, launch, plan_runs
+from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, launch, plan_runs, step_failure_reason
 from edge_quant_pipeline.memory import machine_memory
 from edge_quant_pipeline.staleness import MODEL_ASSETS, RebuildPlan
 
@@ -54,6 +54,17 @@ def test_a_new_eval_text_converts_only_the_float_reference():
     runs = plan_runs(RebuildPlan(convert={"m1": ("float_reference",)}), MODELS, RECIPES, None)
     convert = next(r for r in runs if r.job == "convert_checkpoint")
     assert convert.assets == ("float_reference",) and convert.label == "m1 (float_reference)"
+
+
+def test_a_failed_step_is_explained_by_its_own_exception_not_dagsters_wrapper():
+    @dg.asset
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    result = dg.materialize([full_disk], raise_on_error=False)
+    (failure,) = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
+    assert failure.cls_name == "DagsterExecutionStepExecutionError"
+    assert step_failure_reason(failure) == "OSError: [Errno 28] No space left on device"
 
 
 def _run_in_a_fresh_worker(launch: LaunchContext, run: PlannedRun) -> tuple[list[str], set[str]]:

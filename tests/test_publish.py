@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO
 from upath import UPath
 
+from edge_quant_pipeline.atomic import link_or_copy
 from edge_quant_pipeline.defs.resources import ArtifactStore
 from edge_quant_pipeline.publish import (
     LOCK,
@@ -269,3 +270,14 @@ def test_concurrent_publishes_are_serialized(tmp_path):
     latest = latest_pointer(UPath(store), "model", "int8")
     assert any(latest == {k: m[k] for k in ("version", "number", "artifact_path", "published_at")} for m in versions)
     assert list((store / "model" / "int8").glob(STAGING)) == []
+
+
+def test_linking_a_file_to_where_it_already_is_leaves_no_hidden_copy(tmp_path):
+    """The float recipe's file is a hard link of the float export: made again for new inputs, it must not leave
+    a hidden link behind each time (renaming one link of a file over another is a no-op that keeps both)."""
+    source = tmp_path / "float.tflite"
+    source.write_bytes(os.urandom(1000))
+    for _ in range(2):
+        link_or_copy(source, tmp_path / "float-recipe.tflite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float-recipe.tflite", "float.tflite"]
+    assert (tmp_path / "float-recipe.tflite").samefile(source)

@@ -264,3 +264,18 @@ def test_a_new_eval_text_rebuilds_the_reference_and_every_evaluation_but_no_expo
         file_sha256(eval_text),
     ]
     assert rebuild_plan(instance, edited, MODELS, RECIPES).empty
+
+
+def test_automation_refreshes_the_report_after_an_evaluation_that_published_nothing(world, defs):
+    """An evaluation that fails its gates materializes `evaluation` and records the failure, but publishes
+    nothing: the daemon must still rebuild that model's report, which shows the failure."""
+    instance, _, _ = world
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
+        partition_key=dg.MultiPartitionKey({"model": "beta", "recipe": "float"}),
+        instance=instance,
+        asset_selection=[dg.AssetKey("evaluation")],
+    )
+    assert result.success
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
+    assert after.get_requested_partitions(dg.AssetKey("quantization_report")) == {"beta"}

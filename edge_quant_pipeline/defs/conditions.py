@@ -5,9 +5,9 @@ import dagster as dg
 # Downstream assets rebuild when an input is re-materialized or their code (which
 # includes the toolchain versions) changes; `eager()` alone ignores code versions.
 ON_INPUT_OR_CODE_CHANGE = dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()
-# The report reads whatever recipes did publish: a failed recipe must not block it,
+# The report reads whatever recipes did evaluate and publish: a failed recipe must not block it,
 # which `eager()`'s "no dependency missing" clause would.
-ON_ANY_PUBLISH = (
+ON_ANY_OUTCOME = (
     dg.AutomationCondition.any_deps_updated().since_last_handled()
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()

@@ -6,7 +6,7 @@ import pandas as pd
 from upath import UPath
 
 from edge_quant_pipeline.checkpoints import Checkpoint
-from edge_quant_pipeline.defs.conditions import ON_ANY_PUBLISH
+from edge_quant_pipeline.defs.conditions import ON_ANY_OUTCOME
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
@@ -43,9 +43,14 @@ def stored_report(frame: pd.DataFrame, folder: UPath, note: str = "") -> dict[st
 
 @dg.asset(
     partitions_def=model_partitions,
-    automation_condition=ON_ANY_PUBLISH,
+    automation_condition=ON_ANY_OUTCOME,
     group_name="publishing",
-    deps=[dg.AssetDep("published_artifact", partition_mapping=BY_MODEL)],
+    # It reads what evaluation records as well as what publishing does: an evaluation that failed its gates
+    # publishes nothing, and the report must still say so.
+    deps=[
+        dg.AssetDep("evaluation", partition_mapping=BY_MODEL),
+        dg.AssetDep("published_artifact", partition_mapping=BY_MODEL),
+    ],
 )
 def quantization_report(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
@@ -76,7 +81,7 @@ def quantization_report(
 
 
 @dg.asset(
-    automation_condition=ON_ANY_PUBLISH,
+    automation_condition=ON_ANY_OUTCOME,
     group_name="publishing",
     deps=[quantization_report],
 )
