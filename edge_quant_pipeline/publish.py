@@ -53,8 +53,10 @@ from upath.implementations.local import LocalPath
 
 from edge_quant_pipeline import atomic
 from edge_quant_pipeline.bundle import BUILDER_PACKAGE, builder_version, bundle_path
+from edge_quant_pipeline.disk import check_free_disk
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.exporters import GENERATIVE_API
+from edge_quant_pipeline.settings import ARTIFACT_DIR_VARIABLE
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.tflite"
@@ -201,6 +203,12 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
     return manifest
 
 
+def _version_bytes(tflite: Path) -> int:
+    """What a version of ``tflite`` holds: the model, its embedders and its bundle."""
+    bundle = [bundle_path(tflite)] if bundle_path(tflite).exists() else []
+    return sum(path.stat().st_size for path in (tflite, *embedders_of(tflite).values(), *bundle))
+
+
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     staging = atomic.hidden_sibling(target.parent, f".{target.name}.tmp-")
     staging.mkdir()  # with the umask's permissions, unlike mkdtemp's 0700: the version is for others to read
@@ -296,6 +304,7 @@ def publish(
         if newly_published:
             manifest = _new_manifest(store, inputs, target, metrics, details)
             if is_local(target):
+                check_free_disk(Path(recipe_dir.path), _version_bytes(tflite), ARTIFACT_DIR_VARIABLE)
                 manifest = _write_version_locally(Path(target.path), tflite, manifest)
             else:
                 manifest = _write_version(target, tflite, manifest)

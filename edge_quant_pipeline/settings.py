@@ -20,6 +20,7 @@ DEMO_CHECKPOINT_DIR = PACKAGE_DIR / "demo" / "checkpoints"
 DEFAULT_EVAL_TEXT = PACKAGE_DIR / "demo" / "corpus" / "eval.txt"
 
 ARTIFACT_DIR_VARIABLE = "EDGE_QUANT_ARTIFACT_DIR"
+WORK_DIR_VARIABLE = "EDGE_QUANT_WORK_DIR"
 DEFAULT_ARTIFACT_DIR = "artifacts"
 EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
 EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s")
@@ -99,7 +100,7 @@ def artifact_dir() -> str:
 
 def work_dir() -> Path:
     """Intermediate .tflite files and float reference logits."""
-    return _folder("EDGE_QUANT_WORK_DIR", ".edge_quant/work", "set it to a folder for work files", must_exist=False)
+    return _folder(WORK_DIR_VARIABLE, ".edge_quant/work", "set it to a folder for work files", must_exist=False)
 
 
 def eval_text() -> Path:
@@ -213,7 +214,7 @@ SETTINGS = {
     "EDGE_QUANT_CHECKPOINT_DIR": checkpoint_dir,
     "EDGE_QUANT_RECIPES": recipes_file,
     ARTIFACT_DIR_VARIABLE: artifact_dir,
-    "EDGE_QUANT_WORK_DIR": work_dir,
+    WORK_DIR_VARIABLE: work_dir,
     "EDGE_QUANT_EVAL_TEXT": eval_text,
     "EDGE_QUANT_EXPORTER": exporter,
     "EDGE_QUANT_MEMORY_LEDGER": memory_ledger,

@@ -20,6 +20,7 @@ from edge_quant_pipeline.defs.admission import StepUsage, admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.evaluate.reference import (
     EvalTextError,
     FloatModel,
@@ -33,6 +34,7 @@ from edge_quant_pipeline.evaluate.reference import (
 from edge_quant_pipeline.export_hf import ExportError, export_hf_tflite
 from edge_quant_pipeline.exporters import EXPORT_HF, per_layer_embeddings
 from edge_quant_pipeline.memory import NotEnoughMemoryError
+from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
@@ -71,12 +73,14 @@ def float_tflite(
 ) -> dg.Output[TfliteModel]:
     """The checkpoint exported once to a float32 .tflite with prefill and decode signatures."""
     output = pipeline.work_path(checkpoint) / "float.tflite"
+    size = model_size(checkpoint, pipeline)
     try:
-        with admitted(context, model_size(checkpoint, pipeline)) as usage:
+        check_free_disk(output.parent, size.float_tflite_bytes, WORK_DIR_VARIABLE)
+        with admitted(context, size) as usage:
             context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
             with computing():
                 exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
-    except (NotEnoughMemoryError, ExportError) as error:
+    except (NotEnoughMemoryError, NotEnoughDiskError, ExportError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
         exported,

@@ -7,6 +7,7 @@ from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.evaluation import Evaluation
 from edge_quant_pipeline.publish import PublishedArtifact, publish, version_number
 from edge_quant_pipeline.recipes import Recipe
@@ -32,17 +33,15 @@ def published_artifact(
 ) -> dg.Output[PublishedArtifact]:
     """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff)."""
     inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
-    artifact = publish(
-        pipeline.store,
-        inputs,
-        quantized_tflite.path,
-        evaluation.as_dict(),
-        {
-            "checkpoint_path": str(checkpoint.path),
-            "recipe_spec": quant_recipe.spec(),
-            "dagster_run_id": context.run.run_id,
-        },
-    )
+    details = {
+        "checkpoint_path": str(checkpoint.path),
+        "recipe_spec": quant_recipe.spec(),
+        "dagster_run_id": context.run.run_id,
+    }
+    try:
+        artifact = publish(pipeline.store, inputs, quantized_tflite.path, evaluation.as_dict(), details)
+    except NotEnoughDiskError as error:  # nothing was written: the published versions are as they were
+        raise dg.Failure(str(error)) from None
     manifest = artifact.manifest
     context.log.info(f"{'Published' if artifact.newly_published else 'Already published'} {artifact.path}")
     return dg.Output(

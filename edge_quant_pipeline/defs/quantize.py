@@ -11,6 +11,7 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.publish import record_failure
 from edge_quant_pipeline.recipes import (
@@ -20,6 +21,7 @@ from edge_quant_pipeline.recipes import (
     embedder_quantizer_recipe,
     validate_for_model,
 )
+from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
@@ -81,12 +83,14 @@ def quantized_tflite(
     except RecipeError as error:
         raise rejected(pipeline, inputs, "recipe validation", error) from None
     try:
+        # the quantized file and, at evaluation, its bundle: at most the float file's size together
+        check_free_disk(output.parent, float_tflite.file_bytes, WORK_DIR_VARIABLE)
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
         with admitted(context, size, quant_recipe) as usage, computing():
             model_recipe = ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head)
             quantize_model(float_tflite.path, model_recipe, embedder_quantizer_recipe(quant_recipe), output)
-    except (QuantizationError, NotEnoughMemoryError) as error:
-        stage = "memory" if isinstance(error, NotEnoughMemoryError) else "quantization"
+    except (QuantizationError, NotEnoughMemoryError, NotEnoughDiskError) as error:
+        stage = {NotEnoughMemoryError: "memory", NotEnoughDiskError: "disk"}.get(type(error), "quantization")
         raise rejected(pipeline, inputs, stage, error) from None
     quantized = inspect_tflite(output)
     rows = check_conformance(quant_recipe, quantized.weights, shape)

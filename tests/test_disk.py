@@ -1,0 +1,36 @@
+"""Disk is checked before files are written: a step that would fill it is refused, naming the folder and the
+variable that points elsewhere, and nothing is written (the published versions stay as they were)."""
+
+import os
+import shutil
+
+import pytest
+
+from edge_quant_pipeline.defs.resources import ArtifactStore
+from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
+from edge_quant_pipeline.publish import ArtifactInputs, publish, published_versions
+
+
+def test_a_step_that_would_fill_the_disk_is_refused_with_what_it_needs(tmp_path):
+    folder = tmp_path / "not" / "made" / "yet"  # judged by the disk of the nearest folder that exists
+    check_free_disk(folder, 1, "EDGE_QUANT_WORK_DIR")
+    with pytest.raises(NotEnoughDiskError) as refused:
+        check_free_disk(folder, shutil.disk_usage(tmp_path).free, "EDGE_QUANT_WORK_DIR")
+    assert str(refused.value).startswith(f"{folder}: this step writes about ")
+    assert "set EDGE_QUANT_WORK_DIR to a disk with room" in str(refused.value)
+    assert not folder.exists()
+
+
+def test_a_version_that_does_not_fit_in_the_store_is_not_written(tmp_path):
+    store = ArtifactStore(url=str(tmp_path / "store")).root
+    inputs = ArtifactInputs("model", "float", "c1", "r1", {})
+    small = tmp_path / "small.tflite"
+    small.write_bytes(os.urandom(1000))
+    publish(store, inputs, small, {"file_bytes": 1000}, {})
+    huge = tmp_path / "huge.tflite"  # sparse: as large as the disk says it is free, holding nothing
+    with huge.open("wb") as stream:
+        stream.truncate(shutil.disk_usage(tmp_path).free)
+    with pytest.raises(NotEnoughDiskError, match="set EDGE_QUANT_ARTIFACT_DIR to a disk with room"):
+        publish(store, ArtifactInputs("model", "float", "c2", "r1", {}), huge, {"file_bytes": 1}, {})
+    assert [m["checkpoint_sha256"] for m in published_versions(store, "model", "float")] == ["c1"]
+    assert sorted(p.name for p in (tmp_path / "store" / "model" / "float").iterdir() if p.name.startswith(".v-")) == []
