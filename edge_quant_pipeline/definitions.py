@@ -18,7 +18,7 @@ from edge_quant_pipeline.defs.checkpoint import checkpoint
 from edge_quant_pipeline.defs.evaluation import evaluation
 from edge_quant_pipeline.defs.executor import executor_from_env
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
-from edge_quant_pipeline.defs.outcomes import with_setting_versions
+from edge_quant_pipeline.defs.outcomes import code_versions, with_code_version
 from edge_quant_pipeline.defs.partitions import model_partitions, model_recipe_partitions, recipe_partitions
 from edge_quant_pipeline.defs.publishing import published_artifact
 from edge_quant_pipeline.defs.quantize import quantized_tflite
@@ -72,8 +72,9 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
         quantization_report,
         all_models_report,
     ]
+    versions = code_versions(assets, pipeline)
     return dg.Definitions(
-        assets=[with_setting_versions(asset, pipeline) for asset in assets],
+        assets=[with_code_version(asset, versions[asset.key.path[-1]]) for asset in assets],
         jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
         sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
         schedules=nightly_schedules_from_env(),

@@ -18,9 +18,14 @@ import dagster as dg
 
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints import SeenCheckpoint, look_again, scan_checkpoints
-from edge_quant_pipeline.defs.outcomes import code_version
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partition_changes, recipe_partitions
-from edge_quant_pipeline.defs.rebuild import DATA_VERSION_TAG, MODEL_ASSET_DEFS, latest_tags, model_state, rebuild_plan
+from edge_quant_pipeline.defs.rebuild import (
+    DATA_VERSION_TAG,
+    latest_tags,
+    model_code_versions,
+    model_state,
+    rebuild_plan,
+)
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.staleness import as_selection
 
@@ -42,19 +47,20 @@ def settled_hash(
 
 
 def conversion_request(
-    context: dg.SensorEvaluationContext, pipeline: PipelineConfig, model_id: str, content_hash: str
+    context: dg.SensorEvaluationContext, model_id: str, content_hash: str, versions: dict[str, str | None]
 ) -> dg.RunRequest | None:
     """The part of the conversion the instance lacks for this checkpoint version and the current settings (the
-    whole of it for new bytes, only the float reference for a new eval text), or None when it has it all."""
-    assets = model_state(context.instance, pipeline, model_id, content_hash).assets_to_run
+    whole of it for new bytes, only the float reference for a new eval text), or None when it has it all.
+    ``versions``: the model-level assets' code versions now."""
+    assets = model_state(context.instance, model_id, content_hash, versions).assets_to_run
     if not assets:
         return None
     selection = as_selection(assets)
-    versions = "|".join(code_version(asset, pipeline) or "" for asset in MODEL_ASSET_DEFS)
+    versions_key = "|".join(version or "" for version in versions.values())
     # The run key makes one state trigger once, across restarts, also while its run is still going.
     return dg.RunRequest(
         partition_key=model_id,
-        run_key=f"{model_id}@{content_hash}@{hashlib.sha256(versions.encode()).hexdigest()[:12]}",
+        run_key=f"{model_id}@{content_hash}@{hashlib.sha256(versions_key.encode()).hexdigest()[:12]}",
         asset_selection=[dg.AssetKey(a) for a in selection] if selection else None,
     )
 
@@ -79,7 +85,7 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
             context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
         del seen[gone]
 
-    requests, settling, settled = [], [], []
+    requests, settling, settled, versions = [], [], [], model_code_versions(pipeline)
     for model_id, path in scan.found.items():
         try:
             content_hash = settled_hash(context, model_id, path, seen)
@@ -91,7 +97,7 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
             settling.append(model_id)
             continue
         settled.append(model_id)
-        if request := conversion_request(context, pipeline, model_id, content_hash):
+        if request := conversion_request(context, model_id, content_hash, versions):
             requests.append(request)
 
     new_models = [m for m in settled if not context.instance.has_dynamic_partition(model_partitions.name, m)]

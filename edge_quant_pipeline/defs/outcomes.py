@@ -1,5 +1,6 @@
 """What identifies a (model, recipe) result, and how a rejected one is recorded before it fails."""
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -44,16 +45,19 @@ def settings_tag(settings: dict[str, Any]) -> str:
     return ",".join(f"{k}={str(v)[:12] if k.endswith('sha256') else v}" for k, v in sorted(settings.items()))
 
 
-def code_version(asset: dg.AssetsDefinition, pipeline: PipelineConfig) -> str | None:
-    """The asset's code version with the settings that shape its output: changing one shows the asset changed
-    to the UI, to declarative automation and to the rebuild plan, as a code change does."""
-    base = asset.code_versions_by_key[asset.key]
-    settings = _settings_by_asset(pipeline).get(asset.key.path[-1])
-    return f"{base}|{settings_tag(settings)}" if settings else base
+def code_versions(assets: Iterable[dg.AssetsDefinition], pipeline: PipelineConfig) -> dict[str, str | None]:
+    """By asset name, each asset's code version with the settings that shape its output (read once, the eval
+    text hashed once): changing one shows the asset changed to the UI, to declarative automation and to the
+    rebuild plan, as a code change does."""
+    by_asset = _settings_by_asset(pipeline)
+    versions = {}
+    for asset in assets:
+        base, settings = asset.code_versions_by_key[asset.key], by_asset.get(asset.key.path[-1])
+        versions[asset.key.path[-1]] = f"{base}|{settings_tag(settings)}" if settings else base
+    return versions
 
 
-def with_setting_versions(asset: dg.AssetsDefinition, pipeline: PipelineConfig) -> dg.AssetsDefinition:
-    version = code_version(asset, pipeline)
+def with_code_version(asset: dg.AssetsDefinition, version: str | None) -> dg.AssetsDefinition:
     return asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version))
 
 

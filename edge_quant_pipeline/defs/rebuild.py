@@ -12,13 +12,17 @@ import dagster as dg
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint
 from edge_quant_pipeline.defs.checkpoint import checkpoint as checkpoint_asset
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
-from edge_quant_pipeline.defs.outcomes import artifact_inputs, code_version
+from edge_quant_pipeline.defs.outcomes import artifact_inputs, code_versions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import latest_outcome
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
 
-# The per-model assets, in the order of the graph; their code versions include the settings that shape them.
-MODEL_ASSET_DEFS = (checkpoint_asset, float_tflite, float_reference)
+
+def model_code_versions(pipeline: PipelineConfig) -> dict[str, str | None]:
+    """The code versions of the per-model assets (settings included), in the order of the graph."""
+    return code_versions((checkpoint_asset, float_tflite, float_reference), pipeline)
+
+
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 
@@ -39,18 +43,17 @@ def latest_tags(instance: dg.DagsterInstance, asset: str, partition: str) -> dic
 
 
 def model_state(
-    instance: dg.DagsterInstance, pipeline: PipelineConfig, model_id: str, content_hash: str | None
+    instance: dg.DagsterInstance, model_id: str, content_hash: str | None, versions: dict[str, str | None]
 ) -> ModelState:
     """``content_hash`` None: the checkpoint cannot be read, which is always "changed" (its conversion then fails
-    with the reason)."""
+    with the reason). ``versions``: the model-level assets' code versions now (``model_code_versions``)."""
     return ModelState(
         current_hash=content_hash or "unreadable",
         converted_hash=latest_tags(instance, "checkpoint", model_id).get(DATA_VERSION_TAG),
         changed_code=tuple(
-            asset.key.path[-1]
-            for asset in MODEL_ASSET_DEFS
-            if latest_tags(instance, asset.key.path[-1], model_id).get(CODE_VERSION_TAG)
-            != code_version(asset, pipeline)
+            name
+            for name, version in versions.items()
+            if latest_tags(instance, name, model_id).get(CODE_VERSION_TAG) != version
         ),
     )
 
@@ -82,7 +85,7 @@ def rebuild_plan(
             checkpoints[model_id] = read_checkpoint(found[model_id]) if model_id in found else None
         except CheckpointError:
             checkpoints[model_id] = None
-    catalog = pipeline.recipe_catalog()
+    catalog, versions = pipeline.recipe_catalog(), model_code_versions(pipeline)
     usable = {
         name: catalog.recipes[name]
         for name in recipes or catalog.names
@@ -96,7 +99,7 @@ def rebuild_plan(
         if is_settled(pipeline.store, artifact_inputs(pipeline, checkpoint, recipe))
     }
     return plan_rebuild(
-        models={m: model_state(instance, pipeline, m, c and c.content_hash) for m, c in checkpoints.items()},
+        models={m: model_state(instance, m, c and c.content_hash, versions) for m, c in checkpoints.items()},
         recipes={
             name: RecipeState(r.definition_hash, latest_tags(instance, "quant_recipe", name).get(DATA_VERSION_TAG))
             for name, r in usable.items()
