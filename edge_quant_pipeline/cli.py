@@ -55,7 +55,7 @@ def checked_recipes(selected: list[str] | None) -> list[str]:
     """Every ``EDGE_QUANT_*`` setting, ``recipes.yaml`` and the recipes this run would use, before any work:
     a SettingError or RecipeError with one line per problem."""
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.recipes import RecipeError, load_catalog
+    from edge_quant_pipeline.quantize.recipes import RecipeError, load_catalog
 
     settings.check()
     catalog = load_catalog(settings.recipes_file())
@@ -73,7 +73,7 @@ def checked_recipes(selected: list[str] | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
     quiet_third_party_noise()
-    from edge_quant_pipeline.recipes import RecipeError
+    from edge_quant_pipeline.quantize.recipes import RecipeError
     from edge_quant_pipeline.settings import SettingError
 
     try:

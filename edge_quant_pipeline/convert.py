@@ -101,14 +101,21 @@ def _array_equality_by_numpy() -> Iterator[None]:
         qtyping._compare_array_or_none = original
 
 
-def quantize_tflite(float_tflite: Path, quantizer_recipe: list[dict[str, Any]], output: Path) -> Path:
-    """Apply an ai-edge-quantizer recipe to a float flatbuffer; needs neither torch nor TF."""
+def quantize_tflite(
+    float_tflite: Path,
+    quantizer_recipe: list[dict[str, Any]],
+    output: Path,
+    calibration: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Apply an ai-edge-quantizer recipe to a float flatbuffer; needs neither torch nor TF. ``calibration``: the
+    statistics static activations and GPTQ need (``quantize/calibration.py``), keyed by tensor name."""
     from ai_edge_quantizer import quantizer
 
     try:
         with _array_equality_by_numpy():
             # A path: the quantizer maps the file instead of taking a copy of it.
             result = quantizer.Quantizer(float_tflite, quantizer_recipe).quantize(
+                calibration,
                 enable_progress_bar=False,
                 enable_progress_report=False,  # its own prints; the run logs the sizes
             )
@@ -121,14 +128,23 @@ def quantize_tflite(float_tflite: Path, quantizer_recipe: list[dict[str, Any]], 
 
 
 def quantize_model(
-    float_tflite: Path, quantizer_recipe: list[dict[str, Any]], embedder_recipe: list[dict[str, Any]], output: Path
+    float_tflite: Path,
+    quantizer_recipe: list[dict[str, Any]],
+    embedder_recipe: list[dict[str, Any]],
+    output: Path,
+    calibration: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """The model with ``quantizer_recipe`` and each of its embedders (``embedders.py``) with ``embedder_recipe``,
-    the embedders first (``output`` existing means they do); an empty recipe keeps a file's float bytes."""
+    the embedders first (``output`` existing means they do); an empty recipe keeps a file's float bytes.
+    ``calibration`` is for the model itself: embedders are lookups, which no calibrated scheme applies to."""
     for role, source in embedders_of(float_tflite).items():
         _quantized_or_linked(source, embedder_recipe, embedder_path(output, role))
-    return _quantized_or_linked(float_tflite, quantizer_recipe, output)
+    return _quantized_or_linked(float_tflite, quantizer_recipe, output, calibration)
 
 
-def _quantized_or_linked(source: Path, quantizer_recipe: list[dict[str, Any]], output: Path) -> Path:
-    return quantize_tflite(source, quantizer_recipe, output) if quantizer_recipe else link_or_copy(source, output)
+def _quantized_or_linked(
+    source: Path, quantizer_recipe: list[dict[str, Any]], output: Path, calibration: dict | None = None
+) -> Path:
+    if not quantizer_recipe:
+        return link_or_copy(source, output)
+    return quantize_tflite(source, quantizer_recipe, output, calibration)

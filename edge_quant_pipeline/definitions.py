@@ -14,6 +14,7 @@ from edge_quant_pipeline.defs.automation import (
     nightly_schedules_from_env,
     recipe_sensor,
 )
+from edge_quant_pipeline.defs.calibration import calibration
 from edge_quant_pipeline.defs.checkpoint import checkpoint
 from edge_quant_pipeline.defs.evaluation import evaluation
 from edge_quant_pipeline.defs.executor import executor_from_env
@@ -24,17 +25,18 @@ from edge_quant_pipeline.defs.publishing import published_artifact
 from edge_quant_pipeline.defs.quantize import quantized_tflite
 from edge_quant_pipeline.defs.recipe import quant_recipe
 from edge_quant_pipeline.defs.report import all_models_report, quantization_report
+from edge_quant_pipeline.defs.resolved_recipe import resolved_recipe
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
 # One job per partitioning: a Dagster run materializes one partition key, so the
 # graph for a model runs as convert -> recipes -> one run per recipe -> report.
 convert_checkpoint_job = dg.define_asset_job(
-    CONVERT_JOB, selection=[checkpoint, float_tflite, float_reference], partitions_def=model_partitions
+    CONVERT_JOB, selection=[checkpoint, float_tflite, float_reference, calibration], partitions_def=model_partitions
 )
 resolve_recipe_job = dg.define_asset_job(RESOLVE_JOB, selection=[quant_recipe], partitions_def=recipe_partitions)
 quantize_job = dg.define_asset_job(
     QUANTIZE_JOB,
-    selection=[quantized_tflite, evaluation, published_artifact],
+    selection=[resolved_recipe, quantized_tflite, evaluation, published_artifact],
     partitions_def=model_recipe_partitions,
 )
 report_job = dg.define_asset_job("report", selection=[quantization_report], partitions_def=model_partitions)
@@ -54,6 +56,7 @@ def pipeline_config_from_env() -> PipelineConfig:
         artifact_store=artifact_store_from_env(),
         work_dir=str(settings.work_dir()),
         eval_text=str(settings.eval_text()),
+        calibration_text=str(settings.calibration_text()),
         exporter=settings.exporter(),
         recipes_file=str(settings.recipes_file().absolute()),
     )
@@ -65,7 +68,9 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
         checkpoint,
         float_tflite,
         float_reference,
+        calibration,
         quant_recipe,
+        resolved_recipe,
         quantized_tflite,
         evaluation,
         published_artifact,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_quant_pipeline.memory import MB
-from edge_quant_pipeline.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import Recipe
 
 # A process that imported Dagster, torch, TensorFlow and litert-torch (a conversion run), and one that
 # imported Dagster, ai-edge-litert and ai-edge-quantizer (every other run).
@@ -48,6 +48,7 @@ class ModelSize:
     checkpoint_bytes: int  # the weight files as stored (bfloat16 for most checkpoints people ship)
     float_tflite_bytes: int  # the float32 export, once it exists; 4 bytes per parameter before
     window_tokens: int  # kv_cache_len: the positions of one evaluation window
+    calibration_bytes: int = 0  # the input Hessians of its layers (quantize/calibration.py), once known
 
     @property
     def window_logit_bytes(self) -> int:
@@ -64,10 +65,20 @@ def float_reference_mb(size: ModelSize) -> float:
     return TORCH_PROCESS_MB + model / MB
 
 
+def calibration_mb(size: ModelSize) -> float:
+    """The float file run without XNNPACK (its weights mapped, about 1x, every intermediate of one call kept),
+    the running X^T X of each layer's input and one more while a call's product is added."""
+    work = size.float_tflite_bytes + 2 * size.calibration_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
+    return LITERT_PROCESS_MB + work / MB
+
+
 def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
-    """``recipe`` None: any (the largest)."""
+    """``recipe`` None: any (the largest). A calibrated recipe also holds the calibration statistics."""
     files = QUANTIZE_FLOAT_FILES[recipe is None or recipe.writes_fp16]
-    return LITERT_PROCESS_MB + files * size.float_tflite_bytes / MB + QUANTIZE_MB_PER_LAYER * size.layers
+    calibration = size.calibration_bytes if recipe is None or recipe.needs_calibration else 0
+    return (
+        LITERT_PROCESS_MB + (files * size.float_tflite_bytes + calibration) / MB + QUANTIZE_MB_PER_LAYER * size.layers
+    )
 
 
 def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
@@ -84,6 +95,11 @@ def step_mb(step: str, size: ModelSize, recipe: Recipe | None = None) -> float:
         return export_mb(size)
     if step == "float_reference":
         return float_reference_mb(size)
+    if step == "calibration":
+        return calibration_mb(size)
+    if step == "resolved_recipe":  # a search quantizes and scores one candidate at a time; other recipes do nothing
+        searching = recipe is None or recipe.search is not None
+        return max(quantize_mb(size, recipe), evaluation_mb(size, recipe)) if searching else LITERT_PROCESS_MB
     if step == "quantized_tflite":
         return quantize_mb(size, recipe)
     if step == "evaluation":

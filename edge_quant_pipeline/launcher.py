@@ -43,7 +43,7 @@ from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
 REPORT_JOB, ALL_MODELS_REPORT_JOB = "report", "report_all_models"
 # `--convert-only`: the assets from checkpoint to quantized .tflite, nothing after them.
-CONVERSION_ASSETS = ("checkpoint", "float_tflite", "quant_recipe", "quantized_tflite")
+CONVERSION_ASSETS = ("checkpoint", "float_tflite", "calibration", "quant_recipe", "resolved_recipe", "quantized_tflite")
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # The kernel's out-of-memory killer picks the process with the highest score: a worker, never the launcher.
 WORKER_OOM_SCORE_ADJ = 500

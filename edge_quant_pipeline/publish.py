@@ -85,10 +85,12 @@ class ArtifactInputs:
     export: Mapping[str, Any] = field(default_factory=dict)  # prefill and KV cache lengths: in the signatures
     evaluation: Mapping[str, Any] = field(default_factory=dict)  # eval text sha256 and the evaluation settings
     gates: Mapping[str, float] = field(default_factory=dict)
+    # calibration text sha256 and samples, for recipes whose quantization is calibrated (static, GPTQ)
+    calibration: Mapping[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
         """Everything the version is derived from, as the manifest records it."""
-        return {
+        identity = {
             "checkpoint_sha256": self.checkpoint_hash,
             "recipe_sha256": self.recipe_hash,
             "toolchain": self.toolchain,
@@ -98,6 +100,8 @@ class ArtifactInputs:
             "evaluation_settings": dict(self.evaluation),
             "gates": dict(self.gates),
         }
+        # only where it shapes the bytes: recipes without calibration keep the versions they had
+        return {**identity, "calibration": dict(self.calibration)} if self.calibration is not None else identity
 
     @property
     def version(self) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).parent
 DEMO_CHECKPOINT_DIR = PACKAGE_DIR / "demo" / "checkpoints"
 DEFAULT_EVAL_TEXT = PACKAGE_DIR / "demo" / "corpus" / "eval.txt"
+# Calibration (static activation ranges, GPTQ) reads text the evaluation does not: the demo's training prose.
+DEFAULT_CALIBRATION_TEXT = PACKAGE_DIR / "demo" / "corpus" / "train.txt"
 
 ARTIFACT_DIR_VARIABLE = "EDGE_QUANT_ARTIFACT_DIR"
 WORK_DIR_VARIABLE = "EDGE_QUANT_WORK_DIR"
@@ -103,15 +105,24 @@ def work_dir() -> Path:
     return _folder(WORK_DIR_VARIABLE, ".edge_quant/work", "set it to a folder for work files", must_exist=False)
 
 
-def eval_text() -> Path:
-    name, path = "EDGE_QUANT_EVAL_TEXT", env_path("EDGE_QUANT_EVAL_TEXT", DEFAULT_EVAL_TEXT)
+def _text_file(name: str, default: Path, what: str) -> Path:
+    path = env_path(name, default)
     if not path.is_file() or not os.access(path, os.R_OK):
         problem = "not a readable file" if path.exists() else "no such file"
         raise SettingError(
-            f"{_shown(name, DEFAULT_EVAL_TEXT)}: {problem} ({path}); set it to a UTF-8 text file of held-out text, "
-            "or unset it for the demo's."
+            f"{_shown(name, default)}: {problem} ({path}); set it to a UTF-8 text file of {what}, or unset it for "
+            "the demo's."
         )
     return path
+
+
+def eval_text() -> Path:
+    return _text_file("EDGE_QUANT_EVAL_TEXT", DEFAULT_EVAL_TEXT, "held-out text")
+
+
+def calibration_text() -> Path:
+    """What static activation ranges and GPTQ are calibrated on: text like the model's inputs, not the eval text."""
+    return _text_file("EDGE_QUANT_CALIBRATION_TEXT", DEFAULT_CALIBRATION_TEXT, "calibration text")
 
 
 def exporter() -> str:
@@ -216,6 +227,7 @@ SETTINGS = {
     ARTIFACT_DIR_VARIABLE: artifact_dir,
     WORK_DIR_VARIABLE: work_dir,
     "EDGE_QUANT_EVAL_TEXT": eval_text,
+    "EDGE_QUANT_CALIBRATION_TEXT": calibration_text,
     "EDGE_QUANT_EXPORTER": exporter,
     "EDGE_QUANT_MEMORY_LEDGER": memory_ledger,
     EXECUTOR_VARIABLE: executor,

@@ -18,7 +18,7 @@ declarative automation then carries the change downstream:
 from dataclasses import dataclass, field
 
 # The per-model assets the conversion job makes, in the order of the graph.
-MODEL_ASSETS = ("checkpoint", "float_tflite", "float_reference")
+MODEL_ASSETS = ("checkpoint", "float_tflite", "float_reference", "calibration")
 
 
 @dataclass(frozen=True)

@@ -27,19 +27,25 @@ _FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
 _EMBEDDING = re.compile(op_names.EMBEDDING)
 _LM_HEAD = re.compile(op_names.LM_HEAD)
 _WEIGHT_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
+# ai-edge-quantizer's decomposed Hadamard rotation: reshape, a FULLY_CONNECTED with this constant, reshape back.
+HADAMARD_MATRIX_SUFFIX = "_hadamard_matrix"
+_STATIC_ACTIVATIONS = {"INT8": "static a8", "INT16": "static a16"}
 
 
 @dataclass(frozen=True)
 class WeightTensor:
-    component: str  # embedding | attention | feedforward | lm_head | other
+    component: str  # embedding | attention | feedforward | lm_head | other | rotation (a Hadamard matrix)
     block: int | None
-    dtype: str  # FLOAT32, FLOAT16, INT8, INT4
+    dtype: str  # FLOAT32, FLOAT16, INT8, INT4, INT2
     granularity: str  # none | tensorwise | channelwise | blockwise_<n>
-    compute: str  # float (dequantized before use) | integer (consumed quantized)
+    # float (dequantized before use) | integer (consumed quantized, activations quantized at run time) |
+    # static a8 / static a16 (its layer's input activations stored as int8 / int16)
+    compute: str
     shape: tuple[int, ...]
     num_bytes: int
     buffer: int  # flatbuffer buffer index; with ``file``, the identity of the stored data
     file: str = "model"  # the model, or the role of the embedder file that holds it
+    rotated: bool = False  # its layer runs on Hadamard-rotated inputs (ai-edge-quantizer's `hadamard` algorithm)
 
 
 def component_of(op_output_name: str) -> tuple[str, int | None]:
@@ -105,22 +111,62 @@ class _Operand:
     tensor: int
     consumer: str  # the consuming op's output name, which says the component
     compute: str
+    rotated: bool = False
 
 
-def _weight_operands(model, weight_ops: set[int]) -> list[_Operand]:
+class _Graph:
+    """One subgraph's ops, with who produces and who consumes each tensor."""
+
+    def __init__(self, subgraph, fully_connected: set[int]):
+        self.subgraph, self.fully_connected = subgraph, fully_connected
+        self.operators = [subgraph.Operators(i) for i in range(subgraph.OperatorsLength())]
+        self.producers = {out: op for op in self.operators for out in op.OutputsAsNumpy().tolist()}
+        self.consumers: dict[int, list] = {}
+        for op in self.operators:
+            for tensor in op.InputsAsNumpy().tolist():
+                self.consumers.setdefault(tensor, []).append(op)
+
+    def name(self, tensor: int) -> str:
+        return self.subgraph.Tensors(tensor).Name().decode()
+
+    def is_rotation(self, op) -> bool:
+        return op.OpcodeIndex() in self.fully_connected and self.name(op.Inputs(1)).endswith(HADAMARD_MATRIX_SUFFIX)
+
+    def rotated_input(self, op) -> bool:
+        """The op's input comes out of a Hadamard rotation (reshape <- rotation)."""
+        reshape = self.producers.get(int(op.Inputs(0)))
+        source = self.producers.get(int(reshape.Inputs(0))) if reshape is not None else None
+        return source is not None and self.is_rotation(source)
+
+    def rotated_output(self, op) -> bool:
+        """The op's output goes into a Hadamard rotation (-> reshape -> rotation): an embedding lookup's."""
+        return any(
+            self.is_rotation(after)
+            for reshape in self.consumers.get(int(op.Outputs(0)), [])
+            for after in self.consumers.get(int(reshape.Outputs(0)), [])
+        )
+
+
+def _weight_operands(model, weight_ops: set[int], fully_connected: set[int], type_names: dict) -> list[_Operand]:
     operands = []
     for s in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s)
-        operators = [subgraph.Operators(i) for i in range(subgraph.OperatorsLength())]
-        producers = {out: op for op in operators for out in op.OutputsAsNumpy().tolist()}
-        for op in operators:
+        graph = _Graph(model.Subgraphs(s), fully_connected)
+        for op in graph.operators:
             if op.OpcodeIndex() not in weight_ops:
                 continue
+            consumer = graph.name(op.Outputs(0))
+            if graph.is_rotation(op):
+                operands.append(_Operand(s, int(op.Inputs(1)), consumer, "float"))
+                continue
             index, compute = int(op.Inputs(1)), "integer"
-            producer = producers.get(index)
+            producer = graph.producers.get(index)
             if producer is not None:  # weight-only schemes: weight -> DEQUANTIZE -> op
                 index, compute = int(producer.Inputs(0)), "float"
-            operands.append(_Operand(s, index, subgraph.Tensors(op.Outputs(0)).Name().decode(), compute))
+            elif op.OpcodeIndex() in fully_connected:  # static schemes feed it quantized activations
+                activation = type_names[graph.subgraph.Tensors(op.Inputs(0)).Type()]
+                compute = _STATIC_ACTIVATIONS.get(activation, compute)
+            rotated = graph.rotated_input(op) if op.OpcodeIndex() in fully_connected else graph.rotated_output(op)
+            operands.append(_Operand(s, index, consumer, compute, rotated))
     return operands
 
 
@@ -160,19 +206,20 @@ def _read_file_weights(tflite: Path) -> list[WeightTensor]:
     with tflite.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         model = schema.Model.GetRootAs(data, 0)
         codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
-        weight_ops = {
-            i for i, c in enumerate(codes) if op_names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] in _WEIGHT_OPS
-        }
+        code_names = [op_names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] for c in codes]
+        weight_ops = {i for i, name in enumerate(code_names) if name in _WEIGHT_OPS}
+        fully_connected = {i for i, name in enumerate(code_names) if name == "FULLY_CONNECTED"}
         operands = [
             o
-            for o in _weight_operands(model, weight_ops)
+            for o in _weight_operands(model, weight_ops, fully_connected, type_names)
             if _buffer_bytes(model, model.Subgraphs(o.subgraph).Tensors(o.tensor).Buffer())
         ]
         quant_bytes = _quant_bytes_by_buffer(model, operands, schema)
         weights: dict[tuple[int, str, int | None], WeightTensor] = {}
         for operand in operands:
             tensor = model.Subgraphs(operand.subgraph).Tensors(operand.tensor)
-            component, block = component_of(operand.consumer)
+            rotation = tensor.Name().decode().endswith(HADAMARD_MATRIX_SUFFIX)
+            component, block = ("rotation", None) if rotation else component_of(operand.consumer)
             key = (tensor.Buffer(), component, block)
             if key in weights:
                 continue
@@ -186,6 +233,7 @@ def _read_file_weights(tflite: Path) -> list[WeightTensor]:
                 shape=tuple(int(d) for d in tensor.ShapeAsNumpy()),
                 num_bytes=_buffer_bytes(model, tensor.Buffer()) + quant_bytes[tensor.Buffer()],
                 buffer=tensor.Buffer(),
+                rotated=operand.rotated,
             )
     return list(weights.values())
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).parent.parent
 
 def _recipe_catalog():
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.recipes import load_catalog
+    from edge_quant_pipeline.quantize.recipes import load_catalog
 
     return load_catalog(settings.recipes_file())
 
@@ -103,3 +103,29 @@ def pipeline_run():
     with dg.instance_for_test() as instance:
         summary = materialize(instance, pipeline_config_from_env(), [DEMO_MODEL], recipe_catalog.names, jobs=2)
         yield instance, summary
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory, demo_checkpoint_dir):
+    """The demo model exported once for the session: (its architecture, its float .tflite)."""
+    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
+    from edge_quant_pipeline.convert import ExportSettings, export_float_tflite
+
+    checkpoint = read_checkpoint(demo_checkpoint_dir)
+    architecture = architecture_of(checkpoint)
+    model = load_float_model(checkpoint, ExportSettings.kv_cache_len)
+    output = tmp_path_factory.mktemp("demo-export") / "float.tflite"
+    return architecture, export_float_tflite(model, architecture.model_config, ExportSettings(), output)
+
+
+@pytest.fixture(scope="session")
+def demo_calibration(tmp_path_factory, demo_export, demo_checkpoint_dir):
+    """Calibration statistics of the demo's float .tflite on the default calibration text (4 windows)."""
+    from edge_quant_pipeline.convert import ExportSettings
+    from edge_quant_pipeline.evaluate.reference import tokenize
+    from edge_quant_pipeline.quantize.calibration import calibrate
+    from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT
+
+    tokens = tokenize(DEFAULT_CALIBRATION_TEXT, demo_checkpoint_dir, 256)
+    output = tmp_path_factory.mktemp("demo-calibration")
+    return calibrate(demo_export[1], tokens, ExportSettings(), 4, DEFAULT_CALIBRATION_TEXT, 2, output)

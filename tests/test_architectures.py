@@ -36,12 +36,12 @@ from edge_quant_pipeline.architectures import (
     architecture_for,
 )
 from edge_quant_pipeline.checkpoints import CheckpointError, architecture_of, load_float_model, read_checkpoint
-from edge_quant_pipeline.conformance import check_conformance
 from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
 from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
 from edge_quant_pipeline.evaluate.metrics import compare
 from edge_quant_pipeline.evaluate.reference import float_window_logits
-from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.quantize.conformance import check_conformance
+from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.weights import read_weights
 
 TINY = dict(

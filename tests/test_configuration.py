@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_quant_pipeline.cli import checked_recipes
-from edge_quant_pipeline.recipes import RecipeError
+from edge_quant_pipeline.quantize.recipes import RecipeError
 
 BAD_SCHEME = "recipes:\n  good: {default: fp16}\n  bad:\n    default: int3\n"
 
@@ -90,7 +90,8 @@ def test_an_invalid_recipe_is_one_line_with_file_and_line(tmp_path):
     assert lines == [
         f"{tmp_path / 'recipes.yaml'}, line 3: recipe 'bad', field 'default': unknown scheme 'int3'. Allowed "
         "schemes: int8_dynamic, int8_weight_only, fp16, int4_dynamic_block32, int4_dynamic_block64, "
-        "int4_dynamic_block128, int4_dynamic_block256."
+        "int4_dynamic_block128, int4_dynamic_block256, int4_dynamic, int4_weight_only, int2_dynamic, int8_static_a8, "
+        "int8_static_a16, int4_static_a8, int4_static_a16."
     ]
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
 from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
-from edge_quant_pipeline.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
 
 
 @pytest.fixture(scope="module")

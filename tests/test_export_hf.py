@@ -21,7 +21,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edge_quant_pipeline.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.checkpoints import load_transformers_model, read_checkpoint
-from edge_quant_pipeline.conformance import check_conformance
 from edge_quant_pipeline.convert import ExportSettings, quantize_model
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.embedders import embedders_of
@@ -37,7 +36,8 @@ from edge_quant_pipeline.exporters import (
     plan_export,
 )
 from edge_quant_pipeline.launcher import materialize
-from edge_quant_pipeline.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.quantize.conformance import check_conformance
+from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, make_tokenizer
 from edge_quant_pipeline.weights import read_weights
 

@@ -16,7 +16,7 @@ from edge_quant_pipeline.memory import (
     machine_memory,
     rss_mb,
 )
-from edge_quant_pipeline.recipes import BUILTIN_RECIPES
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES
 
 MACHINE = MachineMemory(total_mb=24_000, available_mb=20_000)  # headroom: 5% of the total, 1,200 MB
 

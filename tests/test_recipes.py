@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_quant_pipeline.recipes import (
+from edge_quant_pipeline.quantize.recipes import (
     BUILTIN_RECIPES,
     RecipeError,
     ai_edge_quantizer_recipe,

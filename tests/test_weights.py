@@ -4,7 +4,7 @@ import pytest
 
 from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
 from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
-from edge_quant_pipeline.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
 from edge_quant_pipeline.weights import inspect_tflite
 
 # Per weight tensor of the graph, what a quantized file may hold beyond what the float one does, besides its

@@ -8,7 +8,8 @@ import re
 from collections.abc import Mapping
 
 from edge_quant_pipeline import op_names
-from edge_quant_pipeline.recipes import SCHEMES, ComponentScheme, Recipe
+from edge_quant_pipeline.quantize.recipes import ComponentScheme, Recipe
+from edge_quant_pipeline.quantize.schemes import SCHEMES, Compute
 
 _BLOCK_SCOPE = re.compile(
     r"transformer_block(?:s\\\[(?P<block>\d+)\\\])?/litert_torch\.generative\.layers\.(?P<layer>attention|feed_forward)"
@@ -29,16 +30,14 @@ def generative_recipe(recipe: Recipe, model_config):
     """The litert-torch ``GenerativeQuantRecipe`` for ``recipe``, verified by litert-torch."""
     from litert_torch.generative.quantize import quant_attrs, quant_recipe
 
-    def layer(name: str):
+    def layer(name: str):  # litert-torch's own seven schemes only (its supported_schemes.py)
         scheme = SCHEMES[name]
         return quant_recipe.LayerQuantRecipe(
             activation_dtype=quant_attrs.Dtype.FP32,
-            weight_dtype=quant_attrs.Dtype[scheme.weight_dtype],
-            mode=quant_attrs.Mode[scheme.mode],
-            algorithm=quant_attrs.Algorithm.FLOAT_CAST
-            if scheme.weight_dtype == "FP16"
-            else quant_attrs.Algorithm.MIN_MAX,
-            granularity=quant_attrs.Granularity[scheme.granularity],
+            weight_dtype=quant_attrs.Dtype[scheme.weight.name],
+            mode=quant_attrs.Mode.DYNAMIC_RANGE if scheme.compute is Compute.DYNAMIC else quant_attrs.Mode.WEIGHT_ONLY,
+            algorithm=quant_attrs.Algorithm.FLOAT_CAST if scheme.is_float else quant_attrs.Algorithm.MIN_MAX,
+            granularity=quant_attrs.Granularity["NONE" if scheme.is_float else scheme.granularity],
         )
 
     def component(value: ComponentScheme):

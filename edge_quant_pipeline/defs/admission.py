@@ -13,7 +13,7 @@ from edge_quant_pipeline.checkpoints import Checkpoint, count_parameters, model_
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.footprint import ModelSize, step_mb
 from edge_quant_pipeline.memory import MemoryLedger, PeakMemory
-from edge_quant_pipeline.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import Recipe
 
 
 def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_bytes: int | None = None) -> ModelSize:

@@ -18,7 +18,7 @@ from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.gates import check_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
 from edge_quant_pipeline.publish import record_failure
-from edge_quant_pipeline.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import Recipe
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import TOOLCHAIN_PACKAGES, toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel

@@ -101,7 +101,7 @@ def float_tflite(
     partitions_def=model_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="evaluation",
-    code_version=f"float_reference-2|{toolchain_tag()}",
+    code_version=f"float_reference-3|{toolchain_tag()}",
 )
 def float_reference(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
@@ -114,7 +114,7 @@ def float_reference(
     except EvalTextError as error:
         raise dg.Failure(str(error)) from None
     eval_text_sha256 = pipeline.evaluation_settings()["eval_text_sha256"]
-    output = pipeline.work_path(checkpoint) / f"float_reference-{eval_text_sha256[:12]}-{pipeline.eval_max_tokens}"
+    output = pipeline.float_reference_path(checkpoint, eval_text_sha256)
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage, computing():
             reference = build_float_reference(_float_model(checkpoint, pipeline), windows, settings, output)

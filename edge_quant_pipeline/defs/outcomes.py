@@ -9,7 +9,7 @@ import dagster as dg
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.publish import ArtifactInputs, record_failure
-from edge_quant_pipeline.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import Recipe
 from edge_quant_pipeline.toolchain import toolchain_versions
 
 
@@ -25,6 +25,7 @@ def artifact_inputs(pipeline: PipelineConfig, checkpoint: Checkpoint, recipe: Re
         export=asdict(pipeline.export_settings),
         evaluation=pipeline.evaluation_settings(),
         gates=dict(recipe.gates),
+        calibration=pipeline.calibration_settings() if recipe.needs_calibration else None,
     )
 
 
@@ -36,6 +37,7 @@ def _settings_by_asset(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
         "checkpoint": {"exporter": pipeline.exporter},
         "float_tflite": export,
         "float_reference": {**reference, "kv_cache_len": export["kv_cache_len"]},
+        "calibration": {**pipeline.calibration_settings(), **export},
         "evaluation": evaluation,
     }
 

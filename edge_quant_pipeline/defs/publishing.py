@@ -10,7 +10,8 @@ from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.evaluation import Evaluation
 from edge_quant_pipeline.publish import PublishedArtifact, publish, version_number
-from edge_quant_pipeline.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import Recipe
+from edge_quant_pipeline.quantize.search import ResolvedRecipe
 from edge_quant_pipeline.weights import TfliteModel
 
 
@@ -28,16 +29,21 @@ def published_artifact(
     pipeline: PipelineConfig,
     checkpoint: Checkpoint,
     quant_recipe: Recipe,
+    resolved_recipe: ResolvedRecipe,
     quantized_tflite: TfliteModel,
     evaluation: Evaluation,
 ) -> dg.Output[PublishedArtifact]:
-    """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff)."""
+    """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff); for a
+    budget recipe, the recipe its search resolved and the search's trace."""
     inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
     details = {
         "checkpoint_path": str(checkpoint.path),
         "recipe_spec": quant_recipe.spec(),
+        "resolved_spec": resolved_recipe.recipe.spec(),
         "dagster_run_id": context.run.run_id,
     }
+    if resolved_recipe.trace is not None:
+        details["search"] = resolved_recipe.trace.as_dict()
     try:
         artifact = publish(pipeline.store, inputs, quantized_tflite.path, evaluation.as_dict(), details)
     except NotEnoughDiskError as error:  # nothing was written: the published versions are as they were

@@ -1,26 +1,24 @@
 """`quantized_tflite`: the float flatbuffer with one recipe applied by ai-edge-quantizer."""
 
+from dataclasses import replace
+
 import dagster as dg
 import pandas as pd
 
 from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
-from edge_quant_pipeline.conformance import ConformanceRow, check_conformance
 from edge_quant_pipeline.convert import QuantizationError, quantize_model
 from edge_quant_pipeline.defs.admission import admitted, model_size
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
-from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
+from edge_quant_pipeline.defs.partitions import BY_MODEL, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.publish import record_failure
-from edge_quant_pipeline.recipes import (
-    Recipe,
-    RecipeError,
-    ai_edge_quantizer_recipe,
-    embedder_quantizer_recipe,
-    validate_for_model,
-)
+from edge_quant_pipeline.quantize.calibration import CalibrationStats, quantizer_calibration
+from edge_quant_pipeline.quantize.conformance import ConformanceRow, check_conformance
+from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe
+from edge_quant_pipeline.quantize.search import ResolvedRecipe
 from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag
@@ -37,8 +35,8 @@ def conformance_table(rows: list[ConformanceRow], model: TfliteModel) -> str:
             {
                 "component": row.component,
                 "block": "" if row.block is None else row.block,
-                "expected": " ".join(row.expected),
-                "actual": " ".join(row.actual),
+                "expected": str(row.expected),
+                "actual": str(row.actual),
                 "bytes": sizes.get((row.component, row.block), 0),
                 "ok": "yes" if row.ok else "NO",
             }
@@ -55,7 +53,7 @@ def conformance_table(rows: list[ConformanceRow], model: TfliteModel) -> str:
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
-        "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
+        "calibration": dg.AssetIn(partition_mapping=BY_MODEL),
     },
     check_specs=[
         dg.AssetCheckSpec(
@@ -71,32 +69,37 @@ def quantized_tflite(
     pipeline: PipelineConfig,
     checkpoint: Checkpoint,
     float_tflite: TfliteModel,
-    quant_recipe: Recipe,
+    calibration: CalibrationStats,
+    resolved_recipe: ResolvedRecipe,
 ):
-    """The model quantized with one recipe (the `float` recipe is the float file itself)."""
-    inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
+    """The model quantized with one recipe as it applies to this model (the `float` recipe is the float file)."""
+    catalog_recipe, recipe = resolved_recipe.catalog, resolved_recipe.recipe
+    inputs = artifact_inputs(pipeline, checkpoint, catalog_recipe)
     # Stored by the checkpoint asset; outputs stored before it did so need litert-torch once more.
     shape = checkpoint.shape or architecture_of(checkpoint).shape
-    output = pipeline.work_path(checkpoint) / f"{quant_recipe.name}-{quant_recipe.spec_hash[:12]}.tflite"
-    try:
-        validate_for_model(quant_recipe, shape)
-    except RecipeError as error:
-        raise rejected(pipeline, inputs, "recipe validation", error) from None
+    output = pipeline.work_path(checkpoint) / f"{recipe.name}-{recipe.spec_hash[:12]}.tflite"
     try:
         # the quantized file and, at evaluation, its bundle: at most the float file's size together
         check_free_disk(output.parent, float_tflite.file_bytes, WORK_DIR_VARIABLE)
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
-        with admitted(context, size, quant_recipe) as usage, computing():
-            model_recipe = ai_edge_quantizer_recipe(quant_recipe, shape.tied_lm_head)
-            quantize_model(float_tflite.path, model_recipe, embedder_quantizer_recipe(quant_recipe), output)
+        if recipe.needs_calibration:  # its statistics are loaded too
+            size = replace(size, calibration_bytes=calibration.size_bytes)
+        with admitted(context, size, recipe) as usage, computing():
+            statistics = (
+                quantizer_calibration(calibration, float_tflite.path, recipe.needs_hessians)
+                if recipe.needs_calibration
+                else None
+            )
+            model_recipe = ai_edge_quantizer_recipe(recipe, shape.tied_lm_head)
+            quantize_model(float_tflite.path, model_recipe, embedder_quantizer_recipe(recipe), output, statistics)
     except (QuantizationError, NotEnoughMemoryError, NotEnoughDiskError) as error:
         stage = {NotEnoughMemoryError: "memory", NotEnoughDiskError: "disk"}.get(type(error), "quantization")
         raise rejected(pipeline, inputs, stage, error) from None
     quantized = inspect_tflite(output)
-    rows = check_conformance(quant_recipe, quantized.weights, shape)
+    rows = check_conformance(recipe, quantized.weights, shape)
     table = conformance_table(rows, quantized)
     ratio = float_tflite.file_bytes / quantized.file_bytes
-    context.log.info(f"{quant_recipe.name}: {quantized.file_bytes} bytes, {ratio:.2f}x smaller than float")
+    context.log.info(f"{recipe.name}: {quantized.file_bytes} bytes, {ratio:.2f}x smaller than float")
     yield dg.Output(
         quantized,
         metadata={
@@ -107,6 +110,7 @@ def quantized_tflite(
             "file_ratio_vs_float": ratio,
             "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
             "weights_by_component": dg.MetadataValue.md(table),
+            "spec": dg.MetadataValue.json(recipe.spec()),
             **usage.metadata(),
         },
     )

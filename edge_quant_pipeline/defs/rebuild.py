@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from edge_quant_pipeline.checkpoints import Checkpoint, CheckpointError, find_checkpoints, read_checkpoint
+from edge_quant_pipeline.defs.calibration import calibration
 from edge_quant_pipeline.defs.checkpoint import checkpoint as checkpoint_asset
 from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, code_versions
@@ -20,7 +21,7 @@ from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, 
 
 def model_code_versions(pipeline: PipelineConfig) -> dict[str, str | None]:
     """The code versions of the per-model assets (settings included), in the order of the graph."""
-    return code_versions((checkpoint_asset, float_tflite, float_reference), pipeline)
+    return code_versions((checkpoint_asset, float_tflite, float_reference, calibration), pipeline)
 
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -61,7 +62,7 @@ def model_state(
 # Failures that the same inputs (gates and evaluation settings included) would meet again: the recipe does not fit
 # the model, ai-edge-quantizer or the runtime refuse it, the file differs from the recipe, the metrics fail the
 # gates. A run that died, or ran out of memory, without its inputs being at fault, is retried.
-REPEATABLE_FAILURES = ("recipe validation", "quantization", "conformance", "interpreter", "quality gate")
+REPEATABLE_FAILURES = ("recipe validation", "search", "quantization", "conformance", "interpreter", "quality gate")
 
 
 def is_settled(store, inputs) -> bool:

@@ -4,7 +4,7 @@ import dagster as dg
 
 from edge_quant_pipeline.defs.partitions import recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.recipes import Recipe, RecipeError
+from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError
 
 
 @dg.asset(partitions_def=recipe_partitions, group_name="recipes")

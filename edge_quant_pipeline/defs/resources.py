@@ -10,8 +10,8 @@ from edge_quant_pipeline.checkpoints import Checkpoint, file_sha256
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.exporters import AUTO
-from edge_quant_pipeline.recipes import Catalog, load_catalog
-from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
+from edge_quant_pipeline.quantize.recipes import Catalog, load_catalog
+from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -44,6 +44,10 @@ class PipelineConfig(dg.ConfigurableResource):
     # Per-tensor SNR of one prefill against the float file (error_hotspots): the memory of one runtime without
     # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
     localize_errors: bool = True
+    # Static activation ranges and GPTQ Hessians (quantize/calibration.py): windows of kv_cache_len tokens of this
+    # text, run through the float .tflite once per checkpoint for every recipe that needs them.
+    calibration_text: str = str(DEFAULT_CALIBRATION_TEXT)
+    calibration_samples: int = 8
     # Which litert-torch exporter makes the float .tflite (exporters.py): auto, generative_api or export_hf.
     exporter: str = AUTO
     # User recipes, merged with the built-in ones (none there: the built-in ones alone); read when used.
@@ -66,6 +70,13 @@ class PipelineConfig(dg.ConfigurableResource):
             "hotspots_top_n": self.hotspots_top_n,
         }
 
+    def calibration_settings(self) -> dict[str, Any]:
+        """What the calibration statistics depend on besides the model (the text by its sha256)."""
+        return {
+            "calibration_text_sha256": file_sha256(Path(self.calibration_text)),
+            "calibration_samples": self.calibration_samples,
+        }
+
     @property
     def checkpoint_dir_path(self) -> Path:
         return Path(self.checkpoint_dir)
@@ -73,6 +84,11 @@ class PipelineConfig(dg.ConfigurableResource):
     @property
     def store(self) -> UPath:
         return self.artifact_store.root
+
+    def float_reference_path(self, checkpoint: Checkpoint, eval_text_sha256: str | None = None) -> Path:
+        """Where the float reference of this eval text and token budget is kept."""
+        sha256 = eval_text_sha256 or file_sha256(Path(self.eval_text))
+        return self.work_path(checkpoint) / f"float_reference-{sha256[:12]}-{self.eval_max_tokens}"
 
     def work_path(self, checkpoint: Checkpoint) -> Path:
         """Intermediate files of one checkpoint version, exporter and export shape; a change of any of them gets

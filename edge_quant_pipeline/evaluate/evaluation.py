@@ -76,6 +76,20 @@ class Bundle:
     spec: BundleSpec
 
 
+def score_windows(
+    session: InterpreterSession, reference: FloatReference, windows: int | None = None
+) -> FidelityAccumulator:
+    """Teacher-forced scoring of the first ``windows`` windows of the eval text (None: all of them) against the
+    stored float logits, chunk by chunk: memory holds one chunk of logits of each."""
+    fidelity = FidelityAccumulator()
+    with reference.logits() as stored:
+        for w, window in enumerate(reference.tokens()["windows"][:windows]):
+            for start, logits in session.score_chunks(window):
+                targets = window[start + 1 : start + len(logits) + 1]
+                fidelity.add(logits, stored.rows(w, start, len(logits)), targets)
+    return fidelity
+
+
 def evaluate(
     candidate: TfliteModel,
     float_model: TfliteModel,
@@ -88,18 +102,9 @@ def evaluate(
     with timed_alone():
         profile = profile_in_subprocess(candidate.path, settings, num_threads)
     tokens = reference.tokens()
-    with (
-        computing(),
-        PeakMemory() as memory,
-        InterpreterSession(candidate.path, settings, num_threads) as session,
-        reference.logits() as stored,
-    ):
+    with computing(), PeakMemory() as memory, InterpreterSession(candidate.path, settings, num_threads) as session:
         started = time.perf_counter()
-        fidelity = FidelityAccumulator()
-        for w, window in enumerate(tokens["windows"]):
-            for start, logits in session.score_chunks(window):
-                targets = window[start + 1 : start + len(logits) + 1]
-                fidelity.add(logits, stored.rows(w, start, len(logits)), targets)
+        fidelity = score_windows(session, reference)
         scoring_seconds = time.perf_counter() - started
         length = tokens["continuations"].shape[1]
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]

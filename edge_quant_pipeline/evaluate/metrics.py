@@ -64,6 +64,7 @@ class _BlockSums:
     kl: np.ndarray
     top1_matches: int
     nll: float
+    reference_nll: float
     delta_p: float
     targets: int
     signal: float
@@ -85,6 +86,7 @@ def _block_sums(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) 
         kl=np.maximum(kl, 0.0).astype(np.float32),
         top1_matches=int((logits.argmax(-1) == reference.argmax(-1)).sum()),
         nll=-float(log_q_true.sum()),
+        reference_nll=-float(log_p_true.sum()),
         delta_p=float((np.exp(log_q_true) - np.exp(log_p_true)).sum()),
         targets=len(targets),
         signal=float(np.einsum("ij,ij->", reference64, reference64)),
@@ -97,6 +99,7 @@ class FidelityAccumulator:
     """Running sums; ``add`` the logits of some consecutive positions at a time (a chunk), then ``result``."""
 
     nll: float = 0.0
+    reference_nll: float = 0.0  # the float model's, on the same positions
     targets: int = 0
     delta_p: float = 0.0
     top1_matches: int = 0
@@ -117,6 +120,7 @@ class FidelityAccumulator:
             self.kl.append(block.kl)
             self.top1_matches += block.top1_matches
             self.nll += block.nll
+            self.reference_nll += block.reference_nll
             self.delta_p += block.delta_p
             self.targets += block.targets
             self.signal += block.signal
@@ -126,9 +130,13 @@ class FidelityAccumulator:
         """All positions of one window at once."""
         self.add(logits, reference, tokens[1:])
 
-    def result(self, reference_perplexity: float) -> Fidelity:
+    def result(self, reference_perplexity: float | None = None) -> Fidelity:
+        """``reference_perplexity``: the float model's on the same positions; by default from the reference logits
+        that were added."""
         kl = np.concatenate(self.kl).astype(np.float64)
         perplexity = float(np.exp(self.nll / self.targets))
+        if reference_perplexity is None:
+            reference_perplexity = float(np.exp(self.reference_nll / self.targets))
         return Fidelity(
             perplexity=perplexity,
             perplexity_ratio=perplexity / reference_perplexity,

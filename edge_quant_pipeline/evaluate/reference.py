@@ -6,11 +6,13 @@ The float reference is a folder, written once per checkpoint and read by every r
   computed them, shape (windows, window_len, vocab). It is written a window at a time and read a chunk of
   positions at a time, with plain file reads (no memory map, whose pages would count towards the reader's
   RSS), so memory holds one window's logits at most, whatever the number of windows or the vocabulary;
-- ``tokens.npz``: the windows' tokens, the generation prompts and the model's greedy continuations.
+- ``tokens.npz``: the windows' tokens, the generation prompts and the model's greedy continuations;
+- ``summary.json``: the float model's perplexity over the windows and their token count, written last.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from edge_quant_pipeline.checkpoints import TOKENIZER_FILE
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.metrics import target_nll_sum
 
-LOGITS_FILE, TOKENS_FILE = "logits.npy", "tokens.npz"
+LOGITS_FILE, TOKENS_FILE, SUMMARY_FILE = "logits.npy", "tokens.npz", "summary.json"
 GENERATION_PROMPTS = 4
 GENERATION_TOKENS = 64
 
@@ -75,6 +77,18 @@ class FloatReference:
     path: Path
     perplexity: float
     eval_tokens: int
+
+    @classmethod
+    def load(cls, path: Path) -> "FloatReference":
+        """The reference a ``float_reference`` step left in ``path``."""
+        try:
+            summary = json.loads((path / SUMMARY_FILE).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: no float reference for these settings; materialize float_reference first (edge-quant run "
+                "makes it, unless --convert-only)."
+            ) from None
+        return cls(path, summary["perplexity"], summary["eval_tokens"])
 
     def tokens(self) -> dict[str, np.ndarray]:
         """``windows``, ``prompts`` and ``continuations``: small integer arrays."""
@@ -203,4 +217,7 @@ def build_float_reference(
     continuations = float_model.greedy(prompts, generation_length(settings))
     with atomic_path(output / TOKENS_FILE) as partial:
         np.savez(partial, windows=windows, prompts=prompts, continuations=continuations)
-    return FloatReference(output, float(np.exp(nll / targets)), int(windows.size))
+    reference = FloatReference(output, float(np.exp(nll / targets)), int(windows.size))
+    with atomic_path(output / SUMMARY_FILE) as partial:
+        partial.write_text(json.dumps({"perplexity": reference.perplexity, "eval_tokens": reference.eval_tokens}))
+    return reference

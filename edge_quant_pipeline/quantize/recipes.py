@@ -2,11 +2,14 @@
 
 A recipe names a quantization scheme for the whole model (``default``) and,
 optionally, its own scheme for the embedding, the attention layers and the
-feed-forward layers, each either one scheme or a map {block index: scheme}.
-It is the data form of litert-torch's ``GenerativeQuantRecipe``.
+feed-forward layers, each either one scheme or a map {block index: scheme}; a
+scheme may name the algorithm that picks its values (``int4_dynamic_block32+gptq``,
+see ``schemes.py``). It is the data form of litert-torch's ``GenerativeQuantRecipe``,
+grown to what ai-edge-quantizer can do. A recipe may instead declare a quality
+budget (``search:``), which ``search.py`` resolves per model into such a recipe.
 
-This module imports neither torch nor litert-torch at import time: Dagster
-loads it to build the ``recipe`` partitions, and that must stay fast.
+This module imports neither torch nor litert-torch: Dagster loads it to build the
+``recipe`` partitions, and that must stay fast.
 """
 
 from __future__ import annotations
@@ -22,40 +25,58 @@ import yaml
 
 from edge_quant_pipeline import op_names
 from edge_quant_pipeline.gates import DEFAULT_GATES, GateConfigError, parse_gates
+from edge_quant_pipeline.quantize.schemes import (
+    SCHEMES,
+    Compute,
+    Op,
+    Quantization,
+    SchemeError,
+    parse_quantization,
+    refusal,
+)
 
 COMPONENTS = ("default", "embedding", "attention", "feedforward")
 PER_BLOCK_COMPONENTS = ("attention", "feedforward")
-RECIPE_KEYS = ("description", "gates") + COMPONENTS
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One of litert-torch's supported layer schemes (``supported_schemes.py``)."""
-
-    weight_dtype: str  # quant_attrs.Dtype name
-    mode: str  # quant_attrs.Mode name
-    granularity: str  # quant_attrs.Granularity name
-
-    @property
-    def block_size(self) -> int | None:
-        prefix = "BLOCKWISE_"
-        return int(self.granularity[len(prefix) :]) if self.granularity.startswith(prefix) else None
-
-
-SCHEMES: dict[str, Scheme] = {
-    "int8_dynamic": Scheme("INT8", "DYNAMIC_RANGE", "CHANNELWISE"),
-    "int8_weight_only": Scheme("INT8", "WEIGHT_ONLY", "CHANNELWISE"),
-    "fp16": Scheme("FP16", "WEIGHT_ONLY", "NONE"),
-    **{
-        f"int4_dynamic_block{size}": Scheme("INT4", "DYNAMIC_RANGE", f"BLOCKWISE_{size}") for size in (32, 64, 128, 256)
-    },
+RECIPE_KEYS = ("description", "gates", *COMPONENTS, "search")
+# The ops whose weights each field quantizes (``default``: the embedding's too, when it has no scheme of its own).
+FIELD_OPS = {
+    "default": (Op.FULLY_CONNECTED, Op.EMBEDDING_LOOKUP),
+    "embedding": (Op.EMBEDDING_LOOKUP,),
+    "attention": (Op.FULLY_CONNECTED,),
+    "feedforward": (Op.FULLY_CONNECTED,),
 }
+# A search's budget, as the gate that its published evaluation must pass.
+BUDGETS = ("max_mean_kl", "max_perplexity_ratio")
+SEARCH_KEYS = (*BUDGETS, "schemes", "sensitivity_tokens")
+DEFAULT_SENSITIVITY_TOKENS = 512
 
 ComponentScheme = str | Mapping[int, str] | None
 
 
 class RecipeError(ValueError):
     """A recipe is malformed; the message names the recipe, the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A quality budget: the smallest per-component, per-block choice among ``schemes`` that keeps ``metric``
+    within ``budget`` on the eval text (``search.py``)."""
+
+    gate: str  # one of BUDGETS
+    budget: float
+    schemes: tuple[str, ...]
+    sensitivity_tokens: int = DEFAULT_SENSITIVITY_TOKENS  # of the eval text, per sensitivity measurement
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            self.gate: self.budget,
+            "schemes": list(self.schemes),
+            "sensitivity_tokens": self.sensitivity_tokens,
+        }
+
+    def candidates(self, op: Op) -> list[str]:
+        """The schemes ai-edge-quantizer applies to ``op``'s weights, most precise first as the user listed them."""
+        return [name for name in self.schemes if refusal(parse_quantization(name), op) is None]
 
 
 @dataclass(frozen=True)
@@ -69,11 +90,12 @@ class Recipe:
     source: str = "built-in"
     # Thresholds for publishing; not part of the spec, since they do not change the model.
     gates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
+    search: SearchSpec | None = None  # a budget to resolve per model, instead of components
 
     @property
     def is_float(self) -> bool:
         """No component quantized: the float baseline."""
-        return all(getattr(self, c) is None for c in COMPONENTS)
+        return self.search is None and all(getattr(self, c) is None for c in COMPONENTS)
 
     def spec(self) -> dict[str, Any]:
         """Canonical form: what the recipe does, nothing about where it came from."""
@@ -83,7 +105,8 @@ class Recipe:
                 return {str(block): value[block] for block in sorted(value)}
             return value
 
-        return {c: canonical(getattr(self, c)) for c in COMPONENTS}
+        spec = {c: canonical(getattr(self, c)) for c in COMPONENTS}
+        return {**spec, "search": self.search.spec()} if self.search else spec
 
     @property
     def spec_hash(self) -> str:
@@ -96,20 +119,36 @@ class Recipe:
 
     @property
     def writes_fp16(self) -> bool:
-        return any(SCHEMES[name].weight_dtype == "FP16" for name in self.schemes_used())
+        return any(q.scheme.is_float for q in self.quantizations_used())
 
     @property
     def dequantizes(self) -> bool:
-        """Some weights are stored quantized for float compute (int8 weight-only, fp16): the runtime dequantizes
+        """Some weights are stored quantized for float compute (weight-only, fp16): the runtime dequantizes
         them to float32 buffers, which costs memory."""
-        return any(SCHEMES[name].mode == "WEIGHT_ONLY" for name in self.schemes_used())
+        return any(q.scheme.compute is Compute.FLOAT for q in self.quantizations_used())
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activations or GPTQ somewhere: quantizing needs the model's calibration statistics."""
+        return any(q.needs_calibration for q in self.quantizations_used())
+
+    @property
+    def needs_hessians(self) -> bool:
+        """GPTQ somewhere: its calibration includes the layers' input Hessians."""
+        return any(q.algorithm == "gptq" for q in self.quantizations_used())
 
     def schemes_used(self) -> set[str]:
+        """The fields' values (or a search's candidates), as written."""
+        if self.search:
+            return set(self.search.schemes)
         used = set()
         for component in COMPONENTS:
             value = getattr(self, component)
             used.update(value.values() if isinstance(value, Mapping) else [value] if value else [])
         return used
+
+    def quantizations_used(self) -> list[Quantization]:
+        return [parse_quantization(name) for name in sorted(self.schemes_used())]
 
 
 BUILTIN_RECIPES: dict[str, Recipe] = {
@@ -141,17 +180,32 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
 }
 
 
-def _scheme(recipe: str, component: str, value: Any) -> str:
-    if value not in SCHEMES:
-        raise RecipeError(
-            f"recipe {recipe!r}, field {component!r}: unknown scheme {value!r}. Allowed schemes: {', '.join(SCHEMES)}."
-        )
-    return value
+_OP_WORDS = {Op.FULLY_CONNECTED: "the fully-connected layers", Op.EMBEDDING_LOOKUP: "the embedding"}
 
 
-def _component(recipe: str, component: str, value: Any) -> ComponentScheme:
+def _quantization(recipe: str, field_name: str, value: Any, ops: tuple[Op, ...]) -> str:
+    """The field's value as a canonical scheme name, checked against each op it applies to."""
+    try:
+        quantization = parse_quantization(value)
+    except SchemeError as error:
+        raise RecipeError(f"recipe {recipe!r}, field {field_name!r}: {error}") from None
+    for op in ops:
+        if reason := refusal(quantization, op):
+            fix = (
+                "; give the embedding its own scheme, for example embedding: int8_dynamic"
+                if field_name == "default" and op is Op.EMBEDDING_LOOKUP
+                else ""
+            )
+            raise RecipeError(
+                f"recipe {recipe!r}, field {field_name!r}: {quantization.name} on {_OP_WORDS[op]} "
+                f"({op.value}): {reason}{fix}."
+            )
+    return quantization.name
+
+
+def _component(recipe: str, component: str, value: Any, ops: tuple[Op, ...]) -> ComponentScheme:
     if value is None or not isinstance(value, Mapping):
-        return None if value is None else _scheme(recipe, component, value)
+        return None if value is None else _quantization(recipe, component, value, ops)
     if component not in PER_BLOCK_COMPONENTS:
         raise RecipeError(
             f"recipe {recipe!r}, field {component!r}: a per-block map is only allowed for "
@@ -163,7 +217,7 @@ def _component(recipe: str, component: str, value: Any) -> ComponentScheme:
             raise RecipeError(
                 f"recipe {recipe!r}, field {component!r}: block index {block!r} is not a non-negative integer."
             )
-        blocks[block] = _scheme(recipe, f"{component}.{block}", scheme)
+        blocks[block] = _quantization(recipe, f"{component}.{block}", scheme, ops)
     return blocks
 
 
@@ -189,14 +243,62 @@ def _parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str,
         raise RecipeError(
             f"recipe {name!r}: unknown key(s) {', '.join(map(str, unknown))}. Allowed keys: {', '.join(RECIPE_KEYS)}."
         )
-    components = {c: _component(name, c, body.get(c)) for c in COMPONENTS}
-    if all(v is None for v in components.values()):
-        raise RecipeError(f"recipe {name!r}: sets no scheme; give at least one of {', '.join(COMPONENTS)}.")
     try:
         gates = {**default_gates, **parse_gates(f"recipe {name!r}", body.get("gates"))}
     except GateConfigError as error:
         raise RecipeError(str(error)) from None
+    if "search" in body:
+        if set(body) & set(COMPONENTS):
+            raise RecipeError(
+                f"recipe {name!r}: 'search' chooses every component's scheme itself; remove "
+                f"{', '.join(sorted(set(body) & set(COMPONENTS)))}."
+            )
+        search = _search(name, body["search"])
+        gates = {**gates, search.gate: search.budget}  # the budget is what its published evaluation must pass
+        return Recipe(
+            name=name, description=str(body.get("description", "")), source=source, gates=gates, search=search
+        )
+    # ``default`` quantizes the embedding too, unless the embedding has its own scheme
+    default_ops = FIELD_OPS["default"] if body.get("embedding") is None else (Op.FULLY_CONNECTED,)
+    ops = {**FIELD_OPS, "default": default_ops}
+    components = {c: _component(name, c, body.get(c), ops[c]) for c in COMPONENTS}
+    if all(v is None for v in components.values()):
+        raise RecipeError(
+            f"recipe {name!r}: sets no scheme; give at least one of {', '.join(COMPONENTS)}, or a 'search' budget."
+        )
     return Recipe(name=name, description=str(body.get("description", "")), source=source, gates=gates, **components)
+
+
+def _search(recipe: str, body: Any) -> SearchSpec:
+    where = f"recipe {recipe!r}, field 'search'"
+    if not isinstance(body, Mapping):
+        raise RecipeError(f"{where}: expected a mapping with a budget ({' or '.join(BUDGETS)}) and 'schemes'.")
+    unknown = sorted(set(map(str, body)) - set(SEARCH_KEYS))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}. Allowed keys: {', '.join(SEARCH_KEYS)}.")
+    budgets = [gate for gate in BUDGETS if gate in body]
+    if len(budgets) != 1:
+        raise RecipeError(f"{where}: give exactly one budget, {' or '.join(BUDGETS)} (got {len(budgets)}).")
+    gate, budget = budgets[0], body[budgets[0]]
+    floor = 1.0 if gate == "max_perplexity_ratio" else 0.0
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= floor:
+        raise RecipeError(f"{where}: {gate} must be a number above {floor:g}, not {budget!r}.")
+    schemes = body.get("schemes")
+    if not isinstance(schemes, list) or not schemes:
+        raise RecipeError(f"{where}: 'schemes' must list the candidate schemes, for example [int8_dynamic, ...].")
+    names = tuple(
+        _quantization(recipe, f"search.schemes[{i}]", s, (Op.FULLY_CONNECTED,)) for i, s in enumerate(schemes)
+    )
+    tokens = body.get("sensitivity_tokens", DEFAULT_SENSITIVITY_TOKENS)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise RecipeError(f"{where}: sensitivity_tokens must be a positive whole number, not {tokens!r}.")
+    spec = SearchSpec(gate, float(budget), names, tokens)
+    if not spec.candidates(Op.EMBEDDING_LOOKUP):
+        raise RecipeError(
+            f"{where}: none of {', '.join(names)} applies to the embedding (EMBEDDING_LOOKUP); add one that does, "
+            "for example int8_dynamic."
+        )
+    return spec
 
 
 @dataclass(frozen=True)
@@ -298,10 +400,20 @@ def scheme_for(recipe: Recipe, component: str, block: int | None, tied_lm_head: 
     return (field_name, specific) if specific else ("default", recipe.default)
 
 
+def block_size(name: str | None) -> int | None:
+    return parse_quantization(name).scheme.block_size if name else None
+
+
+def fitting_block_schemes(dims: tuple[int, ...]) -> list[str]:
+    """The blockwise schemes whose block size divides every one of ``dims``."""
+    return [n for n, s in SCHEMES.items() if s.block_size and all(d % s.block_size == 0 for d in dims)]
+
+
 def validate_for_model(recipe: Recipe, shape) -> None:
     """Checks that need the model: block indices that exist, int4 blocks that divide its weights.
 
-    ``shape`` is an ``architectures.ModelShape``.
+    ``shape`` is an ``architectures.ModelShape``. A search recipe is checked when it is resolved (``search.py``
+    leaves out the candidates that do not fit a component).
     """
     for component in PER_BLOCK_COMPONENTS:
         value = getattr(recipe, component)
@@ -315,14 +427,14 @@ def validate_for_model(recipe: Recipe, shape) -> None:
         blocks = range(shape.num_layers) if component in PER_BLOCK_COMPONENTS else [None]
         for block in blocks:
             field_name, scheme = scheme_for(recipe, component, block, shape.tied_lm_head)
-            size = SCHEMES[scheme].block_size if scheme else None
+            size = block_size(scheme)
             bad = [d for d in dims if size and d % size]
             if bad:
-                fitting = [n for n, s in SCHEMES.items() if s.block_size and all(d % s.block_size == 0 for d in dims)]
                 raise RecipeError(
                     f"recipe {recipe.name!r}, field {field_name!r}: {scheme} needs the {component} weights' input "
                     f"size divisible by {size}, but this model's is {bad[0]}. "
-                    f"int4 schemes that fit: {', '.join(fitting) or 'none'}; or use an int8 or fp16 scheme."
+                    f"Blockwise schemes that fit: {', '.join(fitting_block_schemes(dims)) or 'none'}; or use a "
+                    "per-channel scheme."
                 )
 
 
@@ -337,31 +449,18 @@ def validate_for_model(recipe: Recipe, shape) -> None:
 _ALL_OPS, _FULLY_CONNECTED = "*", "FULLY_CONNECTED"
 
 
-def _add_rule(manager, scheme_name: str, scope: str, operation: str = _ALL_OPS) -> None:
-    from ai_edge_quantizer import algorithm_manager, qtyping
+def _add_rule(manager, name: str, scope: str, operation: str | None = None) -> None:
+    from ai_edge_quantizer import qtyping
 
-    scheme = SCHEMES[scheme_name]
-    is_float = scheme.weight_dtype == "FP16"
+    quantization = parse_quantization(name)
+    # Calibrated choices (static activations, GPTQ) exist for fully-connected layers only: a rule for every op of
+    # the scope would make its other ops static too, which the runtime cannot run (tests/test_schemes.py).
+    operation = operation or (_FULLY_CONNECTED if quantization.needs_calibration else _ALL_OPS)
     manager.add_quantization_config(
         regex=scope,
         operation_name=qtyping.TFLOperationName(operation),
-        op_config=qtyping.OpQuantizationConfig(
-            weight_tensor_config=qtyping.TensorQuantizationConfig(
-                num_bits={"INT8": 8, "INT4": 4, "FP16": 16}[scheme.weight_dtype],
-                symmetric=True,
-                granularity=qtyping.QuantGranularity[
-                    "TENSORWISE" if scheme.granularity == "NONE" else scheme.granularity
-                ],
-                dtype=qtyping.TensorDataType.FLOAT if is_float else qtyping.TensorDataType.INT,
-            ),
-            compute_precision=qtyping.ComputePrecision.INTEGER
-            if scheme.mode == "DYNAMIC_RANGE"
-            else qtyping.ComputePrecision.FLOAT,
-            explicit_dequantize=scheme.mode == "WEIGHT_ONLY",
-        ),
-        algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING
-        if is_float
-        else algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
+        op_config=quantization.op_config(),
+        algorithm_key=quantization.algorithm_key,
     )
 
 

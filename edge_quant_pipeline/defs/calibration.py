@@ -1,0 +1,71 @@
+"""`calibration`: the statistics static activations and GPTQ need, from the float `.tflite` on calibration text,
+once per checkpoint for every recipe that needs them."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import dagster as dg
+
+from edge_quant_pipeline.checkpoints import Checkpoint
+from edge_quant_pipeline.defs.admission import admitted, model_size
+from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.partitions import model_partitions
+from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
+from edge_quant_pipeline.evaluate.reference import EvalTextError, tokenize
+from edge_quant_pipeline.memory import NotEnoughMemoryError
+from edge_quant_pipeline.quantize.calibration import (
+    CalibrationStats,
+    CalibrationTextError,
+    calibrate,
+    hessian_bytes,
+)
+from edge_quant_pipeline.timing import computing
+from edge_quant_pipeline.toolchain import toolchain_tag
+from edge_quant_pipeline.weights import TfliteModel
+
+
+@dg.asset(
+    partitions_def=model_partitions,
+    automation_condition=ON_INPUT_OR_CODE_CHANGE,
+    group_name="conversion",
+    code_version=f"calibration-1|{toolchain_tag()}",
+)
+def calibration(
+    context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint, float_tflite: TfliteModel
+) -> dg.Output[CalibrationStats]:
+    """Activation ranges and input Hessians of every fully-connected layer, over `calibration_samples` windows of
+    the calibration text (EDGE_QUANT_CALIBRATION_TEXT)."""
+    text, samples = Path(pipeline.calibration_text), pipeline.calibration_samples
+    settings = pipeline.calibration_settings()
+    output = pipeline.work_path(checkpoint) / f"calibration-{settings['calibration_text_sha256'][:12]}-{samples}"
+    try:  # before any model runs: a text too short costs nothing
+        tokens = tokenize(text, checkpoint.path, checkpoint.vocab_size)
+        gram_bytes = hessian_bytes(float_tflite.path, pipeline.export_settings)
+        size = replace(model_size(checkpoint, pipeline, float_tflite.file_bytes), calibration_bytes=gram_bytes)
+        with admitted(context, size) as usage, computing():
+            stats = calibrate(
+                float_tflite.path,
+                tokens,
+                pipeline.export_settings,
+                samples,
+                text,
+                pipeline.interpreter_threads,
+                output,
+            )
+    except (EvalTextError, CalibrationTextError, NotEnoughMemoryError, RuntimeRejectedError) as error:
+        raise dg.Failure(str(error)) from None
+    context.log.info(f"Calibrated on {stats.tokens} tokens of {text} ({samples} windows)")
+    return dg.Output(
+        stats,
+        metadata={
+            "calibration_text": dg.MetadataValue.path(str(text)),
+            "calibration_text_sha256": settings["calibration_text_sha256"],
+            "samples": samples,
+            "tokens": stats.tokens,
+            "layers": len(stats.layers()),
+            "hessian_mb": gram_bytes / 1e6,
+            "statistics": dg.MetadataValue.path(str(stats.path)),
+            **usage.metadata(),
+        },
+    )
