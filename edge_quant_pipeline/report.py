@@ -16,6 +16,7 @@ from edge_quant_pipeline.publish import ChampionUpdate, version_number, write_at
 
 REPORT_FILE = "report.parquet"
 PLOT_FILE = "report.png"
+SEARCH_PLOT_FILE = "search-{recipe}.png"
 
 # column -> (heading in the markdown table, number format)
 DISPLAY_COLUMNS = {
@@ -68,6 +69,7 @@ def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, 
             "file_mb": metrics["file_bytes"] / 1e6,
             **metrics,
             **{f"delta_{name}": value for name, value in (manifest.get("delta") or {}).items()},
+            "search": search_summary(manifest["search"]) if manifest.get("search") else None,
             "error": None,
         }
     if failure is not None:
@@ -78,7 +80,7 @@ def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, 
 def build_report(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The rows as a table, the champion (the smallest published file) marked."""
     frame = pd.DataFrame(rows)
-    for column in [*DISPLAY_COLUMNS, *DELTA_COLUMNS, "file_bytes", "version", "artifact"]:
+    for column in [*DISPLAY_COLUMNS, *DELTA_COLUMNS, "file_bytes", "version", "artifact", "search"]:
         if column not in frame:
             frame[column] = None
     sizes = pd.to_numeric(frame["file_bytes"].where(frame["status"] == "published"))
@@ -143,6 +145,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
     if not changed.empty:
         delta_columns = {"model": ("model", ""), **DELTA_COLUMNS} if "model" in frame else DELTA_COLUMNS
         text += "\n\nSince the previous version:\n\n" + _table(changed, delta_columns)
+    searched = "".join(f"\n- **{row.recipe}**: {row.search}" for row in frame[frame["search"].notna()].itertuples())
+    text += "\n\nResolved by search:" + searched if searched else ""
     failures = frame[frame["error"].notna()]
     notes = "".join(f"\n- **{row.recipe}**: {row.error}" for row in failures.itertuples())
     return text + ("\n\nNot published:" + notes if notes else "")
@@ -176,6 +180,100 @@ def size_quality_png(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def embedded_png(png: bytes) -> str:
+def embedded_png(png: bytes, title: str = "size vs quality") -> str:
     """Markdown the Dagster UI renders as the image itself."""
-    return f"![size vs quality](data:image/png;base64,{base64.b64encode(png).decode()})"
+    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+# --- a budget recipe's search (quantize/search.py), from its manifest's `search` trace ---------------------------
+
+
+def _cost_name(trace: dict[str, Any]) -> str:
+    return "log ppl ratio" if trace["gate"] == "max_perplexity_ratio" else "KL"
+
+
+def search_summary(trace: dict[str, Any]) -> str:
+    """One line: the budget, what was chosen, what it verified at and what the search cost."""
+    final = trace["rounds"][-1]
+    counts: dict[str, int] = {}
+    for scheme in final["assignment"].values():
+        counts[scheme] = counts.get(scheme, 0) + 1
+    chosen = ", ".join(f"{n} x {scheme}" for scheme, n in sorted(counts.items(), key=lambda item: -item[1]))
+    return (
+        f"{trace['gate']} {trace['budget']:g} over {len(final['assignment'])} components: {chosen}; verified "
+        f"{_cost_name(trace)} {final['verified']:.4g} in round {len(trace['rounds'])}; {trace['quantize_passes']} "
+        f"quantize passes, {trace['seconds']:.0f} s"
+    )
+
+
+def search_markdown(recipe: str, trace: dict[str, Any]) -> str:
+    """What the search measured and chose: its budget and cost, the rounds it verified, and per component the
+    chosen scheme, its bytes against float and what each candidate was measured to add."""
+    cost = _cost_name(trace)
+    rounds = pd.DataFrame(
+        [
+            {
+                "round": i,
+                f"target {cost}": r["target"],
+                f"predicted {cost}": r["predicted"],
+                f"verified {cost}": r["verified"],
+                "weights MB": r["weight_bytes"] / 1e6,
+            }
+            for i, r in enumerate(trace["rounds"], 1)
+        ]
+    )
+    chosen = trace["rounds"][-1]["assignment"]
+    by_component: dict[str, dict[str, Any]] = {}
+    for s in trace["sensitivities"]:
+        row = by_component.setdefault(
+            s["component"],
+            {"component": s["component"], "chosen": chosen[s["component"]], "float MB": 0.0, "MB": 0.0},
+        )
+        row["float MB"] = trace["float_weight_bytes"].get(s["component"], 0) / 1e6
+        row[f"{s['scheme']} {cost}"] = s["cost"]
+        if s["scheme"] == chosen[s["component"]]:
+            row["MB"] = s["weight_bytes"] / 1e6
+    head = (
+        f"**Search for {recipe}**: {trace['gate']} {trace['budget']:g} over {', '.join(trace['schemes'])}; "
+        f"{trace['quantize_passes']} quantize and {trace['scoring_passes']} scoring passes "
+        f"({trace['cached_sensitivities']} sensitivities from the cache), {trace['seconds']:.1f} s. Sensitivity: "
+        f"each component quantized alone, scored on {trace['sensitivity_tokens']} tokens of the eval text."
+    )
+    return "\n\n".join(
+        [
+            head,
+            rounds.to_markdown(index=False, floatfmt=".4g"),
+            pd.DataFrame(list(by_component.values())).to_markdown(index=False, floatfmt=".3g"),
+        ]
+    )
+
+
+def search_png(recipe: str, trace: dict[str, Any]) -> bytes:
+    """What each block's attention and feed-forward add with each candidate (log scale), the chosen marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    chosen = trace["rounds"][-1]["assignment"]
+    points = pd.DataFrame(trace["sensitivities"])
+    kind_block = points["component"].str.split(".", expand=True)
+    points["kind"], points["block"] = kind_block[0], pd.to_numeric(kind_block.get(1), errors="coerce")
+    floor = max(points["cost"][points["cost"] > 0].min() if (points["cost"] > 0).any() else 1e-9, 1e-12)
+    for (kind, scheme), rows in points[points["block"].notna()].groupby(["kind", "scheme"]):
+        rows = rows.sort_values("block")
+        axes.plot(rows["block"], rows["cost"].clip(lower=floor), marker=".", label=f"{kind}, {scheme}")
+        picked = rows[[chosen[c] == scheme for c in rows["component"]]]
+        axes.scatter(picked["block"], picked["cost"].clip(lower=floor), s=80, facecolors="none", edgecolors="black")
+    axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("block")
+    axes.set_ylabel(f"{_cost_name(trace)} added, alone")
+    axes.set_title(f"{recipe}: sensitivity per block (circled: chosen)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -14,12 +14,15 @@ from edge_quant_pipeline.publish import latest_outcome, point_champion, write_at
 from edge_quant_pipeline.report import (
     PLOT_FILE,
     REPORT_FILE,
+    SEARCH_PLOT_FILE,
     build_report,
     champion_note,
     champion_of,
     embedded_png,
     read_parquet,
     report_row,
+    search_markdown,
+    search_png,
     size_quality_png,
     to_markdown,
     write_parquet,
@@ -58,13 +61,16 @@ def quantization_report(
     """One row per recipe for the current checkpoint, as its latest evaluation left it: published metrics, or why
     it did not publish (or no longer passes); the champion (smallest published file) marked and pointed to by
     `<store>/<model>/champion.json`, which is removed when no recipe of this checkpoint is published."""
-    rows, catalog = [], pipeline.recipe_catalog()
+    rows, searches, catalog = [], {}, pipeline.recipe_catalog()
     for name in catalog.names:
         if name in catalog.errors:
             rows.append({"recipe": name, "status": "failed (recipe)", "error": catalog.errors[name]})
             continue
         inputs = artifact_inputs(pipeline, checkpoint, catalog.recipes[name])
-        rows.append(report_row(name, *latest_outcome(pipeline.store, inputs)))
+        manifest, failure = latest_outcome(pipeline.store, inputs)
+        rows.append(report_row(name, manifest, failure))
+        if manifest and manifest.get("search"):
+            searches[name] = manifest["search"]
     frame = build_report(rows)
     champion = champion_of(frame)
     update = point_champion(pipeline.store, checkpoint.model_id, champion)
@@ -76,8 +82,21 @@ def quantization_report(
             **stored_report(frame, pipeline.store / checkpoint.model_id, champion_note(update)),
             "champion": champion["recipe"] if champion else "",
             "champion_changed": update.changed,
+            **search_reports(searches, pipeline.store / checkpoint.model_id),
         },
     )
+
+
+def search_reports(searches: dict[str, dict], folder: UPath) -> dict[str, object]:
+    """Per budget recipe, its search's tables and its sensitivity plot (`<store>/<model>/search-<recipe>.png`)."""
+    metadata: dict[str, object] = {}
+    for recipe, trace in searches.items():
+        png = search_png(recipe, trace)
+        write_atomically(folder / SEARCH_PLOT_FILE.format(recipe=recipe), png)
+        metadata[f"search_{recipe}"] = dg.MetadataValue.md(
+            search_markdown(recipe, trace) + "\n\n" + embedded_png(png, f"{recipe} search")
+        )
+    return metadata
 
 
 @dg.asset(

@@ -13,12 +13,14 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.quantize.calibration import CalibrationStats, quantizer_calibration
 from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError, validate_for_model
 from edge_quant_pipeline.quantize.search import ResolvedRecipe, SearchContext, SearchError, SearchTrace, search
+from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag, toolchain_versions
 from edge_quant_pipeline.weights import TfliteModel
@@ -119,6 +121,8 @@ def resolved_recipe(
             validate_for_model(quant_recipe, shape)
             resolved = ResolvedRecipe(quant_recipe, quant_recipe)
         else:
+            # one candidate file at a time, mostly float weights: at most the float file's size
+            check_free_disk(pipeline.work_path(checkpoint), float_tflite.file_bytes, WORK_DIR_VARIABLE)
             size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
             with admitted(context, size, quant_recipe) as usage, computing():
                 search_context = _search_context(context, pipeline, checkpoint, float_tflite, calibration, shape)
@@ -135,6 +139,8 @@ def resolved_recipe(
         raise rejected(pipeline, inputs, "interpreter", error) from None
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
+    except NotEnoughDiskError as error:
+        raise rejected(pipeline, inputs, "disk", error) from None
     return dg.Output(
         resolved,
         data_version=dg.DataVersion(resolved.recipe.spec_hash),

@@ -47,7 +47,7 @@ class PipelineConfig(dg.ConfigurableResource):
     # Static activation ranges and GPTQ Hessians (quantize/calibration.py): windows of kv_cache_len tokens of this
     # text, run through the float .tflite once per checkpoint for every recipe that needs them.
     calibration_text: str = str(DEFAULT_CALIBRATION_TEXT)
-    calibration_samples: int = 8
+    calibration_samples: int = 16
     # Which litert-torch exporter makes the float .tflite (exporters.py): auto, generative_api or export_hf.
     exporter: str = AUTO
     # User recipes, merged with the built-in ones (none there: the built-in ones alone); read when used.

@@ -224,10 +224,14 @@ def calibrate(
     windows = calibration_windows(tokens, settings, samples, text)
     prefill = fully_connected_layers(float_tflite)[settings.prefill_signature]
     statistics = _Statistics({layer.input_name for layer in prefill})
+    # Once per call each: layers that share an input (gate and up projections) share its statistics.
+    tensors = {
+        **{layer.input_name: layer.input_index for layer in prefill},
+        **{layer.output_name: layer.output_index for layer in prefill},
+    }
     for interpreter, subgraph in _prefill_calls(float_tflite, windows, settings, num_threads):
-        for layer in prefill:
-            statistics.add(layer.input_name, interpreter.get_tensor(layer.input_index, subgraph))
-            statistics.add(layer.output_name, interpreter.get_tensor(layer.output_index, subgraph))
+        for name, index in tensors.items():
+            statistics.add(name, interpreter.get_tensor(index, subgraph))
     output.mkdir(parents=True, exist_ok=True)
     names = list(statistics.minimum)
     with atomic_path(output / STATS_FILE) as partial:
