@@ -36,6 +36,10 @@ QUANTIZE_MB_PER_LAYER = 20
 # localisation, after the session, maps the float file without XNNPACK: about 1x.
 RUNTIME_FILES = 1.7
 DEQUANTIZING_RUNTIME_FILES = 4.3
+# Calibration runs the float file in TFLite's own kernels (no XNNPACK) with every intermediate kept: its step
+# peaked at 3.52 GB for the SmolLM2-135M shape's 0.54 GB file with 0.40 GB of Hessians, in the conversion run's
+# process (torch imported): about 2.2x the file beyond the process, the Hessians and a window of logits.
+CALIBRATION_RUNTIME_FILES = 2.5
 # Logits of one window held at once by evaluation: the candidate's, the reference's, float64 blocks.
 WINDOW_LOGIT_COPIES = 4
 
@@ -66,10 +70,10 @@ def float_reference_mb(size: ModelSize) -> float:
 
 
 def calibration_mb(size: ModelSize) -> float:
-    """The float file run without XNNPACK (its weights mapped, about 1x, every intermediate of one call kept),
-    the running X^T X of each layer's input and one more while a call's product is added."""
-    work = size.float_tflite_bytes + 2 * size.calibration_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
-    return LITERT_PROCESS_MB + work / MB
+    """The float file run without XNNPACK, every intermediate of one call kept, the running X^T X of each layer's
+    input and one more while a call's product is added; in the conversion run's process, which imported torch."""
+    runtime = CALIBRATION_RUNTIME_FILES * size.float_tflite_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
+    return TORCH_PROCESS_MB + (runtime + 2 * size.calibration_bytes) / MB
 
 
 def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:

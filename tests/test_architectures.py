@@ -280,3 +280,9 @@ def test_converted_model_matches_float_in_the_interpreter(tmp_path, family, over
     )
     rows = check_conformance(recipe, read_weights(quantized), architecture_of(checkpoint).shape)
     assert [r for r in rows if not r.ok] == []
+    if not model_config.lm_head_share_weight_with_embedding:  # a separate LM head takes a scheme of its own
+        recipe = parse_recipe("head", {"default": "int8_dynamic", "lm_head": "int4_dynamic_block32"}, "test")
+        quantized = quantize_tflite(tflite, ai_edge_quantizer_recipe(recipe, False), tmp_path / "head.tflite")
+        rows = check_conformance(recipe, read_weights(quantized), architecture_of(checkpoint).shape)
+        assert [r for r in rows if not r.ok] == []
+        assert {r.actual.dtype for r in rows if r.component == "lm_head"} == {"INT4"}

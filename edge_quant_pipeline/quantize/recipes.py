@@ -36,14 +36,19 @@ from edge_quant_pipeline.quantize.schemes import (
 )
 
 COMPONENTS = ("default", "embedding", "attention", "feedforward")
+# A separate LM head's own scheme (a tied one is the embedding's table, so it follows `embedding`); written into the
+# spec only when set, so that recipes without it keep their hash.
+LM_HEAD = "lm_head"
+FIELDS = (*COMPONENTS, LM_HEAD)
 PER_BLOCK_COMPONENTS = ("attention", "feedforward")
-RECIPE_KEYS = ("description", "gates", *COMPONENTS, "search")
+RECIPE_KEYS = ("description", "gates", *FIELDS, "search")
 # The ops whose weights each field quantizes (``default``: the embedding's too, when it has no scheme of its own).
 FIELD_OPS = {
     "default": (Op.FULLY_CONNECTED, Op.EMBEDDING_LOOKUP),
     "embedding": (Op.EMBEDDING_LOOKUP,),
     "attention": (Op.FULLY_CONNECTED,),
     "feedforward": (Op.FULLY_CONNECTED,),
+    LM_HEAD: (Op.FULLY_CONNECTED,),
 }
 # A search's budget, as the gate that its published evaluation must pass.
 BUDGETS = ("max_mean_kl", "max_perplexity_ratio")
@@ -87,6 +92,7 @@ class Recipe:
     embedding: str | None = None
     attention: ComponentScheme = None
     feedforward: ComponentScheme = None
+    lm_head: str | None = None
     source: str = "built-in"
     # Thresholds for publishing; not part of the spec, since they do not change the model.
     gates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
@@ -95,7 +101,7 @@ class Recipe:
     @property
     def is_float(self) -> bool:
         """No component quantized: the float baseline."""
-        return self.search is None and all(getattr(self, c) is None for c in COMPONENTS)
+        return self.search is None and all(getattr(self, c) is None for c in FIELDS)
 
     def spec(self) -> dict[str, Any]:
         """Canonical form: what the recipe does, nothing about where it came from."""
@@ -106,6 +112,8 @@ class Recipe:
             return value
 
         spec = {c: canonical(getattr(self, c)) for c in COMPONENTS}
+        if self.lm_head:
+            spec[LM_HEAD] = self.lm_head
         return {**spec, "search": self.search.spec()} if self.search else spec
 
     @property
@@ -142,7 +150,7 @@ class Recipe:
         if self.search:
             return set(self.search.schemes)
         used = set()
-        for component in COMPONENTS:
+        for component in FIELDS:
             value = getattr(self, component)
             used.update(value.values() if isinstance(value, Mapping) else [value] if value else [])
         return used
@@ -248,10 +256,10 @@ def _parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str,
     except GateConfigError as error:
         raise RecipeError(str(error)) from None
     if "search" in body:
-        if set(body) & set(COMPONENTS):
+        if set(body) & set(FIELDS):
             raise RecipeError(
                 f"recipe {name!r}: 'search' chooses every component's scheme itself; remove "
-                f"{', '.join(sorted(set(body) & set(COMPONENTS)))}."
+                f"{', '.join(sorted(set(body) & set(FIELDS)))}."
             )
         search = _search(name, body["search"])
         gates = {**gates, search.gate: search.budget}  # the budget is what its published evaluation must pass
@@ -261,10 +269,10 @@ def _parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str,
     # ``default`` quantizes the embedding too, unless the embedding has its own scheme
     default_ops = FIELD_OPS["default"] if body.get("embedding") is None else (Op.FULLY_CONNECTED,)
     ops = {**FIELD_OPS, "default": default_ops}
-    components = {c: _component(name, c, body.get(c), ops[c]) for c in COMPONENTS}
+    components = {c: _component(name, c, body.get(c), ops[c]) for c in FIELDS}
     if all(v is None for v in components.values()):
         raise RecipeError(
-            f"recipe {name!r}: sets no scheme; give at least one of {', '.join(COMPONENTS)}, or a 'search' budget."
+            f"recipe {name!r}: sets no scheme; give at least one of {', '.join(FIELDS)}, or a 'search' budget."
         )
     return Recipe(name=name, description=str(body.get("description", "")), source=source, gates=gates, **components)
 
@@ -395,6 +403,8 @@ def scheme_for(recipe: Recipe, component: str, block: int | None, tied_lm_head: 
         field_name = f"{component}.{block}" if isinstance(value, Mapping) else component
     elif component == "embedding" or (component == "lm_head" and tied_lm_head):
         specific, field_name = recipe.embedding, "embedding"
+    elif component == "lm_head":
+        specific, field_name = recipe.lm_head, LM_HEAD
     else:
         specific, field_name = None, "default"
     return (field_name, specific) if specific else ("default", recipe.default)
@@ -415,6 +425,11 @@ def validate_for_model(recipe: Recipe, shape) -> None:
     ``shape`` is an ``architectures.ModelShape``. A search recipe is checked when it is resolved (``search.py``
     leaves out the candidates that do not fit a component).
     """
+    if recipe.lm_head and shape.tied_lm_head:
+        raise RecipeError(
+            f"recipe {recipe.name!r}, field {LM_HEAD!r}: this model's LM head is its embedding table (tied), which "
+            "follows the 'embedding' field; set that instead."
+        )
     for component in PER_BLOCK_COMPONENTS:
         value = getattr(recipe, component)
         outside = sorted(b for b in value if b >= shape.num_layers) if isinstance(value, Mapping) else []
@@ -475,6 +490,8 @@ def ai_edge_quantizer_recipe(recipe: Recipe, tied_lm_head: bool) -> list[dict[st
         _add_rule(manager, recipe.embedding, op_names.EMBEDDING)
         if tied_lm_head:  # the LM head reads the embedding's weights
             _add_rule(manager, recipe.embedding, op_names.LM_HEAD, _FULLY_CONNECTED)
+    if recipe.lm_head and not tied_lm_head:
+        _add_rule(manager, recipe.lm_head, op_names.LM_HEAD, _FULLY_CONNECTED)
     for component, layer in (("attention", op_names.ATTENTION), ("feedforward", op_names.FEEDFORWARD)):
         value = getattr(recipe, component)
         if isinstance(value, Mapping):

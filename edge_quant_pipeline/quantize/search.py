@@ -21,8 +21,10 @@ text it was chosen on.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -75,12 +77,10 @@ class Component:
 
     def recipe(self, name: str, scheme: str) -> Recipe:
         """A recipe that quantizes this component alone."""
-        if self.name in PER_BLOCK_COMPONENTS:
-            return Recipe(name, **{self.name: {self.block: scheme}})
-        return Recipe(name, **{"default" if self.name == "lm_head" else "embedding": scheme})
+        return Recipe(name, **{self.name: {self.block: scheme} if self.name in PER_BLOCK_COMPONENTS else scheme})
 
 
-def components(shape) -> list[Component]:
+def searched_components(shape) -> list[Component]:
     """What the search assigns, for an ``architectures.ModelShape``: a tied LM head goes with the embedding."""
     blocks = range(shape.num_layers)
     found = [Component("embedding"), *(Component(c, b) for c in PER_BLOCK_COMPONENTS for b in blocks)]
@@ -138,16 +138,6 @@ class SearchTrace:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchTrace:
-        return cls(
-            **{
-                **data,
-                "sensitivities": [Sensitivity(**s) for s in data["sensitivities"]],
-                "rounds": [Round(**r) for r in data["rounds"]],
-            }
-        )
-
     @property
     def metric_budget(self) -> float:
         return math.log(self.budget) if self.gate == "max_perplexity_ratio" else self.budget
@@ -192,15 +182,15 @@ def choose(options: dict[str, list[Option]], target: float) -> dict[str, Option]
     return chosen
 
 
-def resolved_recipe(recipe: Recipe, assignment: dict[str, str], components_: list[Component]) -> Recipe:
+def assigned_recipe(recipe: Recipe, assignment: dict[str, str], components: list[Component]) -> Recipe:
     """The concrete recipe the assignment makes, with the search recipe's name and gates."""
     fields: dict[str, Any] = {"attention": {}, "feedforward": {}}
-    for component in components_:
+    for component in components:
         scheme = assignment[component.label]
         if component.name in PER_BLOCK_COMPONENTS:
             fields[component.name][component.block] = scheme
         else:
-            fields["default" if component.name == "lm_head" else "embedding"] = scheme
+            fields[component.name] = scheme
     return replace(recipe, search=None, source=f"{recipe.source} (search)", **fields)
 
 
@@ -236,46 +226,83 @@ def _component_bytes(weights: list[WeightTensor], component: Component) -> int:
     return sum({(w.file, w.buffer): w.num_bytes for w in mine}.values())
 
 
-def _sensitivities(context: SearchContext, spec, components_: list[Component], trace: SearchTrace) -> None:
-    """Every (component, fitting candidate) measured or read from the cache."""
-    windows = max(1, math.ceil(spec.sensitivity_tokens / context.settings.kv_cache_len))
-    cost_of = _COSTS[spec.gate]
-    for scheme in spec.schemes:
-        cache = context.work_dir / "sensitivity" / f"{scheme}-{context.cache_key}-w{windows}.json"
+def _measured(
+    context: SearchContext, scheme: str, components: list[Component], windows: int, trace: SearchTrace
+) -> dict[str, dict[str, float]]:
+    """By component label, what ``scheme`` on that component alone adds, from the cache or measured now. One
+    process measures a scheme of a model at a time (a lock on its cache), so two searches running side by side
+    share the work rather than repeat it."""
+    cache = context.work_dir / "sensitivity" / f"{scheme}-{context.cache_key}-w{windows}.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with (cache.parent / f".{cache.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         known = json.loads(cache.read_text()) if cache.exists() else {}
-        todo = [c for c in components_ if scheme in fitting(c, spec.schemes, context.shape) and c.label not in known]
+        todo = [c for c in components if c.label not in known]
+        probe = context.work_dir / f"probe-{os.getpid()}.tflite"
         for n, component in enumerate(todo, 1):
-            scratch = context.work_dir / f"sensitivity-{scheme}.tflite"
-            context.quantize(component.recipe("probe", scheme), scratch)
-            fidelity = context.score(scratch, windows)
+            context.quantize(component.recipe("probe", scheme), probe)
+            fidelity = context.score(probe, windows)
             known[component.label] = {
                 "mean_kl": fidelity.mean_kl,
                 "perplexity_ratio": fidelity.perplexity_ratio,
-                "weight_bytes": _component_bytes(inspect_tflite(scratch).weights, component),
+                "weight_bytes": _component_bytes(inspect_tflite(probe).weights, component),
             }
+            probe.unlink()
             trace.quantize_passes += 1
             trace.scoring_passes += 1
-            if n % 10 == 0 or n == len(todo):
+            if n % 10 == 0 or n == len(todo):  # a search cut short keeps what it measured
                 context.log(f"sensitivity of {scheme}: {n}/{len(todo)} components measured")
-                cache.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(cache, json.dumps(known).encode())
-            scratch.unlink(missing_ok=True)
-        trace.cached_sensitivities += sum(1 for c in components_ if c.label in known) - len(todo)
-        for component in components_:
-            if component.label in known:
-                m = known[component.label]
-                cost = cost_of(m["mean_kl"], m["perplexity_ratio"])
-                trace.sensitivities.append(
-                    Sensitivity(component.label, scheme, cost, m["mean_kl"], m["perplexity_ratio"], m["weight_bytes"])
-                )
+    trace.cached_sensitivities += len(components) - len(todo)
+    return known
+
+
+def _sensitivities(context: SearchContext, spec, components: list[Component], trace: SearchTrace) -> None:
+    """Every (component, candidate that fits it), measured or read from the cache."""
+    windows = max(1, math.ceil(spec.sensitivity_tokens / context.settings.kv_cache_len))
+    cost_of = _COSTS[spec.gate]
+    fits = {c.label: fitting(c, spec.schemes, context.shape) for c in components}
+    for scheme in spec.schemes:
+        taking = [c for c in components if scheme in fits[c.label]]
+        measured = _measured(context, scheme, taking, windows, trace)
+        for component in taking:
+            m = measured[component.label]
+            cost = cost_of(m["mean_kl"], m["perplexity_ratio"])
+            trace.sensitivities.append(
+                Sensitivity(component.label, scheme, cost, m["mean_kl"], m["perplexity_ratio"], m["weight_bytes"])
+            )
+
+
+def _verified(
+    context: SearchContext,
+    recipe: Recipe,
+    components: list[Component],
+    choice: dict[str, Option],
+    target: float,
+    cost_of: Callable[[float, float], float],
+) -> tuple[Recipe, Round]:
+    """The choice as a recipe, quantized and scored on the whole eval text."""
+    assignment = {label: option.scheme for label, option in choice.items()}
+    concrete = assigned_recipe(recipe, assignment, components)
+    candidate = context.work_dir / f"verify-{os.getpid()}.tflite"
+    context.quantize(concrete, candidate)
+    fidelity = context.score(candidate, None)
+    candidate.unlink()
+    return concrete, Round(
+        target=target,
+        predicted=sum(o.cost for o in choice.values()),
+        verified=cost_of(fidelity.mean_kl, fidelity.perplexity_ratio),
+        weight_bytes=sum(o.weight_bytes for o in choice.values()),
+        assignment=assignment,
+    )
 
 
 def search(recipe: Recipe, context: SearchContext) -> tuple[Recipe, SearchTrace]:
     """Resolve ``recipe``'s budget for this model: the concrete recipe, and the trace of how it was chosen."""
     spec, started = recipe.search, time.perf_counter()
     trace = SearchTrace(spec.gate, spec.budget, list(spec.schemes), spec.sensitivity_tokens)
-    components_ = components(context.shape)
-    unfit = [c.label for c in components_ if not fitting(c, spec.schemes, context.shape)]
+    components = searched_components(context.shape)
+    unfit = [c.label for c in components if not fitting(c, spec.schemes, context.shape)]
     if unfit:
         raise RecipeError(
             f"recipe {recipe.name!r}, field 'search': no candidate scheme fits {', '.join(unfit[:3])} of this model "
@@ -283,50 +310,36 @@ def search(recipe: Recipe, context: SearchContext) -> tuple[Recipe, SearchTrace]
         )
     context.work_dir.mkdir(parents=True, exist_ok=True)
     float_weights = inspect_tflite(context.float_tflite).weights
-    trace.float_weight_bytes = {c.label: _component_bytes(float_weights, c) for c in components_}
-    _sensitivities(context, spec, components_, trace)
+    trace.float_weight_bytes = {c.label: _component_bytes(float_weights, c) for c in components}
+    _sensitivities(context, spec, components, trace)
     options = {
         c.label: [Option(s.scheme, s.cost, s.weight_bytes) for s in trace.sensitivities if s.component == c.label]
-        for c in components_
+        for c in components
     }
     budget, target, cost_of = trace.metric_budget, trace.metric_budget, _COSTS[spec.gate]
     cheapest = {label: min(opts, key=lambda o: o.cost) for label, opts in options.items()}
     tried: set[tuple[tuple[str, str], ...]] = set()
     for _ in range(MAX_ROUNDS):
         choice = choose(options, target) or cheapest
-        assignment = {label: option.scheme for label, option in choice.items()}
-        key = tuple(sorted(assignment.items()))
+        key = tuple(sorted((label, option.scheme) for label, option in choice.items()))
         if key in tried:  # the same choice again: tighten further without measuring it twice
             target *= 0.5
             continue
         tried.add(key)
-        concrete = resolved_recipe(recipe, assignment, components_)
-        verified_file = context.work_dir / "search-verify.tflite"
-        context.quantize(concrete, verified_file)
-        fidelity = context.score(verified_file, None)
-        verified = cost_of(fidelity.mean_kl, fidelity.perplexity_ratio)
-        verified_file.unlink(missing_ok=True)
+        concrete, verified = _verified(context, recipe, components, choice, target, cost_of)
         trace.quantize_passes += 1
         trace.scoring_passes += 1
-        trace.rounds.append(
-            Round(
-                target=target,
-                predicted=sum(o.cost for o in choice.values()),
-                verified=verified,
-                weight_bytes=sum(o.weight_bytes for o in choice.values()),
-                assignment=assignment,
-            )
-        )
+        trace.rounds.append(verified)
         context.log(
-            f"round {len(trace.rounds)}: target {target:.4g}, predicted {trace.rounds[-1].predicted:.4g}, verified "
-            f"{verified:.4g} (budget {budget:.4g}), {trace.rounds[-1].weight_bytes / 1e6:.2f} MB of weights"
+            f"round {len(trace.rounds)}: target {target:.4g}, predicted {verified.predicted:.4g}, verified "
+            f"{verified.verified:.4g} (budget {budget:.4g}), {verified.weight_bytes / 1e6:.2f} MB of weights"
         )
-        if verified <= budget:
+        if verified.verified <= budget:
             trace.seconds = time.perf_counter() - started
             return concrete, trace
         if choice is cheapest:
             break
-        target *= budget / verified
+        target *= budget / verified.verified
     trace.seconds = time.perf_counter() - started
     closest = min(trace.rounds, key=lambda r: r.verified)
     raise SearchError(
