@@ -18,21 +18,44 @@ from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT
 
 def test_statistics_equal_ai_edge_quantizers_calibrator_on_the_same_calls(demo_export, demo_calibration):
     """The same prefill calls (4 windows, KV cache carried chunk to chunk) through ai-edge-quantizer's Calibrator
-    with GPTQ on every layer give the same ranges (moving average) and input Hessians as our statistics."""
-    from ai_edge_quantizer import calibrator, qtyping, recipe_manager
+    give the same input Hessians as our statistics (GPTQ on every layer) and the same ranges (min_max_update, the
+    update it offers beside its default moving average)."""
+    from ai_edge_quantizer.utils import qsv_utils
 
     _, float_tflite = demo_export
+    hessians = _their_statistics(float_tflite, demo_calibration.samples, Quantization("int8_dynamic", "gptq"))
+    ranges = _their_statistics(
+        float_tflite, demo_calibration.samples, Quantization("int8_static_a16"), qsv_utils.min_max_update
+    )
+    ours = quantizer_calibration(demo_calibration, float_tflite, hessians=True)
+    for layer in fully_connected_layers(float_tflite)[ExportSettings().prefill_signature]:
+        for name in (layer.input_name, layer.output_name):
+            np.testing.assert_allclose(
+                ours[name]["min"], ranges[name]["min"].reshape(ours[name]["min"].shape), rtol=1e-4, atol=1e-5
+            )
+            np.testing.assert_allclose(
+                ours[name]["max"], ranges[name]["max"].reshape(ours[name]["max"].shape), rtol=1e-4, atol=1e-5
+            )
+        np.testing.assert_allclose(
+            ours[layer.input_name]["hessian"], hessians[layer.input_name]["hessian"], rtol=1e-3, atol=1e-3
+        )
+        assert int(ours[layer.input_name]["num_samples"]) == int(hessians[layer.input_name]["num_samples"])
+
+
+def _their_statistics(float_tflite, samples: int, quantization: Quantization, update=None) -> dict:
+    """ai-edge-quantizer's Calibrator on every fully-connected layer with ``quantization``, over the calls ours
+    makes."""
+    from ai_edge_quantizer import calibrator, qtyping, recipe_manager
+
     settings = ExportSettings()
     manager = recipe_manager.RecipeManager()
-    gptq = Quantization("int8_dynamic", "gptq")
     manager.add_quantization_config(
-        ".*", qtyping.TFLOperationName.FULLY_CONNECTED, gptq.op_config(), gptq.algorithm_key
+        ".*", qtyping.TFLOperationName.FULLY_CONNECTED, quantization.op_config(), quantization.algorithm_key
     )
-    theirs = calibrator.Calibrator(float_tflite.read_bytes(), num_threads=2)
-    tokens = tokenize(DEFAULT_CALIBRATION_TEXT, demo_export[1].parent, 256)
-    windows = calibration_windows(tokens, settings, demo_calibration.samples, DEFAULT_CALIBRATION_TEXT)
-    layers = fully_connected_layers(float_tflite)[settings.prefill_signature]
-    for window in windows:
+    extra = {"qsv_update_func": update} if update else {}
+    theirs = calibrator.Calibrator(float_tflite.read_bytes(), num_threads=2, **extra)
+    tokens = tokenize(DEFAULT_CALIBRATION_TEXT, float_tflite.parent, 256)
+    for window in calibration_windows(tokens, settings, samples, DEFAULT_CALIBRATION_TEXT):
         cache = {}
         for start in range(0, len(window), settings.prefill_len):
             inputs = {
@@ -47,16 +70,7 @@ def test_statistics_equal_ai_edge_quantizers_calibrator_on_the_same_calls(demo_e
             outputs = theirs.get_cached_output()[-1]
             theirs.clear_cached_output()
             cache = {n: outputs[n] for n in inputs if n.startswith("kv_cache_")}
-    expected = theirs.get_model_qsvs()
-    ours = quantizer_calibration(demo_calibration, float_tflite, hessians=True)
-    for layer in layers:
-        for name in (layer.input_name, layer.output_name):
-            np.testing.assert_allclose(ours[name]["min"], expected[name]["min"], rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(ours[name]["max"], expected[name]["max"], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(
-            ours[layer.input_name]["hessian"], expected[layer.input_name]["hessian"], rtol=1e-3, atol=1e-3
-        )
-        assert int(ours[layer.input_name]["num_samples"]) == int(expected[layer.input_name]["num_samples"])
+    return theirs.get_model_qsvs()
 
 
 def _inputs(float_tflite, settings):

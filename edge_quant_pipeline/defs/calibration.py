@@ -29,7 +29,7 @@ from edge_quant_pipeline.weights import TfliteModel
     partitions_def=model_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     group_name="conversion",
-    code_version=f"calibration-1|{toolchain_tag()}",
+    code_version=f"calibration-2|{toolchain_tag()}",
 )
 def calibration(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint, float_tflite: TfliteModel

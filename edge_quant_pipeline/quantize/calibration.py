@@ -5,8 +5,10 @@ What is computed, for every fully-connected layer with constant weights, over ``
 ``kv_cache_len`` tokens of the calibration text, each run chunk by chunk through the prefill signature with the
 KV cache carried, exactly as evaluation runs the eval text:
 
-- the min and max of its input and of its output: per call, then ai-edge-quantizer's moving average over calls
-  (``qsv_utils.moving_average_update``, smoothing 0.95), as its own calibrator does;
+- the min and max of its input and of its output over all calls, as ai-edge-quantizer's ``qsv_utils.min_max_update``
+  merges them. Not its calibrator's default, a moving average of each call's extremes, which clips: static int8
+  with int16 activations added a mean KL of 0.0057 with those ranges on the SmolLM2-135M shape, 0.00017 with these
+  (int8 activations: 0.0056 and 0.0005), about dynamic int8's 0.0002;
 - its input's Hessian as ai-edge-quantizer's GPTQ defines it, 2 X^T X / n averaged over calls weighted by
   their n (``gptq.calibrate`` and ``qsv_utils.gptq_and_moving_average_update``), accumulated in place.
 
@@ -37,7 +39,6 @@ from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.interpreter import Embedders, RuntimeRejectedError, causal_mask
 
 STATS_FILE, LAYERS_FILE = "stats.npz", "layers.json"
-SMOOTHING = 0.95  # ai-edge-quantizer's moving_average_update default
 
 
 class CalibrationTextError(ValueError):
@@ -136,8 +137,8 @@ class _Statistics:
 
         found = get_activation_min_max(value)
         if name in self.minimum:
-            self.minimum[name] = SMOOTHING * self.minimum[name] + (1 - SMOOTHING) * found["min"]
-            self.maximum[name] = SMOOTHING * self.maximum[name] + (1 - SMOOTHING) * found["max"]
+            self.minimum[name] = np.minimum(self.minimum[name], found["min"])
+            self.maximum[name] = np.maximum(self.maximum[name], found["max"])
         else:
             self.minimum[name], self.maximum[name] = found["min"], found["max"]
         if name in self.hessian_inputs:
