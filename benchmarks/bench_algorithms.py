@@ -85,13 +85,17 @@ def step_seconds(home: Path, step: str, partition: str) -> float:
     """The duration of the latest successful ``step`` of ``partition``, from the instance's event log."""
     import dagster as dg
 
-    os.chdir(home)
-    instance = dg.DagsterInstance.from_config(str(home))
-    for run in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": partition})):
-        for record in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS):
-            if record.dagster_event.step_key == step:
-                return record.dagster_event.event_specific_data.duration_ms / 1000
-    return float("nan")
+    cwd = Path.cwd()
+    os.chdir(home)  # dagster.yaml's storage paths are relative to where Dagster starts
+    try:
+        instance = dg.DagsterInstance.from_config(str(home))
+        for run in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": partition})):
+            for record in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS):
+                if record.dagster_event.step_key == step:
+                    return record.dagster_event.event_specific_data.duration_ms / 1000
+        return float("nan")
+    finally:
+        os.chdir(cwd)
 
 
 def print_table(found: dict[str, dict], recipes: list[str]) -> None:
@@ -119,7 +123,8 @@ def bench(model: str, root: Path) -> None:
         checkpoints, model_id = DEMO_CHECKPOINTS, "tiny-llama-bytes"
     else:
         checkpoints, model_id = root / "checkpoints", model
-        subprocess.run([sys.executable, "-m", "edge_quant_pipeline.synthetic", model, str(checkpoints)], check=True)
+        synthetic = [sys.executable, "-m", "edge_quant_pipeline.synthetic", model, str(checkpoints)]
+        subprocess.run(synthetic, cwd=root, check=True)
     env = {
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "2",

@@ -190,7 +190,7 @@ def _prefill_calls(
                     inputs["mask"] = causal_mask(positions, int(details["mask"]["shape"][-1]))
                 outputs = runner(**inputs)
                 cache = {n: outputs[n] for n in cache}
-                yield interpreter, runner._subgraph_index  # as ai-edge-quantizer's validator finds a signature's
+                yield interpreter, runner._subgraph_index  # the signature's subgraph, as ai-edge-quantizer finds it
     except (RuntimeError, ValueError) as error:
         raise RuntimeRejectedError(f"LiteRT could not run {tflite} for calibration: {error}") from error
 

@@ -80,7 +80,7 @@ class SearchSpec:
         }
 
     def candidates(self, op: Op) -> list[str]:
-        """The schemes ai-edge-quantizer applies to ``op``'s weights, most precise first as the user listed them."""
+        """The schemes ai-edge-quantizer applies to ``op``'s weights, in the order they are listed."""
         return [name for name in self.schemes if refusal(parse_quantization(name), op) is None]
 
 

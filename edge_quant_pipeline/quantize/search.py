@@ -43,11 +43,12 @@ from edge_quant_pipeline.quantize.recipes import (
     PER_BLOCK_COMPONENTS,
     Recipe,
     RecipeError,
+    SearchSpec,
     ai_edge_quantizer_recipe,
     block_size,
     embedder_quantizer_recipe,
 )
-from edge_quant_pipeline.quantize.schemes import Op, parse_quantization, refusal
+from edge_quant_pipeline.quantize.schemes import Op
 from edge_quant_pipeline.weights import WeightTensor, inspect_tflite
 
 STEPS = 1000
@@ -87,15 +88,11 @@ def searched_components(shape) -> list[Component]:
     return found if shape.tied_lm_head else [*found, Component("lm_head")]
 
 
-def fitting(component: Component, schemes: tuple[str, ...], shape) -> list[str]:
+def fitting(component: Component, spec: SearchSpec, shape) -> list[str]:
     """The candidates ai-edge-quantizer applies to the component's op and whose blocks divide its weights."""
     op = Op.EMBEDDING_LOOKUP if component.name == "embedding" else Op.FULLY_CONNECTED
     dims = shape.reduction_dims.get(component.name, ())
-    return [
-        s
-        for s in schemes
-        if refusal(parse_quantization(s), op) is None and all(d % (block_size(s) or 1) == 0 for d in dims)
-    ]
+    return [s for s in spec.candidates(op) if all(d % (block_size(s) or 1) == 0 for d in dims)]
 
 
 @dataclass(frozen=True)
@@ -257,11 +254,11 @@ def _measured(
     return known
 
 
-def _sensitivities(context: SearchContext, spec, components: list[Component], trace: SearchTrace) -> None:
+def _sensitivities(context: SearchContext, spec: SearchSpec, components: list[Component], trace: SearchTrace) -> None:
     """Every (component, candidate that fits it), measured or read from the cache."""
     windows = max(1, math.ceil(spec.sensitivity_tokens / context.settings.kv_cache_len))
     cost_of = _COSTS[spec.gate]
-    fits = {c.label: fitting(c, spec.schemes, context.shape) for c in components}
+    fits = {c.label: fitting(c, spec, context.shape) for c in components}
     for scheme in spec.schemes:
         taking = [c for c in components if scheme in fits[c.label]]
         measured = _measured(context, scheme, taking, windows, trace)
@@ -302,7 +299,7 @@ def search(recipe: Recipe, context: SearchContext) -> tuple[Recipe, SearchTrace]
     spec, started = recipe.search, time.perf_counter()
     trace = SearchTrace(spec.gate, spec.budget, list(spec.schemes), spec.sensitivity_tokens)
     components = searched_components(context.shape)
-    unfit = [c.label for c in components if not fitting(c, spec.schemes, context.shape)]
+    unfit = [c.label for c in components if not fitting(c, spec, context.shape)]
     if unfit:
         raise RecipeError(
             f"recipe {recipe.name!r}, field 'search': no candidate scheme fits {', '.join(unfit[:3])} of this model "
