@@ -2,38 +2,36 @@
 
 import pytest
 
-from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
-from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
-from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+from edge_quant_pipeline.convert import quantize_tflite
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.weights import inspect_tflite
 
 # Per weight tensor of the graph, what a quantized file may hold beyond what the float one does, besides its
 # weights: a Quantization table, a DEQUANTIZE op and its output (weight-only, fp16), a scale tensor (int4), with
 # their names. Measured 113-360 bytes on the demo model; the int64 zero points left out were 2,048 per tensor.
 BOOKKEEPING_PER_TENSOR = 512
+# A Hadamard rotation inserts, per rotated layer and signature, three ops and five tensors (shapes, the reshaped and
+# rotated activations), each named after the layer's input: 1.3 KB per rotated weight measured on the demo.
+BOOKKEEPING_PER_ROTATION = 1536
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, demo_checkpoint_dir):
-    checkpoint = read_checkpoint(demo_checkpoint_dir)
-    architecture = architecture_of(checkpoint)
-    model = load_float_model(checkpoint, ExportSettings.kv_cache_len)
-    output = tmp_path_factory.mktemp("weights") / "float.tflite"
-    return architecture, export_float_tflite(model, architecture.model_config, ExportSettings(), output)
+HADAMARD = parse_recipe("hadamard", {"default": "int4_dynamic+hadamard"}, "test")
+RECIPES = [*(recipe for name, recipe in BUILTIN_RECIPES.items() if name != "float"), HADAMARD]
 
 
-@pytest.mark.parametrize("recipe", [name for name in BUILTIN_RECIPES if name != "float"])
-def test_weight_bytes_are_what_the_file_stores(demo, tmp_path, recipe):
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+def test_weight_bytes_are_what_the_file_stores(demo_export, tmp_path, recipe):
     """The file shrinks by the weight bytes it no longer stores: everything else in it (ops, names, the float
-    mask and RoPE tables) is the float file's, give or take a little bookkeeping per weight tensor."""
-    architecture, float_path = demo
+    mask and RoPE tables) is the float file's, give or take a little bookkeeping per weight tensor (a Hadamard
+    rotation's matrices are weights it stores)."""
+    architecture, float_path = demo_export
     quantized_path = quantize_tflite(
-        float_path,
-        ai_edge_quantizer_recipe(BUILTIN_RECIPES[recipe], architecture.tied_lm_head),
-        tmp_path / "model.tflite",
+        float_path, ai_edge_quantizer_recipe(recipe, architecture.tied_lm_head), tmp_path / "model.tflite"
     )
     float_model, quantized = inspect_tflite(float_path), inspect_tflite(quantized_path)
     other_in_float = float_model.file_bytes - float_model.weight_bytes
     other_in_quantized = quantized.file_bytes - quantized.weight_bytes
     tensors = 2 * len({w.buffer for w in quantized.weights})  # each weight has a tensor in prefill and in decode
-    assert abs(other_in_quantized - other_in_float) <= BOOKKEEPING_PER_TENSOR * tensors
+    rotations = 2 * len({w.buffer for w in quantized.weights if w.rotated})
+    bookkeeping = BOOKKEEPING_PER_TENSOR * tensors + BOOKKEEPING_PER_ROTATION * rotations
+    assert abs(other_in_quantized - other_in_float) <= bookkeeping
