@@ -131,8 +131,10 @@ def resolved_recipe(
             metadata = {**search_metadata(trace), **usage.metadata()}
     except RecipeError as error:
         raise rejected(pipeline, inputs, "recipe validation", error) from None
-    except (SearchError, FileNotFoundError) as error:
+    except SearchError as error:
         raise rejected(pipeline, inputs, "search", error) from None
+    except FileNotFoundError as error:  # no float reference yet (--convert-only): not the inputs' fault, retried
+        raise rejected(pipeline, inputs, "float reference", error) from None
     except QuantizationError as error:
         raise rejected(pipeline, inputs, "quantization", error) from None
     except RuntimeRejectedError as error:
