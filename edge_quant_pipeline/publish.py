@@ -27,11 +27,15 @@ Concurrent publishers: on a local (or NFS) folder, one publisher at a time holds
 exclusive ``flock`` on ``<store>/<model>/<recipe>/.publish.lock`` while it picks the
 version number, writes the version and points ``latest.json``, so numbers never
 repeat; the kernel drops the lock when its holder dies, and the next holder removes
-the staging folders dead publishers left. An object store has no such lock: a version
-is still whole or absent and identical inputs still land on one version, but two
-publishes of *different* versions of one (model, recipe) at the same moment can get
-the same number. The Dagster instance runs one run per partition at a time
-(``dagster.yaml``), which keeps the daemon's runs from doing that.
+the staging folders dead publishers left. An object store has neither locks nor
+renames; there a publisher claims its number by creating ``<recipe>/.numbers/<n>.json``
+only if it does not exist (a conditional write: S3's ``If-None-Match: *``, fsspec's
+``mode="create"``), so two publishers never take the same number, and writes the
+manifest the same way, so of two publishers of the same inputs one publishes and the
+other finds it published. What an object store does not give: numbers without gaps (a
+publisher that dies after its claim leaves its number unused, unless the same inputs
+are published again, which takes the claim back), and ``previous_version`` is the
+highest-numbered version published when the manifest is written.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ LATEST = "latest.json"
 CHAMPION = "champion.json"
 LOCK = ".publish.lock"
 STAGING = ".v-*.tmp-*"  # a version folder being assembled (see _write_version_locally)
+NUMBERS = ".numbers"  # on an object store, <recipe>/.numbers/<n>.json: the version that claimed number n
 # The metrics a new version is compared on with the one published before it.
 DIFF_METRICS = ("file_bytes", "perplexity_ratio", "mean_kl", "top1_agreement", "decode_tokens_per_s")
 COPY_CHUNK = 1 << 20
@@ -147,8 +152,22 @@ def write_atomically(path: UPath, content: bytes) -> None:
         path.write_bytes(content)  # one PUT: an object appears whole or not at all
 
 
+def _json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(path: UPath, record: dict[str, Any]) -> None:
-    write_atomically(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_atomically(path, _json_bytes(record))
+
+
+def create_json(path: UPath, record: dict[str, Any]) -> bool:
+    """Write ``record`` to ``path`` only if nothing is there (an object store's conditional PUT); True if this call
+    created it."""
+    try:
+        path.fs.pipe_file(path.path, _json_bytes(record), mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def read_json(path: UPath) -> dict[str, Any] | None:
@@ -190,9 +209,9 @@ def _copy_hashing(source: Path, target: UPath) -> str:
     return digest.hexdigest()
 
 
-def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``bundle.py``), then the
-    manifest: the manifest is what makes a version exist."""
+def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``bundle.py``); the manifest
+    that will make them a version, with their hashes."""
     model_file = folder / MODEL_FILE
     embedders = {
         role: _copy_hashing(path, embedder_path(model_file, role)) for role, path in embedders_of(tflite).items()
@@ -203,7 +222,6 @@ def _write_version(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dic
     if bundle_path(tflite).exists():
         manifest["bundle_sha256"] = _copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
         manifest["bundle_builder"] = f"{BUILDER_PACKAGE}=={builder_version()}"
-    write_json(folder / MANIFEST, manifest)
     return manifest
 
 
@@ -217,7 +235,8 @@ def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any])
     staging = atomic.hidden_sibling(target.parent, f".{target.name}.tmp-")
     staging.mkdir()  # with the umask's permissions, unlike mkdtemp's 0700: the version is for others to read
     try:
-        manifest = _write_version(UPath(staging), tflite, manifest)
+        manifest = _write_files(UPath(staging), tflite, manifest)
+        write_json(UPath(staging) / MANIFEST, manifest)
         os.rename(staging, target)  # atomic: the version appears whole
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -247,17 +266,44 @@ def _point_latest(recipe_dir: UPath, manifest: dict[str, Any]) -> None:
         write_json(recipe_dir / LATEST, pointer)
 
 
+def _claim_number(recipe_dir: UPath, inputs: ArtifactInputs, versions: list[dict[str, Any]]) -> int:
+    """On an object store, the number this version takes: the next after every number published or claimed,
+    claimed by creating ``.numbers/<n>.json`` only if it is absent, so that of two publishers one gets it and the
+    other tries the next. A claim these inputs made before (a publish that died) is taken back."""
+    numbers = recipe_dir / NUMBERS
+    try:
+        claims = {int(path.stem): read_json(path) for path in numbers.iterdir() if path.stem.isdigit()}
+    except (FileNotFoundError, NotADirectoryError):
+        claims = {}
+    ours = [n for n, claim in claims.items() if claim and claim.get("version") == inputs.version]
+    if ours:
+        return min(ours)
+    number = max([*claims, *map(version_number, versions)], default=0) + 1
+    while not create_json(numbers / f"{number}.json", {"version": inputs.version, "claimed_at": now()}):
+        claim = read_json(numbers / f"{number}.json")
+        if claim and claim.get("version") == inputs.version:  # the same inputs, published at the same moment
+            return number
+        number += 1
+    return number
+
+
 def _new_manifest(
-    store: UPath, inputs: ArtifactInputs, target: UPath, metrics: dict[str, Any], details: dict[str, Any]
+    store: UPath,
+    inputs: ArtifactInputs,
+    target: UPath,
+    metrics: dict[str, Any],
+    details: dict[str, Any],
+    number: int,
 ) -> dict[str, Any]:
-    """Numbered and diffed against the highest-numbered version so far: call it under the publish lock."""
+    """Version ``number``, diffed against the highest-numbered version published before it."""
     versions = published_versions(store, inputs.model_id, inputs.recipe)
-    previous = versions[-1] if versions else None
+    before = [m for m in versions if version_number(m) < number]
+    previous = before[-1] if before else None
     return {
         "model": inputs.model_id,
         "recipe": inputs.recipe,
         "version": inputs.version,
-        "number": version_number(previous) + 1 if previous else 1,
+        "number": number,
         "previous_version": previous["version"] if previous else None,
         "delta": metric_delta(previous["metrics"], metrics) if previous else {},
         **inputs.identity(),
@@ -295,6 +341,24 @@ def _reevaluated(
     }
 
 
+def _write_version_to_object_store(
+    store: UPath,
+    inputs: ArtifactInputs,
+    target: UPath,
+    tflite: Path,
+    metrics: dict[str, Any],
+    details: dict[str, Any],
+) -> tuple[dict[str, Any], bool]:
+    """Files first, then the manifest in one conditional write: readers trust only versions with a manifest. A
+    publisher of the same inputs that wrote it first has published them (its manifest, and False)."""
+    versions = published_versions(store, inputs.model_id, inputs.recipe)
+    number = _claim_number(_recipe_dir(store, inputs), inputs, versions)
+    manifest = _write_files(target, tflite, _new_manifest(store, inputs, target, metrics, details, number))
+    if create_json(target / MANIFEST, manifest):
+        return manifest, True
+    return read_json(target / MANIFEST), False
+
+
 def publish(
     store: UPath, inputs: ArtifactInputs, tflite: Path, metrics: dict[str, Any], details: dict[str, Any]
 ) -> PublishedArtifact:
@@ -305,13 +369,14 @@ def publish(
     with _one_publisher_at_a_time(recipe_dir):
         manifest = read_json(target / MANIFEST)
         newly_published = manifest is None
-        if newly_published:
-            manifest = _new_manifest(store, inputs, target, metrics, details)
-            if is_local(target):
-                check_free_disk(Path(recipe_dir.path), _version_bytes(tflite), ARTIFACT_DIR_VARIABLE)
-                manifest = _write_version_locally(Path(target.path), tflite, manifest)
-            else:
-                manifest = _write_version(target, tflite, manifest)
+        if newly_published and is_local(target):  # numbered under the lock: the next after the highest
+            versions = published_versions(store, inputs.model_id, inputs.recipe)
+            number = version_number(versions[-1]) + 1 if versions else 1
+            manifest = _new_manifest(store, inputs, target, metrics, details, number)
+            check_free_disk(Path(recipe_dir.path), _version_bytes(tflite), ARTIFACT_DIR_VARIABLE)
+            manifest = _write_version_locally(Path(target.path), tflite, manifest)
+        elif newly_published:
+            manifest, newly_published = _write_version_to_object_store(store, inputs, target, tflite, metrics, details)
         elif (refreshed := _reevaluated(store, manifest, tflite, metrics, details)) is not manifest:
             manifest = refreshed
             write_json(target / MANIFEST, manifest)  # one atomic write: readers see the old manifest or this one

@@ -25,8 +25,10 @@ class ArtifactStore(dg.ConfigurableResource):
         # Outside a run (the CLI's rebuild plan, tests) an EnvVar field still holds the variable itself.
         url = self.url.get_value() if isinstance(self.url, dg.EnvVar) else self.url
         path = UPath(url)
-        # A relative local folder is fixed once, so every asset and the UI name the same place.
-        return path.expanduser().absolute() if path.protocol == "" else path
+        if path.protocol == "":  # a relative local folder is fixed once, so every asset and the UI name one place
+            return path.expanduser().absolute()
+        # Other processes publish into the store: a listing cached by this one would hide their versions.
+        return UPath(url, use_listings_cache=False)
 
 
 class PipelineConfig(dg.ConfigurableResource):
