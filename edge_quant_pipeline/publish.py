@@ -170,9 +170,15 @@ def create_json(path: UPath, record: dict[str, Any]) -> bool:
     return True
 
 
+def read_whole(path: UPath) -> bytes:
+    """One GET on an object store: the object as it was, old or new, while another process replaces it (s3fs's
+    file objects pin the ETag they first saw, and fail when the object changes under them)."""
+    return path.fs.cat_file(path.path)
+
+
 def read_json(path: UPath) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_whole(path))
     except (FileNotFoundError, NotADirectoryError):
         return None
 

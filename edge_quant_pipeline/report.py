@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from edge_quant_pipeline.publish import ChampionUpdate, version_number, write_atomically
+from edge_quant_pipeline.publish import ChampionUpdate, read_whole, version_number, write_atomically
 
 REPORT_FILE = "report.parquet"
 PLOT_FILE = "report.png"
@@ -125,7 +125,7 @@ def write_parquet(frame: pd.DataFrame, path: UPath) -> UPath:
 
 def read_parquet(path: UPath) -> pd.DataFrame | None:
     try:
-        return pq.read_table(pa.BufferReader(path.read_bytes())).to_pandas()
+        return pq.read_table(pa.BufferReader(read_whole(path))).to_pandas()
     except (FileNotFoundError, NotADirectoryError):
         return None
 
