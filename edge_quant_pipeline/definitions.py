@@ -43,6 +43,9 @@ report_job = dg.define_asset_job("report", selection=[quantization_report], part
 all_models_report_job = dg.define_asset_job("report_all_models", selection=[all_models_report])
 
 
+IO_MANAGER_PREFIX = "step-outputs"  # under the work store, where step outputs are pickled
+
+
 def artifact_store_from_env() -> ArtifactStore:
     # An EnvVar shows in the UI which variable sets the store; Dagster refuses one that is unset.
     if os.environ.get(settings.ARTIFACT_DIR_VARIABLE):
@@ -55,11 +58,21 @@ def pipeline_config_from_env() -> PipelineConfig:
         checkpoint_dir=str(settings.checkpoint_dir()),
         artifact_store=artifact_store_from_env(),
         work_dir=str(settings.work_dir()),
+        work_store=settings.work_store() or "",
+        work_cache_gb=settings.work_cache_gb(),
         eval_text=str(settings.eval_text()),
         calibration_text=str(settings.calibration_text()),
         exporter=settings.exporter(),
         recipes_file=str(settings.recipes_file().absolute()),
     )
+
+
+def io_manager(pipeline: PipelineConfig) -> dict[str, dg.ConfigurableIOManagerFactory]:
+    """With a work store, step outputs are pickled there too (Dagster's UPath IO manager): a step on another
+    machine loads them. Without one, Dagster's default: files under DAGSTER_HOME."""
+    if not pipeline.work_store:
+        return {}
+    return {"io_manager": dg.FilesystemIOManager(base_dir=f"{pipeline.work_store.rstrip('/')}/{IO_MANAGER_PREFIX}")}
 
 
 def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
@@ -83,7 +96,7 @@ def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
         jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
         sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
         schedules=nightly_schedules_from_env(),
-        resources={"pipeline": pipeline},
+        resources={"pipeline": pipeline, **io_manager(pipeline)},
         # EDGE_QUANT_EXECUTOR: by default steps of one run share a process, because for small
         # models the ~1.1 GB, ~7 s import of torch + TensorFlow + litert-torch costs more than
         # the work itself; `multiprocess` and `k8s` spread the steps (defs/executor.py).

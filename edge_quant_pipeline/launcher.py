@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.reconstruct import ReconstructableRepository
 
+from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints import CheckpointError, find_checkpoints
 from edge_quant_pipeline.defs.admission import folder_model_size
 from edge_quant_pipeline.defs.automation import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
 from edge_quant_pipeline.defs.checkpoint import fail_runs_of_dead_processes, process_tags
+from edge_quant_pipeline.defs.executor import DISTRIBUTED_EXECUTORS
 from edge_quant_pipeline.defs.partitions import sync_recipe_partitions
 from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
@@ -51,6 +54,9 @@ POLL_SECONDS = 0.5
 READY = "ready"  # what a worker sends once it has loaded the code location
 # A worker whose memory after a run exceeds what it held when ready by more than this is replaced.
 WORKER_GROWTH_MB = 256
+# A run that only orchestrates (its steps on Celery workers): Dagster and the code location, no model (188 MB
+# measured once loaded, before its run).
+ORCHESTRATOR_MB = 400
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class LaunchContext:
     conversion_only: bool
     # False: the libraries' output (TensorFlow, LiteRT, absl, torch...) goes only to each run's compute logs
     verbose: bool = False
+    # True: runs only orchestrate here, their steps run on the executor's workers (defs/executor.py)
+    distributed: bool = False
 
     def pipeline(self) -> PipelineConfig:
         # Resources do not pickle (their config schema does not): rebuilt from their fields.
@@ -163,22 +171,26 @@ class Lane:
         self.defs = build_definitions(launch.pipeline())
         self.instance = dg.DagsterInstance.from_ref(launch.instance_ref)
         self.conversion_only = launch.conversion_only
+        self.distributed = launch.distributed
 
     def execute(self, run: "PlannedRun", run_id: str | None = None) -> "RunOutcome":
-        """One Dagster run, in this process, as the UI would launch it."""
+        """One Dagster run, as the UI would launch it: in this process, or its steps on the executor's workers."""
         started = time.perf_counter()
         selection = None
         if self.conversion_only or run.assets:
             selection = [dg.AssetKey(name) for name in run_asset_names(self.defs, run, self.conversion_only)]
-        result = self.defs.resolve_job_def(run.job).execute_in_process(
-            partition_key=run.partition_key,
-            instance=self.instance,
-            raise_on_error=False,
-            run_config=RUN_CONFIG,
-            asset_selection=selection,
-            run_id=run_id,
-            tags=process_tags(),  # so that a later run can tell this one died if this process is killed
-        )
+        if self.distributed:
+            result = self._execute_on_workers(run, selection)
+        else:
+            result = self.defs.resolve_job_def(run.job).execute_in_process(
+                partition_key=run.partition_key,
+                instance=self.instance,
+                raise_on_error=False,
+                run_config=RUN_CONFIG,
+                asset_selection=selection,
+                run_id=run_id,
+                tags=process_tags(),  # so that a later run can tell this one died if this process is killed
+            )
         checks = result.get_asset_check_evaluations()
         failures = [f"check {c.check_name}: {c.description}" for c in checks if not c.passed]
         failures += [
@@ -191,6 +203,23 @@ class Lane:
             # Its steps' output, the libraries' included, is in its compute logs, which the UI shows.
             failures.append(f"run {result.run_id}: its logs are in `dagster dev`, Runs")
         return RunOutcome(run=run, seconds=time.perf_counter() - started, failures=failures)
+
+    def _execute_on_workers(self, run: "PlannedRun", selection: list[dg.AssetKey] | None) -> dg.JobExecutionResult:
+        """The run through its job's executor: workers load the job from the code location's module by name, as
+        for a run the daemon launches, and read their settings from their own environment."""
+        from edge_quant_pipeline import definitions
+
+        repository = ReconstructableRepository.for_module(definitions.__name__, "defs")  # its @dg.definitions
+        tags = process_tags()
+        if run.partition_key:
+            tags |= self.defs.resolve_job_def(run.job).get_tags_for_partition_key(run.partition_key, selection)
+        return dg.execute_job(
+            repository.get_reconstructable_job(run.job),
+            self.instance,
+            run_config=RUN_CONFIG,
+            tags=tags,
+            asset_selection=selection,
+        )
 
 
 def step_failure_reason(error: Any) -> str:
@@ -209,7 +238,8 @@ def _worker_main(connection: Connection, launch: LaunchContext) -> None:
     if not launch.verbose:
         _silence_terminal()
     lane = Lane(launch)
-    import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
+    if not launch.distributed:
+        import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
 
     baseline_mb = rss_mb()
     connection.send(READY)
@@ -541,6 +571,10 @@ def materialize(
         return LaunchSummary()
     from edge_quant_pipeline.definitions import build_definitions
 
-    estimates = run_estimates(runs, pipeline, build_definitions(pipeline), conversion_only)
-    context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only, verbose)
+    distributed = settings.executor() in DISTRIBUTED_EXECUTORS
+    if distributed:  # the steps' memory is the workers'; here a run holds Dagster and the code location
+        estimates = dict.fromkeys(runs, ORCHESTRATOR_MB)
+    else:
+        estimates = run_estimates(runs, pipeline, build_definitions(pipeline), conversion_only)
+    context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only, verbose, distributed)
     return launch(runs, estimates, context, jobs, memory_budget_mb)

@@ -80,7 +80,7 @@ def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, 
 def build_report(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The rows as a table, the champion (the smallest published file) marked."""
     frame = pd.DataFrame(rows)
-    for column in [*DISPLAY_COLUMNS, *DELTA_COLUMNS, "file_bytes", "version", "artifact", "search"]:
+    for column in [*DISPLAY_COLUMNS, *DELTA_COLUMNS, "file_bytes", "version", "artifact", "search", "error"]:
         if column not in frame:
             frame[column] = None
     sizes = pd.to_numeric(frame["file_bytes"].where(frame["status"] == "published"))

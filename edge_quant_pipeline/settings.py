@@ -23,9 +23,17 @@ DEFAULT_CALIBRATION_TEXT = PACKAGE_DIR / "demo" / "corpus" / "train.txt"
 
 ARTIFACT_DIR_VARIABLE = "EDGE_QUANT_ARTIFACT_DIR"
 WORK_DIR_VARIABLE = "EDGE_QUANT_WORK_DIR"
+WORK_STORE_VARIABLE = "EDGE_QUANT_WORK_STORE"
+WORK_CACHE_VARIABLE = "EDGE_QUANT_WORK_CACHE_GB"
+DEFAULT_WORK_CACHE_GB = 20.0
 DEFAULT_ARTIFACT_DIR = "artifacts"
 EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
-EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s")
+EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s", "celery")
+CELERY_BROKER_VARIABLE = "EDGE_QUANT_CELERY_BROKER"
+K8S_SECRET_VARIABLE = "EDGE_QUANT_K8S_SECRET"
+# Settings that hold credentials: step pods get them from the Secret, never written into their Job spec.
+SECRET_SETTINGS = ("EDGE_QUANT_POSTGRES_URL",)
+DEFAULT_CELERY_BROKER = "redis://localhost:6379/0"
 STEP_MEMORY_VARIABLE = "EDGE_QUANT_STEP_MEMORY_MB"
 # Peak RSS of one step process, demo model, multiprocess executor: float_tflite (the
 # export) 1,335 MB, float_reference 1,221 MB, checkpoint 1,184 MB, nearly all of it
@@ -81,12 +89,12 @@ def recipes_file() -> Path:
     return path
 
 
-def artifact_dir() -> str:
-    """The artifact store: a local folder, or a URL of a filesystem fsspec has installed (``s3://...``)."""
-    url = os.environ.get(ARTIFACT_DIR_VARIABLE) or DEFAULT_ARTIFACT_DIR
+def _store_url(name: str, default: str) -> str:
+    """A local folder, or a URL of a filesystem fsspec has installed (``s3://...``)."""
+    url = os.environ.get(name) or default
     protocol = url.split("://", 1)[0] if "://" in url else ""
     if not protocol:
-        _folder(ARTIFACT_DIR_VARIABLE, DEFAULT_ARTIFACT_DIR, "set it to a folder or a URL", must_exist=False)
+        _folder(name, default, "set it to a folder or a URL", must_exist=False)
         return url
     import fsspec
 
@@ -94,10 +102,35 @@ def artifact_dir() -> str:
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as error:  # a package missing (s3fs, gcsfs, ...), or no such protocol
         raise SettingError(
-            f"{_shown(ARTIFACT_DIR_VARIABLE, DEFAULT_ARTIFACT_DIR)}: fsspec cannot open {protocol}:// ({error}); "
-            "install its filesystem package, or use a local folder."
+            f"{_shown(name, default)}: fsspec cannot open {protocol}:// ({error}); install its filesystem package "
+            "(the s3 extra: s3fs), or use a local folder."
         ) from None
     return url
+
+
+def artifact_dir() -> str:
+    """The artifact store: a local folder, or a URL of a filesystem fsspec has installed (``s3://...``)."""
+    return _store_url(ARTIFACT_DIR_VARIABLE, DEFAULT_ARTIFACT_DIR)
+
+
+def work_store() -> str | None:
+    """Where intermediates cross between steps that share no disk (workstore.py); None: the work folder."""
+    return _store_url(WORK_STORE_VARIABLE, "") if os.environ.get(WORK_STORE_VARIABLE) else None
+
+
+def work_cache_gb() -> float:
+    """With a work store: how much of it a work folder keeps (least recently used copies go first)."""
+    value = os.environ.get(WORK_CACHE_VARIABLE) or str(DEFAULT_WORK_CACHE_GB)
+    try:
+        gigabytes = float(value)
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes > 0:
+        raise SettingError(
+            f"{WORK_CACHE_VARIABLE}={value!r} is not a positive number of gigabytes; set it to what the work "
+            f"folder may keep of the work store (default {DEFAULT_WORK_CACHE_GB})."
+        )
+    return gigabytes
 
 
 def work_dir() -> Path:
@@ -154,9 +187,35 @@ def executor() -> str:
         raise SettingError(
             f"{EXECUTOR_VARIABLE}={choice!r} is not an executor; use one of: {', '.join(EXECUTOR_CHOICES)}."
         )
-    if choice == "k8s" and importlib.util.find_spec("dagster_k8s") is None:
-        raise SettingError(f"{EXECUTOR_VARIABLE}='k8s' needs dagster-k8s; install it: pip install -e '.[k8s]'.")
+    for extra, package in (("k8s", "dagster_k8s"), ("celery", "dagster_celery")):
+        if choice == extra and importlib.util.find_spec(package) is None:
+            raise SettingError(
+                f"{EXECUTOR_VARIABLE}={extra!r} needs {package.replace('_', '-')}; install it: pip install -e "
+                f"'.[{extra}]'."
+            )
     return choice
+
+
+def k8s_secret() -> str | None:
+    """The Kubernetes Secret step pods take their credentials from (object store keys, EDGE_QUANT_POSTGRES_URL)."""
+    name = os.environ.get(K8S_SECRET_VARIABLE)
+    if name and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name):
+        raise SettingError(
+            f"{K8S_SECRET_VARIABLE}={name!r} is not a Kubernetes Secret name; use lower-case letters, digits, '-' "
+            "and '.', e.g. edge-quant-store."
+        )
+    return name or None
+
+
+def celery_broker() -> str:
+    """The Celery executor's broker and result backend (a Redis URL), which its workers listen to."""
+    url = os.environ.get(CELERY_BROKER_VARIABLE) or DEFAULT_CELERY_BROKER
+    if not re.fullmatch(r"rediss?://[^\s]+", url):
+        raise SettingError(
+            f"{_shown(CELERY_BROKER_VARIABLE, DEFAULT_CELERY_BROKER)} is not a Redis URL; set it to the broker the "
+            "Celery workers listen to, e.g. redis://redis.internal:6379/0."
+        )
+    return url
 
 
 def step_memory_mb() -> int:
@@ -226,12 +285,16 @@ SETTINGS = {
     "EDGE_QUANT_RECIPES": recipes_file,
     ARTIFACT_DIR_VARIABLE: artifact_dir,
     WORK_DIR_VARIABLE: work_dir,
+    WORK_STORE_VARIABLE: work_store,
+    WORK_CACHE_VARIABLE: work_cache_gb,
     "EDGE_QUANT_EVAL_TEXT": eval_text,
     "EDGE_QUANT_CALIBRATION_TEXT": calibration_text,
     "EDGE_QUANT_EXPORTER": exporter,
     "EDGE_QUANT_MEMORY_LEDGER": memory_ledger,
     EXECUTOR_VARIABLE: executor,
     STEP_MEMORY_VARIABLE: step_memory_mb,
+    CELERY_BROKER_VARIABLE: celery_broker,
+    K8S_SECRET_VARIABLE: k8s_secret,
     "EDGE_QUANT_NIGHTLY_CRON": nightly_cron,
     "EDGE_QUANT_NIGHTLY_TIMEZONE": nightly_timezone,
     "EDGE_QUANT_NIGHTLY_REBUILD_ALL": nightly_rebuild_all,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edge_quant_pipeline import op_names
 from edge_quant_pipeline.embedders import embedders_of
+from edge_quant_pipeline.workstore import SharedFiles
 
 _ATTENTION = re.compile(op_names.block_scope(op_names.ATTENTION, r"(\d+)"))
 _FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
@@ -245,6 +246,7 @@ class TfliteModel:
     path: Path
     file_bytes: int  # the model's and its embedders'
     weights: list[WeightTensor]
+    shared: SharedFiles | None = None  # where the next step finds it, when steps share no disk (workstore.py)
 
     @property
     def embedders(self) -> dict[str, Path]:

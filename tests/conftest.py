@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from servers import S3_CREDENTIALS, moto_server, postgres_server
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="edge-quant-tests-"))
 os.environ["EDGE_QUANT_ARTIFACT_DIR"] = str(SESSION_DIR / "artifacts")
@@ -129,3 +130,43 @@ def demo_calibration(tmp_path_factory, demo_export, demo_checkpoint_dir):
     tokens = tokenize(DEFAULT_CALIBRATION_TEXT, demo_checkpoint_dir, 256)
     output = tmp_path_factory.mktemp("demo-calibration")
     return calibrate(demo_export[1], tokens, ExportSettings(), 4, DEFAULT_CALIBRATION_TEXT, 2, output)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (tests/servers.py); each test makes its own database."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def dagster_home(postgres, tmp_path, monkeypatch) -> Path:
+    """A DAGSTER_HOME holding the production profile as shipped, its database new for this test."""
+    import shutil
+
+    monkeypatch.setenv("EDGE_QUANT_POSTGRES_URL", postgres.create_database())
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server (tests/servers.py) with a bucket `artifacts`; the environment points s3fs (here and in
+    child processes) at it."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3"]}
+        os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint})
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(S3_BUCKET)
+        yield endpoint
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+S3_BUCKET = "artifacts"

@@ -10,16 +10,10 @@ binaries (`apt-get install postgresql`; `.ci/run` installs it) the Postgres test
 import json
 import logging
 import os
-import pwd
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -35,95 +29,6 @@ from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 PROFILE = REPO / "deploy" / "dagster.yaml"
 URL_VARIABLE = "EDGE_QUANT_POSTGRES_URL"
 RECIPES = ["float", "dynamic_int8"]  # two recipes: the whole graph, in a third of the time of seven
-
-
-def server_binaries() -> Path | None:
-    """The newest PostgreSQL server: Debian installs each major version in /usr/lib/postgresql/<version>/bin."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: float(p.parts[-3]))
-    initdb = debian[-1] if debian else shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def server_user() -> list[str]:
-    """The prefix that runs server commands as a user they accept: initdb and postgres refuse root."""
-    if os.geteuid() != 0:
-        return []
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root, and there is no 'postgres' user to run PostgreSQL as (initdb refuses root)")
-    return ["runuser", "-u", "postgres", "--"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class PostgresServer:
-    bin_dir: Path
-    root: Path  # owned by the server's user; holds the cluster, its socket and its log
-    port: int
-    as_user: list[str]
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    def run(self, tool: str, *args: str) -> None:
-        command = [*self.as_user, str(self.bin_dir / tool), *args]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            log = self.root / "server.log"
-            raise RuntimeError(f"{' '.join(command)}:\n{done.stderr}\n{log.read_text() if log.exists() else ''}")
-
-    def pg_ctl(self, action: str) -> None:
-        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root}"
-        self.run("pg_ctl", action, "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-o", options)
-
-    def pid(self) -> int:
-        return int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def create_database(self) -> str:
-        name = f"dagster_{uuid.uuid4().hex[:8]}"
-        self.run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
-        # psycopg2 (what dagster-postgres installs): SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3.
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    bin_dir = server_binaries()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb); on Debian: apt-get install postgresql")
-    as_user = server_user()
-    root = Path(tempfile.mkdtemp(prefix="edge-quant-postgres-"))
-    if as_user:
-        owner = pwd.getpwnam("postgres")
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-    server = PostgresServer(bin_dir, root, free_port(), as_user)
-    try:
-        server.run(
-            "initdb", "-D", str(server.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"
-        )
-        server.pg_ctl("start")
-        yield server
-    finally:
-        if (server.data / "postmaster.pid").exists():
-            server.pg_ctl("stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def dagster_home(postgres, tmp_path, monkeypatch) -> Path:
-    """A DAGSTER_HOME holding the production profile as shipped, its database new for this test."""
-    monkeypatch.setenv(URL_VARIABLE, postgres.create_database())
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROFILE, home / "dagster.yaml")
-    return home
 
 
 def open_instance(home: Path) -> dg.DagsterInstance:
@@ -312,9 +217,13 @@ def test_k8s_step_pods_request_the_step_memory(monkeypatch):
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
 
-    config = executor_config(monkeypatch, "k8s", EDGE_QUANT_STEP_MEMORY_MB="3000")["k8s"]
+    monkeypatch.setenv("EDGE_QUANT_POSTGRES_URL", "postgresql+psycopg2://dagster:secret@db:5432/dagster")
+    store = {"EDGE_QUANT_WORK_STORE": "s3://bucket/work", "EDGE_QUANT_ARTIFACT_DIR": "s3://bucket/artifacts"}
+    config = executor_config(
+        monkeypatch, "k8s", EDGE_QUANT_STEP_MEMORY_MB="3000", EDGE_QUANT_K8S_SECRET="edge-quant-store", **store
+    )["k8s"]
 
-    def step_resources(step: str) -> dict:
+    def step_container(step: str):
         # The merge K8sStepHandler applies: the executor's config for every step, then the step's own.
         merged = K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(config["step_k8s_config"]))
         own = UserDefinedDagsterK8sConfig.from_dict(config["per_step_k8s_config"].get(step, {}))
@@ -324,13 +233,23 @@ def test_k8s_step_pods_request_the_step_memory(monkeypatch):
             job_name=f"dagster-step-{step}",
             user_defined_k8s_config=merged.merge(K8sContainerContext(run_k8s_config=own)).run_k8s_config,
         )
-        resources = job.spec.template.spec.containers[0].resources
+        return job.spec.template.spec.containers[0]
+
+    def step_resources(step: str) -> dict:
+        resources = step_container(step).resources
         return {"requests": resources.requests, "limits": resources.limits}
 
     for step in ("float_tflite", "quantized_tflite", "evaluation"):
         assert step_resources(step) == {"requests": {"cpu": "1", "memory": "3000Mi"}, "limits": {"memory": "3000Mi"}}
     for step in ("quant_recipe", "published_artifact", "quantization_report"):
         assert step_resources(step) == {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
+    # Every step pod reads the run's stores from its environment, and its credentials from the Secret only.
+    for step in ("float_tflite", "published_artifact"):
+        container = step_container(step)
+        env = {e.name: e.value for e in container.env}
+        assert {k: env.get(k) for k in store} == store and "EDGE_QUANT_POSTGRES_URL" not in env
+        assert ":secret@" not in str(container.env)
+        assert [source.secret_ref.name for source in container.env_from] == ["edge-quant-store"]
 
 
 def test_definitions_module_takes_the_executor_from_the_environment():
@@ -341,12 +260,25 @@ def test_definitions_module_takes_the_executor_from_the_environment():
         return subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, cwd=REPO)
 
     assert import_with("k8s").stdout.strip() == "k8s"
+    assert import_with("celery").stdout.strip() == "celery"
     unknown = import_with("kubernetes")
     assert unknown.returncode != 0
     assert (
-        "EDGE_QUANT_EXECUTOR='kubernetes' is not an executor; use one of: in_process, multiprocess, k8s"
+        "EDGE_QUANT_EXECUTOR='kubernetes' is not an executor; use one of: in_process, multiprocess, k8s, celery"
         in unknown.stderr
     )
+
+
+def test_celery_steps_go_to_the_broker_the_workers_listen_to(monkeypatch):
+    from edge_quant_pipeline import celery_app
+
+    config = executor_config(monkeypatch, "celery", EDGE_QUANT_CELERY_BROKER="redis://redis.internal:6379/1")["celery"]
+    assert config["broker"] == config["backend"] == "redis://redis.internal:6379/1"
+    monkeypatch.setenv(settings.CELERY_BROKER_VARIABLE, "amqp://guest@rabbit//")
+    with pytest.raises(ValueError, match="EDGE_QUANT_CELERY_BROKER='amqp://guest@rabbit//' is not a Redis URL"):
+        settings.celery_broker()
+    # The workers' app: one step per process, taken only when idle.
+    assert celery_app.app.conf.worker_max_tasks_per_child == 1 and celery_app.app.conf.worker_prefetch_multiplier == 1
 
 
 def test_bad_step_memory_is_refused_with_the_variable_named(monkeypatch):

@@ -5,66 +5,23 @@ leaves no version, concurrent publishers never share a number, and a reader neve
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, S3_BUCKET
 
 from edge_quant_pipeline.defs.resources import ArtifactStore
 from edge_quant_pipeline.publish import MANIFEST, MODEL_FILE, NUMBERS, ArtifactInputs, latest_pointer, publish
 from edge_quant_pipeline.publish import published_versions as versions_of
 
-BUCKET = "artifacts"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """moto's S3 server in a process of its own; the environment points s3fs (here and in child processes) at it."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL_S3"]}
-    os.environ.update({**CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint})
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
-    yield endpoint
-    server.terminate()
-    server.wait()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
 
 @pytest.fixture
 def store_url(s3_endpoint) -> str:
-    return f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
 
 
 def inputs(checkpoint: str) -> ArtifactInputs:

@@ -22,6 +22,7 @@ from edge_quant_pipeline.publish import (
     published_versions,
     record_failure,
 )
+from edge_quant_pipeline.report import build_report, to_markdown
 
 
 @pytest.fixture
@@ -200,3 +201,9 @@ def test_report_shows_the_change_since_the_previous_version(copied):
     assert row["number"] == 2 and row["previous_version"] != current["version"]
     assert row["delta_file_bytes"] == -1000 and row["delta_perplexity_ratio"] == pytest.approx(-0.01)
     assert "Since the previous version:" in meta["report"] and "| fp16 " in meta["report"].split("Since")[1]
+
+
+def test_the_all_models_report_of_models_without_reports_is_an_empty_table():
+    # every model's report run failed (or none ran yet): the table has its columns and no row
+    text = to_markdown(build_report([]).assign(model=None))
+    assert text.startswith("| model   | recipe   | status") and "Not published" not in text

@@ -37,6 +37,7 @@ def calibration(
     """Activation ranges and input Hessians of every fully-connected layer, over `calibration_samples` windows of
     the calibration text (EDGE_QUANT_CALIBRATION_TEXT)."""
     text, samples = Path(pipeline.calibration_text), pipeline.calibration_samples
+    float_tflite = pipeline.work.localize(float_tflite)
     settings = pipeline.calibration_settings()
     output = pipeline.work_path(checkpoint) / f"calibration-{settings['calibration_text_sha256'][:12]}-{samples}"
     try:  # before any model runs: a text too short costs nothing
@@ -55,6 +56,7 @@ def calibration(
             )
     except (EvalTextError, CalibrationTextError, NotEnoughMemoryError, RuntimeRejectedError) as error:
         raise dg.Failure(str(error)) from None
+    stats = pipeline.work.shared(stats)
     context.log.info(f"Calibrated on {stats.tokens} tokens of {text} ({samples} windows)")
     return dg.Output(
         stats,

@@ -101,11 +101,14 @@ def evaluation(
 ):
     """Perplexity, KL, top-1, generation agreement, SQNR, speed and memory, measured in the interpreter."""
     inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
+    float_tflite, quantized_tflite = pipeline.work.localize(float_tflite), pipeline.work.localize(quantized_tflite)
+    float_reference = pipeline.work.localize(float_reference)
     settings, threads = pipeline.export_settings, pipeline.interpreter_threads
     try:
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
         with admitted(context, size, quant_recipe) as usage:
             bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
+            pipeline.work.share(bundle.path)  # published_artifact's step publishes it
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle)
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:

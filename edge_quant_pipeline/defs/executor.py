@@ -7,10 +7,16 @@
   at once as fit in this machine's memory (``EDGE_QUANT_STEP_MEMORY_MB`` each) and at
   most one per core.
 - ``k8s``: dagster-k8s's ``k8s_job_executor``, one Kubernetes Job per step, each
-  requesting ``EDGE_QUANT_STEP_MEMORY_MB`` (steps that hold no model: 512 MB). Image,
-  namespace, volumes and secrets come from the instance's ``K8sRunLauncher``.
+  requesting ``EDGE_QUANT_STEP_MEMORY_MB`` (steps that hold no model: 512 MB), with the
+  run's ``EDGE_QUANT_*`` settings and the Secret ``EDGE_QUANT_K8S_SECRET`` as environment.
+  Image and namespace come from the instance's ``K8sRunLauncher``.
+- ``celery``: dagster-celery's executor, every step a task on the Redis broker
+  ``EDGE_QUANT_CELERY_BROKER``, run by whichever worker takes it
+  (``celery -A edge_quant_pipeline.celery_app worker``), each step in a fresh process.
 
-``edge-quant run`` and tests call ``execute_in_process``, which always runs in process.
+Steps on other machines need ``EDGE_QUANT_WORK_STORE`` (workstore.py), or a volume they all
+mount at the same path. ``edge-quant run`` executes runs in process, except with ``celery``:
+then its runs only orchestrate, and their steps go to the workers.
 """
 
 import os
@@ -54,23 +60,57 @@ def k8s_resources(memory_mb: int) -> dict:
     }
 
 
+def k8s_environment() -> dict:
+    """A step pod's environment: this run's pipeline settings (a step reads the same ones, the work store first of
+    all), and from the Secret EDGE_QUANT_K8S_SECRET names, the credentials (the store's, the database URL), which
+    are never written into a Job spec."""
+    passed = [
+        {"name": name, "value": value}
+        for name, value in sorted(os.environ.items())
+        if name.startswith("EDGE_QUANT_") and name not in settings.SECRET_SETTINGS
+    ]
+    secret = settings.k8s_secret()
+    return {"env": passed, "env_from": [{"secret_ref": {"name": secret}}] if secret else []}
+
+
 def k8s() -> dg.ExecutorDefinition:
     from dagster_k8s import k8s_job_executor  # the `k8s` extra; only this choice needs it
 
+    step_config = k8s_resources(settings.step_memory_mb())
+    step_config["container_config"] |= k8s_environment()
     return k8s_job_executor.configured(
         {
-            "step_k8s_config": k8s_resources(settings.step_memory_mb()),
+            "step_k8s_config": step_config,
             "per_step_k8s_config": {step: k8s_resources(LIGHT_STEP_MEMORY_MB) for step in LIGHT_STEPS},
         },
         name="k8s",
     )
 
 
+# What a Celery worker process does: one step, then it exits (torch and the model go with it, as with a k8s Job);
+# it takes a step only when it has none (prefetch 1), so two workers share the steps of a run.
+CELERY_WORKER_SETTINGS = {"worker_max_tasks_per_child": 1, "worker_prefetch_multiplier": 1}
+
+
+def celery_settings() -> dict:
+    """The executor's config, which the workers' app (celery_app.py) reads too: both sides name one broker."""
+    broker = settings.celery_broker()
+    return {"broker": broker, "backend": broker, "config_source": CELERY_WORKER_SETTINGS}
+
+
+def celery() -> dg.ExecutorDefinition:
+    from dagster_celery import celery_executor  # the `celery` extra; only this choice needs it
+
+    return celery_executor.configured(celery_settings(), name="celery")
+
+
 EXECUTORS: dict[str, Callable[[], dg.ExecutorDefinition]] = {
     "in_process": lambda: dg.in_process_executor,
     "multiprocess": multiprocess,
     "k8s": k8s,
+    "celery": celery,
 }
+DISTRIBUTED_EXECUTORS = ("celery",)  # `edge-quant run` hands their runs' steps to their workers
 
 
 def executor_from_env() -> dg.ExecutorDefinition:

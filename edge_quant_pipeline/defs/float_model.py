@@ -80,6 +80,7 @@ def float_tflite(
             context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
             with computing():
                 exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
+            exported = pipeline.work.shared(exported, *exported.embedders.values())
     except (NotEnoughMemoryError, NotEnoughDiskError, ExportError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
@@ -118,6 +119,7 @@ def float_reference(
     try:
         with admitted(context, model_size(checkpoint, pipeline)) as usage, computing():
             reference = build_float_reference(_float_model(checkpoint, pipeline), windows, settings, output)
+        reference = pipeline.work.shared(reference)
     except NotEnoughMemoryError as error:
         raise dg.Failure(str(error)) from None
     context.log.info(f"PyTorch float perplexity {reference.perplexity:.3f} over {reference.eval_tokens} tokens")

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from edge_quant_pipeline.bundle import bundle_path
 from edge_quant_pipeline.checkpoints import Checkpoint
 from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import artifact_inputs
@@ -36,6 +37,8 @@ def published_artifact(
     """`<store>/<model>/<recipe>/<version>/` with model.tflite and manifest.json (lineage, metrics, diff); for a
     budget recipe, the recipe its search resolved and the search's trace."""
     inputs = artifact_inputs(pipeline, checkpoint, quant_recipe)
+    quantized_tflite = pipeline.work.localize(quantized_tflite)
+    pipeline.work.fetch(bundle_path(quantized_tflite.path))  # the evaluation step's bundle, published beside it
     details = {
         "checkpoint_path": str(checkpoint.path),
         "recipe_spec": quant_recipe.spec(),

@@ -74,6 +74,7 @@ def quantized_tflite(
 ):
     """The model quantized with one recipe as it applies to this model (the `float` recipe is the float file)."""
     catalog_recipe, recipe = resolved_recipe.catalog, resolved_recipe.recipe
+    float_tflite = pipeline.work.localize(float_tflite)
     inputs = artifact_inputs(pipeline, checkpoint, catalog_recipe)
     # Stored by the checkpoint asset; outputs stored before it did so need litert-torch once more.
     shape = checkpoint.shape or architecture_of(checkpoint).shape
@@ -82,7 +83,8 @@ def quantized_tflite(
         # the quantized file and, at evaluation, its bundle: at most the float file's size together
         check_free_disk(output.parent, float_tflite.file_bytes, WORK_DIR_VARIABLE)
         size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
-        if recipe.needs_calibration:  # its statistics are loaded too
+        if recipe.needs_calibration:  # its statistics are loaded too (and downloaded only then)
+            calibration = pipeline.work.localize(calibration)
             size = replace(size, calibration_bytes=calibration.size_bytes)
         with admitted(context, size, recipe) as usage, computing():
             statistics = (
@@ -99,6 +101,7 @@ def quantized_tflite(
     rows = check_conformance(recipe, quantized.weights, shape)
     table = conformance_table(rows, quantized)
     ratio = float_tflite.file_bytes / quantized.file_bytes
+    quantized = pipeline.work.shared(quantized, *quantized.embedders.values())
     context.log.info(f"{recipe.name}: {quantized.file_bytes} bytes, {ratio:.2f}x smaller than float")
     yield dg.Output(
         quantized,

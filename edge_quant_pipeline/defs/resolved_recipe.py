@@ -74,15 +74,18 @@ def _search_context(
 ) -> SearchContext:
     # Sensitivities depend on the model (the work folder's), the scheme (their file's name) and these.
     key = {**pipeline.evaluation_settings(), **pipeline.calibration_settings(), **toolchain_versions()}
+    float_tflite = pipeline.work.localize(float_tflite)  # a recipe without a budget needs none of these files
     return SearchContext(
         float_tflite=float_tflite.path,
         shape=shape,
-        reference=FloatReference.load(pipeline.float_reference_path(checkpoint)),
+        reference=FloatReference.load(pipeline.work.fetch(pipeline.float_reference_path(checkpoint))),
         settings=pipeline.export_settings,
         num_threads=pipeline.interpreter_threads,
         work_dir=pipeline.work_path(checkpoint) / "search",
         cache_key=hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12],
-        calibration=lambda recipe: quantizer_calibration(calibration, float_tflite.path, recipe.needs_hessians),
+        calibration=lambda recipe: quantizer_calibration(
+            pipeline.work.localize(calibration), float_tflite.path, recipe.needs_hessians
+        ),
         log=context.log.info,
     )
 

@@ -11,7 +11,8 @@ from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.exporters import AUTO
 from edge_quant_pipeline.quantize.recipes import Catalog, load_catalog
-from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT
+from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, DEFAULT_WORK_CACHE_GB
+from edge_quant_pipeline.workstore import WorkStore
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -37,6 +38,9 @@ class PipelineConfig(dg.ConfigurableResource):
     checkpoint_dir: str
     artifact_store: ArtifactStore
     work_dir: str
+    # Where intermediates cross between steps that share no disk (workstore.py): an fsspec URL, or "" for none.
+    work_store: str = ""
+    work_cache_gb: float = DEFAULT_WORK_CACHE_GB
     eval_text: str = str(DEFAULT_EVAL_TEXT)
     eval_max_tokens: int = EvalSettings.max_tokens
     interpreter_threads: int = EvalSettings.num_threads
@@ -86,6 +90,12 @@ class PipelineConfig(dg.ConfigurableResource):
     @property
     def store(self) -> UPath:
         return self.artifact_store.root
+
+    @property
+    def work(self) -> WorkStore:
+        """This process's work folder, and the store its intermediates cross through when there is one."""
+        remote = UPath(self.work_store, use_listings_cache=False) if self.work_store else None
+        return WorkStore(Path(self.work_dir), remote, int(self.work_cache_gb * 1e9))
 
     def float_reference_path(self, checkpoint: Checkpoint, eval_text_sha256: str | None = None) -> Path:
         """Where the float reference of this eval text and token budget is kept."""

@@ -25,6 +25,7 @@ from edge_quant_pipeline.atomic import atomic_path
 from edge_quant_pipeline.checkpoints import TOKENIZER_FILE
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.metrics import target_nll_sum
+from edge_quant_pipeline.workstore import SharedFiles
 
 LOGITS_FILE, TOKENS_FILE, SUMMARY_FILE = "logits.npy", "tokens.npz", "summary.json"
 GENERATION_PROMPTS = 4
@@ -77,6 +78,7 @@ class FloatReference:
     path: Path
     perplexity: float
     eval_tokens: int
+    shared: SharedFiles | None = None  # where the next step finds it, when steps share no disk (workstore.py)
 
     @classmethod
     def load(cls, path: Path) -> "FloatReference":

@@ -37,6 +37,7 @@ import numpy as np
 from edge_quant_pipeline.atomic import atomic_path
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.interpreter import Embedders, RuntimeRejectedError, causal_mask
+from edge_quant_pipeline.workstore import SharedFiles
 
 STATS_FILE, LAYERS_FILE = "stats.npz", "layers.json"
 
@@ -202,6 +203,7 @@ class CalibrationStats:
     path: Path
     samples: int
     tokens: int
+    shared: SharedFiles | None = None  # where the next step finds it, when steps share no disk (workstore.py)
 
     def layers(self) -> list[dict[str, Any]]:
         return json.loads((self.path / LAYERS_FILE).read_text())["layers"]
