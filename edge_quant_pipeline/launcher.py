@@ -88,6 +88,13 @@ class RunOutcome:
     worker_retires: bool = True  # its worker exits after it, rather than take another run
 
 
+@dataclass(frozen=True)
+class WorkerCrash:
+    """What a worker sends when an exception escapes it: without it the launcher knows only an exit status."""
+
+    reason: str  # the exception's type and first line
+
+
 @dataclass
 class LaunchSummary:
     outcomes: list[RunOutcome] = field(default_factory=list)
@@ -237,6 +244,20 @@ def _worker_main(connection: Connection, launch: LaunchContext) -> None:
     Path("/proc/self/oom_score_adj").write_text(str(WORKER_OOM_SCORE_ADJ))
     if not launch.verbose:
         _silence_terminal()
+    try:
+        _serve_runs(connection, launch)
+    except Exception as error:
+        first = next(iter(str(error).strip().splitlines()), "")
+        connection.send(WorkerCrash(f"{type(error).__name__}: {first}" if first else type(error).__name__))
+        raise
+    # Everything is sent and the instance's writes are done: skip the interpreter's teardown, which torch and
+    # TensorFlow stretch to seconds and in which LiteRT logs the teardown of its accelerators.
+    connection.close()
+    os._exit(0)
+
+
+def _serve_runs(connection: Connection, launch: LaunchContext) -> None:
+    """Load the code location, say so, then execute runs until told to stop or until this worker should retire."""
     lane = Lane(launch)
     if not launch.distributed:
         import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
@@ -249,11 +270,7 @@ def _worker_main(connection: Connection, launch: LaunchContext) -> None:
         retire = run.job == CONVERT_JOB or rss_mb() > baseline_mb + WORKER_GROWTH_MB
         connection.send(replace(outcome, worker_retires=retire))
         if retire:
-            break
-    # Everything is sent and the instance's writes are done: skip the interpreter's teardown, which torch and
-    # TensorFlow stretch to seconds and in which LiteRT logs the teardown of its accelerators.
-    connection.close()
-    os._exit(0)
+            return
 
 
 def _silence_terminal() -> None:
@@ -281,6 +298,7 @@ class Worker:
         self.run: PlannedRun | None = None
         self.run_id: str | None = None
         self.outcome: RunOutcome | None = None
+        self.crash: WorkerCrash | None = None
         self.estimate_mb = LITERT_PROCESS_MB
         self.started = time.perf_counter()
         self.peak_mb = 0.0  # the largest RSS seen while it worked
@@ -303,6 +321,8 @@ class Worker:
                 self.ready = self.ready or message == READY
                 if isinstance(message, RunOutcome):
                     self.outcome = message
+                elif isinstance(message, WorkerCrash):
+                    self.crash = message
         except (EOFError, OSError):  # it exited
             pass
         try:
@@ -323,12 +343,15 @@ class Worker:
     def death(self) -> str:
         """Why the process ended before its run did."""
         self.process.join()
+        self.poll()  # what it sent just before it exited
         code = self.process.exitcode
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             cause = " (the kernel's out-of-memory killer, or a person)" if name == "SIGKILL" else ""
             return f"its worker process was killed by {name}{cause} at {self.peak_mb / 1024:.1f} GB of memory"
-        return f"its worker process exited with status {code} before the run ended"
+        if self.crash:
+            return f"its worker process failed: {self.crash.reason}"
+        return f"its worker process exited with status {code}"
 
     def dismiss(self) -> None:
         """Tell an idle worker there is nothing to do; stop one that is still loading."""
@@ -460,7 +483,7 @@ class _Launch:
                 self.retire(worker)
                 if run is None:
                     raise RuntimeError(
-                        f"a worker process could not load the code location (exit status {worker.process.exitcode}); "
+                        f"a worker process could not load the code location ({worker.death()}); "
                         "run `dagster definitions validate -m edge_quant_pipeline.definitions` to see why."
                     )
                 self.finish(RunOutcome(run, time.perf_counter() - worker.started, [worker.death()]))

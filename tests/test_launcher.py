@@ -96,3 +96,15 @@ def test_a_run_that_could_never_fit_is_not_started():
     (outcome,) = summary.outcomes
     assert outcome.failures[0].startswith("not started: it needs about")
     assert "Run it on a machine with more memory" in outcome.failures[0]
+
+
+def test_an_exception_that_ends_a_worker_is_named_in_the_summary():
+    """What escapes a worker's run (here: a job the code location does not define) reaches the launcher by its
+    type and first line, not only as the process's exit status."""
+    run = PlannedRun("no_such_job")
+    with dg.instance_for_test() as instance:
+        context = LaunchContext(instance.get_ref(), pipeline_config_from_env().model_dump(), conversion_only=False)
+        summary = launch([run], {run: 400.0}, context, jobs=1)
+    (outcome,) = summary.outcomes
+    (reason,) = outcome.failures
+    assert reason.startswith("its worker process failed: DagsterInvariantViolationError: Could not find job")
