@@ -7,6 +7,7 @@ a user copies would (the store is for others to read).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -59,3 +60,14 @@ def link_or_copy(source: Path, target: Path) -> Path:
         except OSError:  # another filesystem, or one without hard links
             shutil.copyfile(source, partial)
     return target
+
+
+def copy_hashing(source, target, chunk_bytes: int) -> str:
+    """Copy ``source`` to ``target`` (local paths or UPaths: object stores too) in chunks, and return the sha256 of
+    what was copied: every byte is read once."""
+    digest = hashlib.sha256()
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(chunk_bytes):
+            digest.update(chunk)
+            dst.write(chunk)
+    return digest.hexdigest()

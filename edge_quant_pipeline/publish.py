@@ -206,13 +206,7 @@ def metric_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
 
 
 def _copy_hashing(source: Path, target: UPath) -> str:
-    """Copy in chunks (also to object stores) and hash on the way, so the file is read once."""
-    digest = hashlib.sha256()
-    with source.open("rb") as src, target.open("wb") as dst:
-        while chunk := src.read(COPY_CHUNK):
-            digest.update(chunk)
-            dst.write(chunk)
-    return digest.hexdigest()
+    return atomic.copy_hashing(source, target, COPY_CHUNK)
 
 
 def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:

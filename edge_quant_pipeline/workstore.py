@@ -35,7 +35,7 @@ from typing import Protocol, TypeVar
 
 from upath import UPath
 
-from edge_quant_pipeline.atomic import atomic_path, write_atomically
+from edge_quant_pipeline.atomic import atomic_path, copy_hashing, write_atomically
 
 INDEX_SUFFIX = ".index.json"  # in the store, beside an entry: its files and their sha256
 SIDECAR_SUFFIX = ".shared.json"  # in a work folder, beside a copy of an entry: the same index
@@ -69,13 +69,7 @@ def _digest(files: dict[str, str]) -> str:
 
 
 def _copy_hashing(source, target) -> str:
-    """Copy between a local file and the store in chunks, hashing on the way: every byte is read once."""
-    digest = hashlib.sha256()
-    with source.open("rb") as src, target.open("wb") as dst:
-        while chunk := src.read(COPY_CHUNK):
-            digest.update(chunk)
-            dst.write(chunk)
-    return digest.hexdigest()
+    return copy_hashing(source, target, COPY_CHUNK)
 
 
 @dataclass(frozen=True)
