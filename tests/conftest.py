@@ -1,21 +1,51 @@
-"""Shared fixtures. The pipeline reads its paths from EDGE_QUANT_* variables when the
-code location loads, so they are pointed at a temporary directory before anything
-imports edge_quant_pipeline.definitions."""
+"""Shared fixtures, and the suite's tiers.
+
+The demo graph is built once per session (``golden``, tests/demo_build.py) and read by every test that only reads;
+a test that changes it gets ``demo_sandbox``, a copy. Tiers are markers (pyproject.toml): ``graph``, ``services``,
+``families``, ``matrix``; a test with none of them is ``fast`` (``pytest -m fast``, before a commit). Under
+pytest-xdist every test of the golden build runs on one worker, which builds it once.
+"""
 
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from demo_build import DEMO_MODEL, DemoBuild, build_demo
 from servers import S3_CREDENTIALS, moto_server, postgres_server
 
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="edge-quant-tests-"))
-os.environ["EDGE_QUANT_ARTIFACT_DIR"] = str(SESSION_DIR / "artifacts")
-os.environ["EDGE_QUANT_WORK_DIR"] = str(SESSION_DIR / "work")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 REPO = Path(__file__).parent.parent
+TIERS = ("graph", "services", "families", "matrix")
+# Tests that read or copy the golden build: they run where it was built.
+GOLDEN_FIXTURES = {"golden", "golden_instance", "demo_sandbox"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        golden = bool(GOLDEN_FIXTURES & set(item.fixturenames))
+        if golden:
+            item.add_marker(pytest.mark.graph)
+        # Under `pytest -n` (--dist loadgroup): the tests of the golden build run where it was built, and the
+        # others stay with their module, whose module-scoped fixtures are then made once.
+        item.add_marker(pytest.mark.xdist_group("golden" if golden else item.module.__name__))
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_settings(tmp_path_factory):
+    """Where code that reads its settings from the environment puts its files: this session's folders, never
+    the checkout; and a memory ledger (with its latency lock) per pytest process, so that two xdist workers do
+    not wait for each other's latency measurements."""
+    folder = tmp_path_factory.mktemp("settings")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGE_QUANT_ARTIFACT_DIR", str(folder / "artifacts"))
+        patch.setenv("EDGE_QUANT_WORK_DIR", str(folder / "work"))
+        patch.setenv("EDGE_QUANT_MEMORY_LEDGER", str(folder / "memory-ledger.json"))
+        patch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        yield folder
 
 
 def _recipe_catalog():
@@ -25,9 +55,8 @@ def _recipe_catalog():
     return load_catalog(settings.recipes_file())
 
 
-# The catalog the tests' code location loads (./recipes.yaml plus the built-in recipes).
+# The catalog the code location loads from the checkout (./recipes.yaml plus the built-in recipes).
 recipe_catalog = _recipe_catalog()
-DEMO_MODEL = "tiny-llama-bytes"
 
 
 # Llama 3.1/3.2's RoPE scaling, with an original context short enough (32 tokens) that the scaling changes the
@@ -94,16 +123,33 @@ def demo_checkpoint_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run():
-    """The whole graph materialized once, through Dagster, for the bundled demo model."""
-    import dagster as dg
+def golden(tmp_path_factory, demo_checkpoint_dir) -> DemoBuild:
+    """The whole graph materialized once, through Dagster, for the bundled demo model and every recipe the suite
+    reads (tests/demo_build.py)."""
+    return build_demo(tmp_path_factory.mktemp("demo") / "build", demo_checkpoint_dir, REPO / "recipes.yaml")
 
-    from edge_quant_pipeline.definitions import pipeline_config_from_env
-    from edge_quant_pipeline.launcher import materialize
 
-    with dg.instance_for_test() as instance:
-        summary = materialize(instance, pipeline_config_from_env(), [DEMO_MODEL], recipe_catalog.names, jobs=2)
-        yield instance, summary
+@pytest.fixture(scope="session")
+def golden_instance(golden):
+    with golden.instance() as instance:
+        yield instance
+
+
+@dataclass
+class DemoSandbox:
+    build: DemoBuild
+    instance: dg.DagsterInstance
+
+    @property
+    def pipeline(self):
+        return self.build.pipeline
+
+
+@pytest.fixture
+def demo_sandbox(golden) -> DemoSandbox:
+    """A copy of the golden build to change: its instance, checkpoints, store and work folder."""
+    with golden.sandbox() as build, build.instance() as instance:
+        yield DemoSandbox(build, instance)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,8 @@ from edge_quant_pipeline.quantize.conformance import check_conformance
 from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.weights import read_weights
 
+pytestmark = pytest.mark.families
+
 TINY = dict(
     hidden_size=64,
     num_hidden_layers=2,

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DEMO_MODEL, SESSION_DIR, metadata, recipe_catalog
+from conftest import DEMO_MODEL, metadata
 
 from edge_quant_pipeline.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.convert import ExportSettings
@@ -19,10 +19,10 @@ from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
 SETTINGS = ExportSettings()  # the demo's: prefill 32, KV cache 128
 
 
-def test_every_recipe_of_the_demo_is_bundled_and_runs_in_litert_lm(pipeline_run):
-    instance, summary = pipeline_run
-    assert summary.failures == 0
-    for recipe in recipe_catalog.names:
+def test_every_recipe_of_the_demo_is_bundled_and_runs_in_litert_lm(golden, golden_instance):
+    instance = golden_instance
+    assert golden.summary.failures == 0
+    for recipe in golden.recipes:
         measured = metadata(instance, "evaluation", f"{DEMO_MODEL}|{recipe}")
         assert measured["litert_lm_error"] == "", recipe
         assert measured["litert_lm_prompt_tokens"] == SETTINGS.prefill_len  # the demo has no start token
@@ -35,8 +35,8 @@ def test_every_recipe_of_the_demo_is_bundled_and_runs_in_litert_lm(pipeline_run)
     assert metadata(instance, "evaluation", f"{DEMO_MODEL}|float")["litert_lm_float_agreement"] == 1.0
 
 
-def test_the_bundle_is_published_beside_the_model_with_its_hash(pipeline_run):
-    recipe_dir = SESSION_DIR / "artifacts" / DEMO_MODEL / "dynamic_int8"
+def test_the_bundle_is_published_beside_the_model_with_its_hash(golden):
+    recipe_dir = golden.pipeline.store / DEMO_MODEL / "dynamic_int8"
     version = recipe_dir / json.loads((recipe_dir / "latest.json").read_text())["version"]
     manifest = json.loads((version / MANIFEST).read_text())
     assert manifest["bundle_sha256"] == hashlib.sha256((version / BUNDLE_FILE).read_bytes()).hexdigest()
@@ -45,9 +45,9 @@ def test_the_bundle_is_published_beside_the_model_with_its_hash(pipeline_run):
 
 
 @pytest.fixture(scope="module")
-def demo_float(pipeline_run, tmp_path_factory):
-    """The demo's float .tflite from the pipeline's work folder, alone in a folder of this module's."""
-    (tflite,) = (SESSION_DIR / "work" / DEMO_MODEL).glob("*/float.tflite")
+def demo_float(demo_export, tmp_path_factory):
+    """The demo's float .tflite, alone in a folder of this module's."""
+    tflite = demo_export[1]
     folder = tmp_path_factory.mktemp("bundle")
     return shutil.copy(tflite, folder / "model.tflite")
 

@@ -2,18 +2,19 @@
 
 import pytest
 
-from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
-from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
+from edge_quant_pipeline.checkpoints import load_float_model, read_checkpoint
+from edge_quant_pipeline.convert import ExportSettings, quantize_tflite
 from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+
+pytestmark = pytest.mark.families
 
 
 @pytest.fixture(scope="module")
-def float_export(tmp_path_factory, demo_checkpoint_dir):
-    checkpoint = read_checkpoint(demo_checkpoint_dir)
-    model_config = architecture_of(checkpoint).model_config
-    model = load_float_model(checkpoint, ExportSettings.kv_cache_len)
-    output = tmp_path_factory.mktemp("convert") / "float.tflite"
-    return model, model_config, export_float_tflite(model, model_config, ExportSettings(), output)
+def float_export(demo_export, demo_checkpoint_dir):
+    """The session's export of the demo, and the PyTorch model it was exported from."""
+    architecture, float_tflite = demo_export
+    model = load_float_model(read_checkpoint(demo_checkpoint_dir), ExportSettings.kv_cache_len)
+    return model, architecture.model_config, float_tflite
 
 
 @pytest.mark.parametrize("recipe", ["dynamic_int8", "fp16"])

@@ -41,6 +41,8 @@ from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embed
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, make_tokenizer
 from edge_quant_pipeline.weights import read_weights
 
+pytestmark = pytest.mark.families
+
 VOCAB = 512  # the byte-level tokenizer's 256 bytes, its merges and its end-of-text token
 TINY = dict(
     hidden_size=64,
@@ -173,28 +175,43 @@ def test_what_neither_exporter_takes_is_refused_before_any_work(tmp_path):
         plan_export({**TINY, "model_type": "llama"}, tmp_path / "config.json", "onnx")
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "gemma4"])
-def test_an_export_hf_family_through_the_whole_graph(tmp_path, model_type):
-    model = f"tiny-{model_type}"
-    write_tiny_checkpoint(model_type, tmp_path / "checkpoints" / model)
+# Through the whole graph: a family without a rebuild (SmolLM3) and one with per-layer embeddings (Gemma 4), both in
+# one launch, as two checkpoints in one folder.
+GRAPH_FAMILIES = ["smollm3", "gemma4"]
+
+
+@pytest.fixture(scope="module")
+def export_hf_graph(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-hf-graph")
+    for model_type in GRAPH_FAMILIES:
+        write_tiny_checkpoint(model_type, root / "checkpoints" / f"tiny-{model_type}")
     pipeline = PipelineConfig(
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        artifact_store=ArtifactStore(url=str(tmp_path / "artifacts")),
-        work_dir=str(tmp_path / "work"),
+        checkpoint_dir=str(root / "checkpoints"),
+        artifact_store=ArtifactStore(url=str(root / "artifacts")),
+        work_dir=str(root / "work"),
         eval_text=str(TRAIN_TEXT),
         eval_max_tokens=512,
     )
+    models = [f"tiny-{model_type}" for model_type in GRAPH_FAMILIES]
     with dg.instance_for_test() as instance:
-        summary = materialize(instance, pipeline, [model], ["float", "selective_fp16_int8"], jobs=2)
+        summary = materialize(instance, pipeline, models, ["float", "selective_fp16_int8"], jobs=2)
         assert summary.failures == 0, [o.failures for o in summary.outcomes]
-        assert metadata(instance, "checkpoint", model)["exporter"] == EXPORT_HF
-        float_eval = metadata(instance, "evaluation", f"{model}|float")
-        assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3) and float_eval["top1_agreement"] > 0.999
-        # its LiteRT-LM bundle (Gemma 4's with both embedders in it) generates as the interpreter does
-        assert float_eval["litert_lm_error"] == "" and float_eval["litert_lm_interpreter_agreement"] == 1.0
-        published = metadata(instance, "published_artifact", f"{model}|selective_fp16_int8")
-        assert published["exporter"] == EXPORT_HF
-    recipe_dir = tmp_path / "artifacts" / model / "selective_fp16_int8"
+        yield instance, root
+
+
+@pytest.mark.graph
+@pytest.mark.parametrize("model_type", GRAPH_FAMILIES)
+def test_an_export_hf_family_through_the_whole_graph(export_hf_graph, model_type):
+    instance, root = export_hf_graph
+    model = f"tiny-{model_type}"
+    assert metadata(instance, "checkpoint", model)["exporter"] == EXPORT_HF
+    float_eval = metadata(instance, "evaluation", f"{model}|float")
+    assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3) and float_eval["top1_agreement"] > 0.999
+    # its LiteRT-LM bundle (Gemma 4's with both embedders in it) generates as the interpreter does
+    assert float_eval["litert_lm_error"] == "" and float_eval["litert_lm_interpreter_agreement"] == 1.0
+    published = metadata(instance, "published_artifact", f"{model}|selective_fp16_int8")
+    assert published["exporter"] == EXPORT_HF
+    recipe_dir = root / "artifacts" / model / "selective_fp16_int8"
     version = recipe_dir / json.loads((recipe_dir / "latest.json").read_text())["version"]
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["exporter"] == EXPORT_HF and (version / "model.litertlm").is_file() and manifest["bundle_sha256"]

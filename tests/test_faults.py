@@ -241,7 +241,8 @@ def test_files_vanishing_while_read_skip_the_checkpoint_for_a_tick(tmp_path, dem
 
 # --- Whole runs, killed and concurrent, on an instance configured like the project's -----------------
 
-RECIPES = ["dynamic_int8", "fp16"]
+# One quantized recipe: a kill, a race or a worker's death shows as well on one pair as on several.
+RECIPES = ["dynamic_int8"]
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +309,7 @@ def killed_run(home) -> str:
     return run.run_id
 
 
+@pytest.mark.graph
 def test_a_run_killed_while_exporting_leaves_nothing_visible(home, killed_run):
     assert export_scratch(home)  # the killed export's scratch folder, hidden
     assert list((home / "work").glob("*/*/float.tflite")) == []
@@ -334,6 +336,7 @@ def two_runs_at_once(home, killed_run) -> list[int]:
                 process.wait()
 
 
+@pytest.mark.graph
 def test_the_next_runs_finish_the_work_and_end_the_killed_run(home, killed_run, two_runs_at_once):
     logs = [(home / f"concurrent-{i}.log").read_text()[-3000:] for i in range(2)]
     assert two_runs_at_once == [0, 0], logs
@@ -345,6 +348,7 @@ def test_the_next_runs_finish_the_work_and_end_the_killed_run(home, killed_run, 
     assert len(list((home / "work").glob("*/*/float.tflite"))) == 1
 
 
+@pytest.mark.graph
 def test_two_runs_at_once_publish_each_version_once(home, two_runs_at_once):
     store = home / "artifacts" / DEMO_MODEL
     for recipe in RECIPES:
@@ -366,6 +370,7 @@ def test_dagster_yaml_queues_one_run_per_partition(home):
     assert {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
 
 
+@pytest.mark.graph
 def test_a_worker_killed_mid_run_is_named_and_the_launch_goes_on(tmp_path, demo_checkpoint_dir):
     """The kernel's OOM killer (here: SIGKILL by hand) takes the worker that exports: `edge-quant run` says which
     run died and how, marks that Dagster run failed, skips what needed it and prints its summary."""

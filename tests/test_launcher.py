@@ -73,13 +73,13 @@ def _run_in_a_fresh_worker(launch: LaunchContext, run: PlannedRun) -> tuple[list
     return outcome.failures, set(sys.modules)
 
 
-def test_a_model_recipe_run_needs_no_torch(pipeline_run, demo_checkpoint_dir):
+def test_a_model_recipe_run_needs_no_torch(demo_sandbox, demo_checkpoint_dir):
     """Quantize, evaluate and publish in a worker process that never imports torch, TensorFlow or
     litert-torch: what keeps workers near 300 MB and their runs free of a 5 s import."""
-    instance, _ = pipeline_run
+    instance, pipeline = demo_sandbox.instance, demo_sandbox.pipeline
     run = PlannedRun("quantize_evaluate_publish", model=demo_checkpoint_dir.name, recipe="dynamic_int8")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        launch = LaunchContext(instance.get_ref(), pipeline_config_from_env().model_dump(), conversion_only=False)
+        launch = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only=False)
         failures, modules = pool.submit(_run_in_a_fresh_worker, launch, run).result()
     assert failures == []
     assert {"ai_edge_quantizer", "ai_edge_litert"} <= modules

@@ -26,6 +26,8 @@ from edge_quant_pipeline.defs import executor
 from edge_quant_pipeline.defs.automation import CONVERT_JOB, checkpoint_sensor
 from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
+pytestmark = pytest.mark.services
+
 PROFILE = REPO / "deploy" / "dagster.yaml"
 URL_VARIABLE = "EDGE_QUANT_POSTGRES_URL"
 RECIPES = ["float", "dynamic_int8"]  # two recipes: the whole graph, in a third of the time of seven
@@ -62,6 +64,7 @@ def test_production_profile_loads_as_configured(dagster_home):
         assert not instance.telemetry_enabled
 
 
+@pytest.mark.graph
 def test_demo_model_materializes_with_the_instance_in_postgres(dagster_home, demo_checkpoint_dir, tmp_path):
     from edge_quant_pipeline.launcher import materialize
 

@@ -1,5 +1,5 @@
 """The reports, the champion and the diff against the previous version, on the demo model's
-real published artifacts (the session run); changes are made to a copy of its store."""
+real published artifacts (the golden build); changes are made to a copy of it."""
 
 import base64
 import json
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import DEMO_MODEL, metadata, recipe_catalog, scramble_weights
+from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
 from edge_quant_pipeline.publish import (
@@ -26,21 +26,12 @@ from edge_quant_pipeline.report import build_report, to_markdown
 
 
 @pytest.fixture
-def copied(pipeline_run, tmp_path):
-    """A pipeline whose artifact store is a copy of the session's; functions running on it the report, and the
-    evaluation and publishing of one recipe (whose gate check they return)."""
-    from edge_quant_pipeline.definitions import build_definitions, pipeline_config_from_env
-    from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+def copied(demo_sandbox):
+    """A copy of the golden build; functions running on it the report, and the evaluation and publishing of one
+    recipe (whose gate check they return)."""
+    from edge_quant_pipeline.definitions import build_definitions
 
-    instance, _ = pipeline_run
-    store = tmp_path / "store"
-    shutil.copytree(pipeline_config_from_env().store.path, store)
-    env = pipeline_config_from_env()
-    pipeline = PipelineConfig(
-        checkpoint_dir=env.checkpoint_dir,
-        work_dir=env.work_dir,
-        artifact_store=ArtifactStore(url=str(store)),  # every other setting as the session's: the same versions
-    )
+    instance, pipeline = demo_sandbox.instance, demo_sandbox.pipeline
     defs = build_definitions(pipeline)
 
     def report() -> dict:
@@ -60,9 +51,10 @@ def copied(pipeline_run, tmp_path):
         return gate
 
     return SimpleNamespace(
-        store=UPath(store),
+        store=pipeline.store,
         pipeline=pipeline,
         instance=instance,
+        recipes=demo_sandbox.build.recipes,
         report=report,
         evaluate_and_publish=evaluate_and_publish,
     )
@@ -80,6 +72,7 @@ def inputs_of(manifest: dict) -> ArtifactInputs:
         manifest["export"],
         manifest["evaluation_settings"],
         manifest["gates"],
+        manifest.get("calibration"),  # calibrated recipes only
     )
 
 
@@ -87,31 +80,26 @@ def rows(meta: dict) -> pd.DataFrame:
     return pd.read_parquet(meta["parquet"]).set_index("recipe")
 
 
-def test_champion_is_the_smallest_published_recipe(pipeline_run):
-    from edge_quant_pipeline.definitions import pipeline_config_from_env
-
-    instance, _ = pipeline_run
-    meta = metadata(instance, "quantization_report", DEMO_MODEL)
+def test_champion_is_the_smallest_published_recipe(golden, golden_instance):
+    meta = metadata(golden_instance, "quantization_report", DEMO_MODEL)
     report = pd.read_parquet(meta["parquet"])
     smallest = report.loc[report["file_bytes"].idxmin()]
     assert list(report["champion"]) == [recipe == smallest["recipe"] for recipe in report["recipe"]]
-    pointer = json.loads((pipeline_config_from_env().store / DEMO_MODEL / CHAMPION).read_text())
+    pointer = json.loads((golden.pipeline.store / DEMO_MODEL / CHAMPION).read_text())
     assert (pointer["recipe"], pointer["version"]) == (smallest["recipe"], smallest["version"])
     assert meta["champion"] == smallest["recipe"] and f"**Champion:** {smallest['recipe']} #1" in meta["report"]
 
 
-def test_every_published_recipe_has_version_one_and_a_latest_pointer(pipeline_run):
-    from edge_quant_pipeline.definitions import pipeline_config_from_env
-
-    store = pipeline_config_from_env().store
-    for recipe in recipe_catalog.names:
+def test_every_published_recipe_has_version_one_and_a_latest_pointer(golden):
+    store = golden.pipeline.store
+    for recipe in golden.recipes:
         (manifest,) = published_versions(store, DEMO_MODEL, recipe)
         assert manifest["number"] == 1 and manifest["previous_version"] is None
         assert latest_pointer(store, DEMO_MODEL, recipe)["version"] == manifest["version"]
 
 
-def test_report_shows_a_size_vs_quality_plot(pipeline_run):
-    instance, _ = pipeline_run
+def test_report_shows_a_size_vs_quality_plot(golden_instance):
+    instance = golden_instance
     for meta in (metadata(instance, "quantization_report", DEMO_MODEL), metadata(instance, "all_models_report")):
         image = meta["size_vs_quality"]
         assert image.startswith("![size vs quality](data:image/png;base64,")
@@ -162,7 +150,7 @@ def test_no_champion_when_no_recipe_of_the_current_checkpoint_publishes(copied):
     goes rather than name an artifact that is not the current checkpoint's champion; the versions stay."""
 
     champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
-    for recipe in recipe_catalog.names:
+    for recipe in copied.recipes:
         (manifest,) = published_versions(copied.store, DEMO_MODEL, recipe)  # the current checkpoint's
         record_failure(copied.store, inputs_of(manifest), "quality gate", "top1_agreement = 0.1")
     meta = copied.report()
@@ -173,7 +161,7 @@ def test_no_champion_when_no_recipe_of_the_current_checkpoint_publishes(copied):
         in (meta["report"])
     )
     assert not (copied.store / DEMO_MODEL / CHAMPION).exists()
-    assert all(len(published_versions(copied.store, DEMO_MODEL, r)) == 1 for r in recipe_catalog.names)
+    assert all(len(published_versions(copied.store, DEMO_MODEL, r)) == 1 for r in copied.recipes)
     assert not copied.report()["champion_changed"]
 
 

@@ -13,6 +13,8 @@ from edge_quant_pipeline.evaluate.reference import LOGITS_FILE
 from edge_quant_pipeline.launcher import materialize
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, write_checkpoint
 
+pytestmark = pytest.mark.graph
+
 MODEL, VOCAB = "wide-vocab", 262_144
 SHAPE = dict(
     model_type="llama",

@@ -25,6 +25,8 @@ from edge_quant_pipeline.quantize.schemes import (
 )
 from edge_quant_pipeline.weights import read_weights
 
+pytestmark = pytest.mark.matrix
+
 COMBINATIONS = [
     (scheme, algorithm, op)
     for scheme, definition in SCHEMES.items()

@@ -1,21 +1,19 @@
 """Recipe search under a quality budget: the choice (exact, against brute force), and the whole graph on the demo
-model: a one-line budget in recipes.yaml is resolved, verified, published within its budget and smaller than
-dynamic_int8, with its trace in the manifest and the report; a second budget reuses the sensitivities."""
+model: a one-line budget in recipes.yaml (the golden build's `kl_budget`) is resolved, verified, published within
+its budget and smaller than dynamic_int8, with its trace in the manifest and the report; on a copy of that build, a
+second budget reuses the sensitivities and one that cannot be met fails with what came closest."""
 
 import itertools
 import json
 
-import dagster as dg
 import numpy as np
 import pytest
 from conftest import DEMO_MODEL, metadata
+from demo_build import SEARCH_BUDGET as BUDGET
 
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.launcher import materialize
 from edge_quant_pipeline.publish import published_versions
 from edge_quant_pipeline.quantize.search import STEPS, Option, choose
-
-BUDGET = 0.0024  # between the demo's dynamic_int8 (KL 0.0003) and dynamic_int4_block32 (0.019)
 
 
 def test_choice_is_the_smallest_within_the_target_by_brute_force():
@@ -43,23 +41,10 @@ def test_choice_is_the_smallest_within_the_target_by_brute_force():
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, demo_checkpoint_dir):
-    root = tmp_path_factory.mktemp("search")
-    recipes = root / "recipes.yaml"
-    recipes.write_text(
-        "recipes:\n"
-        f"  kl_budget:\n    search: {{max_mean_kl: {BUDGET}, schemes: [int8_dynamic, int4_dynamic_block32]}}\n"
-    )
-    pipeline = PipelineConfig(
-        checkpoint_dir=str(demo_checkpoint_dir.parent),
-        artifact_store=ArtifactStore(url=str(root / "artifacts")),
-        work_dir=str(root / "work"),
-        recipes_file=str(recipes),
-    )
-    with dg.instance_for_test() as instance:
-        summary = materialize(instance, pipeline, [DEMO_MODEL], ["dynamic_int8", "kl_budget"], jobs=2)
-        assert summary.failures == 0
-        yield instance, pipeline, recipes
+def searched(golden):
+    """A copy of the golden build, whose recipes.yaml holds `kl_budget`; the tests below add budgets to it."""
+    with golden.sandbox() as build, build.instance() as instance:
+        yield instance, build.pipeline, build.root / "recipes.yaml"
 
 
 def manifest(pipeline, recipe: str) -> dict:

@@ -15,7 +15,10 @@ import pytest
 from conftest import DEMO_MODEL
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.services,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+]
 # Without these, Chromium keeps trying to reach Google's services, which this network refuses.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -46,10 +49,20 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 90) -> N
 
 
 @pytest.fixture(scope="module")
-def webserver(pipeline_run):
-    instance, _ = pipeline_run
-    home = Path(instance.root_directory)
+def webserver(golden):
+    """dagster-webserver on a copy of the golden build (the UI may write to its instance)."""
+    with golden.sandbox() as build:
+        yield from serve(build.root / "instance", build.pipeline)
+
+
+def serve(home: Path, pipeline):
     (home / "dagster.yaml").write_text("nux:\n  enabled: false\ntelemetry:\n  enabled: false\n")
+    settings = {
+        "EDGE_QUANT_CHECKPOINT_DIR": pipeline.checkpoint_dir,
+        "EDGE_QUANT_ARTIFACT_DIR": pipeline.artifact_store.url,
+        "EDGE_QUANT_WORK_DIR": pipeline.work_dir,
+        "EDGE_QUANT_RECIPES": pipeline.recipes_file,
+    }
     url = f"http://127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         [
@@ -61,7 +74,7 @@ def webserver(pipeline_run):
             "-p",
             url.rsplit(":", 1)[1],
         ],
-        env={**os.environ, "DAGSTER_HOME": str(home)},
+        env={**os.environ, **settings, "DAGSTER_HOME": str(home)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

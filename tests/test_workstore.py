@@ -21,7 +21,7 @@ class Output:  # like TfliteModel, FloatReference, CalibrationStats: a path and 
     shared: SharedFiles | None = None
 
 
-@pytest.fixture(params=["folder", "s3"])
+@pytest.fixture(params=["folder", pytest.param("s3", marks=pytest.mark.services)])
 def remote(request, tmp_path) -> UPath:
     if request.param == "folder":
         return UPath(tmp_path / "store")
