@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_quant_pipeline.memory import MB
-from edge_quant_pipeline.quantize.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
 
 # A process that imported Dagster, torch, TensorFlow and litert-torch (a conversion run), and one that
 # imported Dagster, ai-edge-litert and ai-edge-quantizer (every other run).
@@ -59,6 +59,21 @@ class ModelSize:
         return self.window_tokens * self.vocab_size * 4
 
 
+def input_hessian_bytes(hf_config: dict) -> int:
+    """What GPTQ's calibration keeps, float32, known from config.json before any export: per block the Hessians of
+    the attention's input, of its output projection's input, of the feed-forward's input and of its down
+    projection's input, then the LM head's input. Once the float file exists, its own count replaces this
+    (``quantize.calibration.hessian_bytes``). 0 for a config without these fields."""
+    text = hf_config.get("text_config") or hf_config
+    try:
+        hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
+        heads, intermediate = int(text["num_attention_heads"]), int(text["intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+    attention = heads * int(text.get("head_dim") or hidden // heads)
+    return 4 * (layers * (2 * hidden**2 + attention**2 + intermediate**2) + hidden**2)
+
+
 def export_mb(size: ModelSize) -> float:
     return TORCH_PROCESS_MB + EXPORT_BYTES_PER_PARAMETER * size.parameters / MB + EXPORT_MB_PER_LAYER * size.layers
 
@@ -69,17 +84,21 @@ def float_reference_mb(size: ModelSize) -> float:
     return TORCH_PROCESS_MB + model / MB
 
 
-def calibration_mb(size: ModelSize) -> float:
-    """The float file run without XNNPACK, every intermediate of one call kept, the running X^T X of each layer's
-    input and one more while a call's product is added; in the conversion run's process, which imported torch."""
+def calibration_mb(size: ModelSize, need: CalibrationNeed | None = None) -> float:
+    """The float file run without XNNPACK, every intermediate of one call kept, and for GPTQ the running X^T X of
+    each layer's input and one more while a call's product is added; in the conversion run's process, which
+    imported torch. ``need`` None: the most (Hessians). Nothing to compute: the process alone."""
+    if need is CalibrationNeed.NONE:
+        return TORCH_PROCESS_MB
+    hessians = 2 * size.calibration_bytes if need in (None, CalibrationNeed.HESSIANS) else 0
     runtime = CALIBRATION_RUNTIME_FILES * size.float_tflite_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
-    return TORCH_PROCESS_MB + (runtime + 2 * size.calibration_bytes) / MB
+    return TORCH_PROCESS_MB + (runtime + hessians) / MB
 
 
 def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
-    """``recipe`` None: any (the largest). A calibrated recipe also holds the calibration statistics."""
+    """``recipe`` None: any (the largest). A GPTQ recipe also holds the calibration's Hessians (ranges are small)."""
     files = QUANTIZE_FLOAT_FILES[recipe is None or recipe.writes_fp16]
-    calibration = size.calibration_bytes if recipe is None or recipe.needs_calibration else 0
+    calibration = size.calibration_bytes if recipe is None or recipe.needs_hessians else 0
     return (
         LITERT_PROCESS_MB + (files * size.float_tflite_bytes + calibration) / MB + QUANTIZE_MB_PER_LAYER * size.layers
     )
@@ -92,15 +111,17 @@ def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
     return LITERT_PROCESS_MB + runtime / MB
 
 
-def step_mb(step: str, size: ModelSize, recipe: Recipe | None = None) -> float:
-    """The estimated peak of a step's process (an asset's name) for a recipe's run (None: any recipe); steps
-    that hold no model need the bare process."""
+def step_mb(
+    step: str, size: ModelSize, recipe: Recipe | None = None, calibration: CalibrationNeed | None = None
+) -> float:
+    """The estimated peak of a step's process (an asset's name) for a recipe's run (None: any recipe), the
+    calibration step computing ``calibration`` (None: the most); steps that hold no model need the bare process."""
     if step == "float_tflite":
         return export_mb(size)
     if step == "float_reference":
         return float_reference_mb(size)
     if step == "calibration":
-        return calibration_mb(size)
+        return calibration_mb(size, calibration)
     if step == "resolved_recipe":  # a search quantizes and scores one candidate at a time; other recipes do nothing
         searching = recipe is None or recipe.search is not None
         return max(quantize_mb(size, recipe), evaluation_mb(size, recipe)) if searching else LITERT_PROCESS_MB
@@ -111,6 +132,8 @@ def step_mb(step: str, size: ModelSize, recipe: Recipe | None = None) -> float:
     return LITERT_PROCESS_MB
 
 
-def steps_mb(steps: list[str], size: ModelSize, recipe: Recipe | None = None) -> float:
+def steps_mb(
+    steps: list[str], size: ModelSize, recipe: Recipe | None = None, calibration: CalibrationNeed | None = None
+) -> float:
     """A run executes its steps one after the other in one process: the largest of them."""
-    return max(step_mb(step, size, recipe) for step in steps)
+    return max(step_mb(step, size, recipe, calibration) for step in steps)

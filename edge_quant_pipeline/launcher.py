@@ -561,7 +561,7 @@ def run_estimates(
         size = sizes.get(run.model) if run.model else None
         steps = run_asset_names(defs, run, conversion_only)
         recipe = catalog.recipes.get(run.recipe) if run.recipe else None
-        estimates[run] = steps_mb(steps, size, recipe) if size else LITERT_PROCESS_MB
+        estimates[run] = steps_mb(steps, size, recipe, catalog.calibration_need) if size else LITERT_PROCESS_MB
     return estimates
 
 

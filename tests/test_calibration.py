@@ -129,3 +129,27 @@ def test_calibration_enters_the_version_of_calibrated_recipes_only(tmp_path):
     )
     plain_before, plain_after = (artifact_inputs(p, checkpoint, int8) for p in pipelines)
     assert plain_before.version == plain_after.version and "calibration" not in plain_before.identity()
+
+
+def test_a_catalog_that_needs_more_statistics_makes_only_calibration_stale(tmp_path):
+    """What calibration computes (nothing, ranges, Hessians) is in its code version: adding a static recipe to
+    recipes.yaml re-runs every checkpoint's calibration, and no other model-level asset."""
+    from edge_quant_pipeline.defs.rebuild import model_code_versions
+    from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+    from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+
+    static = tmp_path / "recipes.yaml"
+    static.write_text("recipes:\n  s: {default: int8_static_a16, embedding: int8_dynamic}\n")
+    before, after = (
+        model_code_versions(
+            PipelineConfig(
+                checkpoint_dir=str(DEMO_CHECKPOINT_DIR),
+                work_dir=str(tmp_path),
+                artifact_store=ArtifactStore(url=str(tmp_path)),
+                recipes_file=str(recipes),
+            )
+        )
+        for recipes in (tmp_path / "none.yaml", static)
+    )
+    assert {name for name in before if before[name] != after[name]} == {"calibration"}
+    assert "computes=none" in before["calibration"] and "computes=ranges" in after["calibration"]

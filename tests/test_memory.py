@@ -5,7 +5,14 @@ import time
 
 import pytest
 
-from edge_quant_pipeline.footprint import ModelSize, step_mb
+from edge_quant_pipeline.footprint import (
+    TORCH_PROCESS_MB,
+    ModelSize,
+    export_mb,
+    input_hessian_bytes,
+    step_mb,
+    steps_mb,
+)
 from edge_quant_pipeline.memory import (
     MachineMemory,
     MemoryLedger,
@@ -16,7 +23,7 @@ from edge_quant_pipeline.memory import (
     machine_memory,
     rss_mb,
 )
-from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, CalibrationNeed
 
 MACHINE = MachineMemory(total_mb=24_000, available_mb=20_000)  # headroom: 5% of the total, 1,200 MB
 
@@ -85,6 +92,38 @@ SHAPES = {  # the real configs' sizes (edge_quant_pipeline.synthetic), float fil
     "smollm2-135m": ModelSize(134_515_008, 30, 49_152, 269_060_552, 540_453_760, 128),
     "qwen2.5-0.5b": ModelSize(494_032_768, 24, 151_936, 988_097_824, 1_977_895_968, 128),
 }
+LLAMA_1B_CONFIG = dict(
+    hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, head_dim=64, intermediate_size=8192
+)
+# Llama 3.2 1B in bfloat16, as the planner sees it before the export (input Hessians from config.json).
+LLAMA_1B = ModelSize(
+    1_235_814_400, 16, 128_256, 2_471_628_800, 4 * 1_235_814_400, 128, input_hessian_bytes(LLAMA_1B_CONFIG)
+)
+CONVERSION = ["checkpoint", "float_tflite", "float_reference", "calibration"]
+
+
+def test_input_hessians_are_known_before_the_export_as_the_export_counts_them(demo_export, demo_checkpoint_dir):
+    import json
+
+    from edge_quant_pipeline.convert import ExportSettings
+    from edge_quant_pipeline.quantize.calibration import hessian_bytes
+
+    hf_config = json.loads((demo_checkpoint_dir / "config.json").read_text())
+    assert input_hessian_bytes(hf_config) == hessian_bytes(demo_export[1], ExportSettings())
+    # 16 layers of 3 x 2048^2 + 8192^2 floats, and the LM head's 2048^2
+    assert input_hessian_bytes(LLAMA_1B_CONFIG) == 4 * (16 * (3 * 2048**2 + 8192**2) + 2048**2)
+
+
+def test_a_catalog_without_calibrated_recipes_costs_the_conversion_no_calibration():
+    """The Llama 3.2 1B shape's conversion with the default recipes is its export, which a 24 GB machine fits; with
+    GPTQ in the catalog, calibration's Hessians make it the largest step, and the planner sees it before the export."""
+    assert step_mb("calibration", LLAMA_1B, calibration=CalibrationNeed.NONE) == TORCH_PROCESS_MB
+    assert steps_mb(CONVERSION, LLAMA_1B, calibration=CalibrationNeed.NONE) == export_mb(LLAMA_1B) < 20_000
+    ranges = step_mb("calibration", LLAMA_1B, calibration=CalibrationNeed.RANGES)
+    hessians = step_mb("calibration", LLAMA_1B, calibration=CalibrationNeed.HESSIANS)
+    assert ranges < export_mb(LLAMA_1B) < hessians == steps_mb(CONVERSION, LLAMA_1B)
+
+
 # Peaks measured on this machine kind, MB (benchmarks/bench_scale.py: each step's process; for a recipe that
 # dequantizes, the runtime alone, which is the larger part of its evaluation).
 MEASURED = [

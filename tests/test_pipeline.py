@@ -21,6 +21,12 @@ def test_every_run_succeeds(golden):
     assert golden.summary.failures == 0
 
 
+def test_calibration_computes_what_the_catalog_needs(golden_instance):
+    # the golden build's catalog has a static recipe and no GPTQ: ranges, no Hessians
+    calibration = metadata(golden_instance, "calibration", DEMO_MODEL)
+    assert calibration["computed"] == "ranges" and calibration["hessian_mb"] == 0 and calibration["layers"] > 0
+
+
 def test_demo_model_has_learned_its_text(golden_instance):
     instance = golden_instance
     assert metadata(instance, "float_reference", DEMO_MODEL)["perplexity"] < 20  # uniform over bytes: 256

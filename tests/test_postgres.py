@@ -19,7 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import sqlalchemy
-from conftest import DEMO_MODEL, REPO
+from conftest import DEMO_MODEL, REPO, metadata
 
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.defs import executor
@@ -97,6 +97,9 @@ def test_demo_model_materializes_with_the_instance_in_postgres(dagster_home, dem
     assert sql("SELECT status, count(*) FROM runs GROUP BY status") == [("SUCCESS", 7)]
     materialized = sql("SELECT DISTINCT asset_key FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'")
     assert len(materialized) == 11  # every asset of the graph
+    # the shipped catalog has no static or GPTQ recipe: calibration computed nothing
+    with open_instance(dagster_home) as instance:
+        assert metadata(instance, "calibration", DEMO_MODEL)["computed"] == "none"
 
 
 @dg.sensor(

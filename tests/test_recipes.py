@@ -7,6 +7,7 @@ import pytest
 
 from edge_quant_pipeline.quantize.recipes import (
     BUILTIN_RECIPES,
+    CalibrationNeed,
     RecipeError,
     ai_edge_quantizer_recipe,
     load_catalog,
@@ -34,6 +35,22 @@ def test_catalog_has_builtins_and_the_selective_example():
         "feedforward": "int8_dynamic",
     }
     assert catalog.errors == {}
+
+
+@pytest.mark.parametrize(
+    "added, need",
+    [
+        ("", CalibrationNeed.NONE),  # the shipped catalog: calibration runs nothing
+        ("  s: {default: int8_static_a16, embedding: int8_dynamic}\n", CalibrationNeed.RANGES),
+        ("  g: {default: int4_dynamic_block32+gptq, embedding: int8_dynamic}\n", CalibrationNeed.HESSIANS),
+        ("  b: {search: {max_mean_kl: 0.01, schemes: [int8_dynamic, int4_dynamic+gptq]}}\n", CalibrationNeed.HESSIANS),
+        ("  broken: {default: int8_static_a16, attention: nonsense}\n", CalibrationNeed.NONE),  # fails alone
+    ],
+)
+def test_calibration_computes_what_the_catalogs_recipes_need(tmp_path, added, need):
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text((REPO / "recipes.yaml").read_text() + added)
+    assert load_catalog(recipes).calibration_need is need
 
 
 def test_hash_depends_on_spec_only():

@@ -3,7 +3,7 @@
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
@@ -11,9 +11,9 @@ import dagster as dg
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints import Checkpoint, count_parameters, model_id_for, validate_checkpoint
 from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.footprint import ModelSize, step_mb
+from edge_quant_pipeline.footprint import ModelSize, input_hessian_bytes, step_mb
 from edge_quant_pipeline.memory import MemoryLedger, PeakMemory
-from edge_quant_pipeline.quantize.recipes import Recipe
+from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
 
 
 def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_bytes: int | None = None) -> ModelSize:
@@ -29,7 +29,8 @@ def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_by
 
 
 def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSize:
-    """The same from the folder, without hashing it (what ``edge-quant run`` plans with)."""
+    """The same from the folder, without hashing it (what ``edge-quant run`` plans with), its input Hessians
+    estimated from config.json, so that a calibration that could never fit is refused before the export."""
     hf_config = validate_checkpoint(checkpoint_dir)
     unhashed = Checkpoint(
         model_id_for(checkpoint_dir),
@@ -38,7 +39,7 @@ def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSi
         hf_config,
         parameters=count_parameters(checkpoint_dir, hf_config),
     )
-    return model_size(unhashed, pipeline)
+    return replace(model_size(unhashed, pipeline), calibration_bytes=input_hessian_bytes(hf_config))
 
 
 @dataclass
@@ -60,12 +61,17 @@ class StepUsage:
 
 
 @contextmanager
-def admitted(context: dg.AssetExecutionContext, size: ModelSize, recipe: Recipe | None = None) -> Iterator[StepUsage]:
-    """Reserve this step's estimated peak (for ``recipe``'s run, if it is one) on the machine's ledger, waiting
-    while other steps hold the memory, and measure what it takes; a step that could never fit raises
-    ``NotEnoughMemoryError`` before any work."""
+def admitted(
+    context: dg.AssetExecutionContext,
+    size: ModelSize,
+    recipe: Recipe | None = None,
+    calibration: CalibrationNeed | None = None,
+) -> Iterator[StepUsage]:
+    """Reserve this step's estimated peak (for ``recipe``'s run, if it is one; computing ``calibration``, for the
+    calibration step) on the machine's ledger, waiting while other steps hold the memory, and measure what it
+    takes; a step that could never fit raises ``NotEnoughMemoryError`` before any work."""
     step = context.assets_def.key.path[-1]
-    usage = StepUsage(estimate_mb=step_mb(step, size, recipe))
+    usage = StepUsage(estimate_mb=step_mb(step, size, recipe, calibration))
     label = f"{step} [{context.partition_key}]"
     with MemoryLedger(settings.memory_ledger()).reserved(usage.estimate_mb, label, context.log.info):
         cpu = time.process_time()

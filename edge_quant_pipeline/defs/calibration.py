@@ -1,5 +1,5 @@
 """`calibration`: the statistics static activations and GPTQ need, from the float `.tflite` on calibration text,
-once per checkpoint for every recipe that needs them."""
+once per checkpoint, and only what the catalog's recipes need (nothing at all when none is static or GPTQ)."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +20,7 @@ from edge_quant_pipeline.quantize.calibration import (
     calibrate,
     hessian_bytes,
 )
+from edge_quant_pipeline.quantize.recipes import CalibrationNeed
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel
@@ -34,17 +35,22 @@ from edge_quant_pipeline.weights import TfliteModel
 def calibration(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint, float_tflite: TfliteModel
 ) -> dg.Output[CalibrationStats]:
-    """Activation ranges and input Hessians of every fully-connected layer, over `calibration_samples` windows of
-    the calibration text (EDGE_QUANT_CALIBRATION_TEXT)."""
-    text, samples = Path(pipeline.calibration_text), pipeline.calibration_samples
-    float_tflite = pipeline.work.localize(float_tflite)
+    """Activation ranges, and for GPTQ input Hessians, of every fully-connected layer, over `calibration_samples`
+    windows of the calibration text (EDGE_QUANT_CALIBRATION_TEXT); nothing when no recipe of the catalog is static
+    or GPTQ. What it computes is in its code version: a catalog that needs more makes it run again."""
+    text, samples, need = Path(pipeline.calibration_text), pipeline.calibration_samples, pipeline.calibration_need
     settings = pipeline.calibration_settings()
     output = pipeline.work_path(checkpoint) / f"calibration-{settings['calibration_text_sha256'][:12]}-{samples}"
+    if need is CalibrationNeed.NONE:
+        context.log.info("No recipe of the catalog is static or GPTQ: no calibration statistics computed")
+        return dg.Output(CalibrationStats(output, samples=0, tokens=0), metadata={"computed": need.value})
+    float_tflite = pipeline.work.localize(float_tflite)
+    hessians = need is CalibrationNeed.HESSIANS
     try:  # before any model runs: a text too short costs nothing
         tokens = tokenize(text, checkpoint.path, checkpoint.vocab_size)
-        gram_bytes = hessian_bytes(float_tflite.path, pipeline.export_settings)
+        gram_bytes = hessian_bytes(float_tflite.path, pipeline.export_settings) if hessians else 0
         size = replace(model_size(checkpoint, pipeline, float_tflite.file_bytes), calibration_bytes=gram_bytes)
-        with admitted(context, size) as usage, computing():
+        with admitted(context, size, calibration=need) as usage, computing():
             stats = calibrate(
                 float_tflite.path,
                 tokens,
@@ -53,14 +59,16 @@ def calibration(
                 text,
                 pipeline.interpreter_threads,
                 output,
+                hessians,
             )
     except (EvalTextError, CalibrationTextError, NotEnoughMemoryError, RuntimeRejectedError) as error:
         raise dg.Failure(str(error)) from None
     stats = pipeline.work.shared(stats)
-    context.log.info(f"Calibrated on {stats.tokens} tokens of {text} ({samples} windows)")
+    context.log.info(f"Calibrated ({need.value}) on {stats.tokens} tokens of {text} ({samples} windows)")
     return dg.Output(
         stats,
         metadata={
+            "computed": need.value,
             "calibration_text": dg.MetadataValue.path(str(text)),
             "calibration_text_sha256": settings["calibration_text_sha256"],
             "samples": samples,

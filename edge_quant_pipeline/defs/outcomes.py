@@ -37,7 +37,7 @@ def _settings_by_asset(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
         "checkpoint": {"exporter": pipeline.exporter},
         "float_tflite": export,
         "float_reference": {**reference, "kv_cache_len": export["kv_cache_len"]},
-        "calibration": {**pipeline.calibration_settings(), **export},
+        "calibration": {**pipeline.calibration_settings(), **export, "computes": pipeline.calibration_need.value},
         "evaluation": evaluation,
     }
 

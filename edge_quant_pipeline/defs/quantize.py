@@ -15,7 +15,7 @@ from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.publish import record_failure
-from edge_quant_pipeline.quantize.calibration import CalibrationStats, quantizer_calibration
+from edge_quant_pipeline.quantize.calibration import CalibrationMissingError, CalibrationStats, quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import ConformanceRow, check_conformance
 from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe
 from edge_quant_pipeline.quantize.search import ResolvedRecipe
@@ -94,8 +94,9 @@ def quantized_tflite(
             )
             model_recipe = ai_edge_quantizer_recipe(recipe, shape.tied_lm_head)
             quantize_model(float_tflite.path, model_recipe, embedder_quantizer_recipe(recipe), output, statistics)
-    except (QuantizationError, NotEnoughMemoryError, NotEnoughDiskError) as error:
-        stage = {NotEnoughMemoryError: "memory", NotEnoughDiskError: "disk"}.get(type(error), "quantization")
+    except (QuantizationError, CalibrationMissingError, NotEnoughMemoryError, NotEnoughDiskError) as error:
+        stages = {NotEnoughMemoryError: "memory", NotEnoughDiskError: "disk", CalibrationMissingError: "calibration"}
+        stage = stages.get(type(error), "quantization")
         raise rejected(pipeline, inputs, stage, error) from None
     quantized = inspect_tflite(output)
     rows = check_conformance(recipe, quantized.weights, shape)

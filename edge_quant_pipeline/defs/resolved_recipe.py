@@ -17,7 +17,7 @@ from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.memory import NotEnoughMemoryError
-from edge_quant_pipeline.quantize.calibration import CalibrationStats, quantizer_calibration
+from edge_quant_pipeline.quantize.calibration import CalibrationMissingError, CalibrationStats, quantizer_calibration
 from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError, validate_for_model
 from edge_quant_pipeline.quantize.search import ResolvedRecipe, SearchContext, SearchError, SearchTrace, search
 from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
@@ -140,6 +140,8 @@ def resolved_recipe(
         raise rejected(pipeline, inputs, "float reference", error) from None
     except QuantizationError as error:
         raise rejected(pipeline, inputs, "quantization", error) from None
+    except CalibrationMissingError as error:  # the calibration asset runs again, then this: retried
+        raise rejected(pipeline, inputs, "calibration", error) from None
     except RuntimeRejectedError as error:
         raise rejected(pipeline, inputs, "interpreter", error) from None
     except NotEnoughMemoryError as error:

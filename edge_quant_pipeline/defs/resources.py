@@ -10,7 +10,7 @@ from edge_quant_pipeline.checkpoints import Checkpoint, file_sha256
 from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.exporters import AUTO
-from edge_quant_pipeline.quantize.recipes import Catalog, load_catalog
+from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Catalog, load_catalog
 from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, DEFAULT_WORK_CACHE_GB
 from edge_quant_pipeline.workstore import WorkStore
 
@@ -61,6 +61,11 @@ class PipelineConfig(dg.ConfigurableResource):
 
     def recipe_catalog(self) -> Catalog:
         return load_catalog(Path(self.recipes_file))
+
+    @property
+    def calibration_need(self) -> CalibrationNeed:
+        """What each checkpoint's calibration computes, for the catalog's recipes as the file is now."""
+        return self.recipe_catalog().calibration_need
 
     @property
     def export_settings(self) -> ExportSettings:

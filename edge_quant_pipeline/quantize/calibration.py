@@ -46,6 +46,11 @@ class CalibrationTextError(ValueError):
     """The calibration text cannot give the samples asked for; the message names the file and the fix."""
 
 
+class CalibrationMissingError(RuntimeError):
+    """A recipe needs statistics its checkpoint's calibration did not compute (no recipe of the catalog needed them
+    when it ran); the message names the fix."""
+
+
 @dataclass(frozen=True)
 class Layer:
     """A fully-connected layer of one signature: its weight buffer and its activation tensors."""
@@ -209,9 +214,14 @@ class CalibrationStats:
         return json.loads((self.path / LAYERS_FILE).read_text())["layers"]
 
     @property
+    def computed(self) -> bool:
+        """False when no recipe of the catalog needed statistics: nothing ran, nothing is stored."""
+        return self.samples > 0
+
+    @property
     def size_bytes(self) -> int:
         """What the statistics take in memory once loaded: about their file (stored uncompressed)."""
-        return (self.path / STATS_FILE).stat().st_size
+        return (self.path / STATS_FILE).stat().st_size if self.computed else 0
 
 
 def calibrate(
@@ -222,11 +232,13 @@ def calibrate(
     text: Path,
     num_threads: int,
     output: Path,
+    hessians: bool = True,
 ) -> CalibrationStats:
-    """Run the float model over the calibration windows and store each layer's statistics in ``output``."""
+    """Run the float model over the calibration windows and store each layer's statistics in ``output``: ranges,
+    and with ``hessians`` (GPTQ) each layer input's Hessian."""
     windows = calibration_windows(tokens, settings, samples, text)
     prefill = fully_connected_layers(float_tflite)[settings.prefill_signature]
-    statistics = _Statistics({layer.input_name for layer in prefill})
+    statistics = _Statistics({layer.input_name for layer in prefill} if hessians else set())
     # Once per call each: layers that share an input (gate and up projections) share its statistics.
     tensors = {
         **{layer.input_name: layer.input_index for layer in prefill},
@@ -261,9 +273,14 @@ def quantizer_calibration(
 ) -> dict[str, dict[str, np.ndarray]]:
     """ai-edge-quantizer's calibration result ({tensor name: QSV}) for every fully-connected layer of every
     signature, from the prefill layer with the same weights; with the input Hessians when ``hessians`` (GPTQ)."""
+    fix = "the catalog's recipes change what calibration computes: materialize this checkpoint's `calibration` again"
+    if not stats.computed:
+        raise CalibrationMissingError(f"{stats.path}: no calibration statistics were computed; {fix}.")
     by_buffer = {layer["weight_buffer"]: layer for layer in stats.layers()}
     result: dict[str, dict[str, np.ndarray]] = {}
     with np.load(stats.path / STATS_FILE) as stored:
+        if hessians and not any(key.endswith(".hessian") for key in stored.files):
+            raise CalibrationMissingError(f"{stats.path}: computed without the Hessians GPTQ needs; {fix}.")
 
         def qsv(index: int, shape: tuple[int, ...], with_hessian: bool) -> dict[str, np.ndarray]:
             ranges = {key: stored[f"{index}.{key}"].reshape((1,) * len(shape)) for key in ("min", "max")}

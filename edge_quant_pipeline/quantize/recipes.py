@@ -14,6 +14,7 @@ This module imports neither torch nor litert-torch: Dagster loads it to build th
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import re
@@ -309,12 +310,30 @@ def _search(recipe: str, body: Any) -> SearchSpec:
     return spec
 
 
+class CalibrationNeed(enum.Enum):
+    """What a checkpoint's calibration computes for the recipes of a catalog. Each step costs more: the Hessians
+    take 4 x input size^2 bytes per distinct layer input (5.1 GB for the Llama 3.2 1B shape's 16 layers)."""
+
+    NONE = "none"  # no recipe needs calibration: nothing runs
+    RANGES = "ranges"  # static activations: each layer's input and output ranges
+    HESSIANS = "hessians"  # GPTQ as well: each layer's input Hessian
+
+
 @dataclass(frozen=True)
 class Catalog:
     """Every recipe name users see as a partition; broken ones carry their error instead."""
 
     recipes: dict[str, Recipe]
     errors: dict[str, str]
+
+    @property
+    def calibration_need(self) -> CalibrationNeed:
+        usable = [recipe for name, recipe in self.recipes.items() if name not in self.errors]
+        if any(recipe.needs_hessians for recipe in usable):
+            return CalibrationNeed.HESSIANS
+        if any(recipe.needs_calibration for recipe in usable):
+            return CalibrationNeed.RANGES
+        return CalibrationNeed.NONE
 
     @property
     def names(self) -> list[str]:
