@@ -101,6 +101,36 @@ def _array_equality_by_numpy() -> Iterator[None]:
         qtyping._compare_array_or_none = original
 
 
+# The smallest normal float16. XNNPACK refuses a blockwise scale that is not a normal float16 ("unsupported scale
+# value (0.000000) in channel 0 for INT4 tensor"), and blockwise scales are stored as float16.
+SMALLEST_BLOCK_SCALE = 2.0**-14
+
+
+@contextmanager
+def _normal_block_scales() -> Iterator[None]:
+    """ai-edge-quantizer 0.10 gives a block whose weights are all zero (the padding row transformers initializes
+    to zero, rows a checkpoint never trained) the scale 1e-9 / qmax, which rounds to 0 in float16, and any block
+    with max |w| below 2^-14 x qmax a subnormal one; XNNPACK refuses the file either way. Such blocks get the
+    smallest normal float16 scale instead, as other toolchains clamp theirs: their weights, at most that scale x
+    qmax, still quantize within range, and every other block is quantized exactly as before."""
+    import numpy as np
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as tensors
+
+    original = tensors.tensor_zp_scale_from_min_max
+
+    def zp_scale(min_value, max_value, num_bits, symmetric, granularity, *args, **kwargs):
+        zp, scale = original(min_value, max_value, num_bits, symmetric, granularity, *args, **kwargs)
+        if symmetric and tensors.is_blockwise(granularity):  # a zero point would have to follow the scale
+            scale = np.maximum(scale, SMALLEST_BLOCK_SCALE).astype(np.float32)
+        return zp, scale
+
+    tensors.tensor_zp_scale_from_min_max = zp_scale
+    try:
+        yield
+    finally:
+        tensors.tensor_zp_scale_from_min_max = original
+
+
 def quantize_tflite(
     float_tflite: Path,
     quantizer_recipe: list[dict[str, Any]],
@@ -112,7 +142,7 @@ def quantize_tflite(
     from ai_edge_quantizer import quantizer
 
     try:
-        with _array_equality_by_numpy():
+        with _array_equality_by_numpy(), _normal_block_scales():
             # A path: the quantizer maps the file instead of taking a copy of it.
             result = quantizer.Quantizer(float_tflite, quantizer_recipe).quantize(
                 calibration,

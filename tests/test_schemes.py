@@ -180,3 +180,59 @@ def test_algorithms_hash_into_the_spec_and_the_default_is_not_written():
     assert math.isclose(
         parse_recipe("e", {"search": {**budget.search.spec(), "max_mean_kl": 0.02}}, "x").search.budget, 0.02
     )
+
+
+BLOCKWISE = [name for name, scheme in SCHEMES.items() if scheme.block_size]
+
+
+@pytest.fixture(scope="module")
+def padded_export(tmp_path_factory):
+    """A checkpoint as transformers writes one with a padding token: the embedding's padding row is all zeros,
+    every block of it. Widths of 256, so that every block size divides them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
+    from edge_quant_pipeline.convert import export_float_tflite
+
+    folder = tmp_path_factory.mktemp("padded")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    assert not model.model.embed_tokens.weight[0].any()  # transformers' own initialisation
+    model.save_pretrained(folder / "checkpoint")
+    checkpoint = read_checkpoint(folder / "checkpoint")
+    settings = ExportSettings(prefill_len=8, kv_cache_len=32)
+    float_model = load_float_model(checkpoint, settings.kv_cache_len)
+    model_config = architecture_of(checkpoint).model_config
+    return export_float_tflite(float_model, model_config, settings, folder / "float.tflite"), settings
+
+
+@pytest.mark.parametrize("scheme", BLOCKWISE)
+def test_blocks_of_zeros_quantize_into_a_file_xnnpack_runs(padded_export, tmp_path, scheme):
+    """ai-edge-quantizer alone writes a zero float16 scale for an all-zero block, which XNNPACK refuses
+    ("unsupported scale value (0.000000)"); quantized here, every block gets a normal scale and the file runs."""
+    from ai_edge_quantizer import quantizer
+
+    float_tflite, settings = padded_export
+    rules = ai_edge_quantizer_recipe(parse_recipe("r", {"default": scheme}, "test"), tied_lm_head=True)
+    as_shipped = tmp_path / "as_shipped.tflite"
+    as_shipped.write_bytes(quantizer.Quantizer(str(float_tflite), rules).quantize().quantized_model)
+    tokens = np.arange(1, 1 + settings.kv_cache_len, dtype=np.int32)
+    with pytest.raises(RuntimeRejectedError, match=r"unsupported scale value \(0\.000000\)"):
+        with InterpreterSession(as_shipped, settings, 2) as session:
+            session.score(tokens)
+    quantized = quantize_tflite(float_tflite, rules, tmp_path / "model.tflite")
+    with InterpreterSession(quantized, settings, 2) as session:
+        assert np.isfinite(session.score(tokens)).all()
