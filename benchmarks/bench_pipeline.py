@@ -36,8 +36,9 @@ UPSTREAM_FLAGS = {"float": "none", **{r: r for r in RECIPES[1:]}}
 
 
 def _float_model(checkpoint_dir: Path):
-    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
-    from edge_quant_pipeline.convert import ExportSettings
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.export.load import architecture_of, load_float_model
+    from edge_quant_pipeline.shapes import ExportSettings
 
     checkpoint = read_checkpoint(checkpoint_dir)
     return load_float_model(checkpoint, ExportSettings.kv_cache_len), architecture_of(checkpoint).model_config
@@ -46,7 +47,7 @@ def _float_model(checkpoint_dir: Path):
 def bare_convert_per_recipe(checkpoint_dir: Path, out: Path) -> None:
     from litert_torch.generative.utilities import converter
 
-    from edge_quant_pipeline.convert import ExportSettings
+    from edge_quant_pipeline.shapes import ExportSettings
 
     model, config = _float_model(checkpoint_dir)
     for recipe in RECIPES:
@@ -66,7 +67,7 @@ def bare_export_once(checkpoint_dir: Path, out: Path) -> None:
     from litert_torch.generative.utilities import converter
     from litert_torch.quantize import translate_recipe
 
-    from edge_quant_pipeline.convert import ExportSettings
+    from edge_quant_pipeline.shapes import ExportSettings
 
     model, config = _float_model(checkpoint_dir)
     float_file = converter.convert_to_tflite(
@@ -185,7 +186,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="edge-quant-bench-"))
     try:
-        from edge_quant_pipeline.checkpoints import count_parameters
+        from edge_quant_pipeline.checkpoints.validate import count_parameters
         from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
 
         checkpoint_dir = root / "checkpoints" / "tiny-llama-bytes"

@@ -43,8 +43,9 @@ def bare_export(checkpoint_dir: str, output: str) -> None:
     """Load with litert-torch's model builder (through the pipeline's family mapping) and convert, no quantization."""
     from litert_torch.generative.utilities import converter
 
-    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
-    from edge_quant_pipeline.convert import ExportSettings
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.export.load import architecture_of, load_float_model
+    from edge_quant_pipeline.shapes import ExportSettings
 
     checkpoint = read_checkpoint(Path(checkpoint_dir))
     config = architecture_of(checkpoint).model_config
@@ -242,7 +243,7 @@ def conversions(home: Path) -> int:
 
 
 def bench_shape(shape: str, root: Path) -> None:
-    from edge_quant_pipeline.checkpoints import count_parameters
+    from edge_quant_pipeline.checkpoints.validate import count_parameters
     from edge_quant_pipeline.synthetic import SHAPES
 
     bench = Bench(root, shape)

@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.checkpoints import scan_checkpoints
+    from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
     from edge_quant_pipeline.definitions import pipeline_config_from_env
-    from edge_quant_pipeline.launcher import materialize
-    from edge_quant_pipeline.report import REPORT_FILE, read_parquet, to_markdown
+    from edge_quant_pipeline.publish.report import REPORT_FILE, read_parquet, to_markdown
+    from edge_quant_pipeline.runs.launch import materialize
 
     scan = scan_checkpoints(settings.checkpoint_dir())
     models = args.model or list(scan.found)

@@ -1,46 +1,32 @@
-"""The code location: every asset, job and resource, in one Definitions object."""
+"""The code location: every asset, job and resource, in one Definitions object, built when Dagster loads it."""
 
 import os
 
 import dagster as dg
 
-from edge_quant_pipeline import settings
+from edge_quant_pipeline import defs as asset_modules
+from edge_quant_pipeline import graph, settings
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs.automation import (
-    CONVERT_JOB,
-    QUANTIZE_JOB,
-    RESOLVE_JOB,
     automation_sensor,
     checkpoint_sensor,
     nightly_schedules_from_env,
     recipe_sensor,
 )
-from edge_quant_pipeline.defs.calibration import calibration
-from edge_quant_pipeline.defs.checkpoint import checkpoint
-from edge_quant_pipeline.defs.evaluation import evaluation
 from edge_quant_pipeline.defs.executor import executor_from_env
-from edge_quant_pipeline.defs.float_model import float_reference, float_tflite
-from edge_quant_pipeline.defs.outcomes import code_versions, with_code_version
+from edge_quant_pipeline.defs.outcomes import as_in_the_graph
 from edge_quant_pipeline.defs.partitions import model_partitions, model_recipe_partitions, recipe_partitions
-from edge_quant_pipeline.defs.publishing import published_artifact
-from edge_quant_pipeline.defs.quantize import quantized_tflite
-from edge_quant_pipeline.defs.recipe import quant_recipe
-from edge_quant_pipeline.defs.report import all_models_report, quantization_report
-from edge_quant_pipeline.defs.resolved_recipe import resolved_recipe
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.versions import code_versions
 
-# One job per partitioning: a Dagster run materializes one partition key, so the
-# graph for a model runs as convert -> recipes -> one run per recipe -> report.
-convert_checkpoint_job = dg.define_asset_job(
-    CONVERT_JOB, selection=[checkpoint, float_tflite, float_reference, calibration], partitions_def=model_partitions
-)
-resolve_recipe_job = dg.define_asset_job(RESOLVE_JOB, selection=[quant_recipe], partitions_def=recipe_partitions)
-quantize_job = dg.define_asset_job(
-    QUANTIZE_JOB,
-    selection=[resolved_recipe, quantized_tflite, evaluation, published_artifact],
-    partitions_def=model_recipe_partitions,
-)
-report_job = dg.define_asset_job("report", selection=[quantization_report], partitions_def=model_partitions)
-all_models_report_job = dg.define_asset_job("report_all_models", selection=[all_models_report])
+PARTITIONS = {"model": model_partitions, "recipe": recipe_partitions, "model_recipe": model_recipe_partitions}
+
+
+def asset_jobs() -> list:
+    """One job per partitioning (``graph.py``), selecting the assets the graph gives it."""
+    return [
+        dg.define_asset_job(job, selection=list(graph.assets_of(job)), partitions_def=PARTITIONS.get(partitions))
+        for job, partitions in graph.JOB_PARTITIONS.items()
+    ]
 
 
 IO_MANAGER_PREFIX = "step-outputs"  # under the work store, where step outputs are pickled
@@ -77,23 +63,12 @@ def io_manager(pipeline: PipelineConfig) -> dict[str, dg.ConfigurableIOManagerFa
 
 def build_definitions(pipeline: PipelineConfig) -> dg.Definitions:
     """The code location with ``pipeline`` as its resource (`edge-quant run` passes its own to its workers)."""
-    assets = [
-        checkpoint,
-        float_tflite,
-        float_reference,
-        calibration,
-        quant_recipe,
-        resolved_recipe,
-        quantized_tflite,
-        evaluation,
-        published_artifact,
-        quantization_report,
-        all_models_report,
-    ]
-    versions = code_versions(assets, pipeline)
+    versions = code_versions(pipeline)
+    # Every asset defined in defs/, placed as graph.py says (an asset graph.py does not know stops the load).
+    assets = dg.load_assets_from_package_module(asset_modules)
     return dg.Definitions(
-        assets=[with_code_version(asset, versions[asset.key.path[-1]]) for asset in assets],
-        jobs=[convert_checkpoint_job, resolve_recipe_job, quantize_job, report_job, all_models_report_job],
+        assets=[as_in_the_graph(asset, versions[asset.key.path[-1]]) for asset in assets],
+        jobs=asset_jobs(),
         sensors=[checkpoint_sensor, recipe_sensor, automation_sensor],
         schedules=nightly_schedules_from_env(),
         resources={"pipeline": pipeline, **io_manager(pipeline)},

@@ -9,8 +9,12 @@ peak it measured). They err on the high side: a step is admitted only when its e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from edge_quant_pipeline.checkpoints.validate import Checkpoint, count_parameters, model_id_for, validate_checkpoint
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.graph import BY_ASSET
 from edge_quant_pipeline.memory import MB
 from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
 
@@ -74,6 +78,32 @@ def input_hessian_bytes(hf_config: dict) -> int:
     return 4 * (layers * (2 * hidden**2 + attention**2 + intermediate**2) + hidden**2)
 
 
+def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_bytes: int | None = None) -> ModelSize:
+    """``float_tflite_bytes``: the export's size once it exists (4 bytes per parameter before)."""
+    return ModelSize(
+        parameters=checkpoint.parameters,
+        layers=checkpoint.num_layers,
+        vocab_size=checkpoint.vocab_size,
+        checkpoint_bytes=checkpoint.weight_bytes,
+        float_tflite_bytes=float_tflite_bytes or 4 * checkpoint.parameters,
+        window_tokens=pipeline.kv_cache_len,
+    )
+
+
+def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSize:
+    """The same from the folder, without hashing it (what ``edge-quant run`` plans with), its input Hessians
+    estimated from config.json, so that a calibration that could never fit is refused before the export."""
+    hf_config = validate_checkpoint(checkpoint_dir)
+    unhashed = Checkpoint(
+        model_id_for(checkpoint_dir),
+        checkpoint_dir,
+        "",
+        hf_config,
+        parameters=count_parameters(checkpoint_dir, hf_config),
+    )
+    return replace(model_size(unhashed, pipeline), calibration_bytes=input_hessian_bytes(hf_config))
+
+
 def export_mb(size: ModelSize) -> float:
     return TORCH_PROCESS_MB + EXPORT_BYTES_PER_PARAMETER * size.parameters / MB + EXPORT_MB_PER_LAYER * size.layers
 
@@ -111,25 +141,29 @@ def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
     return LITERT_PROCESS_MB + runtime / MB
 
 
+def search_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
+    """A search quantizes and scores one candidate at a time; a recipe without a budget does nothing here."""
+    if recipe is None or recipe.search is not None:
+        return max(quantize_mb(size, recipe), evaluation_mb(size, recipe))
+    return LITERT_PROCESS_MB
+
+
 def step_mb(
     step: str, size: ModelSize, recipe: Recipe | None = None, calibration: CalibrationNeed | None = None
 ) -> float:
-    """The estimated peak of a step's process (an asset's name) for a recipe's run (None: any recipe), the
-    calibration step computing ``calibration`` (None: the most); steps that hold no model need the bare process."""
-    if step == "float_tflite":
-        return export_mb(size)
-    if step == "float_reference":
-        return float_reference_mb(size)
-    if step == "calibration":
-        return calibration_mb(size, calibration)
-    if step == "resolved_recipe":  # a search quantizes and scores one candidate at a time; other recipes do nothing
-        searching = recipe is None or recipe.search is not None
-        return max(quantize_mb(size, recipe), evaluation_mb(size, recipe)) if searching else LITERT_PROCESS_MB
-    if step == "quantized_tflite":
-        return quantize_mb(size, recipe)
-    if step == "evaluation":
-        return evaluation_mb(size, recipe)
-    return LITERT_PROCESS_MB
+    """The estimated peak of a step's process (an asset's name, its estimate named by ``graph.py``) for a recipe's
+    run (None: any recipe), the calibration step computing ``calibration`` (None: the most); steps that hold no
+    model need the bare process."""
+    estimates = {
+        "export": lambda: export_mb(size),
+        "float_reference": lambda: float_reference_mb(size),
+        "calibration": lambda: calibration_mb(size, calibration),
+        "search": lambda: search_mb(size, recipe),
+        "quantize": lambda: quantize_mb(size, recipe),
+        "evaluation": lambda: evaluation_mb(size, recipe),
+    }
+    key = BY_ASSET[step].memory
+    return estimates[key]() if key else LITERT_PROCESS_MB
 
 
 def steps_mb(

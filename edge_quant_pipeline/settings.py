@@ -29,6 +29,7 @@ DEFAULT_WORK_CACHE_GB = 20.0
 DEFAULT_ARTIFACT_DIR = "artifacts"
 EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
 EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s", "celery")
+DISTRIBUTED_EXECUTORS = ("celery",)  # `edge-quant run` hands their runs' steps to their workers
 CELERY_BROKER_VARIABLE = "EDGE_QUANT_CELERY_BROKER"
 K8S_SECRET_VARIABLE = "EDGE_QUANT_K8S_SECRET"
 # Settings that hold credentials: step pods get them from the Secret, never written into their Job spec.
@@ -47,6 +48,24 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 class SettingError(ValueError):
     """An ``EDGE_QUANT_*`` variable the pipeline cannot use; the message names it, its value and the fix.
     Several at once come one per line."""
+
+
+# litert-torch's two exporters (export/exporters.py), and `auto`, which picks one per checkpoint.
+GENERATIVE_API, EXPORT_HF, AUTO = "generative_api", "export_hf", "auto"
+EXPORTER_CHOICES = (AUTO, GENERATIVE_API, EXPORT_HF)
+
+
+class ExporterSettingError(SettingError):
+    """The exporter setting names no exporter."""
+
+
+def checked_exporter(exporter: str) -> str:
+    """``exporter`` if it names one (the environment's setting, or the pipeline resource's)."""
+    if exporter not in EXPORTER_CHOICES:
+        raise ExporterSettingError(
+            f"EDGE_QUANT_EXPORTER={exporter!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
+        )
+    return exporter
 
 
 def _shown(name: str, default: object) -> str:
@@ -159,9 +178,7 @@ def calibration_text() -> Path:
 
 
 def exporter() -> str:
-    """Which litert-torch exporter makes the float .tflite: auto, generative_api or export_hf (exporters.py)."""
-    from edge_quant_pipeline.exporters import AUTO, checked_exporter
-
+    """Which litert-torch exporter makes the float .tflite: auto, generative_api or export_hf (export/exporters.py)."""
     return checked_exporter(os.environ.get("EDGE_QUANT_EXPORTER") or AUTO)
 
 

@@ -17,8 +17,7 @@ declarative automation then carries the change downstream:
 
 from dataclasses import dataclass, field
 
-# The per-model assets the conversion job makes, in the order of the graph.
-MODEL_ASSETS = ("checkpoint", "float_tflite", "float_reference", "calibration")
+from edge_quant_pipeline.graph import MODEL_ASSETS
 
 
 @dataclass(frozen=True)

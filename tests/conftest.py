@@ -155,8 +155,10 @@ def demo_sandbox(golden) -> DemoSandbox:
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory, demo_checkpoint_dir):
     """The demo model exported once for the session: (its architecture, its float .tflite)."""
-    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
-    from edge_quant_pipeline.convert import ExportSettings, export_float_tflite
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.export.generative import export_float_tflite
+    from edge_quant_pipeline.export.load import architecture_of, load_float_model
+    from edge_quant_pipeline.shapes import ExportSettings
 
     checkpoint = read_checkpoint(demo_checkpoint_dir)
     architecture = architecture_of(checkpoint)
@@ -168,10 +170,10 @@ def demo_export(tmp_path_factory, demo_checkpoint_dir):
 @pytest.fixture(scope="session")
 def demo_calibration(tmp_path_factory, demo_export, demo_checkpoint_dir):
     """Calibration statistics of the demo's float .tflite on the default calibration text (4 windows)."""
-    from edge_quant_pipeline.convert import ExportSettings
     from edge_quant_pipeline.evaluate.reference import tokenize
     from edge_quant_pipeline.quantize.calibration import calibrate
     from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT
+    from edge_quant_pipeline.shapes import ExportSettings
 
     tokens = tokenize(DEFAULT_CALIBRATION_TEXT, demo_checkpoint_dir, 256)
     output = tmp_path_factory.mktemp("demo-calibration")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
-from edge_quant_pipeline.launcher import LaunchSummary, materialize
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.quantize.recipes import load_catalog
+from edge_quant_pipeline.runs.launch import LaunchSummary, materialize
 
 DEMO_MODEL = "tiny-llama-bytes"
 # The repository's recipes.yaml, plus what the suite needs beyond the defaults: a static recipe (the calibration

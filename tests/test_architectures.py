@@ -29,19 +29,21 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from edge_quant_pipeline.architectures import (
+from edge_quant_pipeline.checkpoints.validate import CheckpointError, read_checkpoint
+from edge_quant_pipeline.evaluate.metrics import compare
+from edge_quant_pipeline.evaluate.reference import float_window_logits
+from edge_quant_pipeline.export.architectures import (
     SUPPORTED_MODEL_TYPES,
-    ModelShape,
     UnsupportedArchitectureError,
     architecture_for,
 )
-from edge_quant_pipeline.checkpoints import CheckpointError, architecture_of, load_float_model, read_checkpoint
-from edge_quant_pipeline.convert import ExportSettings, export_float_tflite, quantize_tflite
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
-from edge_quant_pipeline.evaluate.metrics import compare
-from edge_quant_pipeline.evaluate.reference import float_window_logits
+from edge_quant_pipeline.export.generative import export_float_tflite
+from edge_quant_pipeline.export.load import architecture_of, load_float_model
+from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.conformance import check_conformance
 from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.runtime.session import InterpreterSession
+from edge_quant_pipeline.shapes import ExportSettings, ModelShape
 from edge_quant_pipeline.weights import read_weights
 
 pytestmark = pytest.mark.families

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from conftest import DEMO_MODEL, metadata
 
-from edge_quant_pipeline.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
+from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, run_bundle
-from edge_quant_pipeline.exporters import GENERATIVE_API
-from edge_quant_pipeline.publish import BUNDLE_FILE, MANIFEST
-from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT
+from edge_quant_pipeline.publish.store import BUNDLE_FILE, MANIFEST
+from edge_quant_pipeline.runtime.session import InterpreterSession
+from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT, GENERATIVE_API
+from edge_quant_pipeline.shapes import ExportSettings
 
 SETTINGS = ExportSettings()  # the demo's: prefill 32, KV cache 128
 

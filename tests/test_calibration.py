@@ -4,7 +4,6 @@ and where they enter an artifact's version."""
 import numpy as np
 import pytest
 
-from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.evaluate.reference import tokenize
 from edge_quant_pipeline.quantize.calibration import (
     CalibrationTextError,
@@ -14,6 +13,7 @@ from edge_quant_pipeline.quantize.calibration import (
 )
 from edge_quant_pipeline.quantize.schemes import Quantization
 from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT
+from edge_quant_pipeline.shapes import ExportSettings
 
 
 def test_statistics_equal_ai_edge_quantizers_calibrator_on_the_same_calls(demo_export, demo_calibration):
@@ -106,11 +106,11 @@ def test_a_text_too_short_names_the_file_the_count_and_the_fix(tmp_path):
 
 def test_calibration_enters_the_version_of_calibrated_recipes_only(tmp_path):
     """A new calibration text makes new versions of static and GPTQ recipes, and no other."""
-    from edge_quant_pipeline.checkpoints import read_checkpoint
-    from edge_quant_pipeline.defs.outcomes import artifact_inputs
-    from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
     from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, parse_recipe
     from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+    from edge_quant_pipeline.versions import artifact_inputs
 
     checkpoint = read_checkpoint(DEMO_CHECKPOINT_DIR / "tiny-llama-bytes")
     other_text = tmp_path / "calibration.txt"
@@ -134,9 +134,9 @@ def test_calibration_enters_the_version_of_calibrated_recipes_only(tmp_path):
 def test_a_catalog_that_needs_more_statistics_makes_only_calibration_stale(tmp_path):
     """What calibration computes (nothing, ranges, Hessians) is in its code version: adding a static recipe to
     recipes.yaml re-runs every checkpoint's calibration, and no other model-level asset."""
-    from edge_quant_pipeline.defs.rebuild import model_code_versions
-    from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+    from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
     from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
+    from edge_quant_pipeline.versions import model_code_versions
 
     static = tmp_path / "recipes.yaml"
     static.write_text("recipes:\n  s: {default: int8_static_a16, embedding: int8_dynamic}\n")

@@ -18,7 +18,7 @@ import pytest
 from conftest import DEMO_MODEL, S3_BUCKET
 from servers import redis_server
 
-from edge_quant_pipeline.publish import BUNDLE_FILE, published_versions
+from edge_quant_pipeline.publish.store import BUNDLE_FILE, published_versions
 
 pytestmark = pytest.mark.services
 # The float file and a calibrated recipe, whose step reads the calibration statistics another step made: every
@@ -132,7 +132,7 @@ def test_the_demo_graph_on_two_celery_workers_equals_a_single_process_run(
     # conversion's steps. That is what a distributed run costs; two recipes are the fewest that send every kind of
     # intermediate across workers.
     from edge_quant_pipeline.definitions import pipeline_config_from_env
-    from edge_quant_pipeline.launcher import materialize
+    from edge_quant_pipeline.runs.launch import materialize
 
     with (dagster_home / "dagster.yaml").open("a") as profile:
         profile.write(NO_COMPUTE_LOGS)

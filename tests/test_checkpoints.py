@@ -5,17 +5,10 @@ import shutil
 
 import pytest
 
-from edge_quant_pipeline.architectures import UnsupportedArchitectureError
-from edge_quant_pipeline.checkpoints import (
-    CheckpointError,
-    architecture_of,
-    find_checkpoints,
-    hash_checkpoint,
-    load_float_model,
-    model_id_for,
-    read_checkpoint,
-    scan_checkpoints,
-)
+from edge_quant_pipeline.checkpoints.folders import find_checkpoints, scan_checkpoints
+from edge_quant_pipeline.checkpoints.validate import CheckpointError, hash_checkpoint, model_id_for, read_checkpoint
+from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
+from edge_quant_pipeline.export.load import architecture_of, load_float_model
 
 
 @pytest.fixture
@@ -81,7 +74,7 @@ def test_rebuilt_model_matches_transformers(demo_checkpoint_dir):
     from litert_torch.generative.layers import kv_cache
     from transformers import LlamaForCausalLM
 
-    from edge_quant_pipeline.checkpoints import architecture_of
+    from edge_quant_pipeline.export.load import architecture_of
 
     checkpoint = read_checkpoint(demo_checkpoint_dir)
     ours = load_float_model(checkpoint, kv_cache_len=128)

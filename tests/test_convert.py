@@ -2,9 +2,11 @@
 
 import pytest
 
-from edge_quant_pipeline.checkpoints import load_float_model, read_checkpoint
-from edge_quant_pipeline.convert import ExportSettings, quantize_tflite
+from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+from edge_quant_pipeline.export.load import load_float_model
+from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+from edge_quant_pipeline.shapes import ExportSettings
 
 pytestmark = pytest.mark.families
 

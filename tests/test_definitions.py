@@ -45,3 +45,50 @@ def test_project_dagster_yaml_is_a_valid_instance(tmp_path, monkeypatch):
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 300
         assert not instance.telemetry_enabled
     assert (tmp_path / ".dagster" / "storage").is_dir()
+
+
+# What each job materializes, and for which partitions: spelled out here so that a change of the graph
+# (edge_quant_pipeline/graph.py) shows in review as a change of this literal.
+JOBS = {
+    "convert_checkpoint": (["calibration", "checkpoint", "float_reference", "float_tflite"], "model"),
+    "resolve_recipe": (["quant_recipe"], "recipe"),
+    "quantize_evaluate_publish": (
+        ["evaluation", "published_artifact", "quantized_tflite", "resolved_recipe"],
+        "model|recipe",
+    ),
+    "report": (["quantization_report"], "model"),
+    "report_all_models": (["all_models_report"], None),
+}
+
+
+def test_each_job_materializes_its_assets_for_its_partitions():
+    from edge_quant_pipeline.definitions import defs
+
+    loaded = defs()
+    found = {}
+    for name in JOBS:
+        job = loaded.resolve_job_def(name)
+        keys = sorted(key.to_user_string() for key in job.asset_layer.executable_asset_keys)
+        partitions = job.partitions_def
+        dimensions = (
+            "|".join(d.name for d in partitions.partitions_defs)
+            if isinstance(partitions, dg.MultiPartitionsDefinition)
+            else partitions and partitions.name
+        )
+        found[name] = (keys, dimensions)
+    assert found == JOBS
+
+
+def test_groups_read_left_to_right_in_graph_order():
+    """Every edge of the lineage goes from an asset's group to the same group or a later one, so the UI's global
+    lineage draws the groups in graph order."""
+    from edge_quant_pipeline.definitions import defs
+    from edge_quant_pipeline.graph import STAGES
+
+    order = list(dict.fromkeys(stage.group for stage in STAGES))
+    assert order == ["checkpoints", "export", "recipes", "quantize", "evaluate", "publish"]
+    graph = defs().resolve_asset_graph()
+    group_of = {key: graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    for key in graph.get_all_asset_keys():
+        for parent in graph.get(key).parent_keys:
+            assert order.index(group_of[parent]) <= order.index(group_of[key]), (parent, key)

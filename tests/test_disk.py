@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from edge_quant_pipeline.defs.resources import ArtifactStore
+from edge_quant_pipeline.config import ArtifactStore
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
-from edge_quant_pipeline.publish import ArtifactInputs, publish, published_versions
+from edge_quant_pipeline.publish.store import ArtifactInputs, publish, published_versions
 
 
 def test_a_step_that_would_fill_the_disk_is_refused_with_what_it_needs(tmp_path):

@@ -19,25 +19,22 @@ import torch
 from conftest import LLAMA3_ROPE, metadata, move_off_initial_values
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from edge_quant_pipeline.architectures import UnsupportedArchitectureError
-from edge_quant_pipeline.checkpoints import load_transformers_model, read_checkpoint
-from edge_quant_pipeline.convert import ExportSettings, quantize_model
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.embedders import embedders_of
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
 from edge_quant_pipeline.evaluate.metrics import compare
 from edge_quant_pipeline.evaluate.reference import TransformersModel
-from edge_quant_pipeline.export_hf import export_hf_tflite
-from edge_quant_pipeline.exporters import (
-    EXPORT_HF,
-    GENERATIVE_API,
-    ExporterSettingError,
-    per_layer_embeddings,
-    plan_export,
-)
-from edge_quant_pipeline.launcher import materialize
+from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
+from edge_quant_pipeline.export.exporters import per_layer_embeddings, plan_export
+from edge_quant_pipeline.export.hf import export_hf_tflite
+from edge_quant_pipeline.export.load import load_transformers_model
+from edge_quant_pipeline.quantize.apply import quantize_model
 from edge_quant_pipeline.quantize.conformance import check_conformance
 from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.runs.launch import materialize
+from edge_quant_pipeline.runtime.session import InterpreterSession
+from edge_quant_pipeline.settings import EXPORT_HF, GENERATIVE_API, ExporterSettingError
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, make_tokenizer
 from edge_quant_pipeline.weights import read_weights
 

@@ -22,11 +22,11 @@ import pytest
 from conftest import DEMO_MODEL, REPO
 from test_checkpoints import edit_tensors
 
-from edge_quant_pipeline.checkpoints import UNREADABLE
+from edge_quant_pipeline.checkpoints.validate import UNREADABLE
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs.automation import checkpoint_sensor
-from edge_quant_pipeline.defs.checkpoint import PROCESS_TAG
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
-from edge_quant_pipeline.publish import LATEST, MANIFEST, MODEL_FILE, STAGING
+from edge_quant_pipeline.publish.store import LATEST, MANIFEST, MODEL_FILE, STAGING
+from edge_quant_pipeline.runs.liveness import PROCESS_TAG
 
 HUGE = 20 << 30  # a sparse 20 GB file: reading it would take far longer than the checks may
 
@@ -217,7 +217,7 @@ def churning(folder: Path):
 
 
 def test_files_vanishing_while_read_skip_the_checkpoint_for_a_tick(tmp_path, demo_checkpoint_dir, capfd):
-    from edge_quant_pipeline.checkpoints import CheckpointError, read_checkpoint
+    from edge_quant_pipeline.checkpoints.validate import CheckpointError, read_checkpoint
 
     root = tmp_path / "checkpoints"
     shutil.copytree(demo_checkpoint_dir, root / "busy")

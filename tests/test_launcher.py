@@ -7,10 +7,12 @@ from concurrent.futures import ProcessPoolExecutor
 import dagster as dg
 
 from edge_quant_pipeline.definitions import pipeline_config_from_env
-from edge_quant_pipeline.defs.rebuild import DueReports
-from edge_quant_pipeline.launcher import Lane, LaunchContext, PlannedRun, launch, plan_runs, step_failure_reason
+from edge_quant_pipeline.graph import MODEL_ASSETS
 from edge_quant_pipeline.memory import machine_memory
-from edge_quant_pipeline.staleness import MODEL_ASSETS, RebuildPlan
+from edge_quant_pipeline.runs.launch import launch
+from edge_quant_pipeline.runs.plan import DueReports, PlannedRun, plan_runs
+from edge_quant_pipeline.runs.workers import Lane, LaunchContext, step_failure_reason
+from edge_quant_pipeline.staleness import RebuildPlan
 
 MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
 

@@ -105,8 +105,8 @@ CONVERSION = ["checkpoint", "float_tflite", "float_reference", "calibration"]
 def test_input_hessians_are_known_before_the_export_as_the_export_counts_them(demo_export, demo_checkpoint_dir):
     import json
 
-    from edge_quant_pipeline.convert import ExportSettings
     from edge_quant_pipeline.quantize.calibration import hessian_bytes
+    from edge_quant_pipeline.shapes import ExportSettings
 
     hf_config = json.loads((demo_checkpoint_dir / "config.json").read_text())
     assert input_hessian_bytes(hf_config) == hessian_bytes(demo_export[1], ExportSettings())

@@ -166,7 +166,7 @@ def test_damaged_weights_fail_the_gate_and_are_not_published(demo_sandbox):
     """A quantized model whose weights were damaged after quantization is caught by its
     quality gate: the blocking check fails, nothing is published, the report says why."""
     from edge_quant_pipeline.definitions import build_definitions
-    from edge_quant_pipeline.publish import FAILURE_RECORD
+    from edge_quant_pipeline.publish.store import FAILURE_RECORD
 
     instance, pipeline = demo_sandbox.instance, demo_sandbox.pipeline
     partition = dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": "weight_only_int8"})

@@ -22,9 +22,10 @@ import sqlalchemy
 from conftest import DEMO_MODEL, REPO, metadata
 
 from edge_quant_pipeline import settings
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs import executor
-from edge_quant_pipeline.defs.automation import CONVERT_JOB, checkpoint_sensor
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.defs.automation import checkpoint_sensor
+from edge_quant_pipeline.graph import CONVERT_JOB
 
 pytestmark = pytest.mark.services
 
@@ -66,7 +67,7 @@ def test_production_profile_loads_as_configured(dagster_home):
 
 @pytest.mark.graph
 def test_demo_model_materializes_with_the_instance_in_postgres(dagster_home, demo_checkpoint_dir, tmp_path):
-    from edge_quant_pipeline.launcher import materialize
+    from edge_quant_pipeline.runs.launch import materialize
 
     pipeline = PipelineConfig(
         checkpoint_dir=str(demo_checkpoint_dir.parent),
@@ -117,11 +118,11 @@ def checkpoint_sensor_every_second(context: dg.SensorEvaluationContext):
 @dg.definitions
 def watched_location() -> dg.Definitions:
     """The code location the daemon ticks in the test: the convert job and the sensor on EDGE_QUANT_CHECKPOINT_DIR."""
-    from edge_quant_pipeline.definitions import convert_checkpoint_job, defs, pipeline_config_from_env
+    from edge_quant_pipeline.definitions import asset_jobs, defs, pipeline_config_from_env
 
     return dg.Definitions(
         assets=defs().assets,
-        jobs=[convert_checkpoint_job],
+        jobs=[job for job in asset_jobs() if job.name == CONVERT_JOB],
         sensors=[checkpoint_sensor_every_second],
         resources={"pipeline": pipeline_config_from_env()},
     )
@@ -153,7 +154,7 @@ def test_sensor_cursor_and_run_keys_survive_a_postgres_restart(
 ):
     from dagster._core.scheduler.instigation import InstigatorType
 
-    from edge_quant_pipeline.checkpoints import hash_checkpoint
+    from edge_quant_pipeline.checkpoints.validate import hash_checkpoint
 
     watched = tmp_path / "checkpoints"
     shutil.copytree(demo_checkpoint_dir, watched / DEMO_MODEL)

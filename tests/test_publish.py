@@ -17,8 +17,8 @@ from conftest import REPO
 from upath import UPath
 
 from edge_quant_pipeline.atomic import link_or_copy
-from edge_quant_pipeline.defs.resources import ArtifactStore
-from edge_quant_pipeline.publish import (
+from edge_quant_pipeline.config import ArtifactStore
+from edge_quant_pipeline.publish.store import (
     LOCK,
     MODEL_FILE,
     STAGING,
@@ -196,7 +196,7 @@ KILLED_PUBLISH = """
 import sys
 from pathlib import Path
 from upath import UPath
-from edge_quant_pipeline.publish import ArtifactInputs, publish
+from edge_quant_pipeline.publish.store import ArtifactInputs, publish
 store, tflite = UPath(sys.argv[1]), Path(sys.argv[2])
 publish(store, ArtifactInputs("model", "int8", "c1", "r1", {}), tflite, {"file_bytes": tflite.stat().st_size}, {})
 """
@@ -233,7 +233,7 @@ RACING_PUBLISH = """
 import sys, time
 from pathlib import Path
 from upath import UPath
-from edge_quant_pipeline.publish import ArtifactInputs, publish
+from edge_quant_pipeline.publish.store import ArtifactInputs, publish
 store, tflite, start, checkpoint = UPath(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 Path(f"{start}.ready-{checkpoint}-{sys.argv[5]}").touch()
 while not start.exists():

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, S3_BUCKET
 
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
-from edge_quant_pipeline.publish import MANIFEST, MODEL_FILE, NUMBERS, ArtifactInputs, latest_pointer, publish
-from edge_quant_pipeline.publish import published_versions as versions_of
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.publish.store import MANIFEST, MODEL_FILE, NUMBERS, ArtifactInputs, latest_pointer, publish
+from edge_quant_pipeline.publish.store import published_versions as versions_of
 
 pytestmark = pytest.mark.services
 
@@ -53,8 +53,8 @@ PUBLISH = """
 import sys, time
 from pathlib import Path
 from upath import UPath
-from edge_quant_pipeline.defs.resources import ArtifactStore
-from edge_quant_pipeline.publish import ArtifactInputs, publish
+from edge_quant_pipeline.config import ArtifactStore
+from edge_quant_pipeline.publish.store import ArtifactInputs, publish
 url, tflite, checkpoint, start = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 Path(f"{start}.ready-{sys.argv[5]}").touch()
 while not start.exists():
@@ -147,8 +147,8 @@ def test_the_demo_graph_publishes_to_s3(store_url, demo_sandbox):
     quantized recipe, which is all publishing needs to show."""
     from conftest import DEMO_MODEL
 
-    from edge_quant_pipeline.launcher import materialize
-    from edge_quant_pipeline.report import read_parquet
+    from edge_quant_pipeline.publish.report import read_parquet
+    from edge_quant_pipeline.runs.launch import materialize
 
     instance = demo_sandbox.instance
     pipeline = PipelineConfig(**{**demo_sandbox.pipeline.model_dump(), "artifact_store": ArtifactStore(url=store_url)})

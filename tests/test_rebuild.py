@@ -12,19 +12,18 @@ import dagster as dg
 import pytest
 from conftest import DEMO_MODEL, recipe_catalog
 
-from edge_quant_pipeline.checkpoints import file_sha256, read_checkpoint
+from edge_quant_pipeline.checkpoints.validate import file_sha256, read_checkpoint
+from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.definitions import build_definitions
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, nightly_schedules, recipe_sensor
-from edge_quant_pipeline.defs.outcomes import artifact_inputs
-from edge_quant_pipeline.defs.rebuild import DueReports, rebuild_plan, reports_due
-from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.launcher import materialize
-from edge_quant_pipeline.publish import published_versions, record_failure
-from edge_quant_pipeline.staleness import MODEL_ASSETS
+from edge_quant_pipeline.graph import MODEL_ASSETS, QUANTIZE_JOB
+from edge_quant_pipeline.publish.store import published_versions, record_failure
+from edge_quant_pipeline.runs.launch import materialize
+from edge_quant_pipeline.runs.plan import DueReports, rebuild_plan, reports_due
+from edge_quant_pipeline.versions import artifact_inputs
 
 RECIPES = ["float", "dynamic_int8"]
 MODELS = [DEMO_MODEL, "beta"]
-QUANTIZE_JOB = "quantize_evaluate_publish"
 
 
 def materializations(instance, asset: str, partition: str) -> int:
@@ -71,7 +70,7 @@ def test_each_model_is_converted_once_and_each_pair_quantized_once(world):
 
 
 def test_all_models_report_lists_every_model_and_recipe_with_one_champion_each(world):
-    from edge_quant_pipeline.report import read_parquet
+    from edge_quant_pipeline.publish.report import read_parquet
 
     instance, pipeline, _ = world
     report = read_parquet(pipeline.store / "report.parquet")

@@ -3,7 +3,7 @@ back from the .tflite (every scheme and algorithm alone: tests/test_schemes.py).
 
 import pytest
 
-from edge_quant_pipeline.convert import quantize_tflite
+from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.calibration import quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import Storage, check_conformance
 from edge_quant_pipeline.quantize.recipes import (

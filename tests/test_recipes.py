@@ -92,7 +92,7 @@ def test_a_bad_recipe_fails_alone(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_config():
-    from edge_quant_pipeline.architectures import architecture_for
+    from edge_quant_pipeline.export.architectures import architecture_for
     from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
 
     config = DEMO_CHECKPOINT_DIR / "tiny-llama-bytes" / "config.json"

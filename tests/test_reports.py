@@ -13,7 +13,8 @@ import pytest
 from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
-from edge_quant_pipeline.publish import (
+from edge_quant_pipeline.publish.report import build_report, to_markdown
+from edge_quant_pipeline.publish.store import (
     CHAMPION,
     FAILURE_RECORD,
     ArtifactInputs,
@@ -22,7 +23,6 @@ from edge_quant_pipeline.publish import (
     published_versions,
     record_failure,
 )
-from edge_quant_pipeline.report import build_report, to_markdown
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(cop
     for that version beside its manifest. The report, latest.json and champion.json follow that evaluation, the
     version stays in the store, the pair is not retried with the same inputs, and passing again brings everything
     back."""
-    from edge_quant_pipeline.defs.rebuild import rebuild_plan
+    from edge_quant_pipeline.runs.plan import rebuild_plan
 
     champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
     recipe, folder = champion["recipe"], copied.store / DEMO_MODEL / champion["recipe"]

@@ -8,9 +8,9 @@ import dagster as dg
 import pytest
 from conftest import metadata
 
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.evaluate.reference import LOGITS_FILE
-from edge_quant_pipeline.launcher import materialize
+from edge_quant_pipeline.runs.launch import materialize
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, write_checkpoint
 
 pytestmark = pytest.mark.graph

@@ -9,8 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from edge_quant_pipeline.convert import ExportSettings, quantize_tflite
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession, RuntimeRejectedError
+from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.calibration import quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import check_conformance, stored_as
 from edge_quant_pipeline.quantize.recipes import RecipeError, ai_edge_quantizer_recipe, parse_recipe
@@ -23,6 +22,8 @@ from edge_quant_pipeline.quantize.schemes import (
     Quantization,
     refusal,
 )
+from edge_quant_pipeline.runtime.session import InterpreterSession, RuntimeRejectedError
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.weights import read_weights
 
 pytestmark = pytest.mark.matrix
@@ -192,8 +193,9 @@ def padded_export(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edge_quant_pipeline.checkpoints import architecture_of, load_float_model, read_checkpoint
-    from edge_quant_pipeline.convert import export_float_tflite
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.export.generative import export_float_tflite
+    from edge_quant_pipeline.export.load import architecture_of, load_float_model
 
     folder = tmp_path_factory.mktemp("padded")
     torch.manual_seed(0)

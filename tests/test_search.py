@@ -11,9 +11,9 @@ import pytest
 from conftest import DEMO_MODEL, metadata
 from demo_build import SEARCH_BUDGET as BUDGET
 
-from edge_quant_pipeline.launcher import materialize
-from edge_quant_pipeline.publish import published_versions
-from edge_quant_pipeline.quantize.search import STEPS, Option, choose
+from edge_quant_pipeline.publish.store import published_versions
+from edge_quant_pipeline.runs.launch import materialize
+from edge_quant_pipeline.search import STEPS, Option, choose
 
 
 def test_choice_is_the_smallest_within_the_target_by_brute_force():

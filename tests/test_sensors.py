@@ -7,8 +7,8 @@ import dagster as dg
 import pytest
 from conftest import recipe_catalog
 
+from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, recipe_sensor
-from edge_quant_pipeline.defs.resources import ArtifactStore, PipelineConfig
 
 
 @pytest.fixture

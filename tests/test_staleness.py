@@ -1,6 +1,7 @@
 """The rebuild plan on hand-made states: the earliest stage whose input changed."""
 
-from edge_quant_pipeline.staleness import MODEL_ASSETS, ModelState, RecipeState, plan_rebuild
+from edge_quant_pipeline.graph import MODEL_ASSETS
+from edge_quant_pipeline.staleness import ModelState, RecipeState, plan_rebuild
 
 FRESH_MODEL = ModelState(current_hash="c1", converted_hash="c1")
 FRESH_RECIPE = RecipeState(current_hash="r1", resolved_hash="r1")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge_quant_pipeline.convert import quantize_tflite
+from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe, parse_recipe
 from edge_quant_pipeline.weights import inspect_tflite
 

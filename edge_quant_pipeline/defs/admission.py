@@ -3,43 +3,14 @@
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import dagster as dg
 
 from edge_quant_pipeline import settings
-from edge_quant_pipeline.checkpoints import Checkpoint, count_parameters, model_id_for, validate_checkpoint
-from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.footprint import ModelSize, input_hessian_bytes, step_mb
+from edge_quant_pipeline.footprint import ModelSize, step_mb
 from edge_quant_pipeline.memory import MemoryLedger, PeakMemory
 from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
-
-
-def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_bytes: int | None = None) -> ModelSize:
-    """``float_tflite_bytes``: the export's size once it exists (4 bytes per parameter before)."""
-    return ModelSize(
-        parameters=checkpoint.parameters,
-        layers=checkpoint.num_layers,
-        vocab_size=checkpoint.vocab_size,
-        checkpoint_bytes=checkpoint.weight_bytes,
-        float_tflite_bytes=float_tflite_bytes or 4 * checkpoint.parameters,
-        window_tokens=pipeline.kv_cache_len,
-    )
-
-
-def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSize:
-    """The same from the folder, without hashing it (what ``edge-quant run`` plans with), its input Hessians
-    estimated from config.json, so that a calibration that could never fit is refused before the export."""
-    hf_config = validate_checkpoint(checkpoint_dir)
-    unhashed = Checkpoint(
-        model_id_for(checkpoint_dir),
-        checkpoint_dir,
-        "",
-        hf_config,
-        parameters=count_parameters(checkpoint_dir, hf_config),
-    )
-    return replace(model_size(unhashed, pipeline), calibration_bytes=input_hessian_bytes(hf_config))
 
 
 @dataclass

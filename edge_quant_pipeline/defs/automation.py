@@ -17,19 +17,19 @@ from pathlib import Path
 import dagster as dg
 
 from edge_quant_pipeline import settings
-from edge_quant_pipeline.checkpoints import SeenCheckpoint, look_again, scan_checkpoints
-from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partition_changes, recipe_partitions
-from edge_quant_pipeline.defs.rebuild import (
+from edge_quant_pipeline.checkpoints.folders import SeenCheckpoint, look_again, scan_checkpoints
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partitions
+from edge_quant_pipeline.graph import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
+from edge_quant_pipeline.runs.plan import (
     DATA_VERSION_TAG,
     latest_tags,
-    model_code_versions,
     model_state,
     rebuild_plan,
+    recipe_partition_changes,
 )
-from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.staleness import as_selection
-
-CONVERT_JOB, RESOLVE_JOB, QUANTIZE_JOB = "convert_checkpoint", "resolve_recipe", "quantize_evaluate_publish"
+from edge_quant_pipeline.versions import model_code_versions
 
 
 def settled_hash(

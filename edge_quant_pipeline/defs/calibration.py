@@ -6,13 +6,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from edge_quant_pipeline.checkpoints import Checkpoint
-from edge_quant_pipeline.defs.admission import admitted, model_size
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
 from edge_quant_pipeline.evaluate.reference import EvalTextError, tokenize
+from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.quantize.calibration import (
     CalibrationStats,
@@ -21,16 +21,14 @@ from edge_quant_pipeline.quantize.calibration import (
     hessian_bytes,
 )
 from edge_quant_pipeline.quantize.recipes import CalibrationNeed
+from edge_quant_pipeline.runtime.session import RuntimeRejectedError
 from edge_quant_pipeline.timing import computing
-from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel
 
 
 @dg.asset(
     partitions_def=model_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
-    group_name="conversion",
-    code_version=f"calibration-2|{toolchain_tag()}",
 )
 def calibration(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint, float_tflite: TfliteModel

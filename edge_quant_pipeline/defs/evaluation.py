@@ -4,23 +4,24 @@ bundle in LiteRT-LM."""
 import dagster as dg
 import pandas as pd
 
-from edge_quant_pipeline.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.checkpoints import Checkpoint
-from edge_quant_pipeline.defs.admission import admitted, model_size
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
-from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
+from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
+from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.evaluation import Bundle, evaluate
-from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.gates import check_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
-from edge_quant_pipeline.publish import record_failure
+from edge_quant_pipeline.publish.store import record_failure
 from edge_quant_pipeline.quantize.recipes import Recipe
+from edge_quant_pipeline.runtime.session import RuntimeRejectedError
 from edge_quant_pipeline.timing import computing
-from edge_quant_pipeline.toolchain import TOOLCHAIN_PACKAGES, toolchain_tag
+from edge_quant_pipeline.versions import artifact_inputs
 from edge_quant_pipeline.weights import TfliteModel
 
 
@@ -67,8 +68,6 @@ def localization_metadata(
 @dg.asset(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
-    group_name="evaluation",
-    code_version=f"evaluation-4|{toolchain_tag(TOOLCHAIN_PACKAGES)}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),

@@ -25,10 +25,9 @@ from collections.abc import Callable
 import dagster as dg
 
 from edge_quant_pipeline import settings
+from edge_quant_pipeline.graph import LIGHT_STEPS
 
-# Steps that never hold a model: 196-250 MB measured (quant_recipe, published_artifact
-# streams the file, the two reports). On Kubernetes they request this much instead.
-LIGHT_STEPS = ("quant_recipe", "published_artifact", "quantization_report", "all_models_report")
+# What the steps that never hold a model request on Kubernetes.
 LIGHT_STEP_MEMORY_MB = 512
 
 
@@ -110,7 +109,6 @@ EXECUTORS: dict[str, Callable[[], dg.ExecutorDefinition]] = {
     "k8s": k8s,
     "celery": celery,
 }
-DISTRIBUTED_EXECUTORS = ("celery",)  # `edge-quant run` hands their runs' steps to their workers
 
 
 def executor_from_env() -> dg.ExecutorDefinition:

@@ -8,18 +8,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from edge_quant_pipeline.checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    architecture_of,
-    load_float_model,
-    load_transformers_model,
-)
-from edge_quant_pipeline.convert import export_float_tflite
-from edge_quant_pipeline.defs.admission import StepUsage, admitted, model_size
+from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.admission import StepUsage, admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.evaluate.reference import (
     EvalTextError,
@@ -31,12 +24,14 @@ from edge_quant_pipeline.evaluate.reference import (
     eval_windows,
     tokenize,
 )
-from edge_quant_pipeline.export_hf import ExportError, export_hf_tflite
-from edge_quant_pipeline.exporters import EXPORT_HF, per_layer_embeddings
+from edge_quant_pipeline.export.exporters import per_layer_embeddings
+from edge_quant_pipeline.export.generative import export_float_tflite
+from edge_quant_pipeline.export.hf import ExportError, export_hf_tflite
+from edge_quant_pipeline.export.load import architecture_of, load_float_model, load_transformers_model
+from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
-from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
+from edge_quant_pipeline.settings import EXPORT_HF, WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
-from edge_quant_pipeline.toolchain import toolchain_tag
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
 
@@ -64,8 +59,6 @@ def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usag
 @dg.asset(
     partitions_def=model_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
-    group_name="conversion",
-    code_version=f"float_tflite-1|{toolchain_tag()}",
     pool="litert_export",
 )
 def float_tflite(
@@ -101,8 +94,6 @@ def float_tflite(
 @dg.asset(
     partitions_def=model_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
-    group_name="evaluation",
-    code_version=f"float_reference-3|{toolchain_tag()}",
 )
 def float_reference(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint

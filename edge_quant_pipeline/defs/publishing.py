@@ -2,24 +2,23 @@
 
 import dagster as dg
 
-from edge_quant_pipeline.bundle import bundle_path
-from edge_quant_pipeline.checkpoints import Checkpoint
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
+from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
-from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError
+from edge_quant_pipeline.evaluate.bundle import bundle_path
 from edge_quant_pipeline.evaluate.evaluation import Evaluation
-from edge_quant_pipeline.publish import PublishedArtifact, publish, version_number
+from edge_quant_pipeline.publish.store import PublishedArtifact, publish, version_number
 from edge_quant_pipeline.quantize.recipes import Recipe
-from edge_quant_pipeline.quantize.search import ResolvedRecipe
+from edge_quant_pipeline.search import ResolvedRecipe
+from edge_quant_pipeline.versions import artifact_inputs
 from edge_quant_pipeline.weights import TfliteModel
 
 
 @dg.asset(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_CHECKED_INPUT_OR_CODE_CHANGE,
-    group_name="publishing",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),

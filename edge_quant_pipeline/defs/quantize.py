@@ -5,23 +5,25 @@ from dataclasses import replace
 import dagster as dg
 import pandas as pd
 
-from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
-from edge_quant_pipeline.convert import QuantizationError, quantize_model
-from edge_quant_pipeline.defs.admission import admitted, model_size
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
-from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
+from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_recipe_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
+from edge_quant_pipeline.export.load import architecture_of
+from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
-from edge_quant_pipeline.publish import record_failure
+from edge_quant_pipeline.publish.store import record_failure
+from edge_quant_pipeline.quantize.apply import QuantizationError, quantize_model
 from edge_quant_pipeline.quantize.calibration import CalibrationMissingError, CalibrationStats, quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import ConformanceRow, check_conformance
 from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe
-from edge_quant_pipeline.quantize.search import ResolvedRecipe
+from edge_quant_pipeline.search import ResolvedRecipe
 from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
-from edge_quant_pipeline.toolchain import toolchain_tag
+from edge_quant_pipeline.versions import artifact_inputs
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
 
 
@@ -48,8 +50,6 @@ def conformance_table(rows: list[ConformanceRow], model: TfliteModel) -> str:
 @dg.asset(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
-    group_name="conversion",
-    code_version=f"quantized_tflite-1|{toolchain_tag()}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),

@@ -2,12 +2,12 @@
 
 import dagster as dg
 
+from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.partitions import recipe_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError
 
 
-@dg.asset(partitions_def=recipe_partitions, group_name="recipes")
+@dg.asset(partitions_def=recipe_partitions)
 def quant_recipe(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[Recipe]:
     """A quantization recipe from the catalog (built-ins + recipes.yaml, as the file is now)."""
     try:

@@ -5,13 +5,11 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from edge_quant_pipeline.checkpoints import Checkpoint
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
+from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.conditions import ON_ANY_OUTCOME
-from edge_quant_pipeline.defs.outcomes import artifact_inputs
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
-from edge_quant_pipeline.publish import latest_outcome, point_champion, write_atomically
-from edge_quant_pipeline.report import (
+from edge_quant_pipeline.publish.report import (
     PLOT_FILE,
     REPORT_FILE,
     SEARCH_PLOT_FILE,
@@ -27,6 +25,8 @@ from edge_quant_pipeline.report import (
     to_markdown,
     write_parquet,
 )
+from edge_quant_pipeline.publish.store import latest_outcome, point_champion, write_atomically
+from edge_quant_pipeline.versions import artifact_inputs
 
 
 def stored_report(frame: pd.DataFrame, folder: UPath, note: str = "") -> dict[str, object]:
@@ -47,7 +47,6 @@ def stored_report(frame: pd.DataFrame, folder: UPath, note: str = "") -> dict[st
 @dg.asset(
     partitions_def=model_partitions,
     automation_condition=ON_ANY_OUTCOME,
-    group_name="publishing",
     # It reads what evaluation records as well as what publishing does: an evaluation that failed its gates
     # publishes nothing, and the report must still say so.
     deps=[
@@ -101,7 +100,6 @@ def search_reports(searches: dict[str, dict], folder: UPath) -> dict[str, object
 
 @dg.asset(
     automation_condition=ON_ANY_OUTCOME,
-    group_name="publishing",
     deps=[quantization_report],
 )
 def all_models_report(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> dg.Output[pd.DataFrame]:

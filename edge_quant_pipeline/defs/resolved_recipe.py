@@ -6,23 +6,26 @@ import json
 import dagster as dg
 import pandas as pd
 
-from edge_quant_pipeline.checkpoints import Checkpoint, architecture_of
-from edge_quant_pipeline.convert import QuantizationError
-from edge_quant_pipeline.defs.admission import admitted, model_size
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
-from edge_quant_pipeline.defs.outcomes import artifact_inputs, rejected
+from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
-from edge_quant_pipeline.defs.resources import PipelineConfig
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
-from edge_quant_pipeline.evaluate.interpreter import RuntimeRejectedError
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.export.load import architecture_of
+from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
+from edge_quant_pipeline.quantize.apply import QuantizationError
 from edge_quant_pipeline.quantize.calibration import CalibrationMissingError, CalibrationStats, quantizer_calibration
 from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError, validate_for_model
-from edge_quant_pipeline.quantize.search import ResolvedRecipe, SearchContext, SearchError, SearchTrace, search
+from edge_quant_pipeline.runtime.session import RuntimeRejectedError
+from edge_quant_pipeline.search import ResolvedRecipe, SearchContext, SearchError, SearchTrace, search
 from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
-from edge_quant_pipeline.toolchain import toolchain_tag, toolchain_versions
+from edge_quant_pipeline.toolchain import toolchain_versions
+from edge_quant_pipeline.versions import artifact_inputs
 from edge_quant_pipeline.weights import TfliteModel
 
 
@@ -93,8 +96,6 @@ def _search_context(
 @dg.asset(
     partitions_def=model_recipe_partitions,
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
-    group_name="recipes",
-    code_version=f"resolved_recipe-1|{toolchain_tag()}",
     ins={
         "checkpoint": dg.AssetIn(partition_mapping=BY_MODEL),
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_quant_pipeline.bundle import BundleSpec
-from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
+from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, RuntimeCheck, check_bundle
 from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
 from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.memory import PeakMemory
+from edge_quant_pipeline.runtime.session import InterpreterSession
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.timing import computing, timed_alone
 from edge_quant_pipeline.weights import TfliteModel
 

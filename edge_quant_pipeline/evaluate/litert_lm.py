@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_quant_pipeline.bundle import BundleSpec
+from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.memory import peak_rss_mb
 
 

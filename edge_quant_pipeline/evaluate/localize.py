@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate.interpreter import Embedders, RuntimeRejectedError, prefill_inputs
+from edge_quant_pipeline.runtime.session import Embedders, RuntimeRejectedError, prefill_inputs
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.weights import component_of
 
 _SNR_EPSILON = 1e-9  # ai-edge-quantizer's validation_utils.get_snr

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession, RuntimeRejectedError
 from edge_quant_pipeline.memory import peak_rss_mb
+from edge_quant_pipeline.runtime.session import InterpreterSession, RuntimeRejectedError
+from edge_quant_pipeline.shapes import ExportSettings
 
 PREFILL_REPEATS = 5
 DECODE_RUNS, DECODE_TOKENS = 5, 32  # each run decodes up to 32 tokens after the prompt, as a short reply does

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_quant_pipeline.atomic import atomic_path
-from edge_quant_pipeline.checkpoints import TOKENIZER_FILE
-from edge_quant_pipeline.convert import ExportSettings
+from edge_quant_pipeline.checkpoints.validate import TOKENIZER_FILE
 from edge_quant_pipeline.evaluate.metrics import target_nll_sum
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.workstore import SharedFiles
 
 LOGITS_FILE, TOKENS_FILE, SUMMARY_FILE = "logits.npy", "tokens.npz", "summary.json"

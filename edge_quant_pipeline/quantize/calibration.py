@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from edge_quant_pipeline.atomic import atomic_path
-from edge_quant_pipeline.convert import ExportSettings
-from edge_quant_pipeline.evaluate.interpreter import Embedders, RuntimeRejectedError, causal_mask
+from edge_quant_pipeline.runtime.session import Embedders, RuntimeRejectedError, causal_mask
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.workstore import SharedFiles
 
 STATS_FILE, LAYERS_FILE = "stats.npz", "layers.json"

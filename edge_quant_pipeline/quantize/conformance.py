@@ -12,9 +12,9 @@ shows in the file's structure; GPTQ, OCTAV and MSE only change the values.
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from edge_quant_pipeline.architectures import ModelShape
 from edge_quant_pipeline.quantize.recipes import Recipe, scheme_for
 from edge_quant_pipeline.quantize.schemes import parse_quantization
+from edge_quant_pipeline.shapes import ModelShape
 from edge_quant_pipeline.weights import WeightTensor
 
 

@@ -17,33 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_quant_pipeline.architectures import (
+from edge_quant_pipeline.checkpoints.validate import language_config
+from edge_quant_pipeline.export.architectures import (
     SUPPORTED_MODEL_TYPES,
-    ModelShape,
     UnsupportedArchitectureError,
     architecture_for,
-    language_config,
 )
-from edge_quant_pipeline.settings import SettingError
+from edge_quant_pipeline.settings import AUTO, EXPORT_HF, GENERATIVE_API, checked_exporter
+from edge_quant_pipeline.shapes import ModelShape
 
-GENERATIVE_API, EXPORT_HF, AUTO = "generative_api", "export_hf", "auto"
-EXPORTER_CHOICES = (AUTO, GENERATIVE_API, EXPORT_HF)
 # Proven through export_hf here: a tiny random model of each, written by transformers, exported, run in the
 # interpreter against transformers' own logits, and quantized with a whole-model and a selective recipe.
 EXPORT_HF_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "smollm3", "ministral3", "gemma4", "gemma4_text")
-
-
-class ExporterSettingError(SettingError):
-    """The exporter setting names no exporter."""
-
-
-def checked_exporter(exporter: str) -> str:
-    """``exporter`` if it names one (the environment's setting, or the pipeline resource's)."""
-    if exporter not in EXPORTER_CHOICES:
-        raise ExporterSettingError(
-            f"EDGE_QUANT_EXPORTER={exporter!r} names no exporter; use one of {', '.join(EXPORTER_CHOICES)}."
-        )
-    return exporter
 
 
 @dataclass(frozen=True)

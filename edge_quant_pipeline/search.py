@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 
 from edge_quant_pipeline.atomic import write_atomically
-from edge_quant_pipeline.convert import ExportSettings, quantize_model
 from edge_quant_pipeline.evaluate.evaluation import score_windows
-from edge_quant_pipeline.evaluate.interpreter import InterpreterSession
 from edge_quant_pipeline.evaluate.metrics import Fidelity
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.quantize.apply import quantize_model
 from edge_quant_pipeline.quantize.recipes import (
     PER_BLOCK_COMPONENTS,
     Recipe,
@@ -49,6 +48,8 @@ from edge_quant_pipeline.quantize.recipes import (
     embedder_quantizer_recipe,
 )
 from edge_quant_pipeline.quantize.schemes import Op
+from edge_quant_pipeline.runtime.session import InterpreterSession
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.weights import WeightTensor, inspect_tflite
 
 STEPS = 1000

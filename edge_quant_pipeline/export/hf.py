@@ -5,7 +5,7 @@ checkpoint must be transformers' own model, wherever it runs next; a child proce
 the step's process, and hands the export's memory back to the machine when it exits. Run as a module, it is
 that child:
 
-    python -m edge_quant_pipeline.export_hf <checkpoint folder> <output folder> --prefill-len 32 --kv-cache-len 128
+    python -m edge_quant_pipeline.export.hf <checkpoint folder> <output folder> --prefill-len 32 --kv-cache-len 128
 
 With ``--externalize-embedder`` (Gemma 4's per-layer embeddings need it), the embedding lookups are exported as
 files of their own, which end up beside the model (``embedders.py``).
@@ -21,9 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_quant_pipeline.convert import ExportSettings, export_scratch
 from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path
+from edge_quant_pipeline.export.generative import export_scratch
 from edge_quant_pipeline.memory import peak_rss_mb
+from edge_quant_pipeline.shapes import ExportSettings
 
 _STATS = "export_stats.json"
 
@@ -36,7 +37,7 @@ def export_hf_tflite(
     checkpoint_dir: Path, settings: ExportSettings, output: Path, externalize_embedder: bool = False
 ) -> float:
     """Float32 prefill and decode signatures with the KV cache length of ``settings``, as
-    ``convert.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle, at ``output``
+    ``generative.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle, at ``output``
     (its embedders beside it, with ``externalize_embedder``); returns the child's peak RSS in MB."""
     with export_scratch(output) as scratch:
         command = [sys.executable, "-m", __name__, str(checkpoint_dir), str(scratch)]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from edge_quant_pipeline.publish import ChampionUpdate, read_whole, version_number, write_atomically
+from edge_quant_pipeline.publish.store import ChampionUpdate, read_whole, version_number, write_atomically
 
 REPORT_FILE = "report.parquet"
 PLOT_FILE = "report.png"
@@ -185,7 +185,7 @@ def embedded_png(png: bytes, title: str = "size vs quality") -> str:
     return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-# --- a budget recipe's search (quantize/search.py), from its manifest's `search` trace ---------------------------
+# --- a budget recipe's search (search.py), from its manifest's `search` trace ---------------------------
 
 
 def _cost_name(trace: dict[str, Any]) -> str:

@@ -6,12 +6,11 @@ from typing import Any
 import dagster as dg
 from upath import UPath
 
-from edge_quant_pipeline.checkpoints import Checkpoint, file_sha256
-from edge_quant_pipeline.convert import ExportSettings
+from edge_quant_pipeline.checkpoints.validate import Checkpoint, file_sha256
 from edge_quant_pipeline.evaluate.evaluation import EvalSettings
-from edge_quant_pipeline.exporters import AUTO
 from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Catalog, load_catalog
-from edge_quant_pipeline.settings import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, DEFAULT_WORK_CACHE_GB
+from edge_quant_pipeline.settings import AUTO, DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, DEFAULT_WORK_CACHE_GB
+from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.workstore import WorkStore
 
 
@@ -54,7 +53,7 @@ class PipelineConfig(dg.ConfigurableResource):
     # text, run through the float .tflite once per checkpoint for every recipe that needs them.
     calibration_text: str = str(DEFAULT_CALIBRATION_TEXT)
     calibration_samples: int = 16
-    # Which litert-torch exporter makes the float .tflite (exporters.py): auto, generative_api or export_hf.
+    # Which litert-torch exporter makes the float .tflite (export/exporters.py): auto, generative_api or export_hf.
     exporter: str = AUTO
     # User recipes, merged with the built-in ones (none there: the built-in ones alone); read when used.
     recipes_file: str = "recipes.yaml"

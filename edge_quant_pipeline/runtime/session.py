@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_quant_pipeline.convert import ExportSettings
 from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedders_of, signature_for
 from edge_quant_pipeline.memory import return_freed_memory
+from edge_quant_pipeline.shapes import ExportSettings
 
 
 class RuntimeRejectedError(RuntimeError):

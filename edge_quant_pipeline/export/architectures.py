@@ -19,11 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-
-def language_config(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """The language model's fields: config.json's own, or its ``text_config``'s for a multimodal checkpoint
-    (Gemma 4 as Google ships it: ``Gemma4ForConditionalGeneration``, which may hold no vision or audio tower)."""
-    return hf_config.get("text_config") or hf_config
+from edge_quant_pipeline.shapes import ModelShape
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -43,7 +39,7 @@ class Architecture:
         return bool(self.model_config.lm_head_share_weight_with_embedding)
 
     @property
-    def shape(self) -> "ModelShape":
+    def shape(self) -> ModelShape:
         config = self.model_config
         attention = config.block_config(0).attn_config
         return ModelShape(
@@ -56,16 +52,6 @@ class Architecture:
                 "lm_head": (config.embedding_dim,),
             },
         )
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What recipe validation needs to know about a model, without torch."""
-
-    num_layers: int
-    tied_lm_head: bool
-    # per component, the input (reduction) sizes of its weights: int4 blocks run along them
-    reduction_dims: dict[str, tuple[int, ...]]
 
 
 def rope_parameters(hf_config: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
@@ -523,7 +509,7 @@ def architecture_for(hf_config: dict[str, Any], config_path: Path) -> Architectu
             f"{config_path}: model_type {model_type!r} is not supported. "
             f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             "Convert the checkpoint to one of these families, or add a mapping in "
-            "edge_quant_pipeline/architectures.py."
+            "edge_quant_pipeline/export/architectures.py."
         )
     try:
         return builder(hf_config)

@@ -1,21 +1,12 @@
-"""Torch model -> float ``.tflite`` (once per checkpoint); float ``.tflite`` + recipe -> quantized.
-
-``litert_torch.convert(..., quant_config=...)`` lowers the model to a float
-flatbuffer and then runs ai-edge-quantizer on it. We split those two steps so
-the expensive export (torch.export + MLIR lowering) runs once per checkpoint
-and each recipe costs only the quantizer pass; the bytes are the same (see
-``tests/test_convert.py``).
-"""
+"""A recipe applied to the float ``.tflite`` by ai-edge-quantizer, as ``litert_torch.convert(...,
+quant_config=...)`` does after its export: the expensive export runs once per checkpoint and each recipe
+costs only this pass; the bytes are the same (``tests/test_convert.py``). Needs neither torch nor TensorFlow.
+Two workarounds of ai-edge-quantizer 0.10 are applied around its run (each says why)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,60 +15,8 @@ from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.memory import return_freed_memory
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    """Shapes baked into the exported signatures."""
-
-    prefill_len: int = 32
-    kv_cache_len: int = 128
-
-    @property
-    def prefill_signature(self) -> str:
-        return f"prefill_{self.prefill_len}"
-
-
 class QuantizationError(RuntimeError):
     """ai-edge-quantizer rejected a recipe for this model."""
-
-
-@contextmanager
-def export_scratch(output: Path) -> Iterator[Path]:
-    """A hidden folder beside ``output`` for litert-torch, which picks its own file names, locked while in use.
-    Scratch folders whose lock is free were left by killed exports (an export's partial files can be as large
-    as the model), so they are removed first; a concurrent export's folder is locked and stays."""
-    pattern = f".{output.name}.tmp-*"
-    for stale in output.parent.glob(pattern):
-        try:
-            with (stale / ".lock").open("a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(stale)
-        except OSError:  # BlockingIOError: in use; FileNotFoundError: another run removed it first
-            continue
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=pattern[:-1]) as scratch:
-        with (Path(scratch) / ".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield Path(scratch)
-
-
-def export_float_tflite(model: Any, model_config: Any, settings: ExportSettings, output: Path) -> Path:
-    """Export prefill and decode signatures (external KV cache, logits on prefill)."""
-    from litert_torch.generative.utilities import converter
-
-    with export_scratch(output) as scratch:
-        exported = converter.convert_to_tflite(
-            model,
-            output_path=str(scratch),
-            output_name_prefix="model",
-            prefill_seq_len=settings.prefill_len,
-            kv_cache_max_len=settings.kv_cache_len,
-            quantize="none",
-            config=model_config,
-            # Logits on prefill let evaluation score every position of the eval text;
-            # litert-torch crashes on export_config=None despite its signature.
-            export_config=converter.ExportConfig(output_logits_on_prefill=True),
-        )
-        os.replace(exported, output)
-    return output
 
 
 @contextmanager

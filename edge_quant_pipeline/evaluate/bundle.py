@@ -21,11 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edge_quant_pipeline.architectures import language_config
 from edge_quant_pipeline.atomic import atomic_path
-from edge_quant_pipeline.checkpoints import TOKENIZER_FILE
+from edge_quant_pipeline.checkpoints.validate import TOKENIZER_FILE, language_config
 from edge_quant_pipeline.embedders import embedders_of
-from edge_quant_pipeline.exporters import GENERATIVE_API
+from edge_quant_pipeline.settings import GENERATIVE_API
 
 BUILDER_PACKAGE = "litert-lm-builder"
 # The model types LiteRT-LM knows (its llm_model_type.proto), by config.json model_type; the rest is generic.

@@ -56,11 +56,10 @@ from upath import UPath
 from upath.implementations.local import LocalPath
 
 from edge_quant_pipeline import atomic
-from edge_quant_pipeline.bundle import BUILDER_PACKAGE, builder_version, bundle_path
 from edge_quant_pipeline.disk import check_free_disk
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
-from edge_quant_pipeline.exporters import GENERATIVE_API
-from edge_quant_pipeline.settings import ARTIFACT_DIR_VARIABLE
+from edge_quant_pipeline.evaluate.bundle import BUILDER_PACKAGE, builder_version, bundle_path
+from edge_quant_pipeline.settings import ARTIFACT_DIR_VARIABLE, GENERATIVE_API
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.tflite"
@@ -210,7 +209,7 @@ def _copy_hashing(source: Path, target: UPath) -> str:
 
 
 def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``bundle.py``); the manifest
+    """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``evaluate/bundle.py``); the manifest
     that will make them a version, with their hashes."""
     model_file = folder / MODEL_FILE
     embedders = {

@@ -1,0 +1,278 @@
+"""Run what the rebuild plan asks for, as Dagster runs, several at a time, each in a process of its own.
+
+``edge-quant run`` is a launcher, not an executor: every stage is the same job, partition and asset selection
+the UI would launch, executed in process (``execute_in_process``) on the instance in ``DAGSTER_HOME``. What it
+adds is parallelism across partitions without a daemon, sized by memory:
+
+- runs execute in worker processes, at most ``jobs`` at a time, started ahead of their runs (importing Dagster
+  and the code location takes a few seconds). A worker exits after a conversion, so torch, TensorFlow and the
+  model are gone before anything evaluates, and after any run that left it holding more memory than it did
+  when it started; no run inherits what another left behind;
+- a run starts only when its estimated peak (``footprint.py``) fits in the memory available, beside what the
+  running ones may still add; a run that could never fit fails at once, saying how much it needs;
+- a worker that dies (the kernel's out-of-memory killer, a person) fails its own run, named, with the signal
+  and the memory it had reached; the launcher marks that Dagster run failed and goes on. The kernel is told to
+  prefer workers over the launcher when it must kill, so the summary is printed; Ctrl-C or SIGTERM stop the
+  workers and print what was done.
+"""
+
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+import dagster as dg
+
+from edge_quant_pipeline import graph, settings
+from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
+from edge_quant_pipeline.memory import Admission, admission, machine_memory, rss_mb
+from edge_quant_pipeline.runs.liveness import fail_runs_of_dead_processes
+from edge_quant_pipeline.runs.plan import (
+    PlannedRun,
+    RunOutcome,
+    plan_runs,
+    rebuild_plan,
+    reports_due,
+    run_estimates,
+    sync_recipe_partitions,
+)
+from edge_quant_pipeline.runs.view import RunView
+from edge_quant_pipeline.runs.workers import LaunchContext, Worker
+
+POLL_SECONDS = 0.5
+# A run that only orchestrates (its steps on Celery workers): Dagster and the code location, no model (188 MB
+# measured once loaded, before its run).
+ORCHESTRATOR_MB = 400
+
+
+@dataclass
+class LaunchSummary:
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    skipped: list[PlannedRun] = field(default_factory=list)
+    # Set when Ctrl-C or SIGTERM stopped the launch: the runs that were going on, and those never started.
+    interrupted_by: str | None = None
+    interrupted: list[PlannedRun] = field(default_factory=list)
+    not_started: list[PlannedRun] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for o in self.outcomes if o.failures) + len(self.skipped) + len(self.interrupted)
+
+
+def current_step(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """The step a run started last, from its event log (what the UI shows)."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.STEP_START, ascending=False, limit=1
+    ).records
+    return records[0].event_log_entry.step_key if records else None
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def not_started_reason(estimate_mb: float, fits: Admission) -> str:
+    return (
+        f"not started: it needs about {estimate_mb / 1024:.1f} GB of memory (the estimated peak of its largest "
+        f"step), and this machine can give it at most {fits.ever_mb / 1024:.1f} GB "
+        f"({machine_memory().total_mb / 1024:.1f} GB in all). Run it on a machine with more memory."
+    )
+
+
+class _Launch:
+    """The state of one launch: what waits, what runs in which worker, what finished."""
+
+    def __init__(
+        self,
+        runs: list[PlannedRun],
+        estimates: dict[PlannedRun, float],
+        launch: LaunchContext,
+        jobs: int,
+        budget_mb: float,
+        view: RunView,
+    ):
+        self.pending, self.estimates, self.launch, self.jobs = list(runs), estimates, launch, jobs
+        self.budget_mb, self.view = budget_mb, view
+        self.instance = dg.DagsterInstance.from_ref(launch.instance_ref)
+        self.workers: list[Worker] = []
+        self.finished: dict[PlannedRun, bool] = {}  # run -> succeeded
+        self.summary = LaunchSummary()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending) or any(w.run for w in self.workers)
+
+    def finish(self, outcome: RunOutcome) -> None:
+        self.finished[outcome.run] = not outcome.failures
+        self.summary.outcomes.append(outcome)
+        run = outcome.run
+        self.view.finished(run, run.job, run.label, outcome.seconds, outcome.failures)
+
+    def ready_runs(self) -> list[PlannedRun]:
+        """The runs that may start now, after skipping those whose prerequisites failed (and theirs, and so on)."""
+        while True:
+            ready = [r for r in self.pending if all(dep in self.finished for dep in r.after)]
+            doomed = [r for r in ready if r.needs_success and not all(self.finished[dep] for dep in r.after)]
+            if not doomed:
+                return ready
+            for run in doomed:
+                failed = next(dep for dep in run.after if not self.finished[dep])
+                self.pending.remove(run)
+                self.finished[run] = False
+                self.summary.skipped.append(run)
+                self.view.finished(run, run.job, run.label, None, [f"skipped: its {failed.job} run failed"])
+
+    @property
+    def in_flight_mb(self) -> float:
+        """The estimated peaks of the runs going on."""
+        return sum(w.estimate_mb for w in self.workers if w.run)
+
+    def fits_budget(self, estimate_mb: float) -> bool:
+        """Beside the runs going on, within the launch's budget; a run alone always fits."""
+        running = self.in_flight_mb
+        return not running or running + estimate_mb <= self.budget_mb
+
+    def keep_workers_warm(self) -> None:
+        """Workers started ahead of their runs, at most ``jobs``, and none kept idle while the runs going on leave
+        no room in the budget for another."""
+        busy = sum(1 for w in self.workers if w.run)
+        room = self.fits_budget(LITERT_PROCESS_MB)
+        wanted = min(self.jobs, busy + (len(self.pending) if room else 0))
+        self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
+        if not room:
+            for worker in [w for w in self.workers if w.idle]:
+                worker.dismiss()
+                self.retire(worker)
+
+    def start_what_fits(self, ready: list[PlannedRun]) -> None:
+        for run in ready:
+            worker = next((w for w in self.workers if w.idle), None)
+            if worker is None:
+                return
+            estimate = self.estimates[run]
+            if not self.fits_budget(estimate):
+                continue  # a smaller one may fit beside what runs
+            others = [w.reservation() for w in self.workers if w is not worker]
+            fits = admission(estimate - rss_mb(worker.process.pid), others, machine_memory())
+            if fits.admitted:
+                self.pending.remove(run)
+                worker.start(run, estimate)
+                self.view.started(run, run.job, run.label)
+            elif fits.needs_mb > fits.ever_mb:
+                self.pending.remove(run)
+                self.finish(RunOutcome(run, None, [not_started_reason(estimate, fits)]))
+
+    def collect(self) -> None:
+        """Wait until a worker is ready, a run ends or a worker dies, and take note."""
+        wait([h for w in self.workers for h in (w.connection, w.process.sentinel)], timeout=POLL_SECONDS)
+        for worker in list(self.workers):
+            worker.poll()
+            run = worker.run
+            if run is not None and (step := current_step(self.instance, worker.run_id)):
+                self.view.stage(run, step)
+            if (outcome := worker.take_outcome()) is not None:
+                self.finish(outcome)
+                if outcome.worker_retires:
+                    self.retire(worker)
+            elif not worker.process.is_alive():
+                self.retire(worker)
+                if run is None:
+                    raise RuntimeError(
+                        f"a worker process could not load the code location ({worker.death()}); "
+                        "run `dagster definitions validate -m edge_quant_pipeline.definitions` to see why."
+                    )
+                self.finish(RunOutcome(run, time.perf_counter() - worker.started, [worker.death()]))
+                self.fail_dead_runs()
+
+    def retire(self, worker: Worker) -> None:
+        self.workers.remove(worker)
+        worker.process.join(timeout=30)
+
+    def fail_dead_runs(self) -> None:
+        for run_id in fail_runs_of_dead_processes(self.instance):
+            self.view.note(f"      its Dagster run {run_id} is marked failed")
+
+    def stop(self, reason: str) -> None:
+        """Interrupted: stop every worker, and mark the runs they were executing failed."""
+        for worker in self.workers:
+            worker.process.terminate()
+        for worker in self.workers:
+            worker.process.join(timeout=30)
+            if worker.run is not None:
+                self.summary.interrupted.append(worker.run)
+        self.summary.interrupted_by, self.summary.not_started = reason, list(self.pending)
+        self.workers = []
+        self.fail_dead_runs()
+
+
+def launch(
+    runs: list[PlannedRun],
+    estimates: dict[PlannedRun, float],
+    context: LaunchContext,
+    jobs: int,
+    budget_mb: float | None = None,
+) -> LaunchSummary:
+    """Run ``runs`` in dependency order, at most ``jobs`` at a time, and side by side only while their estimated
+    peaks add up to at most ``budget_mb`` (by default: what the largest of them needs alone, which the machine
+    must fit anyway) and fit in the memory available; show them going on, and a line per finished run."""
+    view = RunView(total=len(runs))
+    state = _Launch(runs, estimates, context, jobs, budget_mb or max(estimates.values(), default=0.0), view)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    with view:
+        try:
+            while state.busy:
+                ready = state.ready_runs()
+                state.keep_workers_warm()
+                state.start_what_fits(ready)
+                if not state.busy:
+                    break
+                if not state.workers:
+                    raise RuntimeError(
+                        f"runs wait for runs that were never planned: {[r.label for r in state.pending]}"
+                    )
+                state.collect()
+        except KeyboardInterrupt as interrupt:
+            state.stop(str(interrupt) or "SIGINT")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            for worker in state.workers:
+                worker.dismiss()
+    return state.summary
+
+
+def materialize(
+    instance: dg.DagsterInstance,
+    pipeline: PipelineConfig,
+    models: list[str],
+    recipes: list[str],
+    rebuild_all: bool = False,
+    jobs: int = 1,
+    conversion_only: bool = False,
+    memory_budget_mb: float | None = None,
+    verbose: bool = False,
+) -> LaunchSummary:
+    """Rebuild what is out of date (everything with ``rebuild_all``), then the reports that it changed.
+
+    The same plan the nightly schedules follow; here the runs are launched right
+    away instead of leaving the cascade to the automation daemon.
+    """
+    for run_id in fail_runs_of_dead_processes(instance):
+        print(f"Run {run_id} was left STARTED by a process that is gone (killed?); marked it failed.")
+    new_models = [m for m in models if not instance.has_dynamic_partition(graph.MODEL_PARTITION, m)]
+    instance.add_dynamic_partitions(graph.MODEL_PARTITION, new_models)
+    sync_recipe_partitions(instance, pipeline.recipe_catalog().names)
+    plan = rebuild_plan(instance, pipeline, models, recipes, rebuild_all=rebuild_all)
+    reports = None if conversion_only else reports_due(instance, models, rebuild_all)
+    if plan.empty:
+        print("Everything is up to date: nothing to convert or quantize.")
+    runs = plan_runs(plan, models, recipes, reports)
+    if not runs:
+        return LaunchSummary()
+    distributed = settings.executor() in settings.DISTRIBUTED_EXECUTORS
+    if distributed:  # the steps' memory is the workers'; here a run holds Dagster and the code location
+        estimates = dict.fromkeys(runs, ORCHESTRATOR_MB)
+    else:
+        estimates = run_estimates(runs, pipeline, conversion_only)
+    context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only, verbose, distributed)
+    return launch(runs, estimates, context, jobs, memory_budget_mb)
