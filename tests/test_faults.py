@@ -1,7 +1,7 @@
 """Fault injection, for real: a hostile checkpoint folder, files vanishing under the sensor, runs killed
 with SIGKILL in the middle of an export, and two `edge-quant run` processes on one instance at once.
 
-What each fault shows the user and what survives it is the table in README.md
+What each fault shows the user and what survives it is the table in docs/faults.md
 ("Faults and what survives them").
 """
 

@@ -100,7 +100,7 @@ def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AU
             f"{config_path}: model_type {model_type!r} is not supported{pinned}. "
             f"The Generative API rebuild takes: {', '.join(SUPPORTED_MODEL_TYPES)}; export_hf (as proven here): "
             f"{', '.join(EXPORT_HF_MODEL_TYPES)}. Convert the checkpoint to one of these families, or add one "
-            "(README, Adding a checkpoint)."
+            "(docs/checkpoints.md)."
         )
     _refuse_what_export_hf_cannot_export(hf_config, config_path)
     return ExportPlan(EXPORT_HF, export_hf_shape(hf_config))
