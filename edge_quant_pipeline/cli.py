@@ -43,6 +43,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also show the libraries' output (TensorFlow, LiteRT, torch...) here; it is always in the run logs",
     )
+    commands.add_parser(
+        "settings", help="every EDGE_QUANT_* setting: its value as the pipeline reads it, and where it came from"
+    )
     return parser.parse_args(argv)
 
 
@@ -129,9 +132,24 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.failures else 0
 
 
+def show_settings() -> int:
+    """A table of every setting; exit status 2 when one is bad (its row says why and how to fix it)."""
+    from tabulate import tabulate
+
+    from edge_quant_pipeline.settings import described
+
+    rows = described()
+    problems = [s.value for s in rows if s.source == "problem"]
+    table = [(s.name, "(see below)" if s.source == "problem" else s.value, s.source) for s in rows]
+    print(tabulate(table, headers=("setting", "value", "from")))
+    for problem in problems:
+        print(f"\n{problem}")
+    return 2 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    return run(args)
+    return show_settings() if args.command == "settings" else run(args)
 
 
 def console_main() -> None:

@@ -1,5 +1,6 @@
 """The resources every asset reads its paths and settings from: the pipeline's settings and the artifact store."""
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -7,11 +8,33 @@ import dagster as dg
 from upath import UPath
 
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, file_sha256
-from edge_quant_pipeline.evaluate.evaluation import EvalSettings
 from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Catalog, load_catalog
-from edge_quant_pipeline.settings import AUTO, DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, DEFAULT_WORK_CACHE_GB
+from edge_quant_pipeline.settings import (
+    AUTO,
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_CALIBRATION_TEXT,
+    DEFAULT_EVAL_MAX_TOKENS,
+    DEFAULT_EVAL_TEXT,
+    DEFAULT_HOTSPOTS_TOP_N,
+    DEFAULT_INTERPRETER_THREADS,
+    DEFAULT_WORK_CACHE_GB,
+)
 from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.workstore import WorkStore
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str | None:
+    return file_sha256(path)
+
+
+def text_sha256(path: Path) -> str | None:
+    """A text file's sha256, hashed once per process for as long as its size and modification time hold."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -41,18 +64,18 @@ class PipelineConfig(dg.ConfigurableResource):
     work_store: str = ""
     work_cache_gb: float = DEFAULT_WORK_CACHE_GB
     eval_text: str = str(DEFAULT_EVAL_TEXT)
-    eval_max_tokens: int = EvalSettings.max_tokens
-    interpreter_threads: int = EvalSettings.num_threads
+    eval_max_tokens: int = DEFAULT_EVAL_MAX_TOKENS
+    interpreter_threads: int = DEFAULT_INTERPRETER_THREADS
     prefill_len: int = ExportSettings.prefill_len
     kv_cache_len: int = ExportSettings.kv_cache_len
-    hotspots_top_n: int = 10
+    hotspots_top_n: int = DEFAULT_HOTSPOTS_TOP_N
     # Per-tensor SNR of one prefill against the float file (error_hotspots): the memory of one runtime without
     # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
     localize_errors: bool = True
     # Static activation ranges and GPTQ Hessians (quantize/calibration.py): windows of kv_cache_len tokens of this
     # text, run through the float .tflite once per checkpoint for every recipe that needs them.
     calibration_text: str = str(DEFAULT_CALIBRATION_TEXT)
-    calibration_samples: int = 16
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     # Which litert-torch exporter makes the float .tflite (export/exporters.py): auto, generative_api or export_hf.
     exporter: str = AUTO
     # User recipes, merged with the built-in ones (none there: the built-in ones alone); read when used.
@@ -73,7 +96,7 @@ class PipelineConfig(dg.ConfigurableResource):
     def evaluation_settings(self) -> dict[str, Any]:
         """Besides the two models, what an evaluation's metrics depend on (the eval text by its sha256)."""
         return {
-            "eval_text_sha256": file_sha256(Path(self.eval_text)),
+            "eval_text_sha256": text_sha256(Path(self.eval_text)),
             "eval_max_tokens": self.eval_max_tokens,
             "interpreter_threads": self.interpreter_threads,
             "localize_errors": self.localize_errors,
@@ -83,7 +106,7 @@ class PipelineConfig(dg.ConfigurableResource):
     def calibration_settings(self) -> dict[str, Any]:
         """What the calibration statistics depend on besides the model (the text by its sha256)."""
         return {
-            "calibration_text_sha256": file_sha256(Path(self.calibration_text)),
+            "calibration_text_sha256": text_sha256(Path(self.calibration_text)),
             "calibration_samples": self.calibration_samples,
         }
 
@@ -103,7 +126,7 @@ class PipelineConfig(dg.ConfigurableResource):
 
     def float_reference_path(self, checkpoint: Checkpoint, eval_text_sha256: str | None = None) -> Path:
         """Where the float reference of this eval text and token budget is kept."""
-        sha256 = eval_text_sha256 or file_sha256(Path(self.eval_text))
+        sha256 = eval_text_sha256 or text_sha256(Path(self.eval_text))
         return self.work_path(checkpoint) / f"float_reference-{sha256[:12]}-{self.eval_max_tokens}"
 
     def work_path(self, checkpoint: Checkpoint) -> Path:

@@ -13,7 +13,10 @@ import os
 import re
 import tempfile
 import zoneinfo
+from dataclasses import dataclass
 from pathlib import Path
+
+from edge_quant_pipeline.shapes import ExportSettings
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_CHECKPOINT_DIR = PACKAGE_DIR / "demo" / "checkpoints"
@@ -43,6 +46,11 @@ STEP_MEMORY_VARIABLE = "EDGE_QUANT_STEP_MEMORY_MB"
 # largest; larger checkpoints need more (the export holds the model a few times over).
 DEFAULT_STEP_MEMORY_MB = 1536
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+# What shapes the float export and every evaluation (the `pipeline` resource's defaults too).
+DEFAULT_EVAL_MAX_TOKENS = 2048  # of the eval text, cut into windows of kv_cache_len tokens
+DEFAULT_INTERPRETER_THREADS = 2
+DEFAULT_HOTSPOTS_TOP_N = 10
+DEFAULT_CALIBRATION_SAMPLES = 16
 
 
 class SettingError(ValueError):
@@ -235,6 +243,61 @@ def celery_broker() -> str:
     return url
 
 
+def _whole_number(name: str, default: int, what: str, minimum: int = 1) -> int:
+    value = os.environ.get(name) or str(default)
+    if not value.isdigit() or int(value) < minimum:
+        raise SettingError(f"{_shown(name, default)}: expected a whole number of at least {minimum}: {what}.")
+    return int(value)
+
+
+def prefill_len() -> int:
+    return _whole_number("EDGE_QUANT_PREFILL_LEN", ExportSettings.prefill_len, "the tokens one prefill call takes")
+
+
+def kv_cache_len() -> int:
+    """The KV cache length baked into the export; each evaluation and calibration window is this long."""
+    length = _whole_number("EDGE_QUANT_KV_CACHE_LEN", ExportSettings.kv_cache_len, "the KV cache's length")
+    if length < prefill_len():
+        raise SettingError(
+            f"{_shown('EDGE_QUANT_KV_CACHE_LEN', ExportSettings.kv_cache_len)}: shorter than the prefill length "
+            f"({prefill_len()}); make it at least that."
+        )
+    return length
+
+
+def eval_max_tokens() -> int:
+    return _whole_number("EDGE_QUANT_EVAL_MAX_TOKENS", DEFAULT_EVAL_MAX_TOKENS, "the eval text's tokens scored")
+
+
+def interpreter_threads() -> int:
+    return _whole_number("EDGE_QUANT_INTERPRETER_THREADS", DEFAULT_INTERPRETER_THREADS, "threads per interpreter")
+
+
+def hotspots_top_n() -> int:
+    return _whole_number("EDGE_QUANT_HOTSPOTS_TOP_N", DEFAULT_HOTSPOTS_TOP_N, "the error hotspots reported", 0)
+
+
+def calibration_samples() -> int:
+    return _whole_number(
+        "EDGE_QUANT_CALIBRATION_SAMPLES", DEFAULT_CALIBRATION_SAMPLES, "calibration windows of kv_cache_len tokens"
+    )
+
+
+def _switch(name: str, default: bool, what: str) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() not in _TRUE + _FALSE:
+        raise SettingError(
+            f"{name}={value!r} is neither on nor off; use 1, true, yes or on, or 0, false, no or off ({what})."
+        )
+    return value.lower() in _TRUE
+
+
+def localize_errors() -> bool:
+    return _switch("EDGE_QUANT_LOCALIZE_ERRORS", True, "per-tensor error localisation of each evaluation")
+
+
 def step_memory_mb() -> int:
     value = os.environ.get(STEP_MEMORY_VARIABLE) or str(DEFAULT_STEP_MEMORY_MB)
     if not value.isdigit() or int(value) == 0:
@@ -268,13 +331,7 @@ def nightly_timezone() -> str:
 
 
 def nightly_rebuild_all() -> bool:
-    value = os.environ.get("EDGE_QUANT_NIGHTLY_REBUILD_ALL", "")
-    if value.lower() not in _TRUE + _FALSE:
-        raise SettingError(
-            f"EDGE_QUANT_NIGHTLY_REBUILD_ALL={value!r} is neither on nor off; use 1, true, yes or on to rebuild "
-            "everything nightly, or 0, false, no, off or nothing for only what changed."
-        )
-    return value.lower() in _TRUE
+    return _switch("EDGE_QUANT_NIGHTLY_REBUILD_ALL", False, "rebuild everything nightly, or only what changed")
 
 
 def postgres_url() -> str | None:
@@ -305,7 +362,14 @@ SETTINGS = {
     WORK_STORE_VARIABLE: work_store,
     WORK_CACHE_VARIABLE: work_cache_gb,
     "EDGE_QUANT_EVAL_TEXT": eval_text,
+    "EDGE_QUANT_EVAL_MAX_TOKENS": eval_max_tokens,
+    "EDGE_QUANT_PREFILL_LEN": prefill_len,
+    "EDGE_QUANT_KV_CACHE_LEN": kv_cache_len,
+    "EDGE_QUANT_INTERPRETER_THREADS": interpreter_threads,
+    "EDGE_QUANT_LOCALIZE_ERRORS": localize_errors,
+    "EDGE_QUANT_HOTSPOTS_TOP_N": hotspots_top_n,
     "EDGE_QUANT_CALIBRATION_TEXT": calibration_text,
+    "EDGE_QUANT_CALIBRATION_SAMPLES": calibration_samples,
     "EDGE_QUANT_EXPORTER": exporter,
     "EDGE_QUANT_MEMORY_LEDGER": memory_ledger,
     EXECUTOR_VARIABLE: executor,
@@ -328,6 +392,27 @@ def _unknown_variables() -> list[str]:
         for name in sorted(os.environ)
         if name.startswith("EDGE_QUANT_") and name not in SETTINGS
     ]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    value: str  # as the pipeline reads it (a password hidden), or the problem with it
+    source: str  # environment | default | problem
+
+
+def described() -> list[Setting]:
+    """Every setting, its value as the pipeline reads it and where that value came from (``edge-quant settings``)."""
+    rows = []
+    for name, read in SETTINGS.items():
+        try:
+            value = read()
+        except SettingError as error:
+            rows.append(Setting(name, str(error), "problem"))
+            continue
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(value)) if value is not None else ""
+        rows.append(Setting(name, shown, "environment" if os.environ.get(name) else "default"))
+    return rows
 
 
 def check() -> None:

@@ -132,3 +132,55 @@ def test_the_code_location_names_the_line_of_bad_yaml(tmp_path):
         f"RecipeError: {tmp_path / 'recipes.yaml'}, line 3, column 8: not valid YAML: expected ',' or '}}', but got "
         "':' while parsing a flow mapping.\n" in result.stdout + result.stderr
     )
+
+
+def test_every_setting_that_shapes_an_asset_is_a_variable_the_pipeline_reads(monkeypatch, tmp_path):
+    """What the UI's `pipeline` resource can change, `edge-quant run` can too, from the environment."""
+    from edge_quant_pipeline.definitions import pipeline_config_from_env
+
+    variables = {
+        "EDGE_QUANT_PREFILL_LEN": ("prefill_len", "16", 16),
+        "EDGE_QUANT_KV_CACHE_LEN": ("kv_cache_len", "64", 64),
+        "EDGE_QUANT_EVAL_MAX_TOKENS": ("eval_max_tokens", "512", 512),
+        "EDGE_QUANT_INTERPRETER_THREADS": ("interpreter_threads", "1", 1),
+        "EDGE_QUANT_LOCALIZE_ERRORS": ("localize_errors", "off", False),
+        "EDGE_QUANT_HOTSPOTS_TOP_N": ("hotspots_top_n", "3", 3),
+        "EDGE_QUANT_CALIBRATION_SAMPLES": ("calibration_samples", "4", 4),
+    }
+    for name, (_, value, _) in variables.items():
+        monkeypatch.setenv(name, value)
+    pipeline = pipeline_config_from_env()
+    assert {name: getattr(pipeline, field) for name, (field, _, _) in variables.items()} == {
+        name: expected for name, (_, _, expected) in variables.items()
+    }
+
+
+def test_settings_shows_each_value_and_where_it_came_from(tmp_path):
+    shown = subprocess.run(
+        [sys.executable, "-m", "edge_quant_pipeline.cli", "settings"],
+        cwd=tmp_path,
+        env=environment(tmp_path, EDGE_QUANT_KV_CACHE_LEN="256", EDGE_QUANT_PREFILL_LEN="512"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()[2:] if line.startswith("EDGE")}
+    assert rows["EDGE_QUANT_EVAL_MAX_TOKENS"] == ["2048", "default"]
+    assert rows["EDGE_QUANT_PREFILL_LEN"] == ["512", "environment"]
+    assert rows["EDGE_QUANT_KV_CACHE_LEN"] == ["(see", "below)", "problem"]
+    assert shown.returncode == 2 and shown.stdout.rstrip().endswith(
+        "EDGE_QUANT_KV_CACHE_LEN='256': shorter than the prefill length (512); make it at least that."
+    )
+
+
+def test_a_text_is_hashed_once_per_process_while_it_stays_the_same(tmp_path):
+    from edge_quant_pipeline.config import _sha256, text_sha256
+
+    text = tmp_path / "eval.txt"
+    text.write_text("one")
+    first = text_sha256(text)
+    misses = _sha256.cache_info().misses
+    assert text_sha256(text) == first and _sha256.cache_info().misses == misses
+    text.write_text("other")
+    os.utime(text, ns=(1, 1))  # a new modification time, whatever the clock's resolution
+    assert text_sha256(text) != first

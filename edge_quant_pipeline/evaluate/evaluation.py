@@ -29,12 +29,6 @@ from edge_quant_pipeline.weights import TfliteModel
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    max_tokens: int = 2048  # of the eval text, cut into windows of kv_cache_len tokens
-    num_threads: int = 2
-
-
-@dataclass(frozen=True)
 class Evaluation:
     """Everything measured for one (model, recipe); flat, so it goes straight into a table."""
 
