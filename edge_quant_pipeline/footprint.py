@@ -22,12 +22,13 @@ from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
 # imported Dagster, ai-edge-litert and ai-edge-quantizer (every other run).
 TORCH_PROCESS_MB = 1400
 LITERT_PROCESS_MB = 450
-# litert-torch's export (torch.export of two signatures, then MLIR lowering) above the process, which grows
-# with the parameters and, graph node by node, with the layers: measured 6.6 GB for 494M parameters in 24
-# layers, 2.6 GB for 135M parameters in 30 layers, 14.6 GB for 1.24B parameters in 16 layers (12.4 bytes per
-# parameter, the Llama 3.2 1B shape, whose step peaked at 16.7 GB where 12 bytes estimated 16.3).
-EXPORT_BYTES_PER_PARAMETER = 13
-EXPORT_MB_PER_LAYER = 45
+# litert-torch's export above the process (lightweight conversion: the weights go to MLIR as views of the torch
+# tensors), which grows with the parameters and, graph node by node, with the layers; its peak is the checkpoint's
+# load, the bfloat16 tensors beside the float32 model. Measured (benchmarks/bench_export.py): 2.61 GB for 494M
+# parameters in 24 layers, 6.92 GB for 1.24B in 16 (the Llama 3.2 1B shape: 6.0 bytes per parameter), 1.48 GB
+# for 135M in 30 layers.
+EXPORT_BYTES_PER_PARAMETER = 6.5
+EXPORT_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
 # writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB
 # float file in 30 layers and 4.0 GB for a 1.9 GB one in 24; with int8 or int4 weights 1.1 and 1.4-1.7 GB.

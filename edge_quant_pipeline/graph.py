@@ -56,7 +56,7 @@ STAGES = (
         "float_tflite",
         CONVERT_JOB,
         "export",
-        "float_tflite-1",
+        "float_tflite-2",  # 2: litert-torch's lightweight conversion (other bytes, the same logits)
         **_BY_CONVERSION,
         settings=(EXPORT,),
         conversion=True,

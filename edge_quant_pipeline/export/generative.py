@@ -34,22 +34,32 @@ def export_scratch(output: Path) -> Iterator[Path]:
             yield Path(scratch)
 
 
-def export_float_tflite(model: Any, model_config: Any, settings: ExportSettings, output: Path) -> Path:
-    """Export prefill and decode signatures (external KV cache, logits on prefill)."""
+def export_float_tflite(
+    model: Any, model_config: Any, settings: ExportSettings, output: Path, lightweight: bool = True
+) -> Path:
+    """Export prefill and decode signatures (external KV cache, logits on prefill).
+
+    ``lightweight``: litert-torch's lightweight conversion, which hands the weights to MLIR as views of the torch
+    tensors instead of copies and folds no constants: the same file and logits for a fraction of the memory
+    (``benchmarks/bench_export.py`` measures both)."""
+    from litert_torch._convert.interface import Converter
     from litert_torch.generative.utilities import converter
 
+    signatures = Converter()
+    # convert_to_tflite's own signatures (prefill with logits, decode); it takes no lightweight option itself.
+    converter._add_signatures(
+        signatures,
+        model,
+        prefill_seq_lens=[settings.prefill_len],
+        kv_cache_max_len=settings.kv_cache_len,
+        pixel_values_size=None,
+        pixel_seq_len=0,
+        config=model_config,
+        loras=[None],
+        # Logits on prefill let evaluation score every position of the eval text.
+        export_config=converter.ExportConfig(output_logits_on_prefill=True),
+    )
     with export_scratch(output) as scratch:
-        exported = converter.convert_to_tflite(
-            model,
-            output_path=str(scratch),
-            output_name_prefix="model",
-            prefill_seq_len=settings.prefill_len,
-            kv_cache_max_len=settings.kv_cache_len,
-            quantize="none",
-            config=model_config,
-            # Logits on prefill let evaluation score every position of the eval text;
-            # litert-torch crashes on export_config=None despite its signature.
-            export_config=converter.ExportConfig(output_logits_on_prefill=True),
-        )
-        os.replace(exported, output)
+        signatures.convert(lightweight_conversion=lightweight).export(str(scratch / "model.tflite"))
+        os.replace(scratch / "model.tflite", output)
     return output
