@@ -23,11 +23,11 @@ from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
 TORCH_PROCESS_MB = 1400
 LITERT_PROCESS_MB = 450
 # litert-torch's export above the process (lightweight conversion: the weights go to MLIR as views of the torch
-# tensors), which grows with the parameters and, graph node by node, with the layers; its peak is the checkpoint's
-# load, the bfloat16 tensors beside the float32 model. Measured (benchmarks/bench_export.py): 2.61 GB for 494M
-# parameters in 24 layers, 6.92 GB for 1.24B in 16 (the Llama 3.2 1B shape: 6.0 bytes per parameter), 1.48 GB
-# for 135M in 30 layers.
-EXPORT_BYTES_PER_PARAMETER = 6.5
+# tensors), which grows with the parameters and, graph node by node, with the layers; its peak is the float32
+# model, the checkpoint mapped and released as it loads (export/load.py). Measured (benchmarks/bench_export.py):
+# 4.6 bytes per parameter for the Llama 3.2 1B shape (6.48 GB), 4.8 for the Llama 3.2 3B shape (15.40 GB), 4.7 for
+# the Qwen3-4B shape (18.89 GB), 2.61 GB above the imports for 494M parameters in 24 layers, 1.48 GB for 135M in 30.
+EXPORT_BYTES_PER_PARAMETER = 5.0
 EXPORT_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
 # writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB

@@ -25,6 +25,15 @@ CHAT_TEMPLATE = (
 )
 
 # The config.json fields that shape each model, as published (architecture sizes only).
+# Llama 3.1 and 3.2's RoPE: frequencies scaled for a context 32x the 8,192 tokens they were trained on.
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(
         model_type="llama",
@@ -50,14 +59,21 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_key_value_heads=8,
         head_dim=64,
         max_position_embeddings=131072,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=32.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
+        rope_parameters=LLAMA3_ROPE,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_parameters=LLAMA3_ROPE,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
     ),
@@ -82,6 +98,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         intermediate_size=3072,
         num_hidden_layers=28,
         num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=40960,

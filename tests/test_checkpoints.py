@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,41 @@ def test_tensors_no_model_needs_are_accepted(checkpoint_copy):
         ),
     )
     load_float_model(read_checkpoint(checkpoint_copy), kv_cache_len=128)
+
+
+def test_mapped_tensors_are_the_files_tensors_and_their_pages_are_released(tmp_path):
+    """The export reads a checkpoint as views of its mapped pages (export/load.py): every dtype a checkpoint holds,
+    an empty tensor among them, reads as safetensors itself reads it, and a release drops the pages read."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edge_quant_pipeline.export.load import _Weights
+
+    torch.manual_seed(0)
+    tensors = {
+        "embed.weight": torch.randn(4096, 1024).to(torch.bfloat16),  # 8 MB
+        "norm.weight": torch.randn(1024),
+        "half": torch.randn(3, 5).half(),
+        "positions": torch.arange(7),
+        "mask": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, file)
+    weights = _Weights([file], tied_lm_head=False)
+    mapped = weights(str(tmp_path))
+    expected = load_file(file)
+    assert mapped.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert mapped[name].dtype == tensor.dtype and torch.equal(mapped[name], tensor), name
+
+    def resident_file_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("RssFile:"))
+
+    weights.release()
+    before = resident_file_kb()
+    mapped["embed.weight"].float().sum()  # reads its 8 MB of pages
+    read = resident_file_kb()
+    weights.release()
+    assert read - before > 4000 and resident_file_kb() < read - 4000

@@ -3,7 +3,10 @@ or transformers' own model; a tensor that is missing, unused or of the wrong sha
 
 from __future__ import annotations
 
+import json
+import mmap
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,22 @@ from edge_quant_pipeline.export.architectures import Architecture, architecture_
 # them) and, when the LM head is tied to the embedding, a copy of the embedding under its name.
 _RECOMPUTED_SUFFIX = "rotary_emb.inv_freq"
 _TIED_HEAD = "lm_head.weight"
+# How much of the float32 model is loaded between two releases of the checkpoint's mapped pages (about half as
+# many bytes of a bfloat16 checkpoint stay mapped at most).
+_RELEASE_EVERY_BYTES = 512 * 2**20
+# safetensors' dtype names, as torch names them; a file with another (float8...) is read whole instead.
+_SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 # torch's load_state_dict error for one tensor (litert-torch's name for it, then both shapes).
 _SIZE_MISMATCH = re.compile(
     r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from checkpoint, "
@@ -35,6 +54,8 @@ class _Weights:
         self.files, self.tied_lm_head = files, tied_lm_head
         self.origin: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.maps: list[mmap.mmap] = []
+        self.loaded_bytes = 0  # of float32 parameters, since the mapped pages were last released
         # litert-torch pops every tensor it uses from this dict: what is left, nothing uses.
         self.state: dict[str, Any] = {}
 
@@ -49,20 +70,61 @@ class _Weights:
     def _needed_by_no_model(self, name: str) -> bool:
         return name.endswith(_RECOMPUTED_SUFFIX) or (self.tied_lm_head and name == _TIED_HEAD)
 
-    @staticmethod
-    def _read(file: Path) -> dict[str, Any]:
+    def _read(self, file: Path) -> dict[str, Any]:
         import torch
-        from safetensors.torch import load_file
 
         try:
             if file.suffix == ".safetensors":
-                return load_file(file)
+                return self._mapped(file)
             state = torch.load(file, map_location="cpu", weights_only=True)
             return state.get("model_state_dict", state)  # a training loop's layout, which litert-torch accepts
         except Exception as error:  # safetensors, pickle and zip errors have no common base
             raise CheckpointError(
                 f"{file}: cannot be read ({type(error).__name__}: {error}). Re-save or re-copy it."
             ) from None
+
+    def _mapped(self, file: Path) -> dict[str, Any]:
+        """The file's tensors as views of its pages, mapped read-only: nothing is copied until the model's
+        float32 parameters take them, and ``release`` hands the pages read so far back (the checkpoint's bytes
+        never sit in memory beside the whole float32 model)."""
+        import torch
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(file, "pt"):  # checks the header and that every tensor lies within the file
+            pass
+        with file.open("rb") as handle:
+            pages = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        start = 8 + int.from_bytes(pages[:8], "little")
+        entries = {n: e for n, e in json.loads(pages[8:start]).items() if n != "__metadata__"}
+        if any(e["dtype"] not in _SAFETENSORS_DTYPES for e in entries.values()):
+            return load_file(file)
+        self.maps.append(pages)
+        tensors = {}
+        for name, entry in entries.items():
+            dtype = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            if begin == end:
+                tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+                continue
+            with warnings.catch_warnings():  # read-only on purpose: the model copies, nobody writes
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                view = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+            tensors[name] = view.reshape(entry["shape"])
+        return tensors
+
+    def loaded(self, module: Any, _incompatible_keys: Any) -> None:
+        """A ``load_state_dict`` post-hook: once the modules loaded since the last release hold
+        ``_RELEASE_EVERY_BYTES`` of parameters, release the pages (each release walks the whole mapping)."""
+        self.loaded_bytes += sum(p.nbytes for p in module.parameters(recurse=False))
+        if self.loaded_bytes >= _RELEASE_EVERY_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's memory (they stay in the page cache, read again if used)."""
+        for pages in self.maps:
+            pages.madvise(mmap.MADV_DONTNEED)
+        self.loaded_bytes = 0
 
     def names(self) -> str:
         return ", ".join(str(f) for f in self.files)
@@ -117,7 +179,7 @@ def load_float_model(checkpoint: Checkpoint, kv_cache_len: int):
     used at export and evaluation time. Every tensor must be used: an extra one
     means config.json describes a different (e.g. shallower) model.
     """
-    from litert_torch.generative.utilities import model_builder
+    from litert_torch.generative.utilities import loader as loading_utils
 
     architecture = architecture_of(checkpoint)
     if kv_cache_len > architecture.model_config.max_seq_len:
@@ -128,22 +190,24 @@ def load_float_model(checkpoint: Checkpoint, kv_cache_len: int):
             "for LongRoPE); use a shorter kv_cache_len."
         )
     weights = _Weights(weight_files(checkpoint.path), architecture.tied_lm_head)
+    config = architecture.model_config
     try:
-        model = model_builder.build_decoder_only_model(
-            str(checkpoint.path),
-            architecture.model_config,
-            architecture.tensor_names,
-            model_class=architecture.model_class,
-            custom_loader=weights,
-            mask_cache_size=kv_cache_len,
+        # model_builder.build_decoder_only_model, with the mapped pages released as each module takes its weights
+        model = architecture.model_class(config, kv_cache_len)
+        hooks = [module.register_load_state_dict_post_hook(weights.loaded) for module in model.modules()]
+        loading_utils.ModelLoader(str(checkpoint.path), architecture.tensor_names, weights).load(
+            model, strict=not config.lm_head_share_weight_with_embedding
         )
+        for hook in hooks:
+            hook.remove()
+        weights.release()
     except CheckpointError:
         raise
     except (KeyError, ValueError, RuntimeError) as error:
         raise _weights_error(checkpoint, weights, error) from None
     if problem := _weights_error(checkpoint, weights, None):
         raise problem
-    return model
+    return model.eval()
 
 
 def load_transformers_model(checkpoint: Checkpoint):
