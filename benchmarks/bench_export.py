@@ -5,8 +5,9 @@ For a shape of ``edge_quant_pipeline.synthetic.SHAPES``, a checkpoint with rando
 published config is written by ``transformers`` (never committed); then, each in a fresh process:
 
   imports              torch, TensorFlow and litert-torch imported, nothing exported (the fixed cost)
-  generative           the Generative API rebuild, ``converter.convert_to_tflite`` as a user scripts it
-  generative_light     the same signatures converted with ``lightweight_conversion=True``
+  generative           the Generative API rebuild exported as the pipeline does (``export/generative.py``: the
+                       signatures of ``converter.convert_to_tflite``), litert-torch's default conversion
+  generative_light     the same with ``lightweight_conversion=True``, as the pipeline exports
   export_hf            ``litert_torch.generative.export_hf.export`` with its defaults but no quantization
   export_hf_light      the same with ``experimental_lightweight_conversion=True``
   logits               each lightweight file against its exporter's default file: one window of random
