@@ -31,15 +31,17 @@ EXPORT_BYTES_PER_PARAMETER = 5.0
 EXPORT_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
 # writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB
-# float file in 30 layers and 4.0 GB for a 1.9 GB one in 24; with int8 or int4 weights 1.1 and 1.4-1.7 GB.
-QUANTIZE_FLOAT_FILES = {True: 2.0, False: 0.5}  # by whether the recipe writes fp16 weights
+# float file in 30 layers and 4.0 GB for a 1.9 GB one in 24; with int8 or int4 weights 1.1 and 1.4-1.7 GB, and
+# 6.8 (int8) and 7.5 GB (int4 blocks of 32) for the Llama 3.2 3B shape's 12.0 GB float file.
+QUANTIZE_FLOAT_FILES = {True: 2.0, False: 0.55}  # by whether the recipe writes fp16 weights
 QUANTIZE_MB_PER_LAYER = 20
 # The runtime maps its XNNPACK weight cache (about the float weights' size) and the file's own pages for what
 # it does not pack: 1.4-1.6x the float file measured for the float recipe. Weights stored quantized but
 # computed in float (int8 weight-only, fp16) are also dequantized into float32 buffers, per signature: the
 # runtime alone took 7.95 GB for a weight-only int8 0.5B model (4.0x its 1.98 GB float file). Error
-# localisation, after the session, maps the float file without XNNPACK: about 1x.
-RUNTIME_FILES = 1.7
+# localisation, after the session, maps the float file without XNNPACK: about 1.1x (14.1 GB for the Llama 3.2 3B
+# shape's 12.0 GB float file, the largest part of its evaluation step whatever the recipe).
+RUNTIME_FILES = 1.6
 DEQUANTIZING_RUNTIME_FILES = 4.3
 # Calibration runs the float file in TFLite's own kernels (no XNNPACK) with every intermediate kept: its step
 # peaked at 3.52 GB for the SmolLM2-135M shape's 0.54 GB file with 0.40 GB of Hessians, in the conversion run's

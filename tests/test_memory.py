@@ -130,7 +130,8 @@ def test_a_catalog_without_calibrated_recipes_costs_the_conversion_no_calibratio
 
 # Peaks measured on this machine kind, MB (benchmarks/bench_scale.py: each step's process; for a recipe that
 # dequantizes, the runtime alone, which is the larger part of its evaluation; the exports by
-# benchmarks/bench_export.py, lightweight conversion, the exporting process alone).
+# benchmarks/bench_export.py, lightweight conversion, the exporting process alone; the Llama 3.2 3B shape's steps
+# in `edge-quant run`, docs/real-sizes.md).
 MEASURED = [
     ("smollm2-135m", "float_tflite", None, 2_630),
     ("smollm2-135m", "float_reference", None, 1_950),
@@ -138,7 +139,10 @@ MEASURED = [
     ("smollm2-135m", "quantized_tflite", "dynamic_int8", 1_070),
     ("smollm2-135m", "evaluation", "float", 1_080),
     ("qwen2.5-0.5b", "float_tflite", None, 3_760),
-    ("llama3.2-3b", "float_tflite", None, 15_400),
+    ("llama3.2-3b", "float_tflite", None, 15_870),
+    ("llama3.2-3b", "float_reference", None, 15_830),
+    ("llama3.2-3b", "quantized_tflite", "dynamic_int4_block32", 7_530),
+    ("llama3.2-3b", "evaluation", "dynamic_int8", 14_070),
     ("qwen3-4b", "float_tflite", None, 18_890),
     ("qwen2.5-0.5b", "float_reference", None, 3_980),
     ("qwen2.5-0.5b", "quantized_tflite", "fp16", 4_020),
