@@ -67,7 +67,8 @@ def bare_quantize(float_tflite: str, recipes_yaml: str, timings: str) -> None:
     """Each quantizing recipe of the catalog through ai-edge-quantizer as it ships (no workaround of ours)."""
     from ai_edge_quantizer import quantizer
 
-    from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, load_catalog
+    from edge_quant_pipeline.quantize.catalog import load_catalog
+    from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
 
     seconds = {}
     for name, recipe in load_catalog(Path(recipes_yaml)).recipes.items():

@@ -58,7 +58,8 @@ def checked_recipes(selected: list[str] | None) -> list[str]:
     """Every ``EDGE_QUANT_*`` setting, ``recipes.yaml`` and the recipes this run would use, before any work:
     a SettingError or RecipeError with one line per problem."""
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.quantize.recipes import RecipeError, load_catalog
+    from edge_quant_pipeline.quantize.catalog import load_catalog
+    from edge_quant_pipeline.quantize.recipes import RecipeError
 
     settings.check()
     catalog = load_catalog(settings.recipes_file())

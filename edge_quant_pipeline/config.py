@@ -8,7 +8,7 @@ import dagster as dg
 from upath import UPath
 
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, file_sha256
-from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Catalog, load_catalog
+from edge_quant_pipeline.quantize.catalog import CalibrationNeed, Catalog, load_catalog
 from edge_quant_pipeline.settings import (
     AUTO,
     DEFAULT_CALIBRATION_SAMPLES,
@@ -54,8 +54,41 @@ class ArtifactStore(dg.ConfigurableResource):
         return UPath(url, use_listings_cache=False)
 
 
+class ExportConfig(dg.Config):
+    """What shapes the float export, and so every model made from it."""
+
+    prefill_len: int = ExportSettings.prefill_len
+    kv_cache_len: int = ExportSettings.kv_cache_len
+    # Which litert-torch exporter makes the float .tflite (export/exporters.py): auto, generative_api or export_hf.
+    exporter: str = AUTO
+
+    @property
+    def settings(self) -> ExportSettings:
+        return ExportSettings(prefill_len=self.prefill_len, kv_cache_len=self.kv_cache_len)
+
+
+class EvaluationConfig(dg.Config):
+    """What every evaluation scores and reports, besides the two models."""
+
+    text: str = str(DEFAULT_EVAL_TEXT)
+    max_tokens: int = DEFAULT_EVAL_MAX_TOKENS
+    # Per-tensor SNR of one prefill against the float file (error_hotspots): the memory of one runtime without
+    # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
+    localize_errors: bool = True
+    hotspots_top_n: int = DEFAULT_HOTSPOTS_TOP_N
+
+
+class CalibrationConfig(dg.Config):
+    """Static activation ranges and GPTQ Hessians (quantize/calibration.py): ``samples`` windows of kv_cache_len
+    tokens of ``text``, run through the float .tflite once per checkpoint for every recipe that needs them."""
+
+    text: str = str(DEFAULT_CALIBRATION_TEXT)
+    samples: int = DEFAULT_CALIBRATION_SAMPLES
+
+
 class PipelineConfig(dg.ConfigurableResource):
-    """Where checkpoints, intermediate files and published artifacts live, and evaluation settings."""
+    """Where checkpoints, intermediate files and published artifacts live, and what shapes the export, the
+    calibration and every evaluation."""
 
     checkpoint_dir: str
     artifact_store: ArtifactStore
@@ -63,21 +96,11 @@ class PipelineConfig(dg.ConfigurableResource):
     # Where intermediates cross between steps that share no disk (workstore.py): an fsspec URL, or "" for none.
     work_store: str = ""
     work_cache_gb: float = DEFAULT_WORK_CACHE_GB
-    eval_text: str = str(DEFAULT_EVAL_TEXT)
-    eval_max_tokens: int = DEFAULT_EVAL_MAX_TOKENS
+    export: ExportConfig = ExportConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    # Every LiteRT interpreter's threads: evaluation, calibration and the quality-budget search.
     interpreter_threads: int = DEFAULT_INTERPRETER_THREADS
-    prefill_len: int = ExportSettings.prefill_len
-    kv_cache_len: int = ExportSettings.kv_cache_len
-    hotspots_top_n: int = DEFAULT_HOTSPOTS_TOP_N
-    # Per-tensor SNR of one prefill against the float file (error_hotspots): the memory of one runtime without
-    # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
-    localize_errors: bool = True
-    # Static activation ranges and GPTQ Hessians (quantize/calibration.py): windows of kv_cache_len tokens of this
-    # text, run through the float .tflite once per checkpoint for every recipe that needs them.
-    calibration_text: str = str(DEFAULT_CALIBRATION_TEXT)
-    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
-    # Which litert-torch exporter makes the float .tflite (export/exporters.py): auto, generative_api or export_hf.
-    exporter: str = AUTO
     # User recipes, merged with the built-in ones (none there: the built-in ones alone); read when used.
     recipes_file: str = "recipes.yaml"
 
@@ -91,23 +114,24 @@ class PipelineConfig(dg.ConfigurableResource):
 
     @property
     def export_settings(self) -> ExportSettings:
-        return ExportSettings(prefill_len=self.prefill_len, kv_cache_len=self.kv_cache_len)
+        return self.export.settings
 
     def evaluation_settings(self) -> dict[str, Any]:
         """Besides the two models, what an evaluation's metrics depend on (the eval text by its sha256)."""
+        evaluation = self.evaluation
         return {
-            "eval_text_sha256": text_sha256(Path(self.eval_text)),
-            "eval_max_tokens": self.eval_max_tokens,
+            "eval_text_sha256": text_sha256(Path(evaluation.text)),
+            "eval_max_tokens": evaluation.max_tokens,
             "interpreter_threads": self.interpreter_threads,
-            "localize_errors": self.localize_errors,
-            "hotspots_top_n": self.hotspots_top_n,
+            "localize_errors": evaluation.localize_errors,
+            "hotspots_top_n": evaluation.hotspots_top_n,
         }
 
     def calibration_settings(self) -> dict[str, Any]:
         """What the calibration statistics depend on besides the model (the text by its sha256)."""
         return {
-            "calibration_text_sha256": text_sha256(Path(self.calibration_text)),
-            "calibration_samples": self.calibration_samples,
+            "calibration_text_sha256": text_sha256(Path(self.calibration.text)),
+            "calibration_samples": self.calibration.samples,
         }
 
     @property
@@ -126,8 +150,8 @@ class PipelineConfig(dg.ConfigurableResource):
 
     def float_reference_path(self, checkpoint: Checkpoint, eval_text_sha256: str | None = None) -> Path:
         """Where the float reference of this eval text and token budget is kept."""
-        sha256 = eval_text_sha256 or text_sha256(Path(self.eval_text))
-        return self.work_path(checkpoint) / f"float_reference-{sha256[:12]}-{self.eval_max_tokens}"
+        sha256 = eval_text_sha256 or text_sha256(Path(self.evaluation.text))
+        return self.work_path(checkpoint) / f"float_reference-{sha256[:12]}-{self.evaluation.max_tokens}"
 
     def work_path(self, checkpoint: Checkpoint) -> Path:
         """Intermediate files of one checkpoint version, exporter and export shape; a change of any of them gets

@@ -6,7 +6,13 @@ import dagster as dg
 
 from edge_quant_pipeline import defs as asset_modules
 from edge_quant_pipeline import graph, settings
-from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.config import (
+    ArtifactStore,
+    CalibrationConfig,
+    EvaluationConfig,
+    ExportConfig,
+    PipelineConfig,
+)
 from edge_quant_pipeline.defs.automation import (
     automation_sensor,
     checkpoint_sensor,
@@ -46,16 +52,17 @@ def pipeline_config_from_env() -> PipelineConfig:
         work_dir=str(settings.work_dir()),
         work_store=settings.work_store() or "",
         work_cache_gb=settings.work_cache_gb(),
-        eval_text=str(settings.eval_text()),
-        eval_max_tokens=settings.eval_max_tokens(),
-        prefill_len=settings.prefill_len(),
-        kv_cache_len=settings.kv_cache_len(),
+        export=ExportConfig(
+            prefill_len=settings.prefill_len(), kv_cache_len=settings.kv_cache_len(), exporter=settings.exporter()
+        ),
+        evaluation=EvaluationConfig(
+            text=str(settings.eval_text()),
+            max_tokens=settings.eval_max_tokens(),
+            localize_errors=settings.localize_errors(),
+            hotspots_top_n=settings.hotspots_top_n(),
+        ),
+        calibration=CalibrationConfig(text=str(settings.calibration_text()), samples=settings.calibration_samples()),
         interpreter_threads=settings.interpreter_threads(),
-        localize_errors=settings.localize_errors(),
-        hotspots_top_n=settings.hotspots_top_n(),
-        calibration_text=str(settings.calibration_text()),
-        calibration_samples=settings.calibration_samples(),
-        exporter=settings.exporter(),
         recipes_file=str(settings.recipes_file().absolute()),
     )
 

@@ -16,7 +16,8 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint, count_parameter
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.graph import BY_ASSET
 from edge_quant_pipeline.memory import MB
-from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
+from edge_quant_pipeline.quantize.catalog import CalibrationNeed
+from edge_quant_pipeline.quantize.recipes import Recipe
 
 # A process that imported Dagster, torch, TensorFlow and litert-torch (a conversion run), and one that
 # imported Dagster, ai-edge-litert and ai-edge-quantizer (every other run).
@@ -89,7 +90,7 @@ def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_by
         vocab_size=checkpoint.vocab_size,
         checkpoint_bytes=checkpoint.weight_bytes,
         float_tflite_bytes=float_tflite_bytes or 4 * checkpoint.parameters,
-        window_tokens=pipeline.kv_cache_len,
+        window_tokens=pipeline.export_settings.kv_cache_len,
     )
 
 

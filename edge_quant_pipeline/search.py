@@ -38,16 +38,9 @@ from edge_quant_pipeline.evaluate.evaluation import score_windows
 from edge_quant_pipeline.evaluate.metrics import Fidelity
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.quantize.apply import quantize_model
-from edge_quant_pipeline.quantize.recipes import (
-    PER_BLOCK_COMPONENTS,
-    Recipe,
-    RecipeError,
-    SearchSpec,
-    ai_edge_quantizer_recipe,
-    block_size,
-    embedder_quantizer_recipe,
-)
+from edge_quant_pipeline.quantize.recipes import PER_BLOCK_COMPONENTS, Recipe, RecipeError, SearchSpec
 from edge_quant_pipeline.quantize.schemes import Op
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe, block_size, embedder_quantizer_recipe
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.weights import WeightTensor, inspect_tflite

@@ -37,7 +37,7 @@ def _settings(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
     export = asdict(pipeline.export_settings)
     evaluation = pipeline.evaluation_settings()
     return {
-        graph.EXPORTER: {"exporter": pipeline.exporter},
+        graph.EXPORTER: {"exporter": pipeline.export.exporter},
         graph.EXPORT: export,
         graph.REFERENCE: {
             "eval_text_sha256": evaluation["eval_text_sha256"],

@@ -50,7 +50,7 @@ def session_settings(tmp_path_factory):
 
 def _recipe_catalog():
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.quantize.recipes import load_catalog
+    from edge_quant_pipeline.quantize.catalog import load_catalog
 
     return load_catalog(settings.recipes_file())
 

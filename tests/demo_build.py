@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
-from edge_quant_pipeline.quantize.recipes import load_catalog
+from edge_quant_pipeline.quantize.catalog import load_catalog
 from edge_quant_pipeline.runs.launch import LaunchSummary, materialize
 
 DEMO_MODEL = "tiny-llama-bytes"

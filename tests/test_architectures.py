@@ -41,7 +41,8 @@ from edge_quant_pipeline.export.generative import export_float_tflite
 from edge_quant_pipeline.export.load import architecture_of, load_float_model
 from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.conformance import check_conformance
-from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.quantize.recipes import parse_recipe
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.shapes import ExportSettings, ModelShape
 from edge_quant_pipeline.weights import read_weights

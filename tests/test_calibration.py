@@ -107,7 +107,7 @@ def test_a_text_too_short_names_the_file_the_count_and_the_fix(tmp_path):
 def test_calibration_enters_the_version_of_calibrated_recipes_only(tmp_path):
     """A new calibration text makes new versions of static and GPTQ recipes, and no other."""
     from edge_quant_pipeline.checkpoints.validate import read_checkpoint
-    from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+    from edge_quant_pipeline.config import ArtifactStore, CalibrationConfig, PipelineConfig
     from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, parse_recipe
     from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
     from edge_quant_pipeline.versions import artifact_inputs
@@ -117,7 +117,7 @@ def test_calibration_enters_the_version_of_calibrated_recipes_only(tmp_path):
     other_text.write_text("Some other prose to calibrate on. " * 100)
     pipelines = [
         PipelineConfig(checkpoint_dir=".", work_dir=str(tmp_path), artifact_store=ArtifactStore(url=str(tmp_path)), **k)
-        for k in ({}, {"calibration_text": str(other_text)})
+        for k in ({}, {"calibration": CalibrationConfig(text=str(other_text))})
     ]
     static = parse_recipe("static", {"default": "int8_static_a8", "embedding": "int8_dynamic"}, "test")
     int8 = BUILTIN_RECIPES["dynamic_int8"]

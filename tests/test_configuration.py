@@ -4,6 +4,7 @@ with bad EDGE_QUANT_* settings and a bad recipes.yaml. Each problem is one line 
 import os
 import subprocess
 import sys
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -139,18 +140,19 @@ def test_every_setting_that_shapes_an_asset_is_a_variable_the_pipeline_reads(mon
     from edge_quant_pipeline.definitions import pipeline_config_from_env
 
     variables = {
-        "EDGE_QUANT_PREFILL_LEN": ("prefill_len", "16", 16),
-        "EDGE_QUANT_KV_CACHE_LEN": ("kv_cache_len", "64", 64),
-        "EDGE_QUANT_EVAL_MAX_TOKENS": ("eval_max_tokens", "512", 512),
+        "EDGE_QUANT_PREFILL_LEN": ("export.prefill_len", "16", 16),
+        "EDGE_QUANT_KV_CACHE_LEN": ("export.kv_cache_len", "64", 64),
+        "EDGE_QUANT_EXPORTER": ("export.exporter", "export_hf", "export_hf"),
+        "EDGE_QUANT_EVAL_MAX_TOKENS": ("evaluation.max_tokens", "512", 512),
+        "EDGE_QUANT_LOCALIZE_ERRORS": ("evaluation.localize_errors", "off", False),
+        "EDGE_QUANT_HOTSPOTS_TOP_N": ("evaluation.hotspots_top_n", "3", 3),
+        "EDGE_QUANT_CALIBRATION_SAMPLES": ("calibration.samples", "4", 4),
         "EDGE_QUANT_INTERPRETER_THREADS": ("interpreter_threads", "1", 1),
-        "EDGE_QUANT_LOCALIZE_ERRORS": ("localize_errors", "off", False),
-        "EDGE_QUANT_HOTSPOTS_TOP_N": ("hotspots_top_n", "3", 3),
-        "EDGE_QUANT_CALIBRATION_SAMPLES": ("calibration_samples", "4", 4),
     }
     for name, (_, value, _) in variables.items():
         monkeypatch.setenv(name, value)
     pipeline = pipeline_config_from_env()
-    assert {name: getattr(pipeline, field) for name, (field, _, _) in variables.items()} == {
+    assert {name: attrgetter(field)(pipeline) for name, (field, _, _) in variables.items()} == {
         name: expected for name, (_, _, expected) in variables.items()
     }
 

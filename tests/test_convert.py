@@ -5,7 +5,8 @@ import pytest
 from edge_quant_pipeline.checkpoints.validate import read_checkpoint
 from edge_quant_pipeline.export.load import load_float_model
 from edge_quant_pipeline.quantize.apply import quantize_tflite
-from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
 from edge_quant_pipeline.shapes import ExportSettings
 
 pytestmark = pytest.mark.families

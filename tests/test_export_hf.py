@@ -20,7 +20,7 @@ from conftest import LLAMA3_ROPE, metadata, move_off_initial_values
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from edge_quant_pipeline.checkpoints.validate import read_checkpoint
-from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.config import ArtifactStore, EvaluationConfig, PipelineConfig
 from edge_quant_pipeline.embedders import embedders_of
 from edge_quant_pipeline.evaluate.metrics import compare
 from edge_quant_pipeline.evaluate.reference import TransformersModel
@@ -30,7 +30,8 @@ from edge_quant_pipeline.export.hf import export_hf_tflite
 from edge_quant_pipeline.export.load import load_transformers_model
 from edge_quant_pipeline.quantize.apply import quantize_model
 from edge_quant_pipeline.quantize.conformance import check_conformance
-from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.quantize.recipes import parse_recipe
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe, embedder_quantizer_recipe
 from edge_quant_pipeline.runs.launch import materialize
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.settings import EXPORT_HF, GENERATIVE_API, ExporterSettingError
@@ -186,8 +187,7 @@ def export_hf_graph(tmp_path_factory):
         checkpoint_dir=str(root / "checkpoints"),
         artifact_store=ArtifactStore(url=str(root / "artifacts")),
         work_dir=str(root / "work"),
-        eval_text=str(TRAIN_TEXT),
-        eval_max_tokens=512,
+        evaluation=EvaluationConfig(text=str(TRAIN_TEXT), max_tokens=512),
     )
     models = [f"tiny-{model_type}" for model_type in GRAPH_FAMILIES]
     with dg.instance_for_test() as instance:

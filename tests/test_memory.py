@@ -23,7 +23,8 @@ from edge_quant_pipeline.memory import (
     machine_memory,
     rss_mb,
 )
-from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, CalibrationNeed
+from edge_quant_pipeline.quantize.catalog import CalibrationNeed
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES
 
 MACHINE = MachineMemory(total_mb=24_000, available_mb=20_000)  # headroom: 5% of the total, 1,200 MB
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import DEMO_MODEL, recipe_catalog
 
 from edge_quant_pipeline.checkpoints.validate import file_sha256, read_checkpoint
-from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.config import EvaluationConfig, PipelineConfig
 from edge_quant_pipeline.definitions import build_definitions
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, nightly_schedules, recipe_sensor
 from edge_quant_pipeline.graph import MODEL_ASSETS, QUANTIZE_JOB
@@ -242,9 +242,10 @@ def test_a_new_eval_text_rebuilds_the_reference_and_every_evaluation_but_no_expo
     every entry point, is a new artifact version, and is recorded in the manifest; the export is not redone."""
     instance, pipeline, root = world
     eval_text = tmp_path / "eval.txt"
-    eval_text.write_text(Path(pipeline.eval_text).read_text()[::-1])
+    eval_text.write_text(Path(pipeline.evaluation.text).read_text()[::-1])
+    evaluation = EvaluationConfig(**{**pipeline.evaluation.model_dump(), "text": str(eval_text)})
     edited = PipelineConfig(
-        **{**pipeline.model_dump(), "artifact_store": pipeline.artifact_store, "eval_text": str(eval_text)}
+        **{**pipeline.model_dump(), "artifact_store": pipeline.artifact_store, "evaluation": evaluation}
     )
     assert rebuild_plan(instance, edited, MODELS, RECIPES).convert == {m: ("float_reference",) for m in MODELS}
     with dg.build_sensor_context(instance=instance, resources={"pipeline": edited}) as context:
@@ -263,7 +264,7 @@ def test_a_new_eval_text_rebuilds_the_reference_and_every_evaluation_but_no_expo
     assert all(after > before[1][pair] for pair, after in quantizations(instance).items())
     manifests = published_versions(edited.store, "beta", "float")
     assert [m["evaluation_settings"]["eval_text_sha256"] for m in manifests[-2:]] == [
-        file_sha256(Path(pipeline.eval_text)),
+        file_sha256(Path(pipeline.evaluation.text)),
         file_sha256(eval_text),
     ]
     assert rebuild_plan(instance, edited, MODELS, RECIPES).empty

@@ -6,12 +6,8 @@ import pytest
 from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.calibration import quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import Storage, check_conformance
-from edge_quant_pipeline.quantize.recipes import (
-    RecipeError,
-    ai_edge_quantizer_recipe,
-    parse_recipe,
-    validate_for_model,
-)
+from edge_quant_pipeline.quantize.recipes import RecipeError, parse_recipe
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe, validate_for_model
 from edge_quant_pipeline.weights import read_weights
 
 

@@ -5,14 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_quant_pipeline.quantize.recipes import (
-    BUILTIN_RECIPES,
-    CalibrationNeed,
-    RecipeError,
-    ai_edge_quantizer_recipe,
-    load_catalog,
-    parse_recipe,
-)
+from edge_quant_pipeline.quantize.catalog import CalibrationNeed, load_catalog
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, RecipeError, parse_recipe
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
 
 REPO = Path(__file__).parent.parent
 

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 from conftest import metadata
 
-from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.config import ArtifactStore, EvaluationConfig, PipelineConfig
 from edge_quant_pipeline.evaluate.reference import LOGITS_FILE
 from edge_quant_pipeline.runs.launch import materialize
 from edge_quant_pipeline.synthetic import TRAIN_TEXT, write_checkpoint
@@ -39,7 +39,7 @@ def wide_vocab_run(tmp_path_factory):
         checkpoint_dir=str(root / "checkpoints"),
         artifact_store=ArtifactStore(url=str(root / "artifacts")),
         work_dir=str(root / "work"),
-        eval_text=str(TRAIN_TEXT),  # long enough for 2,048 tokens: 16 windows of 128
+        evaluation=EvaluationConfig(text=str(TRAIN_TEXT)),  # long enough for 2,048 tokens: 16 windows of 128
     )
     with dg.instance_for_test() as instance:
         summary = materialize(instance, pipeline, [MODEL], RECIPES, jobs=2)

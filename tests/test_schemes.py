@@ -12,7 +12,7 @@ import pytest
 from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.calibration import quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import check_conformance, stored_as
-from edge_quant_pipeline.quantize.recipes import RecipeError, ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.quantize.recipes import RecipeError, parse_recipe
 from edge_quant_pipeline.quantize.schemes import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -22,6 +22,7 @@ from edge_quant_pipeline.quantize.schemes import (
     Quantization,
     refusal,
 )
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
 from edge_quant_pipeline.runtime.session import InterpreterSession, RuntimeRejectedError
 from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.weights import read_weights

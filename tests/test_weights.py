@@ -3,7 +3,8 @@
 import pytest
 
 from edge_quant_pipeline.quantize.apply import quantize_tflite
-from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, ai_edge_quantizer_recipe, parse_recipe
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, parse_recipe
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
 from edge_quant_pipeline.weights import inspect_tflite
 
 # Per weight tensor of the graph, what a quantized file may hold beyond what the float one does, besides its

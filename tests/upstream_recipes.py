@@ -1,4 +1,4 @@
-"""litert-torch's own recipe translation, as a reference for ``recipes.ai_edge_quantizer_recipe``.
+"""litert-torch's own recipe translation, as a reference for ``translate.ai_edge_quantizer_recipe``.
 
 Upstream 0.10 scopes its rules with op names its converter no longer writes; ``retarget_scope``
 maps each of them to ours, so the only differences left are the ones we mean to make.

@@ -10,7 +10,8 @@ import dagster as dg
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.footprint import ModelSize, step_mb
 from edge_quant_pipeline.memory import MemoryLedger, PeakMemory
-from edge_quant_pipeline.quantize.recipes import CalibrationNeed, Recipe
+from edge_quant_pipeline.quantize.catalog import CalibrationNeed
+from edge_quant_pipeline.quantize.recipes import Recipe
 
 
 @dataclass

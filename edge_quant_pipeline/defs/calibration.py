@@ -20,7 +20,7 @@ from edge_quant_pipeline.quantize.calibration import (
     calibrate,
     hessian_bytes,
 )
-from edge_quant_pipeline.quantize.recipes import CalibrationNeed
+from edge_quant_pipeline.quantize.catalog import CalibrationNeed
 from edge_quant_pipeline.runtime.session import RuntimeRejectedError
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.weights import TfliteModel
@@ -36,7 +36,7 @@ def calibration(
     """Activation ranges, and for GPTQ input Hessians, of every fully-connected layer, over `calibration_samples`
     windows of the calibration text (EDGE_QUANT_CALIBRATION_TEXT); nothing when no recipe of the catalog is static
     or GPTQ. What it computes is in its code version: a catalog that needs more makes it run again."""
-    text, samples, need = Path(pipeline.calibration_text), pipeline.calibration_samples, pipeline.calibration_need
+    text, samples, need = Path(pipeline.calibration.text), pipeline.calibration.samples, pipeline.calibration_need
     settings = pipeline.calibration_settings()
     output = pipeline.work_path(checkpoint) / f"calibration-{settings['calibration_text_sha256'][:12]}-{samples}"
     if need is CalibrationNeed.NONE:

@@ -38,7 +38,7 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
     try:
         found = read_checkpoint(_checkpoint_folder(pipeline.checkpoint_dir_path, context.partition_key))
         # Fails here, at the checkpoint, for a family neither of litert-torch's exporters takes.
-        plan = plan_export(found.hf_config, found.path / "config.json", pipeline.exporter)
+        plan = plan_export(found.hf_config, found.path / "config.json", pipeline.export.exporter)
         found = replace(found, shape=plan.shape, exporter=plan.exporter)
     except (CheckpointError, UnsupportedArchitectureError, ExporterSettingError) as error:
         raise dg.Failure(str(error)) from None

@@ -47,7 +47,7 @@ def localization_metadata(
     reference: FloatReference,
 ) -> dict:
     """Error hotspots per tensor and per layer on the first prompt, and the memory that took."""
-    if not pipeline.localize_errors:
+    if not pipeline.evaluation.localize_errors:
         return {}
     prompt = reference.tokens()["prompts"][0]
     try:
@@ -59,8 +59,8 @@ def localization_metadata(
         context.log.warning(f"error localisation of {candidate.path} failed: {type(error).__name__}: {error}")
         return {"error_hotspots": f"not localised: {type(error).__name__}: {error}"}
     return {
-        "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.hotspots_top_n)),
-        "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.hotspots_top_n)),
+        "error_hotspots": dg.MetadataValue.md(hotspot_table(errors, pipeline.evaluation.hotspots_top_n)),
+        "error_by_layer": dg.MetadataValue.md(hotspot_table(layer_summary(errors), pipeline.evaluation.hotspots_top_n)),
         "localize_peak_rss_mb": memory.mb,
     }
 
@@ -144,7 +144,7 @@ def evaluation(
 def _bundle(pipeline: PipelineConfig, checkpoint: Checkpoint, quantized: TfliteModel, inputs) -> Bundle:
     """The LiteRT-LM bundle of the quantized file, beside it; a checkpoint that cannot make one fails here."""
     try:
-        spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.kv_cache_len)
+        spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.export_settings.kv_cache_len)
     except BundleError as error:
         raise rejected(pipeline, inputs, "bundle", error) from None
     return Bundle(build_bundle(quantized.path, spec, checkpoint.exporter, bundle_path(quantized.path)), spec)

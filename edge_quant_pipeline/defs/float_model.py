@@ -99,10 +99,10 @@ def float_reference(
     context: dg.AssetExecutionContext, pipeline: PipelineConfig, checkpoint: Checkpoint
 ) -> dg.Output[FloatReference]:
     """The float PyTorch model on the held-out text (logits, greedy continuations): what recipes are compared with."""
-    settings = pipeline.export_settings
+    settings, text = pipeline.export_settings, Path(pipeline.evaluation.text)
     try:  # before the model is loaded: a bad eval text costs nothing
-        tokens = tokenize(Path(pipeline.eval_text), checkpoint.path, checkpoint.vocab_size)
-        windows = eval_windows(tokens, settings.kv_cache_len, pipeline.eval_max_tokens, Path(pipeline.eval_text))
+        tokens = tokenize(text, checkpoint.path, checkpoint.vocab_size)
+        windows = eval_windows(tokens, settings.kv_cache_len, pipeline.evaluation.max_tokens, text)
     except EvalTextError as error:
         raise dg.Failure(str(error)) from None
     eval_text_sha256 = pipeline.evaluation_settings()["eval_text_sha256"]
@@ -119,7 +119,7 @@ def float_reference(
         metadata={
             "perplexity": reference.perplexity,
             "eval_tokens": reference.eval_tokens,
-            "eval_text": dg.MetadataValue.path(pipeline.eval_text),
+            "eval_text": dg.MetadataValue.path(pipeline.evaluation.text),
             "eval_text_sha256": eval_text_sha256,
             "reference": dg.MetadataValue.path(str(reference.path)),
             **usage.metadata(),

@@ -19,7 +19,7 @@ from edge_quant_pipeline.publish.store import record_failure
 from edge_quant_pipeline.quantize.apply import QuantizationError, quantize_model
 from edge_quant_pipeline.quantize.calibration import CalibrationMissingError, CalibrationStats, quantizer_calibration
 from edge_quant_pipeline.quantize.conformance import ConformanceRow, check_conformance
-from edge_quant_pipeline.quantize.recipes import ai_edge_quantizer_recipe, embedder_quantizer_recipe
+from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe, embedder_quantizer_recipe
 from edge_quant_pipeline.search import ResolvedRecipe
 from edge_quant_pipeline.settings import WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing

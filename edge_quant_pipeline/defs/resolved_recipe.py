@@ -19,7 +19,8 @@ from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.quantize.apply import QuantizationError
 from edge_quant_pipeline.quantize.calibration import CalibrationMissingError, CalibrationStats, quantizer_calibration
-from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError, validate_for_model
+from edge_quant_pipeline.quantize.recipes import Recipe, RecipeError
+from edge_quant_pipeline.quantize.translate import validate_for_model
 from edge_quant_pipeline.runtime.session import RuntimeRejectedError
 from edge_quant_pipeline.search import ResolvedRecipe, SearchContext, SearchError, SearchTrace, search
 from edge_quant_pipeline.settings import WORK_DIR_VARIABLE

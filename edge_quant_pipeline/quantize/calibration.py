@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edge_quant_pipeline.atomic import atomic_path
-from edge_quant_pipeline.runtime.session import Embedders, RuntimeRejectedError, causal_mask
+from edge_quant_pipeline.runtime.inspect import InspectingPrefill
 from edge_quant_pipeline.shapes import ExportSettings
 from edge_quant_pipeline.workstore import SharedFiles
 
@@ -165,42 +163,6 @@ class _Statistics:
         return arrays
 
 
-def _prefill_calls(
-    tflite: Path, windows: np.ndarray, settings: ExportSettings, num_threads: int
-) -> Iterator[tuple[Any, int]]:
-    """Runs each window chunk by chunk from an empty KV cache; yields (interpreter, prefill subgraph) after each
-    call, every intermediate tensor still readable."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    try:
-        # Every intermediate kept, and no XNNPACK, whose fused partitions leave the ones inside them undefined. The
-        # interpreter warns that keeping them costs memory: one call's activations, which the estimate counts.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            interpreter = Interpreter(
-                model_path=str(tflite),
-                num_threads=num_threads,
-                experimental_preserve_all_tensors=True,
-                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-            )
-        runner = interpreter.get_signature_runner(settings.prefill_signature)
-        details = runner.get_input_details()
-        embedders = Embedders(tflite, num_threads)
-        p = settings.prefill_len
-        for window in windows:
-            cache = {n: np.zeros(d["shape"], np.float32) for n, d in details.items() if n.startswith("kv_cache_")}
-            for start in range(0, len(window), p):
-                positions = np.arange(start, start + p, dtype=np.int32)
-                inputs = {**cache, **embedders.inputs(window[start : start + p]), "input_pos": positions}
-                if "mask" in details:
-                    inputs["mask"] = causal_mask(positions, int(details["mask"]["shape"][-1]))
-                outputs = runner(**inputs)
-                cache = {n: outputs[n] for n in cache}
-                yield interpreter, runner._subgraph_index  # the signature's subgraph, as ai-edge-quantizer finds it
-    except (RuntimeError, ValueError) as error:
-        raise RuntimeRejectedError(f"LiteRT could not run {tflite} for calibration: {error}") from error
-
-
 @dataclass(frozen=True)
 class CalibrationStats:
     """The statistics folder of one checkpoint, calibration text and sample count."""
@@ -237,16 +199,18 @@ def calibrate(
     """Run the float model over the calibration windows and store each layer's statistics in ``output``: ranges,
     and with ``hessians`` (GPTQ) each layer input's Hessian."""
     windows = calibration_windows(tokens, settings, samples, text)
-    prefill = fully_connected_layers(float_tflite)[settings.prefill_signature]
-    statistics = _Statistics({layer.input_name for layer in prefill} if hessians else set())
+    layers = fully_connected_layers(float_tflite)[settings.prefill_signature]
+    statistics = _Statistics({layer.input_name for layer in layers} if hessians else set())
     # Once per call each: layers that share an input (gate and up projections) share its statistics.
     tensors = {
-        **{layer.input_name: layer.input_index for layer in prefill},
-        **{layer.output_name: layer.output_index for layer in prefill},
+        **{layer.input_name: layer.input_index for layer in layers},
+        **{layer.output_name: layer.output_index for layer in layers},
     }
-    for interpreter, subgraph in _prefill_calls(float_tflite, windows, settings, num_threads):
-        for name, index in tensors.items():
-            statistics.add(name, interpreter.get_tensor(index, subgraph))
+    prefill = InspectingPrefill(float_tflite, settings, num_threads, "for calibration")
+    for window in windows:
+        for _ in prefill.run(window):
+            for name, index in tensors.items():
+                statistics.add(name, prefill.tensor(index))
     output.mkdir(parents=True, exist_ok=True)
     names = list(statistics.minimum)
     with atomic_path(output / STATS_FILE) as partial:
@@ -260,7 +224,7 @@ def calibrate(
                 "input": names.index(layer.input_name),
                 "output": names.index(layer.output_name),
             }
-            for layer in prefill
+            for layer in layers
         ],
     }
     with atomic_path(output / LAYERS_FILE) as partial:

@@ -5,15 +5,16 @@ dtype, granularity and compute path its weights really have, and whether their
 layers run on Hadamard-rotated inputs (``weights.py``). Both are reduced to rows
 keyed by (component, block) and compared. This is how we caught litert-torch 0.10
 applying the default scheme where a selective recipe asked for another (see
-``recipes.ai_edge_quantizer_recipe``). Of the algorithms, only the Hadamard rotation
+``translate.ai_edge_quantizer_recipe``). Of the algorithms, only the Hadamard rotation
 shows in the file's structure; GPTQ, OCTAV and MSE only change the values.
 """
 
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from edge_quant_pipeline.quantize.recipes import Recipe, scheme_for
+from edge_quant_pipeline.quantize.recipes import Recipe
 from edge_quant_pipeline.quantize.schemes import parse_quantization
+from edge_quant_pipeline.quantize.translate import scheme_for
 from edge_quant_pipeline.shapes import ModelShape
 from edge_quant_pipeline.weights import WeightTensor
 

@@ -1,4 +1,4 @@
-"""The recipe catalog: built-in recipes plus ``recipes.yaml``, validated, hashed, translated.
+"""The recipe language: what a recipe says, parsed and checked on its own, and the built-in recipes.
 
 A recipe names a quantization scheme for the whole model (``default``) and,
 optionally, its own scheme for the embedding, the attention layers and the
@@ -8,26 +8,21 @@ see ``schemes.py``). It is the data form of litert-torch's ``GenerativeQuantReci
 grown to what ai-edge-quantizer can do. A recipe may instead declare a quality
 budget (``search:``), which ``search.py`` resolves per model into such a recipe.
 
-This module imports neither torch nor litert-torch: Dagster loads it to build the
-``recipe`` partitions, and that must stay fast.
+``catalog.py`` reads the built-in recipes and ``recipes.yaml`` into the catalog; ``translate.py`` checks a recipe
+against a model and writes it as ai-edge-quantizer's recipe. None of the three imports torch or litert-torch:
+Dagster loads them to build the ``recipe`` partitions, and that must stay fast.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from edge_quant_pipeline import op_names
 from edge_quant_pipeline.gates import DEFAULT_GATES, GateConfigError, parse_gates
 from edge_quant_pipeline.quantize.schemes import (
-    SCHEMES,
     Compute,
     Op,
     Quantization,
@@ -230,7 +225,7 @@ def _component(recipe: str, component: str, value: Any, ops: tuple[Op, ...]) -> 
     return blocks
 
 
-def _at(source: Path | str, line: int | None) -> str:
+def where_in(source: Path | str, line: int | None) -> str:
     return f"{source}, line {line}" if line else str(source)
 
 
@@ -241,7 +236,7 @@ def parse_recipe(
     try:
         return _parse_recipe(name, body, source, default_gates)
     except RecipeError as error:
-        raise RecipeError(f"{_at(source, line)}: {error}") from None
+        raise RecipeError(f"{where_in(source, line)}: {error}") from None
 
 
 def _parse_recipe(name: str, body: Any, source: str, default_gates: Mapping[str, float]) -> Recipe:
@@ -308,226 +303,3 @@ def _search(recipe: str, body: Any) -> SearchSpec:
             "for example int8_dynamic."
         )
     return spec
-
-
-class CalibrationNeed(enum.Enum):
-    """What a checkpoint's calibration computes for the recipes of a catalog. Each step costs more: the Hessians
-    take 4 x input size^2 bytes per distinct layer input (5.1 GB for the Llama 3.2 1B shape's 16 layers)."""
-
-    NONE = "none"  # no recipe needs calibration: nothing runs
-    RANGES = "ranges"  # static activations: each layer's input and output ranges
-    HESSIANS = "hessians"  # GPTQ as well: each layer's input Hessian
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """Every recipe name users see as a partition; broken ones carry their error instead."""
-
-    recipes: dict[str, Recipe]
-    errors: dict[str, str]
-
-    @property
-    def calibration_need(self) -> CalibrationNeed:
-        usable = [recipe for name, recipe in self.recipes.items() if name not in self.errors]
-        if any(recipe.needs_hessians for recipe in usable):
-            return CalibrationNeed.HESSIANS
-        if any(recipe.needs_calibration for recipe in usable):
-            return CalibrationNeed.RANGES
-        return CalibrationNeed.NONE
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.recipes) + [name for name in self.errors if name not in self.recipes]
-
-    def get(self, name: str) -> Recipe:
-        if name in self.errors:
-            raise RecipeError(self.errors[name])
-        if name not in self.recipes:
-            raise RecipeError(f"recipe {name!r} is not in the catalog. Known recipes: {', '.join(self.names)}.")
-        return self.recipes[name]
-
-
-def _key_lines(node: yaml.Node | None) -> dict[str, int]:
-    """The line (from 1) of each key of a YAML mapping, for messages that say where to look."""
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {str(key.value): key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
-
-
-def _yaml_error(path: Path, error: yaml.YAMLError) -> RecipeError:
-    """One line: where the parser stopped and why, rather than PyYAML's multi-line excerpt."""
-    mark = getattr(error, "problem_mark", None)
-    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-    problem = getattr(error, "problem", None) or str(error)
-    context = getattr(error, "context", None)
-    reason = " ".join(f"{problem} {context or ''}".split())
-    return RecipeError(f"{where}: not valid YAML: {reason}.")
-
-
-def _read_yaml(path: Path) -> tuple[Any, dict[str, int], dict[str, int]]:
-    """The document, the lines of its top-level keys and of its recipes."""
-    try:
-        text = path.read_text()
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise _yaml_error(path, error) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"{path}: cannot be read as text ({error}).") from None
-    top = {str(key.value): value for key, value in root.value} if isinstance(root, yaml.MappingNode) else {}
-    return document, _key_lines(root), _key_lines(top.get("recipes"))
-
-
-def load_catalog(recipes_yaml: Path | None) -> Catalog:
-    """Built-in recipes plus those of ``recipes_yaml``.
-
-    A malformed recipe does not hide the others: it stays in the catalog with its
-    error (which names the file and line), so only its own partitions fail. A file that
-    is not YAML at all, or not a ``recipes:`` mapping, fails whole.
-    """
-    if recipes_yaml is None or not recipes_yaml.exists():
-        return Catalog(dict(BUILTIN_RECIPES), {})
-    document, top_lines, lines = _read_yaml(recipes_yaml)
-    entries = document.get("recipes", {}) if isinstance(document, Mapping) else None
-    if not isinstance(entries, Mapping):
-        raise RecipeError(f"{recipes_yaml}: expected a top-level 'recipes:' mapping of recipe name -> recipe.")
-    where = f"{_at(recipes_yaml, top_lines.get('gates'))} (top-level gates)"
-    try:
-        default_gates = {**DEFAULT_GATES, **parse_gates(where, document.get("gates"))}
-    except GateConfigError as error:
-        raise RecipeError(str(error)) from None
-    recipes = {name: replace(recipe, gates=default_gates) for name, recipe in BUILTIN_RECIPES.items()}
-    errors = {}
-    for name, body in entries.items():
-        name, where = str(name), _at(recipes_yaml, lines.get(str(name)))
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise RecipeError(f"{where}: recipe name {name!r} may only use letters, digits, '_', '.', '-'.")
-        try:
-            if name in BUILTIN_RECIPES:
-                raise RecipeError(f"{where}: recipe {name!r}: this name is built in; give yours another name.")
-            recipes[name] = parse_recipe(name, body, str(recipes_yaml), default_gates, lines.get(name))
-        except RecipeError as error:
-            errors[name] = str(error)
-    return Catalog(recipes, errors)
-
-
-def scheme_for(recipe: Recipe, component: str, block: int | None, tied_lm_head: bool) -> tuple[str, str | None]:
-    """(field that decides, scheme) for one component: narrower rules win over ``default``.
-
-    A tied LM head shares the embedding's weights, so it follows the embedding.
-    """
-    if component in PER_BLOCK_COMPONENTS:
-        value = getattr(recipe, component)
-        specific = value.get(block) if isinstance(value, Mapping) else value
-        field_name = f"{component}.{block}" if isinstance(value, Mapping) else component
-    elif component == "embedding" or (component == "lm_head" and tied_lm_head):
-        specific, field_name = recipe.embedding, "embedding"
-    elif component == "lm_head":
-        specific, field_name = recipe.lm_head, LM_HEAD
-    else:
-        specific, field_name = None, "default"
-    return (field_name, specific) if specific else ("default", recipe.default)
-
-
-def block_size(name: str | None) -> int | None:
-    return parse_quantization(name).scheme.block_size if name else None
-
-
-def fitting_block_schemes(dims: tuple[int, ...]) -> list[str]:
-    """The blockwise schemes whose block size divides every one of ``dims``."""
-    return [n for n, s in SCHEMES.items() if s.block_size and all(d % s.block_size == 0 for d in dims)]
-
-
-def validate_for_model(recipe: Recipe, shape) -> None:
-    """Checks that need the model: block indices that exist, int4 blocks that divide its weights.
-
-    ``shape`` is an ``architectures.ModelShape``. A search recipe is checked when it is resolved (``search.py``
-    leaves out the candidates that do not fit a component).
-    """
-    if recipe.lm_head and shape.tied_lm_head:
-        raise RecipeError(
-            f"recipe {recipe.name!r}, field {LM_HEAD!r}: this model's LM head is its embedding table (tied), which "
-            "follows the 'embedding' field; set that instead."
-        )
-    for component in PER_BLOCK_COMPONENTS:
-        value = getattr(recipe, component)
-        outside = sorted(b for b in value if b >= shape.num_layers) if isinstance(value, Mapping) else []
-        if outside:
-            raise RecipeError(
-                f"recipe {recipe.name!r}, field {component!r}: block index {outside[0]} is outside the model, "
-                f"which has {shape.num_layers} blocks (allowed indices: 0-{shape.num_layers - 1})."
-            )
-    for component, dims in shape.reduction_dims.items():
-        blocks = range(shape.num_layers) if component in PER_BLOCK_COMPONENTS else [None]
-        for block in blocks:
-            field_name, scheme = scheme_for(recipe, component, block, shape.tied_lm_head)
-            size = block_size(scheme)
-            bad = [d for d in dims if size and d % size]
-            if bad:
-                raise RecipeError(
-                    f"recipe {recipe.name!r}, field {field_name!r}: {scheme} needs the {component} weights' input "
-                    f"size divisible by {size}, but this model's is {bad[0]}. "
-                    f"Blockwise schemes that fit: {', '.join(fitting_block_schemes(dims)) or 'none'}; or use a "
-                    "per-channel scheme."
-                )
-
-
-# --- translation to ai-edge-quantizer -------------------------------------------------------------
-
-# The rules litert-torch 0.10's ``translate_recipe`` writes for a GenerativeQuantRecipe, field for
-# field and in the same order (tests/test_recipes.py pins them to upstream's output), but
-# - scoped with the op names litert-torch's converter writes today (op_names.py): upstream's scopes
-#   ('transformer_block/...', 'StatefulPartitionedCall') no longer match them, so its selective
-#   rules silently fall back to the default scheme;
-# - without importing litert_torch, which would cost every quantization run 6 s and 1.1 GB of torch.
-_ALL_OPS, _FULLY_CONNECTED = "*", "FULLY_CONNECTED"
-
-
-def _add_rule(manager, name: str, scope: str, operation: str | None = None) -> None:
-    from ai_edge_quantizer import qtyping
-
-    quantization = parse_quantization(name)
-    # Calibrated choices (static activations, GPTQ) exist for fully-connected layers only: a rule for every op of
-    # the scope would make its other ops static too, which the runtime cannot run (tests/test_schemes.py).
-    operation = operation or (_FULLY_CONNECTED if quantization.needs_calibration else _ALL_OPS)
-    manager.add_quantization_config(
-        regex=scope,
-        operation_name=qtyping.TFLOperationName(operation),
-        op_config=quantization.op_config(),
-        algorithm_key=quantization.algorithm_key,
-    )
-
-
-def ai_edge_quantizer_recipe(recipe: Recipe, tied_lm_head: bool) -> list[dict[str, Any]]:
-    """Plain-data ai-edge-quantizer recipe (empty for the float recipe)."""
-    from ai_edge_quantizer import recipe_manager
-
-    manager = recipe_manager.RecipeManager()
-    if recipe.default:
-        _add_rule(manager, recipe.default, ".*")
-    if recipe.embedding:
-        _add_rule(manager, recipe.embedding, op_names.EMBEDDING)
-        if tied_lm_head:  # the LM head reads the embedding's weights
-            _add_rule(manager, recipe.embedding, op_names.LM_HEAD, _FULLY_CONNECTED)
-    if recipe.lm_head and not tied_lm_head:
-        _add_rule(manager, recipe.lm_head, op_names.LM_HEAD, _FULLY_CONNECTED)
-    for component, layer in (("attention", op_names.ATTENTION), ("feedforward", op_names.FEEDFORWARD)):
-        value = getattr(recipe, component)
-        if isinstance(value, Mapping):
-            for block, scheme in value.items():
-                _add_rule(manager, scheme, op_names.block_scope(layer, str(block)))
-        elif value:
-            _add_rule(manager, value, op_names.block_scope(layer))
-    return manager.get_quantization_recipe()
-
-
-def embedder_quantizer_recipe(recipe: Recipe) -> list[dict[str, Any]]:
-    """For a model's embedder file (``embedders.py``), one embedding lookup: the recipe's embedding scheme."""
-    from ai_edge_quantizer import recipe_manager
-
-    scheme = scheme_for(recipe, "embedding", None, tied_lm_head=False)[1]
-    if not scheme:
-        return []
-    manager = recipe_manager.RecipeManager()
-    _add_rule(manager, scheme, ".*")
-    return manager.get_quantization_recipe()

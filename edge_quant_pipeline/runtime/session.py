@@ -75,17 +75,6 @@ class Embedders:
         return self._runners[key](token_ids=tokens[None].astype(np.int32))["embeddings"]
 
 
-def prefill_inputs(runner, prompt: np.ndarray, embedders: Embedders) -> dict[str, np.ndarray]:
-    """The inputs of a legacy interpreter's prefill runner for ``prompt`` from an empty KV cache (error
-    localisation): zeroed ``kv_cache_*``, and the causal mask where the signature takes one."""
-    details = runner.get_input_details()
-    positions = np.arange(len(prompt), dtype=np.int32)
-    inputs = {n: np.zeros(d["shape"], np.float32) for n, d in details.items() if n.startswith("kv_cache_")}
-    if "mask" in details:
-        inputs["mask"] = causal_mask(positions, int(details["mask"]["shape"][-1]))
-    return {**inputs, **embedders.inputs(prompt), "input_pos": positions}
-
-
 class _NativeStderr:
     """LiteRT's C++ runtime logs accelerator registration and teardown to file descriptor 2 around every model
     it loads and runs; this keeps that out of the terminal and the run logs, and keeps its error lines for the
