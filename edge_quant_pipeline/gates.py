@@ -12,6 +12,11 @@ GATES = {
     "min_generation_agreement": ("generation_agreement", operator.ge),
     "min_logits_sqnr_db": ("logits_sqnr_db", operator.ge),
 }
+# Not a threshold: with it, a gate on a metric that has a standard error fails only when the metric is past its
+# threshold by more than this many standard errors, so a recipe is not refused for a difference the eval text
+# cannot tell from noise. Without it (0), every gate compares the value alone.
+SIGNIFICANCE = "significance_sigmas"
+ALLOWED = (*GATES, SIGNIFICANCE)
 
 # Loose enough for int4 on the demo model (ppl ratio 1.03, top-1 0.87), tight enough
 # to stop a broken model; override per recipe or for all recipes in recipes.yaml.
@@ -26,11 +31,11 @@ def parse_gates(where: str, body: Any) -> dict[str, float]:
     if body is None:
         return {}
     if not isinstance(body, Mapping):
-        raise GateConfigError(f"{where}: 'gates' must map gate names to numbers; allowed gates: {', '.join(GATES)}.")
-    unknown = sorted(set(body) - set(GATES))
+        raise GateConfigError(f"{where}: 'gates' must map gate names to numbers; allowed gates: {', '.join(ALLOWED)}.")
+    unknown = sorted(set(body) - set(ALLOWED))
     if unknown:
         raise GateConfigError(
-            f"{where}: unknown gate(s) {', '.join(map(str, unknown))}; allowed gates: {', '.join(GATES)}."
+            f"{where}: unknown gate(s) {', '.join(map(str, unknown))}; allowed gates: {', '.join(ALLOWED)}."
         )
     for name, value in body.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -43,16 +48,27 @@ class GateResult:
     gate: str
     threshold: float
     value: float
+    error: float = 0.0  # the value's standard error, where the metric has one
+    sigmas: float = 0.0  # how many of them the value may be past the threshold (SIGNIFICANCE)
 
     @property
     def passed(self) -> bool:
         _, holds = GATES[self.gate]
-        return holds(self.value, self.threshold)
+        benefit = self.sigmas * self.error  # the value moved towards the threshold by its allowed noise
+        return holds(self.value - benefit if holds is operator.le else self.value + benefit, self.threshold)
 
     def __str__(self) -> str:
         verdict = "ok" if self.passed else "fails"
-        return f"{GATES[self.gate][0]} = {self.value:.4g} ({verdict} {self.gate} {self.threshold:g})"
+        value = f"{self.value:.4g} ± {self.error:.2g}" if self.error else f"{self.value:.4g}"
+        noise = f", by more than {self.sigmas:g} standard errors" if self.sigmas and self.error else ""
+        return f"{GATES[self.gate][0]} = {value} ({verdict} {self.gate} {self.threshold:g}{noise})"
 
 
 def check_gates(metrics: Mapping[str, float], gates: Mapping[str, float]) -> list[GateResult]:
-    return [GateResult(gate, threshold, float(metrics[GATES[gate][0]])) for gate, threshold in gates.items()]
+    sigmas = gates.get(SIGNIFICANCE, 0.0)
+    return [
+        GateResult(gate, threshold, float(metrics[field]), float(metrics.get(f"{field}_error", 0.0)), sigmas)
+        for gate, threshold in gates.items()
+        if gate != SIGNIFICANCE
+        for field in [GATES[gate][0]]
+    ]

@@ -28,6 +28,21 @@ def test_sqnr_of_known_noise():
     assert fidelity.logits_sqnr_db == pytest.approx(20.0)  # 10 log10(1 / 0.01)
 
 
+def test_a_mean_and_its_error_as_llama_cpp_reports_them():
+    """Four KL values 0, 0, 0, 4: mean 1, population variance 3, error sqrt(3 / 3) = 1; the same for top-1
+    agreement on 1 of 4 positions: sqrt(0.25 * 0.75 / 3)."""
+    assert metrics.mean_error(4.0, 16.0, 4) == pytest.approx(1.0)
+    assert metrics.mean_error(5.0, 25.0, 1) == 0.0
+    same = np.zeros((1, 4, 3))
+    same[0, 0, 1] = 1.0  # position 0 agrees on token 1; the others disagree below
+    other = np.zeros((1, 4, 3))
+    other[0, :, 1] = 1.0
+    same[0, 1:, 2] = 5.0
+    fidelity = compare(same, other, np.zeros((1, 4), int))
+    assert fidelity.top1_agreement == 0.25
+    assert fidelity.top1_agreement_error == pytest.approx(np.sqrt(0.25 * 0.75 / 3))
+
+
 def test_generation_agreement_and_first_divergence():
     reference = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     tokens = np.array([[1, 2, 9, 4], [5, 6, 7, 8]])
@@ -52,16 +67,33 @@ def one_shot(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> 
     nll = -np.take_along_axis(log_q[:, :-1], targets, axis=-1)
     ref_nll = -np.take_along_axis(log_p[:, :-1], targets, axis=-1)
     noise = np.square(logits.astype(np.float64) - reference).sum()
+    ratio = float(np.exp(nll.mean()) / np.exp(ref_nll.mean()))
+    same_top1 = (logits.argmax(-1) == reference.argmax(-1)).ravel()
+    delta_p = (q_correct - p_correct).ravel()
+    rms = np.sqrt(np.mean(delta_p**2))
     return dict(
         perplexity=float(np.exp(nll.mean())),
-        perplexity_ratio=float(np.exp(nll.mean()) / np.exp(ref_nll.mean())),
+        perplexity_ratio=ratio,
+        perplexity_ratio_error=ratio * standard_error(nll - ref_nll),
         mean_kl=float(kl.mean()),
+        mean_kl_error=standard_error(kl),
+        median_kl=float(np.median(kl)),
         p99_kl=float(np.percentile(kl, 99)),
+        p999_kl=float(np.percentile(kl, 99.9)),
         max_kl=float(kl.max()),
-        top1_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-        delta_p_correct=float((q_correct - p_correct).mean()),
+        top1_agreement=float(same_top1.mean()),
+        top1_agreement_error=standard_error(same_top1.astype(float)),
+        delta_p_correct=float(delta_p.mean()),
+        delta_p_correct_error=standard_error(delta_p),
+        rms_delta_p=float(rms),
+        rms_delta_p_error=float(standard_error(delta_p**2) / (2 * rms)),  # d sqrt(x) = dx / (2 sqrt(x))
         logits_sqnr_db=float(10 * np.log10(np.square(reference.astype(np.float64)).sum() / noise)),
     )
+
+
+def standard_error(values: np.ndarray) -> float:
+    values = np.ravel(values)
+    return float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 @pytest.mark.parametrize("vocab", [50, 3000])

@@ -171,3 +171,18 @@ def test_gate_results_read_as_sentences():
     )
     assert [r.passed for r in results] == [False, True]
     assert str(results[0]) == "perplexity_ratio = 1.2 (fails max_perplexity_ratio 1.1)"
+
+
+def test_a_significance_gate_fails_only_differences_beyond_the_noise():
+    """KL 0.012 ± 0.001 over a 0.010 threshold is 2 standard errors past it: refused when 1.5 are allowed, kept
+    when 3 are; without the setting the value alone decides, as before."""
+    from edge_quant_pipeline.gates import check_gates
+
+    metrics = {"mean_kl": 0.012, "mean_kl_error": 0.001, "top1_agreement": 0.85, "top1_agreement_error": 0.02}
+    plain = check_gates(metrics, {"max_mean_kl": 0.010, "min_top1_agreement": 0.88})
+    loose = check_gates(metrics, {"max_mean_kl": 0.010, "min_top1_agreement": 0.88, "significance_sigmas": 3})
+    tight = check_gates(metrics, {"max_mean_kl": 0.010, "significance_sigmas": 1.5})
+    assert [r.passed for r in plain] == [False, False]
+    assert [r.passed for r in loose] == [True, True]
+    assert [r.passed for r in tight] == [False]
+    assert str(tight[0]) == ("mean_kl = 0.012 ± 0.001 (fails max_mean_kl 0.01, by more than 1.5 standard errors)")

@@ -191,6 +191,12 @@ def test_report_shows_the_change_since_the_previous_version(copied):
     assert "Since the previous version:" in meta["report"] and "| fp16 " in meta["report"].split("Since")[1]
 
 
+def test_metrics_with_a_standard_error_show_it_in_their_cell():
+    row = {"recipe": "r", "status": "published", "file_bytes": 10, "mean_kl": 0.00032, "mean_kl_error": 0.00004}
+    table = to_markdown(build_report([row]))
+    assert "0.00032 ± 0.00004" in table and "mean_kl_error" not in table
+
+
 def test_the_all_models_report_of_models_without_reports_is_an_empty_table():
     # every model's report run failed (or none ran yet): the table has its columns and no row
     text = to_markdown(build_report([]).assign(model=None))

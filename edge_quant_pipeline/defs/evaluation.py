@@ -115,10 +115,14 @@ def evaluation(
     except RuntimeRejectedError as error:
         raise rejected(pipeline, inputs, "interpreter", error) from None
     context.log.info(
-        f"{quant_recipe.name}: perplexity {result.perplexity:.3f} "
-        f"({result.perplexity_ratio:.4f}x float), top-1 agreement {result.top1_agreement:.1%}"
+        f"{quant_recipe.name}: perplexity {result.perplexity:.3f} ({result.perplexity_ratio:.4f} ± "
+        f"{result.perplexity_ratio_error:.4f} x float), top-1 agreement {result.top1_agreement:.1%} ± "
+        f"{result.top1_agreement_error:.1%}"
     )
-    bundle_metadata = {"litertlm": dg.MetadataValue.path(str(bundle.path))}
+    bundle_metadata = {
+        "litertlm": dg.MetadataValue.path(str(bundle.path)),
+        "fidelity": dg.MetadataValue.md(result.fidelity_table()),
+    }
     yield dg.Output(result, metadata={**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()})
     gates = check_gates(result.as_dict(), quant_recipe.gates)
     failed = [g for g in gates if not g.passed]

@@ -38,11 +38,19 @@ class Evaluation:
     weight_ratio: float  # float weight bytes / this model's weight bytes
     perplexity: float
     perplexity_ratio: float
+    perplexity_ratio_error: float  # standard errors, as metrics.Fidelity computes them
     mean_kl: float
+    mean_kl_error: float
+    median_kl: float
     p99_kl: float
+    p999_kl: float
     max_kl: float
     top1_agreement: float
+    top1_agreement_error: float
     delta_p_correct: float
+    delta_p_correct_error: float
+    rms_delta_p: float
+    rms_delta_p_error: float
     logits_sqnr_db: float
     generation_agreement: float
     first_divergence: float
@@ -62,6 +70,22 @@ class Evaluation:
     def as_dict(self) -> dict[str, float | int | str]:
         flat = {k: v for k, v in asdict(self).items() if k != "litert_lm"}
         return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {})}
+
+    def fidelity_table(self) -> str:
+        """The agreement with the float model as llama.cpp's ``--kl-divergence`` prints it, each mean ± its
+        standard error (markdown)."""
+        rows = [
+            ("perplexity ratio", f"{self.perplexity_ratio:.4f} ± {self.perplexity_ratio_error:.4f}"),
+            ("mean KL", f"{self.mean_kl:.5f} ± {self.mean_kl_error:.5f}"),
+            (
+                "median / p99 / p99.9 / max KL",
+                f"{self.median_kl:.5f} / {self.p99_kl:.4f} / {self.p999_kl:.4f} / {self.max_kl:.4f}",
+            ),
+            ("same top-1", f"{self.top1_agreement:.2%} ± {self.top1_agreement_error:.2%}"),
+            ("mean Δp", f"{self.delta_p_correct:+.3%} ± {self.delta_p_correct_error:.3%}"),
+            ("RMS Δp", f"{self.rms_delta_p:.3%} ± {self.rms_delta_p_error:.3%}"),
+        ]
+        return "\n".join(["| metric | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
 @dataclass(frozen=True)

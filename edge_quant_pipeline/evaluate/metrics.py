@@ -8,10 +8,17 @@ with logits ``l_0 ... l_{n-1}`` (``l_i`` predicts ``t_{i+1}``):
 - KL(float || candidate) and top-1 agreement: at every position ``i`` (``n`` per window);
 - perplexity and the change in the probability of the true next token: at ``i < n-1`` (``n-1`` per window);
 - logit SQNR: over every logit of every position.
+
+Each mean comes with its standard error, as llama.cpp's ``--kl-divergence`` reports them: the error of a mean over
+``n`` values is their standard deviation over sqrt(n - 1); the perplexity ratio's is propagated from the mean of
+per-token log ratios (exp(mean) x its error), top-1 agreement's is binomial, and the RMS of Δp's from the mean of
+Δp². Positions are treated as independent samples, which neighbouring tokens of one text are not quite: the errors
+say whether two recipes differ beyond the noise of this text, not how they would score on another.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,17 +52,33 @@ def target_nll_sum(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
     return total, len(targets)
 
 
+def mean_error(total: float, squares: float, n: int) -> float:
+    """The standard error of a mean from the sum of ``n`` values and of their squares (0 for fewer than 2)."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    return math.sqrt(max(squares / n - mean * mean, 0.0) / (n - 1))
+
+
 @dataclass(frozen=True)
 class Fidelity:
-    """Teacher-forced agreement with the float model over the same windows."""
+    """Teacher-forced agreement with the float model over the same windows; ``*_error``: standard errors."""
 
     perplexity: float
     perplexity_ratio: float  # vs the PyTorch float model
+    perplexity_ratio_error: float
     mean_kl: float  # KL(float || candidate) of next-token distributions, nats
+    mean_kl_error: float
+    median_kl: float
     p99_kl: float
+    p999_kl: float
     max_kl: float
     top1_agreement: float  # fraction of positions whose most likely token matches float's
+    top1_agreement_error: float
     delta_p_correct: float  # mean change in the probability of the true next token
+    delta_p_correct_error: float
+    rms_delta_p: float  # root mean square of that change
+    rms_delta_p_error: float
     logits_sqnr_db: float  # signal-to-quantization-noise ratio of the logits
 
 
@@ -65,7 +88,10 @@ class _BlockSums:
     top1_matches: int
     nll: float
     reference_nll: float
+    log_ratio_squares: float  # sum of (log p - log q)^2 of the true next tokens
     delta_p: float
+    delta_p_squares: float
+    delta_p_fourths: float
     targets: int
     signal: float
     noise: float
@@ -82,12 +108,16 @@ def _block_sums(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) 
     scored = np.arange(len(targets))
     log_q_true = logits64[scored, targets] - lse_q[scored]
     log_p_true = reference64[scored, targets] - lse_p[scored]
+    delta_p = np.exp(log_q_true) - np.exp(log_p_true)
     return _BlockSums(
         kl=np.maximum(kl, 0.0).astype(np.float32),
         top1_matches=int((logits.argmax(-1) == reference.argmax(-1)).sum()),
         nll=-float(log_q_true.sum()),
         reference_nll=-float(log_p_true.sum()),
-        delta_p=float((np.exp(log_q_true) - np.exp(log_p_true)).sum()),
+        log_ratio_squares=float(np.square(log_p_true - log_q_true).sum()),
+        delta_p=float(delta_p.sum()),
+        delta_p_squares=float(np.square(delta_p).sum()),
+        delta_p_fourths=float(np.power(delta_p, 4).sum()),
         targets=len(targets),
         signal=float(np.einsum("ij,ij->", reference64, reference64)),
         noise=float(np.einsum("ij,ij->", difference, difference)),
@@ -100,8 +130,11 @@ class FidelityAccumulator:
 
     nll: float = 0.0
     reference_nll: float = 0.0  # the float model's, on the same positions
+    log_ratio_squares: float = 0.0
     targets: int = 0
     delta_p: float = 0.0
+    delta_p_squares: float = 0.0
+    delta_p_fourths: float = 0.0
     top1_matches: int = 0
     signal: float = 0.0
     noise: float = 0.0
@@ -121,7 +154,10 @@ class FidelityAccumulator:
             self.top1_matches += block.top1_matches
             self.nll += block.nll
             self.reference_nll += block.reference_nll
+            self.log_ratio_squares += block.log_ratio_squares
             self.delta_p += block.delta_p
+            self.delta_p_squares += block.delta_p_squares
+            self.delta_p_fourths += block.delta_p_fourths
             self.targets += block.targets
             self.signal += block.signal
             self.noise += block.noise
@@ -134,17 +170,33 @@ class FidelityAccumulator:
         """``reference_perplexity``: the float model's on the same positions; by default from the reference logits
         that were added."""
         kl = np.concatenate(self.kl).astype(np.float64)
-        perplexity = float(np.exp(self.nll / self.targets))
+        n, positions = self.targets, len(kl)
+        perplexity = float(np.exp(self.nll / n))
         if reference_perplexity is None:
-            reference_perplexity = float(np.exp(self.reference_nll / self.targets))
+            reference_perplexity = float(np.exp(self.reference_nll / n))
+        ratio = perplexity / reference_perplexity
+        top1 = self.top1_matches / positions
+        mean_square_dp = self.delta_p_squares / n
+        rms_dp = math.sqrt(mean_square_dp)
+        median, p99, p999 = np.percentile(kl, [50, 99, 99.9])
         return Fidelity(
             perplexity=perplexity,
-            perplexity_ratio=perplexity / reference_perplexity,
+            perplexity_ratio=ratio,
+            perplexity_ratio_error=ratio * mean_error(self.nll - self.reference_nll, self.log_ratio_squares, n),
             mean_kl=float(kl.mean()),
-            p99_kl=float(np.percentile(kl, 99)),
+            mean_kl_error=mean_error(float(kl.sum()), float(np.square(kl).sum()), positions),
+            median_kl=float(median),
+            p99_kl=float(p99),
+            p999_kl=float(p999),
             max_kl=float(kl.max()),
-            top1_agreement=self.top1_matches / len(kl),
-            delta_p_correct=self.delta_p / self.targets,
+            top1_agreement=top1,
+            top1_agreement_error=math.sqrt(top1 * (1 - top1) / (positions - 1)) if positions > 1 else 0.0,
+            delta_p_correct=self.delta_p / n,
+            delta_p_correct_error=mean_error(self.delta_p, self.delta_p_squares, n),
+            rms_delta_p=rms_dp,
+            rms_delta_p_error=0.5 * mean_error(self.delta_p_squares, self.delta_p_fourths, n) / rms_dp
+            if rms_dp
+            else 0.0,
             logits_sqnr_db=float(10 * np.log10(self.signal / self.noise)) if self.noise else float("inf"),
         )
 

@@ -130,8 +130,21 @@ def read_parquet(path: UPath) -> pd.DataFrame | None:
         return None
 
 
+def _with_errors(frame: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """Each metric that has a standard error (a ``<metric>_error`` column) as one cell, ``value ± error``."""
+    frame = frame.copy()
+    for column, (_, fmt) in columns.items():
+        error = f"{column}_error"
+        if fmt and error in frame:
+            frame[column] = [
+                f"{value:{fmt}} ± {spread:{fmt}}" if pd.notna(value) and pd.notna(spread) else value
+                for value, spread in zip(frame[column], frame[error], strict=True)
+            ]
+    return frame
+
+
 def _table(frame: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> str:
-    table = frame[list(columns)].rename(columns={k: v[0] for k, v in columns.items()})
+    table = _with_errors(frame, columns)[list(columns)].rename(columns={k: v[0] for k, v in columns.items()})
     table = table.astype(object).where(table.notna(), None)  # blank cells, not "nan"
     formats = tuple(fmt or "g" for _, fmt in columns.values())
     return table.to_markdown(index=False, floatfmt=formats, missingval="")
