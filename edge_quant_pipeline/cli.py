@@ -95,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
 
     scan = scan_checkpoints(settings.checkpoint_dir())
     models = args.model or list(scan.found)
+    unknown = [model for model in models if model not in scan.found]
+    if unknown:  # before any work: a typo would otherwise become a partition that fails for good
+        for model in unknown:
+            reason = scan.refusal_for(model) or f"no checkpoint folder of that id in {settings.checkpoint_dir()}"
+            print(
+                f"--model {model!r}: {reason}; the checkpoints there: {', '.join(scan.found) or 'none'}.",
+                file=sys.stderr,
+            )
+        return 2
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
     print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})")
     for refused in scan.refused:

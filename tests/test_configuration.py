@@ -11,6 +11,7 @@ import pytest
 
 from edge_quant_pipeline.cli import checked_recipes
 from edge_quant_pipeline.quantize.recipes import RecipeError
+from edge_quant_pipeline.settings import DEMO_CHECKPOINT_DIR
 
 BAD_SCHEME = "recipes:\n  good: {default: fp16}\n  bad:\n    default: int3\n"
 
@@ -27,9 +28,9 @@ def environment(home: Path, **settings: str) -> dict[str, str]:
     }
 
 
-def edge_quant_run(home: Path, **settings: str) -> subprocess.CompletedProcess:
+def edge_quant_run(home: Path, *args: str, **settings: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edge_quant_pipeline.cli", "run"],
+        [sys.executable, "-m", "edge_quant_pipeline.cli", "run", *args],
         cwd=home,  # ./recipes.yaml is the default recipes file
         env=environment(home, **settings),
         capture_output=True,
@@ -52,6 +53,15 @@ def test_a_missing_eval_text_is_one_line_before_the_export(tmp_path):
     assert refused(result, tmp_path) == [
         f"EDGE_QUANT_EVAL_TEXT='held-out.txt': no such file ({tmp_path / 'held-out.txt'}); set it to a UTF-8 text "
         "file of held-out text, or unset it for the demo's."
+    ]
+
+
+def test_a_mistyped_model_is_one_line_before_any_work(tmp_path):
+    """A typo would otherwise become a model partition that fails for good and fails every later run."""
+    result = edge_quant_run(tmp_path, "--model", "does-not-exist")
+    assert refused(result, tmp_path) == [
+        f"--model 'does-not-exist': no checkpoint folder of that id in {DEMO_CHECKPOINT_DIR}; the checkpoints there: "
+        f"{', '.join(sorted(p.name for p in DEMO_CHECKPOINT_DIR.iterdir() if (p / 'config.json').is_file()))}."
     ]
 
 

@@ -69,6 +69,17 @@ def test_a_failed_step_is_explained_by_its_own_exception_not_dagsters_wrapper():
     assert step_failure_reason(failure) == "OSError: [Errno 28] No space left on device"
 
 
+def test_a_failure_raised_on_purpose_is_its_description_alone():
+    @dg.asset
+    def refused_recipe():
+        raise dg.Failure(description="int3 on tiny: recipe failed: int3 is not a scheme.")
+
+    result = dg.materialize([refused_recipe], raise_on_error=False)
+    (failure,) = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
+    assert failure.message.startswith("dagster._core.definitions.events.Failure: ")
+    assert step_failure_reason(failure) == "int3 on tiny: recipe failed: int3 is not a scheme."
+
+
 def _run_in_a_fresh_worker(launch: LaunchContext, run: PlannedRun) -> tuple[list[str], set[str]]:
     # Runs in a spawned process, which imports this module (not conftest: that would pick new folders).
     outcome = Lane(launch).execute(run)

@@ -117,11 +117,14 @@ class Lane:
 
 
 def step_failure_reason(error: Any) -> str:
-    """The first line of what went wrong in a step (a ``SerializableErrorInfo``): Dagster wraps an exception a
-    step raises in one of its own ("Error occurred while executing op ..."), the exception being its cause."""
-    while error.cls_name == "DagsterExecutionStepExecutionError" and error.cause is not None:
+    """The first line of what went wrong in a step (a ``SerializableErrorInfo``). Dagster wraps an exception a
+    step raises, or one raised while loading its input, in one of its own ("Error occurred while executing op
+    ...", "... while loading input ..."), the exception being its cause; a ``dg.Failure`` the pipeline raises on
+    purpose is its description alone, without the class's module path."""
+    while error.cls_name.startswith("DagsterExecution") and error.cause is not None:
         error = error.cause
-    return error.message.strip().splitlines()[0]
+    first = error.message.strip().splitlines()[0]
+    return first.partition(": ")[2] or first if error.cls_name == "Failure" else first
 
 
 def _worker_main(connection: Connection, launch: LaunchContext) -> None:
