@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_quant_pipeline import settings
     from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
-    from edge_quant_pipeline.definitions import pipeline_config_from_env
+    from edge_quant_pipeline.config import pipeline_config_from_env
     from edge_quant_pipeline.publish.report import REPORT_FILE, read_parquet, to_markdown
     from edge_quant_pipeline.runs.launch import materialize
 

@@ -1,12 +1,14 @@
 """The resources every asset reads its paths and settings from: the pipeline's settings and the artifact store."""
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from upath import UPath
 
+from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, file_sha256
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed, Catalog, load_catalog
 from edge_quant_pipeline.settings import (
@@ -164,3 +166,32 @@ class PipelineConfig(dg.ConfigurableResource):
         )
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def artifact_store_from_env() -> ArtifactStore:
+    # An EnvVar shows in the UI which variable sets the store; Dagster refuses one that is unset.
+    if os.environ.get(settings.ARTIFACT_DIR_VARIABLE):
+        return ArtifactStore(url=dg.EnvVar(settings.ARTIFACT_DIR_VARIABLE))
+    return ArtifactStore(url=settings.DEFAULT_ARTIFACT_DIR)
+
+
+def pipeline_config_from_env() -> PipelineConfig:
+    return PipelineConfig(
+        checkpoint_dir=str(settings.checkpoint_dir()),
+        artifact_store=artifact_store_from_env(),
+        work_dir=str(settings.work_dir()),
+        work_store=settings.work_store() or "",
+        work_cache_gb=settings.work_cache_gb(),
+        export=ExportConfig(
+            prefill_len=settings.prefill_len(), kv_cache_len=settings.kv_cache_len(), exporter=settings.exporter()
+        ),
+        evaluation=EvaluationConfig(
+            text=str(settings.eval_text()),
+            max_tokens=settings.eval_max_tokens(),
+            localize_errors=settings.localize_errors(),
+            hotspots_top_n=settings.hotspots_top_n(),
+        ),
+        calibration=CalibrationConfig(text=str(settings.calibration_text()), samples=settings.calibration_samples()),
+        interpreter_threads=settings.interpreter_threads(),
+        recipes_file=str(settings.recipes_file().absolute()),
+    )

@@ -1,18 +1,10 @@
 """The code location: every asset, job and resource, in one Definitions object, built when Dagster loads it."""
 
-import os
-
 import dagster as dg
 
 from edge_quant_pipeline import defs as asset_modules
 from edge_quant_pipeline import graph, settings
-from edge_quant_pipeline.config import (
-    ArtifactStore,
-    CalibrationConfig,
-    EvaluationConfig,
-    ExportConfig,
-    PipelineConfig,
-)
+from edge_quant_pipeline.config import PipelineConfig, pipeline_config_from_env
 from edge_quant_pipeline.defs.automation import (
     automation_sensor,
     checkpoint_sensor,
@@ -36,35 +28,6 @@ def asset_jobs() -> list:
 
 
 IO_MANAGER_PREFIX = "step-outputs"  # under the work store, where step outputs are pickled
-
-
-def artifact_store_from_env() -> ArtifactStore:
-    # An EnvVar shows in the UI which variable sets the store; Dagster refuses one that is unset.
-    if os.environ.get(settings.ARTIFACT_DIR_VARIABLE):
-        return ArtifactStore(url=dg.EnvVar(settings.ARTIFACT_DIR_VARIABLE))
-    return ArtifactStore(url=settings.DEFAULT_ARTIFACT_DIR)
-
-
-def pipeline_config_from_env() -> PipelineConfig:
-    return PipelineConfig(
-        checkpoint_dir=str(settings.checkpoint_dir()),
-        artifact_store=artifact_store_from_env(),
-        work_dir=str(settings.work_dir()),
-        work_store=settings.work_store() or "",
-        work_cache_gb=settings.work_cache_gb(),
-        export=ExportConfig(
-            prefill_len=settings.prefill_len(), kv_cache_len=settings.kv_cache_len(), exporter=settings.exporter()
-        ),
-        evaluation=EvaluationConfig(
-            text=str(settings.eval_text()),
-            max_tokens=settings.eval_max_tokens(),
-            localize_errors=settings.localize_errors(),
-            hotspots_top_n=settings.hotspots_top_n(),
-        ),
-        calibration=CalibrationConfig(text=str(settings.calibration_text()), samples=settings.calibration_samples()),
-        interpreter_threads=settings.interpreter_threads(),
-        recipes_file=str(settings.recipes_file().absolute()),
-    )
 
 
 def io_manager(pipeline: PipelineConfig) -> dict[str, dg.ConfigurableIOManagerFactory]:

@@ -131,7 +131,7 @@ def test_the_demo_graph_on_two_celery_workers_equals_a_single_process_run(
     # Celery worker (one task per child) that imports Dagster and the code location, and torch for the
     # conversion's steps. That is what a distributed run costs; two recipes are the fewest that send every kind of
     # intermediate across workers.
-    from edge_quant_pipeline.definitions import pipeline_config_from_env
+    from edge_quant_pipeline.config import pipeline_config_from_env
     from edge_quant_pipeline.runs.launch import materialize
 
     with (dagster_home / "dagster.yaml").open("a") as profile:

@@ -147,7 +147,7 @@ def test_the_code_location_names_the_line_of_bad_yaml(tmp_path):
 
 def test_every_setting_that_shapes_an_asset_is_a_variable_the_pipeline_reads(monkeypatch, tmp_path):
     """What the UI's `pipeline` resource can change, `edge-quant run` can too, from the environment."""
-    from edge_quant_pipeline.definitions import pipeline_config_from_env
+    from edge_quant_pipeline.config import pipeline_config_from_env
 
     variables = {
         "EDGE_QUANT_PREFILL_LEN": ("export.prefill_len", "16", 16),

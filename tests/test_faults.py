@@ -25,8 +25,8 @@ from test_checkpoints import edit_tensors
 from edge_quant_pipeline.checkpoints.validate import UNREADABLE
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs.automation import checkpoint_sensor
+from edge_quant_pipeline.liveness import PROCESS_TAG
 from edge_quant_pipeline.publish.store import LATEST, MANIFEST, MODEL_FILE, STAGING
-from edge_quant_pipeline.runs.liveness import PROCESS_TAG
 
 HUGE = 20 << 30  # a sparse 20 GB file: reading it would take far longer than the checks may
 

@@ -6,7 +6,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import dagster as dg
 
-from edge_quant_pipeline.definitions import pipeline_config_from_env
+from edge_quant_pipeline.config import pipeline_config_from_env
 from edge_quant_pipeline.graph import MODEL_ASSETS
 from edge_quant_pipeline.memory import machine_memory
 from edge_quant_pipeline.runs.launch import launch

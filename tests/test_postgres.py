@@ -118,7 +118,8 @@ def checkpoint_sensor_every_second(context: dg.SensorEvaluationContext):
 @dg.definitions
 def watched_location() -> dg.Definitions:
     """The code location the daemon ticks in the test: the convert job and the sensor on EDGE_QUANT_CHECKPOINT_DIR."""
-    from edge_quant_pipeline.definitions import asset_jobs, defs, pipeline_config_from_env
+    from edge_quant_pipeline.config import pipeline_config_from_env
+    from edge_quant_pipeline.definitions import asset_jobs, defs
 
     return dg.Definitions(
         assets=defs().assets,

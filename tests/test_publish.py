@@ -59,7 +59,7 @@ def tflite(tmp_path) -> Path:
 
 
 def test_store_url_picks_the_filesystem(tmp_path, monkeypatch):
-    from edge_quant_pipeline.definitions import artifact_store_from_env
+    from edge_quant_pipeline.config import artifact_store_from_env
 
     assert ArtifactStore(url=str(tmp_path)).root.protocol == ""
     assert ArtifactStore(url="memory://bucket/prefix").root.protocol == "memory"

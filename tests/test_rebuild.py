@@ -18,8 +18,9 @@ from edge_quant_pipeline.definitions import build_definitions
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, nightly_schedules, recipe_sensor
 from edge_quant_pipeline.graph import MODEL_ASSETS, QUANTIZE_JOB
 from edge_quant_pipeline.publish.store import published_versions, record_failure
+from edge_quant_pipeline.rebuild import rebuild_plan
 from edge_quant_pipeline.runs.launch import materialize
-from edge_quant_pipeline.runs.plan import DueReports, rebuild_plan, reports_due
+from edge_quant_pipeline.runs.plan import DueReports, reports_due
 from edge_quant_pipeline.versions import artifact_inputs
 
 RECIPES = ["float", "dynamic_int8"]

@@ -112,7 +112,7 @@ def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(cop
     for that version beside its manifest. The report, latest.json and champion.json follow that evaluation, the
     version stays in the store, the pair is not retried with the same inputs, and passing again brings everything
     back."""
-    from edge_quant_pipeline.runs.plan import rebuild_plan
+    from edge_quant_pipeline.rebuild import rebuild_plan
 
     champion = json.loads((copied.store / DEMO_MODEL / CHAMPION).read_text())
     recipe, folder = champion["recipe"], copied.store / DEMO_MODEL / champion["recipe"]

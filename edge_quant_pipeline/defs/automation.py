@@ -21,7 +21,7 @@ from edge_quant_pipeline.checkpoints.folders import SeenCheckpoint, look_again, 
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partitions
 from edge_quant_pipeline.graph import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
-from edge_quant_pipeline.runs.plan import (
+from edge_quant_pipeline.rebuild import (
     DATA_VERSION_TAG,
     latest_tags,
     model_state,

@@ -16,7 +16,7 @@ from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.export.exporters import plan_export
-from edge_quant_pipeline.runs.liveness import RUN_PROCESS_EXECUTORS, fail_runs_of_dead_processes, process_tags
+from edge_quant_pipeline.liveness import RUN_PROCESS_EXECUTORS, fail_runs_of_dead_processes, process_tags
 from edge_quant_pipeline.settings import ExporterSettingError
 
 

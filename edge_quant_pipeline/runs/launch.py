@@ -26,17 +26,10 @@ import dagster as dg
 from edge_quant_pipeline import graph, settings
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
+from edge_quant_pipeline.liveness import fail_runs_of_dead_processes
 from edge_quant_pipeline.memory import Admission, admission, machine_memory, rss_mb
-from edge_quant_pipeline.runs.liveness import fail_runs_of_dead_processes
-from edge_quant_pipeline.runs.plan import (
-    PlannedRun,
-    RunOutcome,
-    plan_runs,
-    rebuild_plan,
-    reports_due,
-    run_estimates,
-    sync_recipe_partitions,
-)
+from edge_quant_pipeline.rebuild import rebuild_plan, sync_recipe_partitions
+from edge_quant_pipeline.runs.plan import PlannedRun, RunOutcome, plan_runs, reports_due, run_estimates
 from edge_quant_pipeline.runs.view import RunView
 from edge_quant_pipeline.runs.workers import LaunchContext, Worker
 

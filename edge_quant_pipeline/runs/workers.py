@@ -17,8 +17,8 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
 from edge_quant_pipeline.graph import BY_ASSET
+from edge_quant_pipeline.liveness import process_tags
 from edge_quant_pipeline.memory import Reservation, rss_mb
-from edge_quant_pipeline.runs.liveness import process_tags
 from edge_quant_pipeline.runs.plan import PlannedRun, RunOutcome
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
