@@ -30,6 +30,8 @@ LITERT_PROCESS_MB = 450
 # the Qwen3-4B shape (18.89 GB), 2.61 GB above the imports for 494M parameters in 24 layers, 1.48 GB for 135M in 30.
 EXPORT_BYTES_PER_PARAMETER = 5.0
 EXPORT_MB_PER_LAYER = 25
+FLOAT_REFERENCE_BYTES_PER_PARAMETER = 4.7
+FLOAT_REFERENCE_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
 # writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB
 # float file in 30 layers and 4.0 GB for a 1.9 GB one in 24; with int8 or int4 weights 1.1 and 1.4-1.7 GB, and
@@ -39,11 +41,13 @@ QUANTIZE_MB_PER_LAYER = 20
 # The runtime maps its XNNPACK weight cache (about the float weights' size) and the file's own pages for what
 # it does not pack: 1.4-1.6x the float file measured for the float recipe. Weights stored quantized but
 # computed in float (int8 weight-only, fp16) are also dequantized into float32 buffers, per signature: the
-# runtime alone took 7.95 GB for a weight-only int8 0.5B model (4.0x its 1.98 GB float file). Error
-# localisation, after the session, maps the float file without XNNPACK: about 1.1x (14.1 GB for the Llama 3.2 3B
-# shape's 12.0 GB float file, the largest part of its evaluation step whatever the recipe).
+# runtime alone took 7.95 GB for a weight-only int8 0.5B model (4.0x its 1.98 GB float file). A recipe with
+# integer compute runs its own, smaller file (4.2 GB for the Llama 3.2 3B shape's int8 file); error
+# localisation, after the session, maps the float file without XNNPACK, the largest part of such a step: 14.07 GB
+# for the Llama 3.2 3B shape's 12.0 GB float file (1.17x it, the process included).
 RUNTIME_FILES = 1.6
 DEQUANTIZING_RUNTIME_FILES = 4.3
+LOCALIZING_FILES = 1.2
 # Calibration runs the float file in TFLite's own kernels (no XNNPACK) with every intermediate kept: its step
 # peaked at 3.52 GB for the SmolLM2-135M shape's 0.54 GB file with 0.40 GB of Hessians, in the conversion run's
 # process (torch imported): about 2.2x the file beyond the process, the Hessians and a window of logits.
@@ -113,9 +117,11 @@ def export_mb(size: ModelSize) -> float:
 
 
 def float_reference_mb(size: ModelSize) -> float:
-    """The float32 model, the checkpoint's tensors while they load, and a window of logits."""
-    model = 4 * size.parameters + size.checkpoint_bytes + 3 * size.window_logit_bytes
-    return TORCH_PROCESS_MB + model / MB
+    """The float32 model (the checkpoint mapped and released as it loads, export/load.py), PyTorch's working
+    memory through the layers, and a window of logits. Measured (docs/real-sizes.md): 15.83 GB for the Llama 3.2 3B
+    shape (3.21B parameters, 28 layers), 6.88 GB for the Llama 3.2 1B shape, 3.98 GB for Qwen2.5-0.5B."""
+    model = FLOAT_REFERENCE_BYTES_PER_PARAMETER * size.parameters + 3 * size.window_logit_bytes
+    return TORCH_PROCESS_MB + model / MB + FLOAT_REFERENCE_MB_PER_LAYER * size.layers
 
 
 def calibration_mb(size: ModelSize, need: CalibrationNeed | None = None) -> float:
@@ -139,8 +145,12 @@ def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
 
 
 def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
-    """``recipe`` None: any (the largest)."""
-    files = DEQUANTIZING_RUNTIME_FILES if recipe is None or recipe.dequantizes else RUNTIME_FILES
+    """``recipe`` None: any (the largest). The float recipe's runtime holds the float file; a recipe with integer
+    compute holds less than error localisation, which maps the float file after it."""
+    if recipe is None or recipe.dequantizes:
+        files = DEQUANTIZING_RUNTIME_FILES
+    else:
+        files = RUNTIME_FILES if not recipe.schemes_used() else LOCALIZING_FILES
     runtime = files * size.float_tflite_bytes + WINDOW_LOGIT_COPIES * size.window_logit_bytes
     return LITERT_PROCESS_MB + runtime / MB
 

@@ -92,6 +92,7 @@ def test_reservations_of_dead_processes_are_dropped(tmp_path):
 SHAPES = {  # the real configs' sizes (edge_quant_pipeline.synthetic), float files as exported
     "smollm2-135m": ModelSize(134_515_008, 30, 49_152, 269_060_552, 540_453_760, 128),
     "qwen2.5-0.5b": ModelSize(494_032_768, 24, 151_936, 988_097_824, 1_977_895_968, 128),
+    "llama3.2-1b": ModelSize(1_235_814_400, 16, 128_256, 2_471_628_800, 4 * 1_235_814_400, 128),
     "llama3.2-3b": ModelSize(3_212_749_824, 28, 128_256, 6_425_499_648, 12_851_945_472, 128),
     "qwen3-4b": ModelSize(4_022_468_096, 36, 151_936, 8_044_936_192, 16_089_872_384, 128),
 }
@@ -144,6 +145,9 @@ MEASURED = [
     ("llama3.2-3b", "float_reference", None, 15_830),
     ("llama3.2-3b", "quantized_tflite", "dynamic_int4_block32", 7_530),
     ("llama3.2-3b", "evaluation", "dynamic_int8", 14_070),
+    ("llama3.2-3b", "evaluation", "dynamic_int4_block32", 14_060),
+    ("llama3.2-1b", "float_reference", None, 6_880),
+    ("llama3.2-1b", "evaluation", "dynamic_int8", 5_730),
     ("qwen3-4b", "float_tflite", None, 18_890),
     ("qwen2.5-0.5b", "float_reference", None, 3_980),
     ("qwen2.5-0.5b", "quantized_tflite", "fp16", 4_020),
