@@ -1,6 +1,7 @@
 """The resources every asset reads its paths and settings from: the pipeline's settings and the artifact store."""
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from upath import UPath
 
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, file_sha256
+from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed, Catalog, load_catalog
 from edge_quant_pipeline.settings import (
     AUTO,
@@ -19,6 +21,8 @@ from edge_quant_pipeline.settings import (
     DEFAULT_EVAL_TEXT,
     DEFAULT_HOTSPOTS_TOP_N,
     DEFAULT_INTERPRETER_THREADS,
+    DEFAULT_TASK_LIMIT,
+    DEFAULT_TASKS,
     DEFAULT_WORK_CACHE_GB,
 )
 from edge_quant_pipeline.shapes import ExportSettings
@@ -37,6 +41,21 @@ def text_sha256(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+def task_data_sha256(task: str) -> str | None:
+    """What a task's scores depend on besides its name: its files, for a demo task, a folder (every file in it:
+    keep a local task's data beside its YAML) or a YAML file; None for a registry task (lm-eval's own)."""
+    path = Path(task)
+    if task in DEMO_TASK_FILES:
+        files = DEMO_TASK_FILES[task]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        return None
+    return hashlib.sha256("".join(text_sha256(file) or "" for file in files).encode()).hexdigest()
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -78,6 +97,9 @@ class EvaluationConfig(dg.Config):
     # XNNPACK, about the float file's size, and a few seconds for a 0.5B model.
     localize_errors: bool = True
     hotspots_top_n: int = DEFAULT_HOTSPOTS_TOP_N
+    # lm-eval tasks each bundle answers in LiteRT-LM (evaluate/tasks.py), at most task_limit samples each (0: all).
+    tasks: list[str] = list(DEFAULT_TASKS)
+    task_limit: int = DEFAULT_TASK_LIMIT
 
 
 class CalibrationConfig(dg.Config):
@@ -127,6 +149,8 @@ class PipelineConfig(dg.ConfigurableResource):
             "interpreter_threads": self.interpreter_threads,
             "localize_errors": evaluation.localize_errors,
             "hotspots_top_n": evaluation.hotspots_top_n,
+            "tasks": {task: task_data_sha256(task) for task in evaluation.tasks},
+            "task_limit": evaluation.task_limit,
         }
 
     def calibration_settings(self) -> dict[str, Any]:
@@ -190,6 +214,8 @@ def pipeline_config_from_env() -> PipelineConfig:
             max_tokens=settings.eval_max_tokens(),
             localize_errors=settings.localize_errors(),
             hotspots_top_n=settings.hotspots_top_n(),
+            tasks=settings.tasks(),
+            task_limit=settings.task_limit(),
         ),
         calibration=CalibrationConfig(text=str(settings.calibration_text()), samples=settings.calibration_samples()),
         interpreter_threads=settings.interpreter_threads(),

@@ -106,7 +106,7 @@ STAGES = (
         "evaluation",
         QUANTIZE_JOB,
         "evaluate",
-        "evaluation-4",
+        "evaluation-5",  # 5: every mean with its standard error, and task accuracy in LiteRT-LM
         toolchain=WHOLE_TOOLCHAIN,
         settings=(EVALUATION,),
         memory="evaluation",

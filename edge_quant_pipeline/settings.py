@@ -51,6 +51,10 @@ DEFAULT_EVAL_MAX_TOKENS = 2048  # of the eval text, cut into windows of kv_cache
 DEFAULT_INTERPRETER_THREADS = 2
 DEFAULT_HOTSPOTS_TOP_N = 10
 DEFAULT_CALIBRATION_SAMPLES = 16
+# lm-eval tasks every recipe is scored on in LiteRT-LM (evaluate/tasks.py): the demo's two, built from its held-out
+# text, until a user names others; at most this many samples each.
+DEFAULT_TASKS = ("demo_cloze", "demo_completion")
+DEFAULT_TASK_LIMIT = 100
 
 
 class SettingError(ValueError):
@@ -277,6 +281,27 @@ def hotspots_top_n() -> int:
     return _whole_number("EDGE_QUANT_HOTSPOTS_TOP_N", DEFAULT_HOTSPOTS_TOP_N, "the error hotspots reported", 0)
 
 
+def tasks() -> list[str]:
+    """lm-eval tasks scored in LiteRT-LM: registry names, YAML files or folders of them, or the demo's; ``none``
+    scores none. A name that looks like a path must be one."""
+    name = "EDGE_QUANT_TASKS"
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return list(DEFAULT_TASKS)
+    chosen = [task.strip() for task in value.split(",") if task.strip() and task.strip().lower() != "none"]
+    for task in chosen:
+        if ("/" in task or task.endswith((".yaml", ".yml"))) and not Path(task).expanduser().exists():
+            raise SettingError(
+                f"{name}={value!r}: no task file or folder {task}; name lm-eval tasks (hellaswag, arc_easy), YAML "
+                f"files or folders of them, or the demo's ({', '.join(DEFAULT_TASKS)}), separated by commas."
+            )
+    return [str(Path(t).expanduser().absolute()) if Path(t).expanduser().exists() else t for t in chosen]
+
+
+def task_limit() -> int:
+    return _whole_number("EDGE_QUANT_TASK_LIMIT", DEFAULT_TASK_LIMIT, "samples per task, 0 for all", 0)
+
+
 def calibration_samples() -> int:
     return _whole_number(
         "EDGE_QUANT_CALIBRATION_SAMPLES", DEFAULT_CALIBRATION_SAMPLES, "calibration windows of kv_cache_len tokens"
@@ -368,6 +393,8 @@ SETTINGS = {
     "EDGE_QUANT_INTERPRETER_THREADS": interpreter_threads,
     "EDGE_QUANT_LOCALIZE_ERRORS": localize_errors,
     "EDGE_QUANT_HOTSPOTS_TOP_N": hotspots_top_n,
+    "EDGE_QUANT_TASKS": tasks,
+    "EDGE_QUANT_TASK_LIMIT": task_limit,
     "EDGE_QUANT_CALIBRATION_TEXT": calibration_text,
     "EDGE_QUANT_CALIBRATION_SAMPLES": calibration_samples,
     "EDGE_QUANT_EXPORTER": exporter,

@@ -167,6 +167,18 @@ def test_every_setting_that_shapes_an_asset_is_a_variable_the_pipeline_reads(mon
     }
 
 
+def test_tasks_are_names_files_or_none_and_a_missing_file_is_one_line(monkeypatch, tmp_path):
+    from edge_quant_pipeline import settings
+
+    monkeypatch.setenv("EDGE_QUANT_TASKS", f"hellaswag, {tmp_path}")
+    assert settings.tasks() == ["hellaswag", str(tmp_path)]
+    monkeypatch.setenv("EDGE_QUANT_TASKS", "none")
+    assert settings.tasks() == []
+    monkeypatch.setenv("EDGE_QUANT_TASKS", "demo_cloze,tasks/mine.yaml")
+    with pytest.raises(settings.SettingError, match=r"no task file or folder tasks/mine\.yaml; name lm-eval tasks"):
+        settings.tasks()
+
+
 def test_settings_shows_each_value_and_where_it_came_from(tmp_path):
     shown = subprocess.run(
         [sys.executable, "-m", "edge_quant_pipeline.cli", "settings"],

@@ -197,6 +197,17 @@ def test_metrics_with_a_standard_error_show_it_in_their_cell():
     assert "0.00032 ± 0.00004" in table and "mean_kl_error" not in table
 
 
+def test_task_scores_show_their_error_and_their_change_from_float_in_points():
+    rows = [
+        {"recipe": r, "status": "published", "file_bytes": size, "task_demo_cloze_acc": acc}
+        | {"task_demo_cloze_acc_error": 0.05}
+        for r, size, acc in (("float", 20, 0.6), ("dynamic_int4_block32", 10, 0.5))
+    ]
+    table = to_markdown(build_report(rows))
+    assert "| float                | 0.600 ± 0.050         |" in table
+    assert "| dynamic_int4_block32 | 0.500 ± 0.050 (-10.0) |" in table
+
+
 def test_the_all_models_report_of_models_without_reports_is_an_empty_table():
     # every model's report run failed (or none ran yet): the table has its columns and no row
     text = to_markdown(build_report([]).assign(model=None))

@@ -11,7 +11,7 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.evaluate.evaluation import Bundle, evaluate
+from edge_quant_pipeline.evaluate.evaluation import Bundle, TaskRequest, evaluate
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.footprint import model_size
@@ -108,7 +108,8 @@ def evaluation(
         with admitted(context, size, quant_recipe) as usage:
             bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it
-            result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle)
+            tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
+            result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle, tasks)
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
@@ -119,9 +120,12 @@ def evaluation(
         f"{result.perplexity_ratio_error:.4f} x float), top-1 agreement {result.top1_agreement:.1%} ± "
         f"{result.top1_agreement_error:.1%}"
     )
+    if result.tasks_error:
+        context.log.warning(result.tasks_error)
     bundle_metadata = {
         "litertlm": dg.MetadataValue.path(str(bundle.path)),
         "fidelity": dg.MetadataValue.md(result.fidelity_table()),
+        **({"tasks": dg.MetadataValue.md(result.task_table())} if result.tasks else {}),
     }
     yield dg.Output(result, metadata={**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()})
     gates = check_gates(result.as_dict(), quant_recipe.gates)

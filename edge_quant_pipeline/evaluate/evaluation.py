@@ -5,7 +5,8 @@ through the prefill signature with the KV cache carried across chunks, window by
 reference, so memory holds one window of logits. Free-running greedy generation through the decode signature
 proves the decode path. Latency and the interpreter's own memory are measured in a fresh process.
 The LiteRT-LM bundle of the same file then generates from the same prompts in LiteRT-LM itself, in a fresh
-process too (``litert_lm.py``), and is compared with the interpreter's generation.
+process too (``litert_lm.py``), and is compared with the interpreter's generation; once it runs, it answers the
+configured lm-eval tasks there (``tasks.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, RuntimeC
 from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
 from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.evaluate.tasks import TaskRunError, TaskScore, run_tasks
 from edge_quant_pipeline.memory import PeakMemory
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.shapes import ExportSettings
@@ -66,10 +68,17 @@ class Evaluation:
     eval_peak_rss_mb: float  # of the evaluating process while it scored and generated
     litert_lm: RuntimeCheck | None  # the bundle in LiteRT-LM; None when it failed, and ``litert_lm_error`` says why
     litert_lm_error: str
+    tasks: tuple[TaskScore, ...]  # lm-eval tasks answered by the bundle in LiteRT-LM (tasks.py)
+    tasks_error: str  # why they were not, when they were asked for and could not be
 
     def as_dict(self) -> dict[str, float | int | str]:
-        flat = {k: v for k, v in asdict(self).items() if k != "litert_lm"}
-        return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {})}
+        flat = {k: v for k, v in asdict(self).items() if k not in ("litert_lm", "tasks")}
+        tasks = {
+            f"task_{score.task}_{name}": value
+            for score in self.tasks
+            for name, value in ((score.metric, score.value), (f"{score.metric}_error", score.stderr))
+        }
+        return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {}), **tasks}
 
     def fidelity_table(self) -> str:
         """The agreement with the float model as llama.cpp's ``--kl-divergence`` prints it, each mean ± its
@@ -86,6 +95,17 @@ class Evaluation:
             ("RMS Δp", f"{self.rms_delta_p:.3%} ± {self.rms_delta_p_error:.3%}"),
         ]
         return "\n".join(["| metric | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
+
+    def task_table(self) -> str:
+        """Each task's score in LiteRT-LM ± its standard error, and the samples scored (markdown)."""
+        rows = [f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {s.samples} |" for s in self.tasks]
+        return "\n".join(["| task | metric | score | samples |", "|---|---|---|---:|", *rows])
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    names: tuple[str, ...]  # lm-eval tasks (tasks.py); empty: none
+    limit: int  # samples per task; 0: all
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,7 @@ def evaluate(
     settings: ExportSettings,
     num_threads: int,
     bundle: Bundle,
+    tasks: TaskRequest,
 ) -> Evaluation:
     # The profile's fresh process first, while this one holds no runtime: the two never hold one each at once.
     with timed_alone():
@@ -135,6 +156,7 @@ def evaluate(
         litert_lm_error = ""
     except BundleRejectedError as error:
         check, litert_lm_error = None, str(error)
+    scores, tasks_error = _task_scores(bundle, tasks, settings) if check is not None else ((), "")
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,
@@ -151,4 +173,17 @@ def evaluate(
         eval_peak_rss_mb=memory.mb,
         litert_lm=check,
         litert_lm_error=litert_lm_error,
+        tasks=scores,
+        tasks_error=tasks_error,
     )
+
+
+def _task_scores(bundle: Bundle, tasks: TaskRequest, settings: ExportSettings) -> tuple[tuple[TaskScore, ...], str]:
+    """The tasks' scores in LiteRT-LM, or why there are none; a task that cannot run takes nothing else with it."""
+    if not tasks.names:
+        return (), ""
+    try:
+        with computing():
+            return tuple(run_tasks(bundle.path, list(tasks.names), tasks.limit, settings.kv_cache_len)), ""
+    except TaskRunError as error:
+        return (), str(error)

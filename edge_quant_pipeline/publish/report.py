@@ -158,11 +158,42 @@ def to_markdown(frame: pd.DataFrame) -> str:
     if not changed.empty:
         delta_columns = {"model": ("model", ""), **DELTA_COLUMNS} if "model" in frame else DELTA_COLUMNS
         text += "\n\nSince the previous version:\n\n" + _table(changed, delta_columns)
+    tasks = task_table(frame)
+    text += (
+        "\n\nTasks in LiteRT-LM (score ± standard error, change from the float recipe in points):\n\n" + tasks
+        if tasks
+        else ""
+    )
     searched = "".join(f"\n- **{row.recipe}**: {row.search}" for row in frame[frame["search"].notna()].itertuples())
     text += "\n\nResolved by search:" + searched if searched else ""
     failures = frame[frame["error"].notna()]
     notes = "".join(f"\n- **{row.recipe}**: {row.error}" for row in failures.itertuples())
     return text + ("\n\nNot published:" + notes if notes else "")
+
+
+def task_table(frame: pd.DataFrame) -> str:
+    """Each task's score per published recipe (a ``task_<task>_<metric>`` column, its error beside it), and its
+    change from the same model's float recipe, in points; "" without task scores."""
+    scores = [c for c in frame if c.startswith("task_") and not c.endswith("_error") and frame[c].notna().any()]
+    if not scores:
+        return ""
+    published = [(row.get("model", ""), row) for _, row in frame[frame["status"] == "published"].iterrows()]
+    floats = {model: row for model, row in published if row["recipe"] == "float"}
+
+    def cell(row: pd.Series, model: str, column: str) -> str:
+        value, error = row[column], row.get(f"{column}_error")
+        if pd.isna(value):
+            return ""
+        reference = floats[model][column] if model in floats and row["recipe"] != "float" else None
+        change = f" ({(value - reference) * 100:+.1f})" if reference is not None and pd.notna(reference) else ""
+        return f"{value:.3f} ± {error:.3f}{change}"
+
+    rows = [
+        {**({"model": model} if "model" in frame else {}), "recipe": row["recipe"]}
+        | {column.removeprefix("task_"): cell(row, model, column) for column in scores}
+        for model, row in published
+    ]
+    return pd.DataFrame(rows).to_markdown(index=False)
 
 
 def size_quality_png(frame: pd.DataFrame) -> bytes:

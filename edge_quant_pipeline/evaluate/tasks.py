@@ -1,0 +1,248 @@
+"""Task accuracy in LiteRT-LM: lm-evaluation-harness tasks answered by a bundle in the runtime itself, as an app
+runs it, in a fresh process (as ``litert_lm.py`` runs it).
+
+lm-eval reads the tasks, sends its requests and scores the answers; the model it asks is ``LiteRtLmHarness``:
+
+- a log-likelihood request (a multiple choice sends one per choice) is a new session that prefills the context
+  and scores the continuation with ``Session.run_text_scoring``: the sum of the natural-log probabilities of its
+  tokens, at temperature 1, as the runtime computes them;
+- a generation request is a new greedy session that prefills the context and decodes at most the task's
+  ``max_gen_toks`` tokens, cut at the first of its stop strings.
+
+The runtime prepends the bundle's start token to a session's first prefill, as it does for an app. It offers no
+rolling log-likelihood, so lm-eval's perplexity tasks are refused by name. A context longer than the bundle's
+token budget (its KV cache) less the continuation is cut from the left, as lm-eval's own models cut it.
+
+    python -m edge_quant_pipeline.evaluate.tasks model.litertlm --task demo_cloze --limit 50 --max-tokens 128
+
+Tasks are lm-eval's registry names (their data downloaded by ``datasets`` when online), YAML files or folders of
+them (a local task: YAML + JSONL, as lm-eval allows), or the demo's two (``demo/make_tasks.py``): ``demo_cloze``,
+the last word of each held-out sentence among four (accuracy), and ``demo_completion``, that word generated
+(exact match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEMO_TASK_DIR = Path(__file__).parent.parent / "demo" / "tasks"
+DEMO_TASK_FILES = {
+    "demo_cloze": [DEMO_TASK_DIR / "cloze.jsonl"],
+    "demo_completion": [DEMO_TASK_DIR / "completion.jsonl"],
+}
+# Metrics that are not a task's score: lm-eval's bookkeeping in its results.
+_NOT_SCORES = ("alias", "samples")
+
+
+class TaskRunError(RuntimeError):
+    """lm-eval or LiteRT-LM could not run the tasks; the message names the bundle and the reason."""
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's score in the runtime: its first metric (accuracy, exact match...) and that metric's standard
+    error over the samples scored."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    samples: int
+
+
+def _local(name: str, body: dict) -> dict:
+    """A task config over the demo's JSONL file of ``name`` (lm-eval's ``json`` dataset: read locally)."""
+    files = {"test": str(DEMO_TASK_FILES[name][0])}
+    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test", **body}
+
+
+def demo_task_configs() -> dict[str, dict]:
+    """The demo's tasks as lm-eval task configs, reading the JSONL files the package ships."""
+    return {
+        "demo_cloze": _local(
+            "demo_cloze",
+            {
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{context}}",
+                "doc_to_choice": "choices",
+                "doc_to_target": "answer",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            },
+        ),
+        "demo_completion": _local(
+            "demo_completion",
+            {
+                "output_type": "generate_until",
+                "doc_to_text": "{{prompt}}",
+                "doc_to_target": "{{answer}}",
+                "generation_kwargs": {"until": [" ", ".", ",", "\n"], "max_gen_toks": 16, "do_sample": False},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            },
+        ),
+    }
+
+
+def run_tasks(bundle: Path, tasks: list[str], limit: int, max_tokens: int) -> list[TaskScore]:
+    """``tasks`` scored by ``bundle`` in LiteRT-LM in a fresh process, at most ``limit`` samples each (0: all).
+    Its XNNPACK cache goes to a scratch folder beside the bundle, removed when the run ends."""
+    with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.tasks-") as scratch:
+        command = [sys.executable, "-m", __name__, str(bundle), "--limit", str(limit), "--max-tokens", str(max_tokens)]
+        command += [a for task in tasks for a in ("--task", task)] + ["--cache-dir", scratch]
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
+        reason = errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
+        raise TaskRunError(f"tasks {', '.join(tasks)} on {bundle}: {reason}")
+    return [TaskScore(**score) for score in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def _harness_class():
+    """``LiteRtLmHarness``, defined where lm-eval is imported: the parent process never imports it."""
+    from lm_eval.api.model import LM
+
+    class LiteRtLmHarness(LM):
+        def __init__(self, engine, max_tokens: int):
+            super().__init__()
+            self.engine, self.max_tokens = engine, max_tokens
+
+        def _fit(self, context: str, reserved: int) -> str:
+            """``context`` cut from the left so that it and ``reserved`` tokens (and a start token) fit."""
+            tokens = self.engine.tokenize(context)
+            room = max(self.max_tokens - reserved - 1, 1)
+            return context if len(tokens) <= room else self.engine.detokenize(tokens[-room:])
+
+        def _scoring_prefill(self, context: str) -> str:
+            """What to prefill so that text scoring sees ``context``. LiteRT-LM 0.18's first ``run_text_scoring``
+            after a prefill rewinds the KV cache one position too far (google-ai-edge/LiteRT-LM#3561): it scores
+            as if the prefill's second-to-last token were not there (``tests/test_bundle.py`` pins that, against
+            the float PyTorch model). So a filler token goes before the context's last one, where it is dropped;
+            the filler is the first text that stays one token of its own between them."""
+            tokens = self.engine.tokenize(context)
+            if not tokens:
+                return context
+            head, last = self.engine.detokenize(tokens[:-1]), self.engine.detokenize(tokens[-1:])
+            for filler in (last, " ", "\n"):
+                padded = self.engine.tokenize(head + filler + last)
+                if len(padded) == len(tokens) + 1 and padded[:-2] == tokens[:-1] and padded[-1] == tokens[-1]:
+                    return head + filler + last
+            raise TaskRunError(f"cannot score after {context[-40:]!r}: no filler keeps its last token whole.")
+
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            results = []
+            for request in requests:
+                context, continuation = request.args[:2]
+                context = self._fit(context, len(self.engine.tokenize(continuation)) + 1)
+                with self.engine.create_session(apply_prompt_template=False) as session:
+                    session.run_prefill([self._scoring_prefill(context)])
+                    scored = session.run_text_scoring([continuation])
+                results.append((float(scored.scores[0]), False))  # greedy or not is not asked by acc
+            return results
+
+        def generate_until(self, requests) -> list[str]:
+            import litert_lm
+
+            results = []
+            for request in requests:
+                context, options = request.args[:2]
+                budget = int(options.get("max_gen_toks", 32))
+                until = [stop for stop in options.get("until", []) if stop]
+                with self.engine.create_session(
+                    apply_prompt_template=False,
+                    sampler_config=litert_lm.SamplerConfig(top_k=1),
+                    max_output_tokens=budget,
+                ) as session:
+                    session.run_prefill([self._fit(context, budget)])
+                    text = "".join(session.run_decode().texts)
+                cut = min((i for i in (text.find(stop) for stop in until) if i >= 0), default=len(text))
+                results.append(text[:cut])
+            return results
+
+        def loglikelihood_rolling(self, requests) -> list[float]:
+            raise TaskRunError(
+                "LiteRT-LM scores a continuation after a prefilled context, not a whole text (lm-eval's perplexity "
+                "tasks); choose a multiple-choice or generation task."
+            )
+
+    return LiteRtLmHarness
+
+
+def _tasks_for(names: list[str], scratch: Path):
+    """lm-eval's task names for ``names`` (the tasks of the demo's, of local YAML files and folders, the registry's)
+    and the TaskManager that indexes them (lm-eval's own tasks only when one is named). The demo's go through the
+    same path as a user's local task: YAML files, written into ``scratch``."""
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    demo = demo_task_configs()
+    for name in set(names) & set(demo):
+        (scratch / f"{name}.yaml").write_text(yaml.safe_dump(demo[name]))
+    paths = [
+        (scratch / f"{n}.yaml") if n in demo else Path(n).resolve() for n in names if n in demo or Path(n).exists()
+    ]
+    registry = [name for name in names if name not in demo and not Path(name).exists()]
+    folders = sorted({str(path if path.is_dir() else path.parent) for path in paths})
+    manager = TaskManager(include_path=folders or None, include_defaults=bool(registry), verbosity="ERROR")
+
+    def named_by_a_path(entry: dict) -> bool:
+        source = entry.get("yaml_path")
+        return isinstance(source, str) and any(path in (Path(source), *Path(source).parents) for path in paths)
+
+    local = [name for name, entry in manager.task_index.items() if entry["type"] == "task" and named_by_a_path(entry)]
+    return local + registry, manager
+
+
+def _score(name: str, result: dict, samples: int) -> TaskScore:
+    metric_key = next(
+        k for k, v in result.items() if "_stderr" not in k and k not in _NOT_SCORES and not isinstance(v, str)
+    )
+    stderr = result.get(metric_key.replace(",", "_stderr,", 1))
+    return TaskScore(name, metric_key.split(",")[0], float(result[metric_key]), float(stderr or 0.0), samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--task", action="append", required=True)
+    parser.add_argument("--limit", type=int, default=0, help="samples per task; 0: all")
+    parser.add_argument("--max-tokens", type=int, required=True, help="the bundle's token budget (its KV cache)")
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    args = parser.parse_args()
+    if all(Path(task).exists() or task in DEMO_TASK_FILES for task in args.task):
+        # Local files only: nothing to look up online, and their datasets cache goes with the scratch folder.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_CACHE", str(args.cache_dir / "datasets"))
+    import litert_lm
+    import lm_eval
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    tasks, manager = _tasks_for(args.task, args.cache_dir)
+    with litert_lm.Engine(
+        str(args.bundle), backend=litert_lm.Backend.CPU(), max_num_tokens=args.max_tokens, cache_dir=str(args.cache_dir)
+    ) as engine:
+        results = lm_eval.simple_evaluate(
+            model=_harness_class()(engine, args.max_tokens),
+            tasks=tasks,
+            limit=args.limit or None,
+            task_manager=manager,
+            bootstrap_iters=1000,  # for metrics without a closed-form error; a mean's is computed
+            log_samples=False,
+            torch_random_seed=None,
+            verbosity="ERROR",
+        )
+    samples = results.get("n-samples", {})
+    scores = [
+        _score(name, result, samples.get(name, {}).get("effective", 0)) for name, result in results["results"].items()
+    ]
+    print(json.dumps([asdict(score) for score in scores]))
+
+
+if __name__ == "__main__":
+    main()
