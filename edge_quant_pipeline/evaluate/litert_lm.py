@@ -97,6 +97,14 @@ def check_bundle(
     return RuntimeCheck(run, interpreter_agreement=agreement(interpreter), float_agreement=agreement(float_model))
 
 
+def failure_reason(done: subprocess.CompletedProcess) -> str:
+    """Why a fresh process running LiteRT-LM failed: the runtime's first error line (glog's "E0000 ...
+    file.cc:123] message"; the later ones are its teardown complaining), else Python's last word."""
+    lines = done.stderr.strip().splitlines()
+    errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
+    return errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
+
+
 def run_bundle(bundle: Path, prompts: list[str], num_tokens: int) -> RuntimeRun:
     """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process. The XNNPACK cache the
     runtime would write next to the bundle (packed weights, as large as the model) goes to a scratch folder
@@ -108,12 +116,7 @@ def run_bundle(bundle: Path, prompts: list[str], num_tokens: int) -> RuntimeRun:
         command += ["--tokens", str(num_tokens), "--cache-dir", scratch]
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
     if done.returncode != 0:
-        # the runtime's first error line (glog's "E0000 ... file.cc:123] message"; the later ones are its teardown
-        # complaining), else Python's last word
-        lines = done.stderr.strip().splitlines()
-        errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
-        reason = errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
-        raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {reason}")
+        raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {failure_reason(done)}")
     run = RuntimeRun(**json.loads(done.stdout.strip().splitlines()[-1]))
     if not all(run.texts):
         raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")

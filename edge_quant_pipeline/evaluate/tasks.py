@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_quant_pipeline.evaluate.litert_lm import failure_reason
+
 DEMO_TASK_DIR = Path(__file__).parent.parent / "demo" / "tasks"
 DEMO_TASK_FILES = {
     "demo_cloze": [DEMO_TASK_DIR / "cloze.jsonl"],
@@ -97,10 +99,7 @@ def run_tasks(bundle: Path, tasks: list[str], limit: int, max_tokens: int) -> li
         command += [a for task in tasks for a in ("--task", task)] + ["--cache-dir", scratch]
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
-        reason = errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
-        raise TaskRunError(f"tasks {', '.join(tasks)} on {bundle}: {reason}")
+        raise TaskRunError(f"tasks {', '.join(tasks)} on {bundle}: {failure_reason(done)}")
     return [TaskScore(**score) for score in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
