@@ -48,7 +48,7 @@ def task_data_sha256(task: str) -> str | None:
     keep a local task's data beside its YAML) or a YAML file; None for a registry task (lm-eval's own)."""
     path = Path(task)
     if task in DEMO_TASK_FILES:
-        files = DEMO_TASK_FILES[task]
+        files = [DEMO_TASK_FILES[task]]
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     elif path.is_file():

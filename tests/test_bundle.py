@@ -111,7 +111,7 @@ def test_a_local_task_folder_scores_as_the_demo_task_it_copies(demo_float_bundle
 
     folder = tmp_path / "my-tasks"
     folder.mkdir()
-    data = shutil.copy(DEMO_TASK_FILES["demo_cloze"][0], folder / "cloze.jsonl")
+    data = shutil.copy(DEMO_TASK_FILES["demo_cloze"], folder / "cloze.jsonl")
     (folder / "my_cloze.yaml").write_text(
         "task: my_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{context}}}}'\n"

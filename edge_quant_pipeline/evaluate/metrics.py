@@ -176,8 +176,7 @@ class FidelityAccumulator:
             reference_perplexity = float(np.exp(self.reference_nll / n))
         ratio = perplexity / reference_perplexity
         top1 = self.top1_matches / positions
-        mean_square_dp = self.delta_p_squares / n
-        rms_dp = math.sqrt(mean_square_dp)
+        rms_dp = math.sqrt(self.delta_p_squares / n)
         median, p99, p999 = np.percentile(kl, [50, 99, 99.9])
         return Fidelity(
             perplexity=perplexity,

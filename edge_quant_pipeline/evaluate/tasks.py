@@ -17,8 +17,8 @@ token budget (its KV cache) less the continuation is cut from the left, as lm-ev
 
 Tasks are lm-eval's registry names (their data downloaded by ``datasets`` when online), YAML files or folders of
 them (a local task: YAML + JSONL, as lm-eval allows), or the demo's two (``demo/make_tasks.py``): ``demo_cloze``,
-the last word of each held-out sentence among four (accuracy), and ``demo_completion``, that word generated
-(exact match).
+the last word of each held-out sentence among itself and three shuffles of its letters (accuracy), and
+``demo_completion``, that word's second half generated after its first (exact match).
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ from pathlib import Path
 from edge_quant_pipeline.evaluate.litert_lm import failure_reason
 
 DEMO_TASK_DIR = Path(__file__).parent.parent / "demo" / "tasks"
-DEMO_TASK_FILES = {
-    "demo_cloze": [DEMO_TASK_DIR / "cloze.jsonl"],
-    "demo_completion": [DEMO_TASK_DIR / "completion.jsonl"],
-}
+DEMO_TASK_FILES = {"demo_cloze": DEMO_TASK_DIR / "cloze.jsonl", "demo_completion": DEMO_TASK_DIR / "completion.jsonl"}
 # Metrics that are not a task's score: lm-eval's bookkeeping in its results.
 _NOT_SCORES = ("alias", "samples")
 
@@ -61,7 +58,7 @@ class TaskScore:
 
 def _local(name: str, body: dict) -> dict:
     """A task config over the demo's JSONL file of ``name`` (lm-eval's ``json`` dataset: read locally)."""
-    files = {"test": str(DEMO_TASK_FILES[name][0])}
+    files = {"test": str(DEMO_TASK_FILES[name])}
     return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test", **body}
 
 
