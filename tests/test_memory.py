@@ -20,6 +20,7 @@ from edge_quant_pipeline.memory import (
     PeakMemory,
     Reservation,
     admission,
+    headroom_mb,
     machine_memory,
     rss_mb,
 )
@@ -56,6 +57,9 @@ def test_a_step_that_could_never_fit_fails_at_once_saying_what_it_needs(tmp_path
 
 
 def _hold(path, mb: float, seconds: float, held) -> None:
+    from edge_quant_pipeline import memory
+
+    memory.machine_memory = lambda: MACHINE  # the same machine as the test's, whatever else runs beside it
     with MemoryLedger(path).reserved(mb, "big step [other process]", on_wait=print):
         held.set()
         time.sleep(seconds)
@@ -63,9 +67,10 @@ def _hold(path, mb: float, seconds: float, held) -> None:
 
 def test_a_step_waits_while_another_process_holds_the_memory(tmp_path, monkeypatch):
     path = tmp_path / "ledger.json"
-    machine = machine_memory()
-    # The other process reserves nearly all that is free: a step of 1 GB must wait for it to finish.
-    big = machine.available_mb - max(1024, 0.05 * machine.total_mb) - 512
+    # Both processes see one fixed machine (MemAvailable moves with the tests running beside this one). The
+    # other process reserves all but 512 MB of what is free: a step of 4 GB must wait for it to finish.
+    monkeypatch.setattr("edge_quant_pipeline.memory.machine_memory", lambda: MACHINE)
+    big = MACHINE.available_mb - headroom_mb(MACHINE) - 512
     held = multiprocessing.get_context("spawn").Event()
     other = multiprocessing.get_context("spawn").Process(target=_hold, args=(path, big, 3.0, held))
     other.start()
@@ -73,11 +78,11 @@ def test_a_step_waits_while_another_process_holds_the_memory(tmp_path, monkeypat
     monkeypatch.setattr("edge_quant_pipeline.memory.WAIT_POLL_SECONDS", 0.2)
     messages = []
     started = time.monotonic()
-    with MemoryLedger(path).reserved(rss_mb() + 1024, "small step [this process]", on_wait=messages.append):
+    with MemoryLedger(path).reserved(rss_mb() + 4096, "small step [this process]", on_wait=messages.append):
         waited = time.monotonic() - started
     other.join()
     assert waited > 1.0, "admitted while the other process held the memory"
-    assert "waiting for 1.0 GB of memory" in messages[0] and "big step [other process]" in messages[0]
+    assert "waiting for 4.0 GB of memory" in messages[0] and "big step [other process]" in messages[0]
 
 
 def test_reservations_of_dead_processes_are_dropped(tmp_path):
