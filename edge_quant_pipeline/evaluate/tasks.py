@@ -216,14 +216,17 @@ def main() -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_CACHE", str(args.cache_dir / "datasets"))
     import litert_lm
-    import lm_eval
+    import lm_eval.evaluator
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    # lm-eval's report of the environment imports torch (5 s, more than the demo's tasks take) for results of
+    # which this process prints only the scores.
+    lm_eval.evaluator.add_env_info = lambda results: None
     tasks, manager = _tasks_for(args.task, args.cache_dir)
     with litert_lm.Engine(
         str(args.bundle), backend=litert_lm.Backend.CPU(), max_num_tokens=args.max_tokens, cache_dir=str(args.cache_dir)
     ) as engine:
-        results = lm_eval.simple_evaluate(
+        results = lm_eval.evaluator.simple_evaluate(
             model=_harness_class()(engine, args.max_tokens),
             tasks=tasks,
             limit=args.limit or None,
