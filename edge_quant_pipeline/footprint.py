@@ -155,6 +155,11 @@ def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
     return LITERT_PROCESS_MB + runtime / MB
 
 
+def float_tasks_mb(size: ModelSize) -> float:
+    """The float bundle in LiteRT-LM, in its own process."""
+    return LITERT_PROCESS_MB + RUNTIME_FILES * size.float_tflite_bytes / MB
+
+
 def search_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
     """A search quantizes and scores one candidate at a time; a recipe without a budget does nothing here."""
     if recipe is None or recipe.search is not None:
@@ -171,6 +176,7 @@ def step_mb(
     estimates = {
         "export": lambda: export_mb(size),
         "float_reference": lambda: float_reference_mb(size),
+        "float_tasks": lambda: float_tasks_mb(size),
         "calibration": lambda: calibration_mb(size, calibration),
         "search": lambda: search_mb(size, recipe),
         "quantize": lambda: quantize_mb(size, recipe),
@@ -183,5 +189,6 @@ def step_mb(
 def steps_mb(
     steps: list[str], size: ModelSize, recipe: Recipe | None = None, calibration: CalibrationNeed | None = None
 ) -> float:
-    """A run executes its steps one after the other in one process: the largest of them."""
-    return max(step_mb(step, size, recipe, calibration) for step in steps)
+    """A run executes its steps one after the other in one process: the largest of them, but for those that record
+    why they could not fit and let the run go on (``graph.Stage.skipped_when_too_big``)."""
+    return max(step_mb(step, size, recipe, calibration) for step in steps if not BY_ASSET[step].skipped_when_too_big)

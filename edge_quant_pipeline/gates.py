@@ -1,8 +1,9 @@
 """Quality gates: thresholds a recipe's evaluation must meet before it is published."""
 
+import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 # gate name -> (Evaluation field, comparison that must hold)
 GATES = {
@@ -16,11 +17,15 @@ GATES = {
 # threshold by more than this many standard errors, so a recipe is not refused for a difference the eval text
 # cannot tell from noise. Without it (0), every gate compares the value alone.
 SIGNIFICANCE = "significance_sigmas"
-ALLOWED = (*GATES, SIGNIFICANCE)
+# Task accuracy in LiteRT-LM against the float model's (the float bundle's, same tasks, same runtime): a recipe
+# fails when a task's score drops more than TASK_DROP points below float and more than TASK_SIGMAS standard
+# errors of the difference. ``max_task_drop_points`` holds for every task, ``max_task_drop_points.<task>`` for one.
+TASK_DROP, TASK_SIGMAS = "max_task_drop_points", "task_drop_sigmas"
+ALLOWED = (*GATES, SIGNIFICANCE, TASK_DROP, f"{TASK_DROP}.<task>", TASK_SIGMAS)
 
-# Loose enough for int4 on the demo model (ppl ratio 1.03, top-1 0.87), tight enough
-# to stop a broken model; override per recipe or for all recipes in recipes.yaml.
-DEFAULT_GATES = {"max_perplexity_ratio": 1.10, "min_top1_agreement": 0.80}
+# Loose enough for int4 on the demo model (ppl ratio 1.03, top-1 0.87; cloze -5.8 points, within 2 standard
+# errors), tight enough to stop a broken model; override per recipe or for all recipes in recipes.yaml.
+DEFAULT_GATES = {"max_perplexity_ratio": 1.10, "min_top1_agreement": 0.80, TASK_DROP: 5.0, TASK_SIGMAS: 2.0}
 
 
 class GateConfigError(ValueError):
@@ -32,7 +37,7 @@ def parse_gates(where: str, body: Any) -> dict[str, float]:
         return {}
     if not isinstance(body, Mapping):
         raise GateConfigError(f"{where}: 'gates' must map gate names to numbers; allowed gates: {', '.join(ALLOWED)}.")
-    unknown = sorted(set(body) - set(ALLOWED))
+    unknown = sorted(name for name in body if name not in ALLOWED and not str(name).startswith(f"{TASK_DROP}."))
     if unknown:
         raise GateConfigError(
             f"{where}: unknown gate(s) {', '.join(map(str, unknown))}; allowed gates: {', '.join(ALLOWED)}."
@@ -69,6 +74,60 @@ def check_gates(metrics: Mapping[str, float], gates: Mapping[str, float]) -> lis
     return [
         GateResult(gate, threshold, float(metrics[field]), float(metrics.get(f"{field}_error", 0.0)), sigmas)
         for gate, threshold in gates.items()
-        if gate != SIGNIFICANCE
+        if gate in GATES
         for field in [GATES[gate][0]]
     ]
+
+
+class Score(Protocol):
+    """A task's score and its standard error (``evaluate.tasks.TaskScore``)."""
+
+    task: str
+    value: float
+    stderr: float
+
+
+@dataclass(frozen=True)
+class TaskGateResult:
+    """One task's drop from the float model, in points, against the most it may drop."""
+
+    task: str
+    threshold: float  # points
+    drop: float  # float's score minus the recipe's, in points
+    error: float  # the drop's standard error, in points: the two scores' errors combined as independent
+    sigmas: float
+
+    @property
+    def gate(self) -> str:
+        return f"{TASK_DROP}.{self.task}"
+
+    @property
+    def value(self) -> float:
+        return self.drop
+
+    @property
+    def passed(self) -> bool:
+        return not (self.drop > self.threshold and self.drop > self.sigmas * self.error)
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "fails"
+        return (
+            f"{self.task} is {self.drop:.1f} ± {self.error:.1f} points below float ({verdict} {TASK_DROP} "
+            f"{self.threshold:g} and {self.sigmas:g} standard errors)"
+        )
+
+
+def check_task_gates(
+    scores: list[Score], float_scores: list[Score], gates: Mapping[str, float]
+) -> list[TaskGateResult]:
+    """Each task scored by both the recipe and the float model, against its drop gate (none: not gated)."""
+    floats = {score.task: score for score in float_scores}
+    results = []
+    for score in scores:
+        threshold = gates.get(f"{TASK_DROP}.{score.task}", gates.get(TASK_DROP))
+        if threshold is None or score.task not in floats:
+            continue
+        reference = floats[score.task]
+        drop, error = 100 * (reference.value - score.value), 100 * math.hypot(reference.stderr, score.stderr)
+        results.append(TaskGateResult(score.task, threshold, drop, error, gates.get(TASK_SIGMAS, 0.0)))
+    return results

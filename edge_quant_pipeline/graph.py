@@ -30,6 +30,7 @@ JOB_PARTITIONS = {
 MODEL_PARTITION, RECIPE_PARTITION = "model", "recipe"  # the dynamic partitions' names
 # The settings a code version can include (``versions.py`` reads their values), and the toolchains it can name.
 EXPORTER, EXPORT, REFERENCE, CALIBRATION, EVALUATION = "exporter", "export", "reference", "calibration", "evaluation"
+TASKS = "tasks"
 CONVERSION_TOOLCHAIN, WHOLE_TOOLCHAIN = "conversion", "whole"  # toolchain.py: with or without LiteRT-LM
 
 
@@ -46,6 +47,8 @@ class Stage:
     conversion: bool = False  # made by `edge-quant run --convert-only`
     needs_torch: bool = False  # its step imports torch (and the model): its worker process exits after the run
     memory: str | None = None  # its estimate in footprint.py; None: the bare process, no model held
+    # A step that records why when it could never fit, and lets its run go on: the run's estimate leaves it out.
+    skipped_when_too_big: bool = False
 
 
 _TORCH = dict(needs_torch=True)  # the step loads the checkpoint as a PyTorch model
@@ -72,6 +75,16 @@ STAGES = (
         settings=(REFERENCE,),
         **_TORCH,
         memory="float_reference",
+    ),
+    Stage(
+        "float_tasks",
+        CONVERT_JOB,
+        "export",
+        "float_tasks-1",
+        toolchain=WHOLE_TOOLCHAIN,
+        settings=(TASKS,),
+        memory="float_tasks",
+        skipped_when_too_big=True,
     ),
     Stage(
         "calibration",

@@ -46,6 +46,7 @@ def _settings(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
         },
         graph.CALIBRATION: {**pipeline.calibration_settings(), "computes": pipeline.calibration_need.value},
         graph.EVALUATION: evaluation,
+        graph.TASKS: {"tasks": evaluation["tasks"], "task_limit": evaluation["task_limit"]},
     }
 
 

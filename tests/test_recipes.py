@@ -186,3 +186,26 @@ def test_a_significance_gate_fails_only_differences_beyond_the_noise():
     assert [r.passed for r in loose] == [True, True]
     assert [r.passed for r in tight] == [False]
     assert str(tight[0]) == ("mean_kl = 0.012 ± 0.001 (fails max_mean_kl 0.01, by more than 1.5 standard errors)")
+
+
+def test_a_task_gate_fails_a_drop_past_its_points_and_past_the_noise():
+    """cloze 0.90 ± 0.02 for float and 0.80 ± 0.02 for the recipe: a drop of 10 points, 2.8 points of error. It
+    fails 5 points with 2 standard errors; it passes 5 points when 4 standard errors are asked (the noise could
+    make it), and 12 points for that task alone; a task float was not scored on is not gated."""
+    from edge_quant_pipeline.evaluate.tasks import TaskScore
+    from edge_quant_pipeline.gates import GateConfigError, check_task_gates, parse_gates
+
+    recipe = [TaskScore("cloze", "acc", 0.80, 0.02, 400), TaskScore("other", "acc", 0.1, 0.01, 400)]
+    float_model = [TaskScore("cloze", "acc", 0.90, 0.02, 400)]
+
+    def passed(gates: dict) -> list[bool]:
+        return [r.passed for r in check_task_gates(recipe, float_model, parse_gates("recipe 'x'", gates))]
+
+    assert passed({"max_task_drop_points": 5, "task_drop_sigmas": 2}) == [False]
+    assert passed({"max_task_drop_points": 5, "task_drop_sigmas": 4}) == [True]
+    assert passed({"max_task_drop_points": 5, "max_task_drop_points.cloze": 12, "task_drop_sigmas": 2}) == [True]
+    assert passed({}) == []
+    (result,) = check_task_gates(recipe, float_model, {"max_task_drop_points": 5, "task_drop_sigmas": 2})
+    assert str(result) == "cloze is 10.0 ± 2.8 points below float (fails max_task_drop_points 5 and 2 standard errors)"
+    with pytest.raises(GateConfigError, match="unknown gate"):
+        parse_gates("recipe 'x'", {"max_task_drop": 5})

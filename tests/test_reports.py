@@ -40,6 +40,11 @@ def copied(demo_sandbox):
         (materialization,) = result.asset_materializations_for_node("quantization_report")
         return {k: v.value for k, v in materialization.metadata.items()}
 
+    def resolve(recipe: str) -> None:
+        assert (
+            defs.resolve_job_def("resolve_recipe").execute_in_process(partition_key=recipe, instance=instance).success
+        )
+
     def evaluate_and_publish(recipe: str) -> dg.AssetCheckEvaluation:
         result = defs.resolve_job_def("quantize_evaluate_publish").execute_in_process(
             partition_key=dg.MultiPartitionKey({"model": DEMO_MODEL, "recipe": recipe}),
@@ -56,6 +61,7 @@ def copied(demo_sandbox):
         instance=instance,
         recipes=demo_sandbox.build.recipes,
         report=report,
+        resolve=resolve,
         evaluate_and_publish=evaluate_and_publish,
     )
 
@@ -145,6 +151,25 @@ def test_a_champion_that_fails_its_gates_is_no_longer_published_nor_champion(cop
     assert not copied.report()["champion_changed"]
 
 
+def test_a_recipe_whose_task_accuracy_drops_past_its_gate_is_not_published(copied):
+    """The demo's int4 block-128 bundle answers the cloze task 5.8 points below the float model's bundle (0.923
+    against 0.981 in LiteRT-LM, 4.2 points of standard error together): allowed 5 points and 1 standard error, it
+    fails its gate, is not published and says which task; dynamic_int8 (1.9 points below) passes the same gate."""
+    recipes = Path(copied.pipeline.recipes_file)
+    recipes.write_text("gates: {max_task_drop_points: 5, task_drop_sigmas: 1}\n" + recipes.read_text())
+    for recipe in ("dynamic_int4_block128", "dynamic_int8"):
+        copied.resolve(recipe)
+    gate = copied.evaluate_and_publish("dynamic_int4_block128")
+    assert not gate.passed
+    assert gate.description == (
+        "demo_cloze is 5.8 ± 4.2 points below float (fails max_task_drop_points 5 and 1 standard errors)"
+    )
+    assert copied.evaluate_and_publish("dynamic_int8").passed
+    report = rows(copied.report())
+    assert report.loc["dynamic_int4_block128", "status"] == "failed (quality gate)"
+    assert report.loc["dynamic_int8", "status"] == "published"
+
+
 def test_no_champion_when_no_recipe_of_the_current_checkpoint_publishes(copied):
     """Every recipe's current version failed its latest evaluation (the records evaluation writes): champion.json
     goes rather than name an artifact that is not the current checkpoint's champion; the versions stay."""
@@ -198,13 +223,16 @@ def test_metrics_with_a_standard_error_show_it_in_their_cell():
 
 
 def test_task_scores_show_their_error_and_their_change_from_float_in_points():
+    """Each recipe's evaluation records the float model's scores it was gated against: the table shows them first,
+    and each recipe's change from them (the float recipe's own bundle included)."""
     rows = [
         {"recipe": r, "status": "published", "file_bytes": size, "task_demo_cloze_acc": acc}
-        | {"task_demo_cloze_acc_error": 0.05}
+        | {"task_demo_cloze_acc_error": 0.05, "float_task_demo_cloze_acc": 0.6, "float_task_demo_cloze_acc_error": 0.05}
         for r, size, acc in (("float", 20, 0.6), ("dynamic_int4_block32", 10, 0.5))
     ]
     table = to_markdown(build_report(rows))
-    assert "| float                | 0.600 ± 0.050         |" in table
+    assert "| (float model)        | 0.600 ± 0.050         |" in table
+    assert "| float                | 0.600 ± 0.050 (+0.0)  |" in table
     assert "| dynamic_int4_block32 | 0.500 ± 0.050 (-10.0) |" in table
 
 

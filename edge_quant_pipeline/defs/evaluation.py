@@ -1,6 +1,8 @@
 """`evaluation`: the quantized model run in the LiteRT interpreter against the float reference, and its LiteRT-LM
 bundle in LiteRT-LM."""
 
+import dataclasses
+
 import dagster as dg
 import pandas as pd
 
@@ -14,8 +16,9 @@ from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundl
 from edge_quant_pipeline.evaluate.evaluation import Bundle, TaskRequest, evaluate
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.evaluate.tasks import FloatTasks
 from edge_quant_pipeline.footprint import model_size
-from edge_quant_pipeline.gates import check_gates
+from edge_quant_pipeline.gates import check_gates, check_task_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
 from edge_quant_pipeline.publish.store import record_failure
 from edge_quant_pipeline.quantize.recipes import Recipe
@@ -73,13 +76,15 @@ def localization_metadata(
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
         "float_reference": dg.AssetIn(partition_mapping=BY_MODEL),
+        "float_tasks": dg.AssetIn(partition_mapping=BY_MODEL),
     },
     check_specs=[
         dg.AssetCheckSpec(
             "quality_gates",
             asset="evaluation",
             blocking=True,
-            description="The recipe's thresholds (recipes.yaml `gates`); a failing partition is not published.",
+            description="The recipe's thresholds (recipes.yaml `gates`), task drops from float included; a failing "
+            "partition is not published.",
         ),
         dg.AssetCheckSpec(
             "runs_in_litert_lm",
@@ -96,6 +101,7 @@ def evaluation(
     quant_recipe: Recipe,
     float_tflite: TfliteModel,
     float_reference: FloatReference,
+    float_tasks: FloatTasks,
     quantized_tflite: TfliteModel,
 ):
     """Perplexity, KL, top-1, generation agreement, SQNR, speed and memory, measured in the interpreter."""
@@ -110,6 +116,7 @@ def evaluation(
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it
             tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle, tasks)
+            result = dataclasses.replace(result, float_tasks=float_tasks.scores)
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
@@ -128,14 +135,18 @@ def evaluation(
         **({"tasks": dg.MetadataValue.md(result.task_table())} if result.tasks else {}),
     }
     yield dg.Output(result, metadata={**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()})
-    gates = check_gates(result.as_dict(), quant_recipe.gates)
+    gates = [
+        *check_gates(result.as_dict(), quant_recipe.gates),
+        *check_task_gates(result.tasks, float_tasks.scores, quant_recipe.gates),
+    ]
     failed = [g for g in gates if not g.passed]
     if failed:
         record_failure(pipeline.store, inputs, "quality gate", "; ".join(map(str, failed)))
+    unchecked = f"; tasks not gated: {float_tasks.reason}" if float_tasks.reason and result.tasks else ""
     yield dg.AssetCheckResult(
         check_name="quality_gates",
         passed=not failed,
-        description="; ".join(map(str, failed or gates)),
+        description="; ".join(map(str, failed or gates)) + unchecked,
         metadata={g.gate: g.value for g in gates},
     )
     if result.litert_lm_error and not failed:  # a gate failure recorded above says enough

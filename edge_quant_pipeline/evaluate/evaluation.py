@@ -70,12 +70,14 @@ class Evaluation:
     litert_lm_error: str
     tasks: tuple[TaskScore, ...]  # lm-eval tasks answered by the bundle in LiteRT-LM (tasks.py)
     tasks_error: str  # why they were not, when they were asked for and could not be
+    float_tasks: tuple[TaskScore, ...] = ()  # the float model's scores on them (defs/float_tasks.py)
 
     def as_dict(self) -> dict[str, float | int | str]:
-        flat = {k: v for k, v in asdict(self).items() if k not in ("litert_lm", "tasks")}
+        flat = {k: v for k, v in asdict(self).items() if k not in ("litert_lm", "tasks", "float_tasks")}
         tasks = {
-            f"task_{score.task}_{name}": value
-            for score in self.tasks
+            f"{prefix}task_{score.task}_{name}": value
+            for prefix, scores in (("", self.tasks), ("float_", self.float_tasks))
+            for score in scores
             for name, value in ((score.metric, score.value), (f"{score.metric}_error", score.stderr))
         }
         return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {}), **tasks}
@@ -97,9 +99,17 @@ class Evaluation:
         return "\n".join(["| metric | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
     def task_table(self) -> str:
-        """Each task's score in LiteRT-LM ± its standard error, and the samples scored (markdown)."""
-        rows = [f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {s.samples} |" for s in self.tasks]
-        return "\n".join(["| task | metric | score | samples |", "|---|---|---|---:|", *rows])
+        """Each task's score in LiteRT-LM ± its standard error beside the float model's, its change in points,
+        and the samples scored (markdown)."""
+        floats = {score.task: score for score in self.float_tasks}
+
+        def row(s: TaskScore) -> str:
+            f = floats.get(s.task)
+            beside = f"{f.value:.3f} ± {f.stderr:.3f} | {100 * (s.value - f.value):+.1f}" if f else " | "
+            return f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {beside} | {s.samples} |"
+
+        head = ["| task | metric | score | float | change (points) | samples |", "|---|---|---|---|---:|---:|"]
+        return "\n".join([*head, *map(row, self.tasks)])
 
 
 @dataclass(frozen=True)

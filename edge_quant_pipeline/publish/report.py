@@ -160,7 +160,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
         text += "\n\nSince the previous version:\n\n" + _table(changed, delta_columns)
     tasks = task_table(frame)
     text += (
-        "\n\nTasks in LiteRT-LM (score ± standard error, change from the float recipe in points):\n\n" + tasks
+        "\n\nTasks in LiteRT-LM (score ± standard error, change from the float model's in points):\n\n" + tasks
         if tasks
         else ""
     )
@@ -172,27 +172,32 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def task_table(frame: pd.DataFrame) -> str:
-    """Each task's score per published recipe (a ``task_<task>_<metric>`` column, its error beside it), and its
-    change from the same model's float recipe, in points; "" without task scores."""
+    """Each task's score per published recipe (a ``task_<task>_<metric>`` column, its error beside it) and its
+    change in points from the float model's score in the same runtime (``float_task_...``, recorded with each
+    recipe's evaluation), the float model's first; "" without task scores."""
     scores = [c for c in frame if c.startswith("task_") and not c.endswith("_error") and frame[c].notna().any()]
     if not scores:
         return ""
     published = [(row.get("model", ""), row) for _, row in frame[frame["status"] == "published"].iterrows()]
-    floats = {model: row for model, row in published if row["recipe"] == "float"}
 
-    def cell(row: pd.Series, model: str, column: str) -> str:
-        value, error = row[column], row.get(f"{column}_error")
-        if pd.isna(value):
+    def cell(row: pd.Series, column: str, reference: str | None) -> str:
+        value, error = row.get(column), row.get(f"{column}_error")
+        if value is None or pd.isna(value):
             return ""
-        reference = floats[model][column] if model in floats and row["recipe"] != "float" else None
-        change = f" ({(value - reference) * 100:+.1f})" if reference is not None and pd.notna(reference) else ""
+        base = row.get(reference) if reference else None
+        change = f" ({(value - base) * 100:+.1f})" if base is not None and pd.notna(base) else ""
         return f"{value:.3f} ± {error:.3f}{change}"
 
-    rows = [
-        {**({"model": model} if "model" in frame else {}), "recipe": row["recipe"]}
-        | {column.removeprefix("task_"): cell(row, model, column) for column in scores}
-        for model, row in published
-    ]
+    def cells(row: pd.Series, prefix: str, compare: bool) -> dict[str, str]:
+        return {c.removeprefix("task_"): cell(row, prefix + c, f"float_{c}" if compare else None) for c in scores}
+
+    def named(model: str, recipe: str) -> dict[str, str]:
+        return {"model": model, "recipe": recipe} if "model" in frame else {"recipe": recipe}
+
+    # Every recipe's evaluation recorded the float model's scores it was gated against: one row per model.
+    floats = {model: cells(row, "float_", False) for model, row in published}
+    rows = [{**named(model, "(float model)"), **row} for model, row in floats.items() if any(row.values())]
+    rows += [{**named(model, row["recipe"]), **cells(row, "", True)} for model, row in published]
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
