@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 from conftest import DEMO_MODEL, metadata
 
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
@@ -59,6 +60,26 @@ def test_the_bundle_is_published_beside_the_model_with_its_hash(golden):
     assert manifest["bundle_sha256"] == hashlib.sha256((version / BUNDLE_FILE).read_bytes()).hexdigest()
     assert manifest["bundle_builder"].startswith("litert-lm-builder==")
     assert manifest["metrics"]["litert_lm_decode_tokens_per_s"] > 0  # the runtime's numbers are in it too
+
+
+def test_each_version_has_a_model_card_a_hub_reads(golden):
+    """README.md beside the manifest: Hugging Face's YAML metadata, then what the file is, the recipe in words and
+    the measured numbers as the manifest has them; its sha256 in the manifest."""
+    recipe_dir = golden.pipeline.store / DEMO_MODEL / "dynamic_int4_block32"
+    version = recipe_dir / json.loads((recipe_dir / "latest.json").read_text())["version"]
+    manifest, card = json.loads((version / MANIFEST).read_text()), (version / "README.md").read_text()
+    assert manifest["model_card_sha256"] == hashlib.sha256(card.encode()).hexdigest()
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    assert front_matter["library_name"] == "litert-lm" and "dynamic_int4_block32" in front_matter["tags"]
+    assert "license" not in front_matter  # the demo checkpoint declares none
+    metrics = manifest["metrics"]
+    assert "int4 weights scaled in blocks of 32, integer compute" in card
+    assert (
+        f"| perplexity / float | {metrics['perplexity_ratio']:.4f} ± {metrics['perplexity_ratio_error']:.4f} |" in card
+    )
+    cloze, reference = metrics["task_demo_cloze_acc"], metrics["float_task_demo_cloze_acc"]
+    assert f"| {100 * (cloze - reference):+.1f} |" in card
+    assert f"{metrics['litert_lm_decode_tokens_per_s']:.0f} tokens/s" in card
 
 
 @pytest.fixture(scope="module")

@@ -281,3 +281,17 @@ def test_linking_a_file_to_where_it_already_is_leaves_no_hidden_copy(tmp_path):
         link_or_copy(source, tmp_path / "float-recipe.tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float-recipe.tflite", "float.tflite"]
     assert (tmp_path / "float-recipe.tflite").samefile(source)
+
+
+def test_the_model_card_copies_only_what_the_checkpoint_declares(tmp_path):
+    """A license from the checkpoint's own card, a hub repository from config.json's ``_name_or_path`` when it is
+    one (org/name); a local path or a card without metadata gives nothing."""
+    from edge_quant_pipeline.publish.card import checkpoint_card_facts
+
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [llm]\n---\n# A model\n")
+    assert checkpoint_card_facts(tmp_path, {"_name_or_path": "Qwen/Qwen3-4B"}) == {
+        "license": "apache-2.0",
+        "base_model": "Qwen/Qwen3-4B",
+    }
+    (tmp_path / "README.md").write_text("# No metadata\n")
+    assert checkpoint_card_facts(tmp_path, {"_name_or_path": "/home/me/checkpoints/qwen"}) == {}

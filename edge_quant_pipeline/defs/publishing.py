@@ -9,6 +9,7 @@ from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recip
 from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import bundle_path
 from edge_quant_pipeline.evaluate.evaluation import Evaluation
+from edge_quant_pipeline.publish.card import checkpoint_card_facts
 from edge_quant_pipeline.publish.store import PublishedArtifact, publish, version_number
 from edge_quant_pipeline.quantize.recipes import Recipe
 from edge_quant_pipeline.search import ResolvedRecipe
@@ -43,6 +44,7 @@ def published_artifact(
         "recipe_spec": quant_recipe.spec(),
         "resolved_spec": resolved_recipe.recipe.spec(),
         "dagster_run_id": context.run.run_id,
+        **checkpoint_card_facts(checkpoint.path, checkpoint.hf_config),  # license, base_model: for the model card
     }
     if resolved_recipe.trace is not None:
         details["search"] = resolved_recipe.trace.as_dict()

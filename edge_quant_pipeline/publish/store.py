@@ -59,6 +59,7 @@ from edge_quant_pipeline import atomic
 from edge_quant_pipeline.disk import check_free_disk
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.evaluate.bundle import BUILDER_PACKAGE, builder_version, bundle_path
+from edge_quant_pipeline.publish.card import CARD_FILE, model_card
 from edge_quant_pipeline.settings import ARTIFACT_DIR_VARIABLE, GENERATIVE_API
 
 MANIFEST = "manifest.json"
@@ -221,7 +222,14 @@ def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[
     if bundle_path(tflite).exists():
         manifest["bundle_sha256"] = _copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
         manifest["bundle_builder"] = f"{BUILDER_PACKAGE}=={builder_version()}"
-    return manifest
+    return _with_card(folder, manifest)
+
+
+def _with_card(folder: UPath, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The version's model card written from ``manifest`` (``card.py``), and the manifest with its sha256."""
+    card = model_card(manifest).encode()
+    write_atomically(folder / CARD_FILE, card)
+    return {**manifest, "model_card_sha256": hashlib.sha256(card).hexdigest()}
 
 
 def _version_bytes(tflite: Path) -> int:
@@ -377,7 +385,7 @@ def publish(
         elif newly_published:
             manifest, newly_published = _write_version_to_object_store(store, inputs, target, tflite, metrics, details)
         elif (refreshed := _reevaluated(store, manifest, tflite, metrics, details)) is not manifest:
-            manifest = refreshed
+            manifest = _with_card(target, refreshed)  # the card says what the manifest says
             write_json(target / MANIFEST, manifest)  # one atomic write: readers see the old manifest or this one
         # Also repairs a publish killed between manifest and pointer, and brings back an existing version that
         # failed an evaluation since: these inputs passed their latest one.

@@ -68,6 +68,20 @@ class Scheme:
         return self.compute.activation_bits is not None
 
     @property
+    def words(self) -> str:
+        """What it does, for a reader who does not know the scheme names (the model card)."""
+        if self.is_float:
+            return "float16 weights, computed in float"
+        layout = f"in blocks of {self.block_size}" if self.block_size else "per output channel"
+        compute = {
+            Compute.FLOAT: "dequantized to float for compute (weight-only)",
+            Compute.DYNAMIC: "integer compute, activations quantized at run time",
+            Compute.STATIC_A8: "integer compute, int8 activations with calibrated ranges",
+            Compute.STATIC_A16: "integer compute, int16 activations with calibrated ranges",
+        }[self.compute]
+        return f"int{self.weight.value} weights scaled {layout}, {compute}"
+
+    @property
     def stored_as(self) -> tuple[str, str, str]:
         """(dtype, granularity, compute) as ``weights.py`` reads them back from the file."""
         dtype = "FLOAT16" if self.is_float else self.weight.name
@@ -145,6 +159,11 @@ class Quantization:
     def name(self) -> str:
         """As a recipe writes it; the default algorithm is not written."""
         return self.scheme_name if self.algorithm == DEFAULT_ALGORITHM else f"{self.scheme_name}+{self.algorithm}"
+
+    @property
+    def words(self) -> str:
+        chosen = "" if self.algorithm == DEFAULT_ALGORITHM else f", values chosen by {self.algorithm}"
+        return self.scheme.words + chosen
 
     @property
     def needs_calibration(self) -> bool:
