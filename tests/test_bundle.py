@@ -172,6 +172,26 @@ def test_a_bundle_without_executor_metadata_is_caught(tmp_path, demo_float, demo
         run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8)
 
 
+def test_a_chat_template_is_rendered_by_the_runtime_and_one_it_cannot_render_is_reported(
+    tmp_path, demo_float, demo_checkpoint_dir
+):
+    """A bundle with a chat template holds a two-turn conversation through LiteRT-LM's Conversation API (the
+    runtime renders the template, as for an app); a template that raises is reported with the runtime's message."""
+    folder = shutil.copytree(demo_checkpoint_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    bundle = build_bundle(demo_float, bundle_spec(folder, config, 128), GENERATIVE_API, tmp_path / "chat.litertlm")
+    run = run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8, chat=True)
+    assert len(run.chat_replies) == 2 and all(run.chat_replies)
+    (folder / "chat_template.jinja").write_text("{{ raise_exception('a system message must come first') }}")
+    bundle = build_bundle(demo_float, bundle_spec(folder, config, 128), GENERATIVE_API, tmp_path / "bad.litertlm")
+    with pytest.raises(BundleRejectedError, match="Conversation API failed .* a system message must come first"):
+        run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8, chat=True)
+
+
 def test_a_checkpoint_without_what_a_bundle_needs_is_refused_with_the_file_to_fix(tmp_path, demo_checkpoint_dir):
     folder = shutil.copytree(demo_checkpoint_dir, tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())

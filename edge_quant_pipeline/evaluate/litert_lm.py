@@ -10,6 +10,11 @@ logs and its memory out of the step, and a crash of the runtime a message:
 
 The runtime reports success for a bundle it misreads (``litert-lm run`` exits 0, and its benchmark is all
 zeros), so the check is on what it generated, not on whether it raised.
+
+A bundle with a chat template then holds a two-turn conversation through the runtime's Conversation API, the API
+apps use, which renders the template itself: a template the runtime cannot render, or a conversation that replies
+nothing, fails the check with the runtime's message (google-ai-edge/LiteRT-LM#2078, #3021 are bundles whose raw
+sessions work and whose template does not).
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ class RuntimeRun:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     peak_rss_mb: float
+    chat_replies: list[str]  # the Conversation API's reply to each of CHAT_TURNS; empty without a chat template
+
+
+# Short, since a bundle's KV cache may be small (the demo's 128 tokens are 128 bytes).
+CHAT_TURNS = ("Hi", "Go on")
+CHAT_REPLY_TOKENS = 8
+_CHAT_FAILED = 3  # the child's exit status when the conversation failed
 
 
 class BundleRejectedError(RuntimeError):
@@ -59,7 +71,7 @@ class RuntimeCheck:
 
     def as_dict(self) -> dict[str, float | int]:
         """Flat and named for LiteRT-LM, for the evaluation's table (the generated texts stay out)."""
-        measured = {name: value for name, value in asdict(self.run).items() if name != "texts"}
+        measured = {name: value for name, value in asdict(self.run).items() if name not in ("texts", "chat_replies")}
         agreements = {"interpreter_agreement": self.interpreter_agreement, "float_agreement": self.float_agreement}
         return {f"litert_lm_{name}": value for name, value in {**agreements, **measured}.items()}
 
@@ -88,7 +100,7 @@ def check_bundle(
     start = spec.start_token_id
     chosen = [i for i, prompt in enumerate(prompts) if start is None or prompt[0] == start]
     texts = [text_of(prompts[i] if start is None else prompts[i][1:]) for i in chosen]
-    run = run_bundle(bundle, texts, interpreter.shape[1])
+    run = run_bundle(bundle, texts, interpreter.shape[1], chat=spec.chat_template is not None)
 
     def agreement(expected: np.ndarray) -> float:
         pairs = zip(run.texts, expected[chosen], strict=True)
@@ -105,22 +117,43 @@ def failure_reason(done: subprocess.CompletedProcess) -> str:
     return errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
 
 
-def run_bundle(bundle: Path, prompts: list[str], num_tokens: int) -> RuntimeRun:
-    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process. The XNNPACK cache the
-    runtime would write next to the bundle (packed weights, as large as the model) goes to a scratch folder
-    beside it, removed when the run ends."""
+def run_bundle(bundle: Path, prompts: list[str], num_tokens: int, chat: bool = False) -> RuntimeRun:
+    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process, then with ``chat`` hold
+    the conversation of CHAT_TURNS with the bundle's chat template. The XNNPACK cache the runtime would write
+    next to the bundle (packed weights, as large as the model) goes to a scratch folder beside it, removed when
+    the run ends."""
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.run-") as scratch:
         prompts_file = Path(scratch) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
         command = [sys.executable, "-m", __name__, str(bundle), "--prompts-file", str(prompts_file)]
-        command += ["--tokens", str(num_tokens), "--cache-dir", scratch]
+        command += ["--tokens", str(num_tokens), "--cache-dir", scratch] + (["--chat"] if chat else [])
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    if done.returncode == _CHAT_FAILED:
+        raise BundleRejectedError(
+            f"LiteRT-LM's Conversation API failed with the chat template of {bundle}: {failure_reason(done)}"
+        )
     if done.returncode != 0:
         raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {failure_reason(done)}")
     run = RuntimeRun(**json.loads(done.stdout.strip().splitlines()[-1]))
     if not all(run.texts):
         raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")
+    if chat and not all(run.chat_replies):
+        raise BundleRejectedError(
+            f"LiteRT-LM's Conversation API replied nothing with the chat template of {bundle} (replies: "
+            f"{run.chat_replies}), though raw sessions generate."
+        )
     return run
+
+
+def _converse(engine) -> list[str]:
+    """The replies to CHAT_TURNS in one conversation, greedy, as an app's chat would get them."""
+    import litert_lm
+
+    with engine.create_conversation(
+        sampler_config=litert_lm.SamplerConfig(top_k=1), max_output_tokens=CHAT_REPLY_TOKENS
+    ) as conversation:
+        replies = [conversation.send_message(turn) for turn in CHAT_TURNS]
+    return ["".join(getattr(part, "text", "") for part in reply.contents) for reply in replies]
 
 
 def main() -> None:
@@ -129,6 +162,7 @@ def main() -> None:
     parser.add_argument("--prompts-file", type=Path, required=True, help="a JSON list of prompts")
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--chat", action="store_true", help="then converse with the bundle's chat template")
     args = parser.parse_args()
     import litert_lm
 
@@ -147,6 +181,10 @@ def main() -> None:
             texts.append("".join(session.run_decode().texts))
             benchmarks.append(session.get_benchmark_info())
             session.close()
+        try:
+            chat_replies = _converse(engine) if args.chat else []
+        except RuntimeError:  # the runtime said why on stderr (failure_reason reads it)
+            sys.exit(_CHAT_FAILED)
     run = RuntimeRun(
         texts=texts,
         prompt_tokens=benchmarks[0].last_prefill_token_count,
@@ -155,6 +193,7 @@ def main() -> None:
         prefill_tokens_per_s=float(np.median([b.last_prefill_tokens_per_second for b in benchmarks])),
         decode_tokens_per_s=float(np.median([b.last_decode_tokens_per_second for b in benchmarks])),
         peak_rss_mb=peak_rss_mb(),
+        chat_replies=chat_replies,
     )
     print(json.dumps(asdict(run)))
 
