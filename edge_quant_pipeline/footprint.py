@@ -155,7 +155,7 @@ def evaluation_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
     return LITERT_PROCESS_MB + runtime / MB
 
 
-def float_tasks_mb(size: ModelSize) -> float:
+def float_baseline_mb(size: ModelSize) -> float:
     """The float bundle in LiteRT-LM, in its own process."""
     return LITERT_PROCESS_MB + RUNTIME_FILES * size.float_tflite_bytes / MB
 
@@ -176,7 +176,7 @@ def step_mb(
     estimates = {
         "export": lambda: export_mb(size),
         "float_reference": lambda: float_reference_mb(size),
-        "float_tasks": lambda: float_tasks_mb(size),
+        "float_baseline": lambda: float_baseline_mb(size),
         "calibration": lambda: calibration_mb(size, calibration),
         "search": lambda: search_mb(size, recipe),
         "quantize": lambda: quantize_mb(size, recipe),

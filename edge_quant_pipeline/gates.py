@@ -21,11 +21,28 @@ SIGNIFICANCE = "significance_sigmas"
 # fails when a task's score drops more than TASK_DROP points below float and more than TASK_SIGMAS standard
 # errors of the difference. ``max_task_drop_points`` holds for every task, ``max_task_drop_points.<task>`` for one.
 TASK_DROP, TASK_SIGMAS = "max_task_drop_points", "task_drop_sigmas"
-ALLOWED = (*GATES, SIGNIFICANCE, TASK_DROP, f"{TASK_DROP}.<task>", TASK_SIGMAS)
+# Long-generation health in LiteRT-LM against the float model's (evaluate/health.py): gate name -> (the
+# GenerationHealth field, whether a higher value is worse). Each bounds how much worse than float it may be.
+HEALTH_GATES = {
+    "max_repetition_increase": ("repeated_ngram_share", True),
+    "max_distinct_drop": ("distinct_token_ratio", False),
+    "max_early_stop_increase": ("early_stops", True),
+}
+ALLOWED = (*GATES, SIGNIFICANCE, TASK_DROP, f"{TASK_DROP}.<task>", TASK_SIGMAS, *HEALTH_GATES)
 
 # Loose enough for int4 on the demo model (ppl ratio 1.03, top-1 0.87; cloze -5.8 points, within 2 standard
 # errors), tight enough to stop a broken model; override per recipe or for all recipes in recipes.yaml.
-DEFAULT_GATES = {"max_perplexity_ratio": 1.10, "min_top1_agreement": 0.80, TASK_DROP: 5.0, TASK_SIGMAS: 2.0}
+# The health gates stop a recipe whose long generations loop, repeat tokens or stop where float's do not; the demo
+# model's own greedy generations loop (repeated 4-gram share 0.77), so on it they stop nothing.
+DEFAULT_GATES = {
+    "max_perplexity_ratio": 1.10,
+    "min_top1_agreement": 0.80,
+    TASK_DROP: 5.0,
+    TASK_SIGMAS: 2.0,
+    "max_repetition_increase": 0.3,
+    "max_distinct_drop": 0.3,
+    "max_early_stop_increase": 0.5,
+}
 
 
 class GateConfigError(ValueError):
@@ -131,3 +148,42 @@ def check_task_gates(
         drop, error = 100 * (reference.value - score.value), 100 * math.hypot(reference.stderr, score.stderr)
         results.append(TaskGateResult(score.task, threshold, drop, error, gates.get(TASK_SIGMAS, 0.0)))
     return results
+
+
+@dataclass(frozen=True)
+class HealthGateResult:
+    """How much worse than the float model's the recipe's long generations are on one measure, against the most
+    they may be."""
+
+    gate: str
+    threshold: float
+    value: float  # the recipe's measure
+    reference: float  # the float model's
+
+    @property
+    def worse_by(self) -> float:
+        _, higher_is_worse = HEALTH_GATES[self.gate]
+        return self.value - self.reference if higher_is_worse else self.reference - self.value
+
+    @property
+    def passed(self) -> bool:
+        return self.worse_by <= self.threshold
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "fails"
+        field, _ = HEALTH_GATES[self.gate]
+        threshold = f"{verdict} {self.gate} {self.threshold:g}"
+        return f"{field} = {self.value:.3f} against float's {self.reference:.3f} ({threshold})"
+
+
+def check_health_gates(health: Any, float_health: Any, gates: Mapping[str, float]) -> list[HealthGateResult]:
+    """The recipe's long generations in LiteRT-LM against the float model's (``evaluate.health.GenerationHealth``
+    each; no result when either was not run)."""
+    if health is None or float_health is None:
+        return []
+    return [
+        HealthGateResult(gate, threshold, getattr(health, field), getattr(float_health, field))
+        for gate, threshold in gates.items()
+        if gate in HEALTH_GATES
+        for field in [HEALTH_GATES[gate][0]]
+    ]

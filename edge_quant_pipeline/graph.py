@@ -77,13 +77,13 @@ STAGES = (
         memory="float_reference",
     ),
     Stage(
-        "float_tasks",
+        "float_baseline",
         CONVERT_JOB,
         "export",
-        "float_tasks-1",
+        "float_baseline-1",
         toolchain=WHOLE_TOOLCHAIN,
         settings=(TASKS,),
-        memory="float_tasks",
+        memory="float_baseline",
         skipped_when_too_big=True,
     ),
     Stage(
@@ -119,7 +119,7 @@ STAGES = (
         "evaluation",
         QUANTIZE_JOB,
         "evaluate",
-        "evaluation-5",  # 5: every mean with its standard error, and task accuracy in LiteRT-LM
+        "evaluation-6",  # 6: long-generation health, the chat template, the float baseline in LiteRT-LM
         toolchain=WHOLE_TOOLCHAIN,
         settings=(EVALUATION,),
         memory="evaluation",

@@ -50,7 +50,7 @@ def test_project_dagster_yaml_is_a_valid_instance(tmp_path, monkeypatch):
 # What each job materializes, and for which partitions: spelled out here so that a change of the graph
 # (edge_quant_pipeline/graph.py) shows in review as a change of this literal.
 JOBS = {
-    "convert_checkpoint": (["calibration", "checkpoint", "float_reference", "float_tasks", "float_tflite"], "model"),
+    "convert_checkpoint": (["calibration", "checkpoint", "float_baseline", "float_reference", "float_tflite"], "model"),
     "resolve_recipe": (["quant_recipe"], "recipe"),
     "quantize_evaluate_publish": (
         ["evaluation", "published_artifact", "quantized_tflite", "resolved_recipe"],

@@ -97,7 +97,7 @@ def test_demo_model_materializes_with_the_instance_in_postgres(dagster_home, dem
     # ...and they are rows of PostgreSQL's own tables.
     assert sql("SELECT status, count(*) FROM runs GROUP BY status") == [("SUCCESS", 7)]
     materialized = sql("SELECT DISTINCT asset_key FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'")
-    assert len(materialized) == 11  # every asset of the graph
+    assert len(materialized) == 12  # every asset of the graph
     # the shipped catalog has no static or GPTQ recipe: calibration computed nothing
     with open_instance(dagster_home) as instance:
         assert metadata(instance, "calibration", DEMO_MODEL)["computed"] == "none"

@@ -209,3 +209,26 @@ def test_a_task_gate_fails_a_drop_past_its_points_and_past_the_noise():
     assert str(result) == "cloze is 10.0 ± 2.8 points below float (fails max_task_drop_points 5 and 2 standard errors)"
     with pytest.raises(GateConfigError, match="unknown gate"):
         parse_gates("recipe 'x'", {"max_task_drop": 5})
+
+
+def test_long_generations_are_scored_for_collapse_and_gated_against_floats():
+    """A generation that loops (the same 4 tokens again and again) repeats most of its 4-grams and has few distinct
+    tokens; a healthy one neither. A recipe looping where float does not fails; the same loop in float's own
+    generations (as the demo model's greedy ones do) is no reason to fail it."""
+    from edge_quant_pipeline.evaluate.health import generation_health
+    from edge_quant_pipeline.gates import check_health_gates
+
+    healthy = generation_health([list(range(40)), list(range(100, 140))], [40, 40], 40)
+    looping = generation_health([[1, 2, 3, 4] * 10, [5, 6, 7, 8] * 5], [40, 20], 40)
+    assert (healthy.repeated_ngram_share, healthy.distinct_token_ratio, healthy.early_stops) == (0.0, 1.0, 0.0)
+    assert looping.repeated_ngram_share == pytest.approx((33 / 37 + 13 / 17) / 2)
+    assert looping.distinct_token_ratio == pytest.approx(0.15) and (looping.early_stops, looping.mean_tokens) == (
+        0.5,
+        30,
+    )
+    gates = {"max_repetition_increase": 0.3, "max_distinct_drop": 0.3, "max_early_stop_increase": 0.5}
+    assert [g.passed for g in check_health_gates(looping, healthy, gates)] == [False, False, True]
+    assert all(g.passed for g in check_health_gates(looping, looping, gates))
+    assert check_health_gates(looping, None, gates) == []  # float not run: not gated
+    (repetition, *_) = check_health_gates(looping, healthy, gates)
+    assert str(repetition) == "repeated_ngram_share = 0.828 against float's 0.000 (fails max_repetition_increase 0.3)"

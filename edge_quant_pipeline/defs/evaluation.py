@@ -13,12 +13,11 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.evaluate.evaluation import Bundle, TaskRequest, evaluate
+from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, TaskRequest, evaluate
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
-from edge_quant_pipeline.evaluate.tasks import FloatTasks
 from edge_quant_pipeline.footprint import model_size
-from edge_quant_pipeline.gates import check_gates, check_task_gates
+from edge_quant_pipeline.gates import check_gates, check_health_gates, check_task_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
 from edge_quant_pipeline.publish.store import record_failure
 from edge_quant_pipeline.quantize.recipes import Recipe
@@ -76,7 +75,7 @@ def localization_metadata(
         "quant_recipe": dg.AssetIn(partition_mapping=BY_RECIPE),
         "float_tflite": dg.AssetIn(partition_mapping=BY_MODEL),
         "float_reference": dg.AssetIn(partition_mapping=BY_MODEL),
-        "float_tasks": dg.AssetIn(partition_mapping=BY_MODEL),
+        "float_baseline": dg.AssetIn(partition_mapping=BY_MODEL),
     },
     check_specs=[
         dg.AssetCheckSpec(
@@ -101,7 +100,7 @@ def evaluation(
     quant_recipe: Recipe,
     float_tflite: TfliteModel,
     float_reference: FloatReference,
-    float_tasks: FloatTasks,
+    float_baseline: FloatBaseline,
     quantized_tflite: TfliteModel,
 ):
     """Perplexity, KL, top-1, generation agreement, SQNR, speed and memory, measured in the interpreter."""
@@ -116,7 +115,7 @@ def evaluation(
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it
             tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle, tasks)
-            result = dataclasses.replace(result, float_tasks=float_tasks.scores)
+            result = dataclasses.replace(result, float_baseline=float_baseline)
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
@@ -135,14 +134,16 @@ def evaluation(
         **({"tasks": dg.MetadataValue.md(result.task_table())} if result.tasks else {}),
     }
     yield dg.Output(result, metadata={**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()})
+    health = result.litert_lm.health if result.litert_lm else None
     gates = [
         *check_gates(result.as_dict(), quant_recipe.gates),
-        *check_task_gates(result.tasks, float_tasks.scores, quant_recipe.gates),
+        *check_task_gates(result.tasks, float_baseline.scores, quant_recipe.gates),
+        *check_health_gates(health, float_baseline.health, quant_recipe.gates),
     ]
     failed = [g for g in gates if not g.passed]
     if failed:
         record_failure(pipeline.store, inputs, "quality gate", "; ".join(map(str, failed)))
-    unchecked = f"; tasks not gated: {float_tasks.reason}" if float_tasks.reason and result.tasks else ""
+    unchecked = f"; not gated in LiteRT-LM: {float_baseline.reason}" if float_baseline.reason else ""
     yield dg.AssetCheckResult(
         check_name="quality_gates",
         passed=not failed,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
+from edge_quant_pipeline.evaluate.health import GenerationHealth
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, RuntimeCheck, check_bundle
 from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
 from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
@@ -70,17 +71,12 @@ class Evaluation:
     litert_lm_error: str
     tasks: tuple[TaskScore, ...]  # lm-eval tasks answered by the bundle in LiteRT-LM (tasks.py)
     tasks_error: str  # why they were not, when they were asked for and could not be
-    float_tasks: tuple[TaskScore, ...] = ()  # the float model's scores on them (defs/float_tasks.py)
+    float_baseline: FloatBaseline | None = None  # the float bundle in LiteRT-LM, the gates' reference there
 
     def as_dict(self) -> dict[str, float | int | str]:
-        flat = {k: v for k, v in asdict(self).items() if k not in ("litert_lm", "tasks", "float_tasks")}
-        tasks = {
-            f"{prefix}task_{score.task}_{name}": value
-            for prefix, scores in (("", self.tasks), ("float_", self.float_tasks))
-            for score in scores
-            for name, value in ((score.metric, score.value), (f"{score.metric}_error", score.stderr))
-        }
-        return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {}), **tasks}
+        flat = {k: v for k, v in asdict(self).items() if k not in ("litert_lm", "tasks", "float_baseline")}
+        baseline = self.float_baseline.as_dict() if self.float_baseline else {}
+        return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {}), **_task_dict(self.tasks), **baseline}
 
     def fidelity_table(self) -> str:
         """The agreement with the float model as llama.cpp's ``--kl-divergence`` prints it, each mean ± its
@@ -101,7 +97,7 @@ class Evaluation:
     def task_table(self) -> str:
         """Each task's score in LiteRT-LM ± its standard error beside the float model's, its change in points,
         and the samples scored (markdown)."""
-        floats = {score.task: score for score in self.float_tasks}
+        floats = {score.task: score for score in (self.float_baseline.scores if self.float_baseline else ())}
 
         def row(s: TaskScore) -> str:
             f = floats.get(s.task)
@@ -110,6 +106,33 @@ class Evaluation:
 
         head = ["| task | metric | score | float | change (points) | samples |", "|---|---|---|---|---:|---:|"]
         return "\n".join([*head, *map(row, self.tasks)])
+
+
+def _task_dict(scores: tuple[TaskScore, ...], prefix: str = "") -> dict[str, float]:
+    """``<prefix>task_<task>_<metric>`` and its ``_error``, per task."""
+    return {
+        f"{prefix}task_{score.task}_{name}": value
+        for score in scores
+        for name, value in ((score.metric, score.value), (f"{score.metric}_error", score.stderr))
+    }
+
+
+@dataclass(frozen=True)
+class FloatBaseline:
+    """The float model's bundle in LiteRT-LM, what recipes are gated against in the runtime: its task scores and
+    the health of its long generations from the evaluation's prompts; ``reason`` says why either is missing."""
+
+    scores: tuple[TaskScore, ...]
+    health: GenerationHealth | None
+    reason: str
+
+    def as_dict(self) -> dict[str, float]:
+        health = {f"float_{name}": value for name, value in asdict(self.health).items()} if self.health else {}
+        return {**_task_dict(self.scores, "float_"), **health}
+
+    def table(self) -> str:
+        rows = [f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {s.samples} |" for s in self.scores]
+        return "\n".join(["| task | metric | float | samples |", "|---|---|---|---:|", *rows])
 
 
 @dataclass(frozen=True)
@@ -166,7 +189,7 @@ def evaluate(
         litert_lm_error = ""
     except BundleRejectedError as error:
         check, litert_lm_error = None, str(error)
-    scores, tasks_error = _task_scores(bundle, tasks, settings) if check is not None else ((), "")
+    scores, tasks_error = task_scores(bundle, tasks, settings) if check is not None else ((), "")
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,
@@ -188,7 +211,7 @@ def evaluate(
     )
 
 
-def _task_scores(bundle: Bundle, tasks: TaskRequest, settings: ExportSettings) -> tuple[tuple[TaskScore, ...], str]:
+def task_scores(bundle: Bundle, tasks: TaskRequest, settings: ExportSettings) -> tuple[tuple[TaskScore, ...], str]:
     """The tasks' scores in LiteRT-LM, or why there are none; a task that cannot run takes nothing else with it."""
     if not tasks.names:
         return (), ""

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
+from edge_quant_pipeline.evaluate.health import GenerationHealth, generation_health
 from edge_quant_pipeline.memory import peak_rss_mb
 
 
@@ -44,9 +45,12 @@ class RuntimeRun:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     peak_rss_mb: float
+    decoded_tokens: list[int]  # per prompt, as the runtime counted them: fewer than asked when a stop token came
     chat_replies: list[str]  # the Conversation API's reply to each of CHAT_TURNS; empty without a chat template
 
 
+# Long generations, to see collapse (health.py): as many tokens as the KV cache leaves after the prompt, at most.
+HEALTH_TOKENS = 256
 # Short, since a bundle's KV cache may be small (the demo's 128 tokens are 128 bytes).
 CHAT_TURNS = ("Hi", "Go on")
 CHAT_REPLY_TOKENS = 8
@@ -68,45 +72,71 @@ class RuntimeCheck:
     run: RuntimeRun
     interpreter_agreement: float
     float_agreement: float
+    health: GenerationHealth  # of the generations, each as long as the KV cache allows (health.py)
 
     def as_dict(self) -> dict[str, float | int]:
-        """Flat and named for LiteRT-LM, for the evaluation's table (the generated texts stay out)."""
-        measured = {name: value for name, value in asdict(self.run).items() if name not in ("texts", "chat_replies")}
+        """Flat and named for LiteRT-LM, for the evaluation's table (the generated texts and counts stay out)."""
+        lists = ("texts", "decoded_tokens", "chat_replies")
+        measured = {name: value for name, value in asdict(self.run).items() if name not in lists}
         agreements = {"interpreter_agreement": self.interpreter_agreement, "float_agreement": self.float_agreement}
-        return {f"litert_lm_{name}": value for name, value in {**agreements, **measured}.items()}
+        return {f"litert_lm_{name}": value for name, value in {**agreements, **measured, **asdict(self.health)}.items()}
 
 
 def _agreement(generated: list[int], reference: list[int]) -> float:
     return float(np.mean([i < len(generated) and generated[i] == token for i, token in enumerate(reference)]))
 
 
+class _Texts:
+    """Token ids as the text LiteRT-LM is given and gives back, with the bundle's tokenizer."""
+
+    def __init__(self, spec: BundleSpec):
+        from tokenizers import Tokenizer
+
+        self.tokenizer, self.start = Tokenizer.from_file(str(spec.tokenizer)), spec.start_token_id
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def text(self, ids: np.ndarray) -> str:
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+    def prompt(self, ids: np.ndarray) -> str:
+        """A prompt as text, without the start token the runtime prepends itself."""
+        return self.text(ids[1:] if self.start is not None and ids[0] == self.start else ids)
+
+
+def health_budget(spec: BundleSpec, prompts: np.ndarray) -> int:
+    """Tokens to generate for the health check: what the KV cache leaves after a prompt and its start token."""
+    return min(HEALTH_TOKENS, spec.context_length - prompts.shape[1] - 1)
+
+
+def _health(run: RuntimeRun, texts: _Texts, budget: int) -> GenerationHealth:
+    return generation_health([texts.tokens(t) for t in run.texts], run.decoded_tokens, budget)
+
+
 def check_bundle(
     bundle: Path, spec: BundleSpec, prompts: np.ndarray, interpreter: np.ndarray, float_model: np.ndarray
 ) -> RuntimeCheck:
-    """Generate in LiteRT-LM after ``prompts`` (token ids, given as text) as many tokens as ``interpreter`` and
-    ``float_model`` hold per prompt, and compare. The runtime prepends its start token to every prompt, so with
-    one, only prompts that begin with it are like for like (given without it): the first window of the eval
-    text at least, as the tokenizer adds it there."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(spec.tokenizer))
-
-    def as_text_tokens(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-
-    def text_of(ids: np.ndarray) -> str:
-        return tokenizer.decode(ids.tolist(), skip_special_tokens=False)
-
-    start = spec.start_token_id
-    chosen = [i for i, prompt in enumerate(prompts) if start is None or prompt[0] == start]
-    texts = [text_of(prompts[i] if start is None else prompts[i][1:]) for i in chosen]
-    run = run_bundle(bundle, texts, interpreter.shape[1], chat=spec.chat_template is not None)
+    """Generate in LiteRT-LM after ``prompts`` (token ids, given as text) as many tokens as the KV cache allows,
+    compare their start with ``interpreter`` and ``float_model`` (the greedy tokens from each prompt), and score
+    their health. The runtime prepends its start token to every prompt, so with one, only prompts that begin
+    with it are like for like (given without it): the first window of the eval text at least, as the tokenizer
+    adds it there; agreements are on those."""
+    texts, budget = _Texts(spec), health_budget(spec, prompts)
+    chosen = [i for i, prompt in enumerate(prompts) if texts.start is None or prompt[0] == texts.start]
+    run = run_bundle(bundle, [texts.prompt(p) for p in prompts], budget, chat=spec.chat_template is not None)
 
     def agreement(expected: np.ndarray) -> float:
-        pairs = zip(run.texts, expected[chosen], strict=True)
-        return float(np.mean([_agreement(as_text_tokens(t), as_text_tokens(text_of(e))) for t, e in pairs]))
+        pairs = [(run.texts[i], expected[i]) for i in chosen]
+        return float(np.mean([_agreement(texts.tokens(t), texts.tokens(texts.text(e))) for t, e in pairs]))
 
-    return RuntimeCheck(run, interpreter_agreement=agreement(interpreter), float_agreement=agreement(float_model))
+    return RuntimeCheck(run, agreement(interpreter), agreement(float_model), _health(run, texts, budget))
+
+
+def float_health(bundle: Path, spec: BundleSpec, prompts: np.ndarray) -> GenerationHealth:
+    """The health of the float bundle's generations from ``prompts``, as ``check_bundle`` scores a recipe's."""
+    texts, budget = _Texts(spec), health_budget(spec, prompts)
+    return _health(run_bundle(bundle, [texts.prompt(p) for p in prompts], budget), texts, budget)
 
 
 def failure_reason(done: subprocess.CompletedProcess) -> str:
@@ -193,6 +223,7 @@ def main() -> None:
         prefill_tokens_per_s=float(np.median([b.last_prefill_tokens_per_second for b in benchmarks])),
         decode_tokens_per_s=float(np.median([b.last_decode_tokens_per_second for b in benchmarks])),
         peak_rss_mb=peak_rss_mb(),
+        decoded_tokens=[b.last_decode_token_count for b in benchmarks],
         chat_replies=chat_replies,
     )
     print(json.dumps(asdict(run)))

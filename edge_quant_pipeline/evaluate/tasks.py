@@ -56,18 +56,6 @@ class TaskScore:
     samples: int
 
 
-@dataclass(frozen=True)
-class FloatTasks:
-    """The float model's scores on the tasks in LiteRT-LM (its float .tflite bundled), or why there are none."""
-
-    scores: tuple[TaskScore, ...]
-    reason: str  # why there are no scores; "" when there are
-
-    def table(self) -> str:
-        rows = [f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {s.samples} |" for s in self.scores]
-        return "\n".join(["| task | metric | float | samples |", "|---|---|---|---:|", *rows])
-
-
 def _local(name: str, body: dict) -> dict:
     """A task config over the demo's JSONL file of ``name`` (lm-eval's ``json`` dataset: read locally)."""
     files = {"test": str(DEMO_TASK_FILES[name])}

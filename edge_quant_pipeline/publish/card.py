@@ -67,6 +67,13 @@ def _plus_minus(metrics: dict[str, Any], name: str, fmt: str) -> str:
     return f"{value:{fmt}} ± {error:{fmt}}" if error is not None else f"{value:{fmt}}"
 
 
+def _beside_float(metrics: dict[str, Any], health: str) -> str:
+    value, reference = metrics.get(f"litert_lm_{health}"), metrics.get(f"float_{health}")
+    if value is None:
+        return ""
+    return f"{value:.3f}" + (f" (float model: {reference:.3f})" if reference is not None else "")
+
+
 def _quality_lines(metrics: dict[str, Any]) -> list[str]:
     rows = [
         ("perplexity / float", _plus_minus(metrics, "perplexity_ratio", ".4f")),
@@ -74,6 +81,8 @@ def _quality_lines(metrics: dict[str, Any]) -> list[str]:
         ("p99 KL", _plus_minus(metrics, "p99_kl", ".4f")),
         ("same top-1 token as float", _plus_minus(metrics, "top1_agreement", ".3f")),
         ("greedy tokens equal to float's", _plus_minus(metrics, "generation_agreement", ".3f")),
+        ("repeated 4-grams in long generations, LiteRT-LM", _beside_float(metrics, "repeated_ngram_share")),
+        ("distinct tokens in long generations, LiteRT-LM", _beside_float(metrics, "distinct_token_ratio")),
     ]
     return ["| metric | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows if value)]
 
