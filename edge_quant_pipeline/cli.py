@@ -87,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import dagster as dg
 
-    from edge_quant_pipeline import settings
+    from edge_quant_pipeline import graph, settings
     from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
     from edge_quant_pipeline.config import pipeline_config_from_env
     from edge_quant_pipeline.publish.report import REPORT_FILE, read_parquet, to_markdown
+    from edge_quant_pipeline.rebuild import forgettable_models
     from edge_quant_pipeline.runs.launch import materialize
 
     scan = scan_checkpoints(settings.checkpoint_dir())
@@ -105,13 +106,17 @@ def run(args: argparse.Namespace) -> int:
             )
         return 2
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
-    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models)})")
+    print(f"Checkpoints:      {settings.checkpoint_dir()} ({', '.join(models) or 'none'})")
     for refused in scan.refused:
         print(f"  skipped: {refused.reason}")
+    instance = dg.DagsterInstance.get()
+    for model in forgettable_models(instance, scan.model_ids):
+        instance.delete_dynamic_partition(graph.MODEL_PARTITION, model)
+        print(f"  forgotten: {model!r}, whose folder is gone and which never converted (its partition is deleted)")
     print()
     pipeline = pipeline_config_from_env()
     summary = materialize(
-        dg.DagsterInstance.get(),
+        instance,
         pipeline,
         models,
         recipes,

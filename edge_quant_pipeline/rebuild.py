@@ -29,6 +29,17 @@ def sync_recipe_partitions(instance: dg.DagsterInstance, names: list[str]) -> No
         instance.delete_dynamic_partition(graph.RECIPE_PARTITION, name)
 
 
+def forgettable_models(instance: dg.DagsterInstance, present: set[str]) -> list[str]:
+    """Model partitions whose checkpoint folder is gone (not in ``present``) and that never converted: a typo, a
+    folder that could not be read. Nothing of them is kept, so their partitions go; a model that converted keeps
+    its partition, with its history and artifacts."""
+    return [
+        model
+        for model in instance.get_dynamic_partitions(graph.MODEL_PARTITION)
+        if model not in present and latest_materialization(instance, "checkpoint", model) is None
+    ]
+
+
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 

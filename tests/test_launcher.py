@@ -30,7 +30,9 @@ def test_pairs_wait_for_their_conversion_and_recipe_and_reports_for_their_pairs(
     assert runs[("quantize_evaluate_publish", "m2|r2")].after == (resolve,)
     assert runs[("quantize_evaluate_publish", "m2|r1")].after == ()
     report = runs[("report", "m2")]
-    assert {r.label for r in report.after} == {"m2|r1", "m2|r2"} and not report.needs_success
+    assert {r.label for r in report.after} == {"m2|r1", "m2|r2"} and report.required == ()
+    # a report waits for its conversion too, and is skipped when it failed: it reads the converted checkpoint
+    assert runs[("report", "m1")].after[0] == convert and runs[("report", "m1")].required == (convert,)
     assert set(runs[("report_all_models", "")].after) == {runs[("report", "m1")], report}
     assert len(runs) == 2 + 4 + 2 + 1
 
@@ -132,3 +134,15 @@ def test_a_step_that_records_why_it_did_not_fit_is_left_out_of_its_runs_estimate
     qwen3_4b = ModelSize(4_022_468_096, 36, 151_936, 8_044_936_192, 4 * 4_022_468_096, 128)
     conversion = steps_mb(list(MODEL_ASSETS), qwen3_4b, calibration=CalibrationNeed.NONE)
     assert step_mb("float_baseline", qwen3_4b) > 24_000 > conversion == step_mb("float_tflite", qwen3_4b)
+
+
+def test_a_gone_checkpoint_that_never_converted_is_forgotten_and_one_that_did_is_kept():
+    """A typo or an unreadable folder, once gone, leaves a partition that would show its failures for good: it
+    goes. A model that converted keeps its partition (its history, its published versions) when its folder goes."""
+    from edge_quant_pipeline.rebuild import forgettable_models
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("model", ["converted", "typo", "here"])
+        instance.report_runless_asset_event(dg.AssetMaterialization("checkpoint", partition="converted"))
+        assert forgettable_models(instance, {"here"}) == ["typo"]
+        assert forgettable_models(instance, {"here", "typo"}) == []

@@ -35,6 +35,11 @@ class CheckpointScan:
     def refusal_for(self, model_id: str) -> str | None:
         return next((r.reason for r in self.refused if r.model_id == model_id), None)
 
+    @property
+    def model_ids(self) -> set[str]:
+        """The ids of every checkpoint folder there, usable or refused."""
+        return {*self.found, *(r.model_id for r in self.refused if r.model_id)}
+
 
 def _holds_config(folder: Path) -> bool:
     """Raises OSError for a folder that cannot be looked into (permissions)."""

@@ -23,6 +23,7 @@ from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partiti
 from edge_quant_pipeline.graph import CONVERT_JOB, QUANTIZE_JOB, RESOLVE_JOB
 from edge_quant_pipeline.rebuild import (
     DATA_VERSION_TAG,
+    forgettable_models,
     latest_tags,
     model_state,
     rebuild_plan,
@@ -84,6 +85,9 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
         if scan.refusal_for(gone) is None:
             context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
         del seen[gone]
+    forgotten = forgettable_models(context.instance, scan.model_ids)  # gone, and never converted: nothing to keep
+    if forgotten:
+        context.log.info(f"Deleting the partitions of {', '.join(forgotten)}: gone from {root}, never converted.")
 
     requests, settling, settled, versions = [], [], [], model_code_versions(pipeline)
     for model_id, path in scan.found.items():
@@ -105,7 +109,10 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
         context.log.info(f"Waiting for {', '.join(settling)} to stop changing")
     return dg.SensorResult(
         run_requests=requests,
-        dynamic_partitions_requests=[model_partitions.build_add_request(new_models)] if new_models else [],
+        dynamic_partitions_requests=[
+            *([model_partitions.build_add_request(new_models)] if new_models else []),
+            *([model_partitions.build_delete_request(forgotten)] if forgotten else []),
+        ],
         cursor=json.dumps({m: asdict(s) for m, s in seen.items()}),
     )
 

@@ -106,11 +106,11 @@ class _Launch:
         """The runs that may start now, after skipping those whose prerequisites failed (and theirs, and so on)."""
         while True:
             ready = [r for r in self.pending if all(dep in self.finished for dep in r.after)]
-            doomed = [r for r in ready if r.needs_success and not all(self.finished[dep] for dep in r.after)]
+            doomed = [r for r in ready if not all(self.finished[dep] for dep in r.required)]
             if not doomed:
                 return ready
             for run in doomed:
-                failed = next(dep for dep in run.after if not self.finished[dep])
+                failed = next(dep for dep in run.required if not self.finished[dep])
                 self.pending.remove(run)
                 self.finished[run] = False
                 self.summary.skipped.append(run)

@@ -49,8 +49,12 @@ class PlannedRun:
     model: str | None = None
     recipe: str | None = None
     after: tuple["PlannedRun", ...] = ()  # runs that must have finished first
-    needs_success: bool = True  # skip this run when one of `after` failed
+    must_succeed: tuple["PlannedRun", ...] | None = None  # those of them it is skipped without (None: all of them)
     assets: tuple[str, ...] | None = None  # a part of the job's assets (None: all of them)
+
+    @property
+    def required(self) -> tuple["PlannedRun", ...]:
+        return self.after if self.must_succeed is None else self.must_succeed
 
     @property
     def partition_key(self) -> str | None:
@@ -98,19 +102,21 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
     runs = [*converts.values(), *resolves.values(), *pairs.values()]
     if reports is None:
         return runs
-    # Reports list failures too: they wait for their pairs without needing them to succeed.
+    # Reports list failures too: they wait for their pairs without needing them to succeed, but not for a checkpoint
+    # that failed to convert (the report reads the checkpoint the conversion made).
     model_reports = [
         PlannedRun(
             graph.REPORT_JOB,
             model=m,
-            after=tuple(run for (model, _), run in pairs.items() if model == m),
-            needs_success=False,
+            after=(*conversion, *(run for (model, _), run in pairs.items() if model == m)),
+            must_succeed=conversion,
         )
         for m in models
         if m in reports.models or any(model == m for model, _ in pairs)
+        for conversion in [(converts[m],) if m in converts else ()]
     ]
     if model_reports or reports.all_models:
-        model_reports.append(PlannedRun(graph.ALL_MODELS_REPORT_JOB, after=tuple(model_reports), needs_success=False))
+        model_reports.append(PlannedRun(graph.ALL_MODELS_REPORT_JOB, after=tuple(model_reports), must_succeed=()))
     return runs + model_reports
 
 
