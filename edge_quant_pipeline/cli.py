@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_quant_pipeline import graph, settings
     from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
     from edge_quant_pipeline.config import pipeline_config_from_env
-    from edge_quant_pipeline.publish.report import REPORT_FILE, read_parquet, to_markdown
+    from edge_quant_pipeline.publish.report import REPORT_FILE, TERMINAL_COLUMNS, read_parquet, to_markdown
     from edge_quant_pipeline.rebuild import forgettable_models
     from edge_quant_pipeline.runs.launch import materialize
 
@@ -137,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     for model in [] if args.convert_only else models:
         report = read_parquet(pipeline.store / model / REPORT_FILE)  # as of now, whoever wrote it
         if report is not None:
-            print(f"\n{model}\n\n{to_markdown(report)}")
+            champion = next((row.recipe for row in report.itertuples() if row.champion), "none")
+            print(f"\n{model}\n\n{to_markdown(report, TERMINAL_COLUMNS)}\n\nChampion (smallest published): {champion}")
+            print(
+                f"Every column (top-1, KL percentiles, SQNR, latency, memory): {pipeline.store / model / REPORT_FILE}"
+            )
     layout = "<model>/<recipe>/<version>/model.tflite, model.litertlm, manifest.json"
     print(f"\nArtifacts:        {pipeline.store}  ({layout})")
     print(f"Reports:          {pipeline.store}/report.parquet, {pipeline.store}/<model>/report.parquet")

@@ -42,6 +42,9 @@ DISPLAY_COLUMNS = {
     "litert_lm_prefill_tokens_per_s": ("LiteRT-LM prefill tok/s", ".0f"),
     "litert_lm_decode_tokens_per_s": ("LiteRT-LM decode tok/s", ".0f"),
 }
+# What `edge-quant run` prints: size, quality, speed on a phone's runtime, in about 120 columns (the champion on
+# a line of its own); the report (Parquet, UI) has every column.
+TERMINAL_COLUMNS = ("recipe", "status", "file_mb", "perplexity_ratio", "mean_kl", "litert_lm_decode_tokens_per_s")
 # The manifest's `delta` (this version minus the previous one), one column per metric.
 DELTA_COLUMNS = {
     "recipe": ("recipe", ""),
@@ -150,9 +153,11 @@ def _table(frame: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> str:
     return table.to_markdown(index=False, floatfmt=formats, missingval="")
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """The table (with a model column across models), what changed since each previous version, failures."""
-    columns = {"model": ("model", ""), **DISPLAY_COLUMNS} if "model" in frame else DISPLAY_COLUMNS
+def to_markdown(frame: pd.DataFrame, only: tuple[str, ...] | None = None) -> str:
+    """The table (with a model column across models; of the columns ``only``, if given), what changed since each
+    previous version, failures."""
+    shown = {k: v for k, v in DISPLAY_COLUMNS.items() if only is None or k in only}
+    columns = {"model": ("model", ""), **shown} if "model" in frame else shown
     text = _table(frame.assign(champion=frame["champion"].map({True: "✓", False: ""})), columns)
     changed = frame[frame["previous_version"].notna()]
     if not changed.empty:
