@@ -94,6 +94,8 @@ def test_a_model_that_cannot_be_converted_fails_alone_with_its_reason(first_run)
         skipped = next(i for i, line in enumerate(lines) if re.match(rf"\s+{label}\b", line))
         assert lines[skipped].endswith("not run") and "skipped: its convert_checkpoint run failed" in lines[skipped + 1]
     assert f"\n{DEMO_MODEL}\n\n| recipe " in first_run  # the other model's table is printed
+    table = [line for line in lines if line.startswith("|")]
+    assert max(map(len, table)) <= 130 and "Champion (smallest published): " in first_run  # a terminal shows it
     assert first_run.rstrip().endswith("run(s) failed; see them with `dagster dev`.")
 
 
