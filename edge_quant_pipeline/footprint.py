@@ -190,5 +190,7 @@ def steps_mb(
     steps: list[str], size: ModelSize, recipe: Recipe | None = None, calibration: CalibrationNeed | None = None
 ) -> float:
     """A run executes its steps one after the other in one process: the largest of them, but for those that record
-    why they could not fit and let the run go on (``graph.Stage.skipped_when_too_big``)."""
-    return max(step_mb(step, size, recipe, calibration) for step in steps if not BY_ASSET[step].skipped_when_too_big)
+    why they could not fit and let the run go on (``graph.Stage.skipped_when_too_big``); the bare process when
+    no other is left."""
+    sized = [step_mb(step, size, recipe, calibration) for step in steps if not BY_ASSET[step].skipped_when_too_big]
+    return max(sized, default=LITERT_PROCESS_MB)

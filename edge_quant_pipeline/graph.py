@@ -82,7 +82,7 @@ STAGES = (
         "export",
         "float_baseline-1",
         toolchain=WHOLE_TOOLCHAIN,
-        settings=(TASKS,),
+        settings=(TASKS, EXPORT, REFERENCE),  # the float file's shape, the prompts' text
         memory="float_baseline",
         skipped_when_too_big=True,
     ),

@@ -128,12 +128,13 @@ def test_an_exception_that_ends_a_worker_is_named_in_the_summary():
 def test_a_step_that_records_why_it_did_not_fit_is_left_out_of_its_runs_estimate():
     """The float model's tasks in LiteRT-LM hold 1.6x the float file: at 4B more than the machine; the step says so
     and its conversion run goes on, so the run is planned at its export's size, not refused for that step."""
-    from edge_quant_pipeline.footprint import ModelSize, step_mb, steps_mb
+    from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, step_mb, steps_mb
     from edge_quant_pipeline.quantize.catalog import CalibrationNeed
 
     qwen3_4b = ModelSize(4_022_468_096, 36, 151_936, 8_044_936_192, 4 * 4_022_468_096, 128)
     conversion = steps_mb(list(MODEL_ASSETS), qwen3_4b, calibration=CalibrationNeed.NONE)
     assert step_mb("float_baseline", qwen3_4b) > 24_000 > conversion == step_mb("float_tflite", qwen3_4b)
+    assert steps_mb(["float_baseline"], qwen3_4b) == LITERT_PROCESS_MB  # a run of it alone (new tasks, say)
 
 
 def test_a_gone_checkpoint_that_never_converted_is_forgotten_and_one_that_did_is_kept():

@@ -295,3 +295,5 @@ def test_the_model_card_copies_only_what_the_checkpoint_declares(tmp_path):
     }
     (tmp_path / "README.md").write_text("# No metadata\n")
     assert checkpoint_card_facts(tmp_path, {"_name_or_path": "/home/me/checkpoints/qwen"}) == {}
+    (tmp_path.parent / "out" / "model").mkdir(parents=True)  # saved from a local folder, not a hub repository
+    assert checkpoint_card_facts(tmp_path, {"_name_or_path": "out/model"}) == {}

@@ -207,8 +207,9 @@ def test_a_task_gate_fails_a_drop_past_its_points_and_past_the_noise():
     assert passed({}) == []
     (result,) = check_task_gates(recipe, float_model, {"max_task_drop_points": 5, "task_drop_sigmas": 2})
     assert str(result) == "cloze is 10.0 ± 2.8 points below float (fails max_task_drop_points 5 and 2 standard errors)"
-    with pytest.raises(GateConfigError, match="unknown gate"):
-        parse_gates("recipe 'x'", {"max_task_drop": 5})
+    for typo in ("max_task_drop", "max_task_drop_points.<task>", "max_task_drop_points."):
+        with pytest.raises(GateConfigError, match="unknown gate"):
+            parse_gates("recipe 'x'", {typo: 5})
 
 
 def test_long_generations_are_scored_for_collapse_and_gated_against_floats():

@@ -81,11 +81,11 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineCon
     for refused in scan.refused:  # every tick, until someone renames the folder
         context.log.warning(refused.reason)
 
+    forgotten = forgettable_models(context.instance, scan.model_ids)  # gone, and never converted: nothing to keep
     for gone in sorted(set(seen) - set(scan.found)):
-        if scan.refusal_for(gone) is None:
+        if scan.refusal_for(gone) is None and gone not in forgotten:
             context.log.warning(f"Checkpoint {gone!r} is gone from {root}; its partitions and artifacts are kept.")
         del seen[gone]
-    forgotten = forgettable_models(context.instance, scan.model_ids)  # gone, and never converted: nothing to keep
     if forgotten:
         context.log.info(f"Deleting the partitions of {', '.join(forgotten)}: gone from {root}, never converted.")
 

@@ -143,7 +143,8 @@ def evaluation(
     failed = [g for g in gates if not g.passed]
     if failed:
         record_failure(pipeline.store, inputs, "quality gate", "; ".join(map(str, failed)))
-    unchecked = f"; not gated in LiteRT-LM: {float_baseline.reason}" if float_baseline.reason else ""
+    scope = "tasks" if float_baseline.health else "tasks and long generations"
+    unchecked = f"; {scope} not gated: {float_baseline.reason}" if float_baseline.reason else ""
     yield dg.AssetCheckResult(
         check_name="quality_gates",
         passed=not failed,

@@ -105,13 +105,12 @@ class _Texts:
         return self.text(ids[1:] if self.start is not None and ids[0] == self.start else ids)
 
 
-def health_budget(spec: BundleSpec, prompts: np.ndarray) -> int:
-    """Tokens to generate for the health check: what the KV cache leaves after a prompt and its start token."""
-    return min(HEALTH_TOKENS, spec.context_length - prompts.shape[1] - 1)
-
-
-def _health(run: RuntimeRun, texts: _Texts, budget: int) -> GenerationHealth:
-    return generation_health([texts.tokens(t) for t in run.texts], run.decoded_tokens, budget)
+def _generate(bundle: Path, spec: BundleSpec, prompts: np.ndarray, chat: bool) -> tuple[RuntimeRun, GenerationHealth]:
+    """Greedy generations from ``prompts`` as long as the KV cache allows after a prompt and its start token, and
+    their health."""
+    texts, budget = _Texts(spec), min(HEALTH_TOKENS, spec.context_length - prompts.shape[1] - 1)
+    run = run_bundle(bundle, [texts.prompt(p) for p in prompts], budget, chat=chat)
+    return run, generation_health([texts.tokens(t) for t in run.texts], run.decoded_tokens, budget)
 
 
 def check_bundle(
@@ -122,21 +121,20 @@ def check_bundle(
     their health. The runtime prepends its start token to every prompt, so with one, only prompts that begin
     with it are like for like (given without it): the first window of the eval text at least, as the tokenizer
     adds it there; agreements are on those."""
-    texts, budget = _Texts(spec), health_budget(spec, prompts)
+    texts = _Texts(spec)
     chosen = [i for i, prompt in enumerate(prompts) if texts.start is None or prompt[0] == texts.start]
-    run = run_bundle(bundle, [texts.prompt(p) for p in prompts], budget, chat=spec.chat_template is not None)
+    run, health = _generate(bundle, spec, prompts, chat=spec.chat_template is not None)
 
     def agreement(expected: np.ndarray) -> float:
         pairs = [(run.texts[i], expected[i]) for i in chosen]
         return float(np.mean([_agreement(texts.tokens(t), texts.tokens(texts.text(e))) for t, e in pairs]))
 
-    return RuntimeCheck(run, agreement(interpreter), agreement(float_model), _health(run, texts, budget))
+    return RuntimeCheck(run, agreement(interpreter), agreement(float_model), health)
 
 
 def float_health(bundle: Path, spec: BundleSpec, prompts: np.ndarray) -> GenerationHealth:
     """The health of the float bundle's generations from ``prompts``, as ``check_bundle`` scores a recipe's."""
-    texts, budget = _Texts(spec), health_budget(spec, prompts)
-    return _health(run_bundle(bundle, [texts.prompt(p) for p in prompts], budget), texts, budget)
+    return _generate(bundle, spec, prompts, chat=False)[1]
 
 
 def failure_reason(done: subprocess.CompletedProcess) -> str:
@@ -165,7 +163,7 @@ def run_bundle(bundle: Path, prompts: list[str], num_tokens: int, chat: bool = F
     if done.returncode != 0:
         raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {failure_reason(done)}")
     run = RuntimeRun(**json.loads(done.stdout.strip().splitlines()[-1]))
-    if not all(run.texts):
+    if not any(run.texts):  # one prompt may end where the model stops at once: that is an early stop (health.py)
         raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")
     if chat and not all(run.chat_replies):
         raise BundleRejectedError(

@@ -30,8 +30,8 @@ def checkpoint_card_facts(checkpoint_dir: Path, hf_config: dict[str, Any]) -> di
     if isinstance(metadata, dict) and isinstance(metadata.get("license"), str):
         facts["license"] = metadata["license"]
     source = hf_config.get("_name_or_path")
-    if isinstance(source, str) and _HUB_ID.match(source):
-        facts["base_model"] = source
+    if isinstance(source, str) and _HUB_ID.match(source) and not (checkpoint_dir.parent / source).exists():
+        facts["base_model"] = source  # org/name, and not a folder beside the checkpoint's (a local save)
     return facts
 
 

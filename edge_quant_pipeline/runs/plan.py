@@ -102,18 +102,21 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
     runs = [*converts.values(), *resolves.values(), *pairs.values()]
     if reports is None:
         return runs
+
     # Reports list failures too: they wait for their pairs without needing them to succeed, but not for a checkpoint
     # that failed to convert (the report reads the checkpoint the conversion made).
+    def conversion(model: str) -> tuple[PlannedRun, ...]:
+        return (converts[model],) if model in converts else ()
+
     model_reports = [
         PlannedRun(
             graph.REPORT_JOB,
             model=m,
-            after=(*conversion, *(run for (model, _), run in pairs.items() if model == m)),
-            must_succeed=conversion,
+            after=(*conversion(m), *(run for (model, _), run in pairs.items() if model == m)),
+            must_succeed=conversion(m),
         )
         for m in models
         if m in reports.models or any(model == m for model, _ in pairs)
-        for conversion in [(converts[m],) if m in converts else ()]
     ]
     if model_reports or reports.all_models:
         model_reports.append(PlannedRun(graph.ALL_MODELS_REPORT_JOB, after=tuple(model_reports), must_succeed=()))
