@@ -248,13 +248,15 @@ def test_a_new_eval_text_rebuilds_the_reference_and_every_evaluation_but_no_expo
     edited = PipelineConfig(
         **{**pipeline.model_dump(), "artifact_store": pipeline.artifact_store, "evaluation": evaluation}
     )
-    assert rebuild_plan(instance, edited, MODELS, RECIPES).convert == {m: ("float_reference",) for m in MODELS}
+    # the float reference, and the float baseline, whose long generations start from the eval text's prompts
+    reference = ("float_reference", "float_baseline")
+    assert rebuild_plan(instance, edited, MODELS, RECIPES).convert == {m: reference for m in MODELS}
     with dg.build_sensor_context(instance=instance, resources={"pipeline": edited}) as context:
         cursor = checkpoint_sensor(context).cursor
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"pipeline": edited}) as context:
         requests = checkpoint_sensor(context).run_requests
     assert {(r.partition_key, tuple(k.path[-1] for k in r.asset_selection)) for r in requests} == {
-        (m, ("float_reference",)) for m in MODELS
+        (m, reference) for m in MODELS
     }
 
     before = conversions(instance), quantizations(instance)
