@@ -14,6 +14,8 @@ from pathlib import Path
 
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, count_parameters, model_id_for, validate_checkpoint
 from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.export.architectures import SUPPORTED_MODEL_TYPES
+from edge_quant_pipeline.export.exporters import EXPORT_HF_MODEL_TYPES
 from edge_quant_pipeline.graph import BY_ASSET
 from edge_quant_pipeline.memory import MB
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed
@@ -65,6 +67,7 @@ class ModelSize:
     float_tflite_bytes: int  # the float32 export, once it exists; 4 bytes per parameter before
     window_tokens: int  # kv_cache_len: the positions of one evaluation window
     calibration_bytes: int = 0  # the input Hessians of its layers (quantize/calibration.py), once known
+    proven_family: bool = True  # False: its export is proven against transformers in the export's step
 
     @property
     def window_logit_bytes(self) -> int:
@@ -95,6 +98,7 @@ def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_by
         checkpoint_bytes=checkpoint.weight_bytes,
         float_tflite_bytes=float_tflite_bytes or 4 * checkpoint.parameters,
         window_tokens=pipeline.export_settings.kv_cache_len,
+        proven_family=checkpoint.proven_family,
     )
 
 
@@ -109,11 +113,22 @@ def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSi
         hf_config,
         parameters=count_parameters(checkpoint_dir, hf_config),
     )
-    return replace(model_size(unhashed, pipeline), calibration_bytes=input_hessian_bytes(hf_config))
+    # As the checkpoint step will plan it, without importing transformers here: a family neither list names
+    # goes through export_hf's generic path, and its export is proven in the export's step.
+    proven = hf_config.get("model_type") in (*SUPPORTED_MODEL_TYPES, *EXPORT_HF_MODEL_TYPES)
+    return replace(
+        model_size(unhashed, pipeline), calibration_bytes=input_hessian_bytes(hf_config), proven_family=proven
+    )
 
 
 def export_mb(size: ModelSize) -> float:
-    return TORCH_PROCESS_MB + EXPORT_BYTES_PER_PARAMETER * size.parameters / MB + EXPORT_MB_PER_LAYER * size.layers
+    """The export; for a family no test here covers, then the proof of it in the same process: transformers' float
+    model, freed, then the float file in the runtime (evaluate/export_proof.py)."""
+    export = TORCH_PROCESS_MB + EXPORT_BYTES_PER_PARAMETER * size.parameters / MB + EXPORT_MB_PER_LAYER * size.layers
+    if size.proven_family:
+        return export
+    runtime = TORCH_PROCESS_MB + RUNTIME_FILES * size.float_tflite_bytes / MB
+    return max(export, float_reference_mb(size), runtime)
 
 
 def float_reference_mb(size: ModelSize) -> float:

@@ -18,10 +18,14 @@ import mmap
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_quant_pipeline import op_names
 from edge_quant_pipeline.embedders import embedders_of
 from edge_quant_pipeline.workstore import SharedFiles
+
+if TYPE_CHECKING:  # a value the export stage makes; this floor only carries it
+    from edge_quant_pipeline.evaluate.export_proof import ExportProof
 
 _ATTENTION = re.compile(op_names.block_scope(op_names.ATTENTION, r"(\d+)"))
 _FEEDFORWARD = re.compile(op_names.block_scope(op_names.FEEDFORWARD, r"(\d+)"))
@@ -247,6 +251,7 @@ class TfliteModel:
     file_bytes: int  # the model's and its embedders'
     weights: list[WeightTensor]
     shared: SharedFiles | None = None  # where the next step finds it, when steps share no disk (workstore.py)
+    export_proof: ExportProof | None = None  # a float export of a family no test here covers (export_proof.py)
 
     @property
     def embedders(self) -> dict[str, Path]:

@@ -22,10 +22,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from edge_quant_pipeline.checkpoints.validate import read_checkpoint
 from edge_quant_pipeline.config import ArtifactStore, EvaluationConfig, PipelineConfig
 from edge_quant_pipeline.embedders import embedders_of
+from edge_quant_pipeline.evaluate.export_proof import prove_export
 from edge_quant_pipeline.evaluate.metrics import compare
 from edge_quant_pipeline.evaluate.reference import TransformersModel
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
-from edge_quant_pipeline.export.exporters import per_layer_embeddings, plan_export
+from edge_quant_pipeline.export.exporters import EXPORT_HF_MODEL_TYPES, per_layer_embeddings, plan_export
 from edge_quant_pipeline.export.hf import export_hf_tflite
 from edge_quant_pipeline.export.load import load_transformers_model
 from edge_quant_pipeline.quantize.apply import quantize_model
@@ -144,6 +145,32 @@ def test_export_hf_matches_transformers_in_the_runtime_and_takes_recipes(tmp_pat
         assert {(r.component, r.block) for r in rows} >= {("attention", b) for b in range(plan.shape.num_layers)}
 
 
+def test_an_export_of_a_family_no_test_covers_is_proven_against_transformers(tmp_path):
+    """OLMo 2 through export_hf's generic path: its export matches its own checkpoint, and the same proof
+    refuses it as the export of a checkpoint whose last block differs (an export that computes something else)."""
+    folder = write_tiny_checkpoint("olmo2", tmp_path / "olmo2")
+    checkpoint = read_checkpoint(folder)
+    plan = plan_export(checkpoint.hf_config, folder / "config.json")
+    assert (plan.exporter, plan.proven_family) == (EXPORT_HF, False)
+    tflite = tmp_path / "float.tflite"
+    export_hf_tflite(folder, SETTINGS, tflite)
+
+    proof = prove_export(checkpoint, tflite, SETTINGS, num_threads=2)
+    assert proof.passed and proof.max_abs_diff < 1e-4 and proof.positions == 2 * SETTINGS.prefill_len
+
+    other = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # OLMo 2 normalizes the feed-forward's output: a new direction, not a new scale
+        other.model.layers[-1].mlp.down_proj.weight.add_(torch.randn(other.model.layers[-1].mlp.down_proj.weight.shape))
+    other.save_pretrained(tmp_path / "other")
+    make_tokenizer(VOCAB).save_pretrained(tmp_path / "other")
+    refused = prove_export(read_checkpoint(tmp_path / "other"), tflite, SETTINGS, num_threads=2)
+    assert not refused.passed and refused.max_abs_diff > 100 * refused.tolerance
+    assert refused.first_failing == 0  # every position: the last block computes every one
+    assert f"largest |logit difference| {refused.max_abs_diff:.3g} at position {refused.position}" in (
+        refused.describe()
+    )
+
+
 def test_auto_takes_the_rebuild_where_it_fits_and_export_hf_where_it_does_not(tmp_path):
     llama = AutoConfig.for_model("llama", **TINY).to_dict()
     assert plan_export(llama, tmp_path / "config.json").exporter == GENERATIVE_API
@@ -158,7 +185,15 @@ def test_auto_takes_the_rebuild_where_it_fits_and_export_hf_where_it_does_not(tm
 
 
 def test_what_neither_exporter_takes_is_refused_before_any_work(tmp_path):
-    with pytest.raises(UnsupportedArchitectureError, match=r"'mamba' is not supported\. The Generative API"):
+    olmo2 = AutoConfig.for_model("olmo2", **TINY, architectures=["Olmo2ForCausalLM"]).to_dict()
+    assert not plan_export(olmo2, tmp_path / "config.json").proven_family  # proven per checkpoint (above)
+    assert plan_export(olmo2, tmp_path / "config.json", EXPORT_HF).exporter == EXPORT_HF
+    bert = {**TINY, "model_type": "bert", "architectures": ["BertForMaskedLM"]}
+    with pytest.raises(UnsupportedArchitectureError, match=r"\(BertForMaskedLM\) do not name transformers' BertLMHead"):
+        plan_export(bert, tmp_path / "config.json")
+    with pytest.raises(UnsupportedArchitectureError, match=r"'t5' is not supported: transformers has no decoder-only"):
+        plan_export({**TINY, "model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, tmp_path / "c")
+    with pytest.raises(UnsupportedArchitectureError, match=r"'mamba' is not supported: .*\(none\) do not name"):
         plan_export({**TINY, "model_type": "mamba"}, tmp_path / "config.json")
     # a family only the rebuild knows, with a config it refuses, keeps the rebuild's reason
     with pytest.raises(UnsupportedArchitectureError, match="query_pre_attn_scalar 24 differs"):
@@ -173,9 +208,10 @@ def test_what_neither_exporter_takes_is_refused_before_any_work(tmp_path):
         plan_export({**TINY, "model_type": "llama"}, tmp_path / "config.json", "onnx")
 
 
-# Through the whole graph: a family without a rebuild (SmolLM3) and one with per-layer embeddings (Gemma 4), both in
-# one launch, as two checkpoints in one folder.
-GRAPH_FAMILIES = ["smollm3", "gemma4"]
+# Through the whole graph: a family no test here covers (OLMo 2: export_hf's generic path, its export proven against
+# transformers in the export's step) and one with per-layer embeddings (Gemma 4), both in one launch, as two
+# checkpoints in one folder.
+GRAPH_FAMILIES = ["olmo2", "gemma4"]
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +238,11 @@ def test_an_export_hf_family_through_the_whole_graph(export_hf_graph, model_type
     instance, root = export_hf_graph
     model = f"tiny-{model_type}"
     assert metadata(instance, "checkpoint", model)["exporter"] == EXPORT_HF
+    proven_family = model_type in EXPORT_HF_MODEL_TYPES
+    assert metadata(instance, "checkpoint", model)["proven_family"] == proven_family
+    # a family no test covers: its export was compared with transformers' own model, and passed
+    export_proof = metadata(instance, "float_tflite", model).get("export_proof_max_abs_diff")
+    assert (export_proof is None) == proven_family
     float_eval = metadata(instance, "evaluation", f"{model}|float")
     assert float_eval["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3) and float_eval["top1_agreement"] > 0.999
     # its LiteRT-LM bundle (Gemma 4's with both embedders in it) generates as the interpreter does
@@ -212,6 +253,8 @@ def test_an_export_hf_family_through_the_whole_graph(export_hf_graph, model_type
     version = recipe_dir / json.loads((recipe_dir / "latest.json").read_text())["version"]
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["exporter"] == EXPORT_HF and (version / "model.litertlm").is_file() and manifest["bundle_sha256"]
+    if not proven_family:
+        assert manifest["metrics"]["export_proof_max_abs_diff"] <= manifest["metrics"]["export_proof_tolerance"]
     # the embedders are published beside the model, each with its hash, as LiteRT-LM needs them all
     published_embedders = embedders_of(version / "model.tflite")
     assert sorted(manifest.get("embedder_sha256", {})) == sorted(published_embedders)

@@ -66,6 +66,9 @@ class Checkpoint:
     # steps can validate recipes without importing litert-torch (and torch) again.
     shape: ModelShape | None = None
     exporter: str = GENERATIVE_API  # set with ``shape``: exporters.plan_export
+    # False for a family no test here covers (export_hf's generic path): each of its exports is proven
+    # (evaluate/export_proof.py)
+    proven_family: bool = True
     parameters: int = 0  # counted from the weight files' headers (0: read before they were counted)
     # sha256 of tokenizer.json, which evaluation and bundles tokenize with; None: none (byte-level, or read before
     # it was hashed). Covered by ``content_hash`` too; kept apart so the manifest can say which tokenizer it was.

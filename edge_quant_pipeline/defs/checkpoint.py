@@ -39,7 +39,7 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
         found = read_checkpoint(_checkpoint_folder(pipeline.checkpoint_dir_path, context.partition_key))
         # Fails here, at the checkpoint, for a family neither of litert-torch's exporters takes.
         plan = plan_export(found.hf_config, found.path / "config.json", pipeline.export.exporter)
-        found = replace(found, shape=plan.shape, exporter=plan.exporter)
+        found = replace(found, shape=plan.shape, exporter=plan.exporter, proven_family=plan.proven_family)
     except (CheckpointError, UnsupportedArchitectureError, ExporterSettingError) as error:
         raise dg.Failure(str(error)) from None
     return dg.Output(
@@ -51,6 +51,7 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
             "tokenizer_sha256": found.tokenizer_hash or "none (byte-level)",
             "model_type": found.hf_config.get("model_type"),
             "exporter": found.exporter,
+            "proven_family": found.proven_family,  # False: each export is proven (evaluate/export_proof.py)
             "weight_files": ", ".join(f.name for f in weight_files(found.path)),
             "weight_bytes": sum(f.stat().st_size for f in weight_files(found.path)),
         },

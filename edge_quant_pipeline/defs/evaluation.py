@@ -115,7 +115,7 @@ def evaluation(
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it
             tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle, tasks)
-            result = dataclasses.replace(result, float_baseline=float_baseline)
+            result = dataclasses.replace(result, float_baseline=float_baseline, export_proof=float_tflite.export_proof)
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None

@@ -4,6 +4,7 @@ Both load the checkpoint as a float PyTorch model (litert-torch's rebuild, or tr
 ``export_hf``); export is the expensive step and runs once per checkpoint version, however many recipes follow.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +15,7 @@ from edge_quant_pipeline.defs.admission import StepUsage, admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
+from edge_quant_pipeline.evaluate.export_proof import ExportProof, prove_export
 from edge_quant_pipeline.evaluate.reference import (
     EvalTextError,
     FloatModel,
@@ -30,6 +32,7 @@ from edge_quant_pipeline.export.hf import ExportError, export_hf_tflite
 from edge_quant_pipeline.export.load import architecture_of, load_float_model, load_transformers_model
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
+from edge_quant_pipeline.runtime.session import RuntimeRejectedError
 from edge_quant_pipeline.settings import EXPORT_HF, WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
@@ -73,6 +76,9 @@ def float_tflite(
             context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
             with computing():
                 exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
+                if not checkpoint.proven_family:
+                    exported = replace(exported, export_proof=_proven(checkpoint, pipeline, exported))
+                    context.log.info(f"The export matches transformers: {exported.export_proof.describe()}")
             exported = pipeline.work.shared(exported, *exported.embedders.values())
     except (NotEnoughMemoryError, NotEnoughDiskError, ExportError) as error:
         raise dg.Failure(str(error)) from None
@@ -86,9 +92,30 @@ def float_tflite(
             "signatures": f"{pipeline.export_settings.prefill_signature}, decode",
             "kv_cache_len": pipeline.export_settings.kv_cache_len,
             "exporter": checkpoint.exporter,
+            **(exported.export_proof.as_dict() if exported.export_proof else {}),
             **usage.metadata(),
         },
     )
+
+
+def _proven(checkpoint: Checkpoint, pipeline: PipelineConfig, exported: TfliteModel) -> ExportProof:
+    """The proof that the generic path exported this checkpoint right; an export that fails it is deleted."""
+    model_type = checkpoint.hf_config.get("model_type")
+    try:
+        proof = prove_export(checkpoint, exported.path, pipeline.export_settings, pipeline.interpreter_threads)
+    except RuntimeRejectedError as error:
+        proof, refusal = None, f"LiteRT cannot run its export: {error}"
+    else:
+        refusal = f"export_hf's generic path does not compute what transformers computes: {proof.describe()}"
+    if proof is None or not proof.passed:
+        for path in (exported.path, *exported.embedders.values()):
+            path.unlink(missing_ok=True)
+        raise ExportError(
+            f"{checkpoint.path}: model_type {model_type!r} is a family no test here covers, and {refusal}. "
+            "Nothing was converted; convert the checkpoint to a supported family, or add this one "
+            "(docs/checkpoints.md)."
+        )
+    return proof
 
 
 @dg.asset(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
+from edge_quant_pipeline.evaluate.export_proof import ExportProof
 from edge_quant_pipeline.evaluate.health import GenerationHealth
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, RuntimeCheck, check_bundle
 from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
@@ -72,11 +73,15 @@ class Evaluation:
     tasks: tuple[TaskScore, ...]  # lm-eval tasks answered by the bundle in LiteRT-LM (tasks.py)
     tasks_error: str  # why they were not, when they were asked for and could not be
     float_baseline: FloatBaseline | None = None  # the float bundle in LiteRT-LM, the gates' reference there
+    export_proof: ExportProof | None = None  # the float export's, for a family no test here covers
 
     def as_dict(self) -> dict[str, float | int | str]:
-        flat = {k: v for k, v in asdict(self).items() if k not in ("litert_lm", "tasks", "float_baseline")}
+        nested = ("litert_lm", "tasks", "float_baseline", "export_proof")
+        flat = {k: v for k, v in asdict(self).items() if k not in nested}
         baseline = self.float_baseline.as_dict() if self.float_baseline else {}
-        return {**flat, **(self.litert_lm.as_dict() if self.litert_lm else {}), **_task_dict(self.tasks), **baseline}
+        proof = self.export_proof.as_dict() if self.export_proof else {}
+        litert_lm = self.litert_lm.as_dict() if self.litert_lm else {}
+        return {**flat, **litert_lm, **_task_dict(self.tasks), **baseline, **proof}
 
     def fidelity_table(self) -> str:
         """The agreement with the float model as llama.cpp's ``--kl-divergence`` prints it, each mean ± its

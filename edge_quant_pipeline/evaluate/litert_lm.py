@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -82,8 +83,13 @@ class RuntimeCheck:
         return {f"litert_lm_{name}": value for name, value in {**agreements, **measured, **asdict(self.health)}.items()}
 
 
-def _agreement(generated: list[int], reference: list[int]) -> float:
-    return float(np.mean([i < len(generated) and generated[i] == token for i, token in enumerate(reference)]))
+def _agreement(generated: str, reference: str) -> float:
+    """The share of ``reference`` (greedy tokens decoded) that the runtime's text repeats from its start, in
+    characters. Text, because the runtime gives text, and token ids that do not survive decoding (a byte of a
+    character, a lone byte decoded as U+FFFD) are tokenized back differently; both are cut at a NUL, where the
+    runtime's text ends (it hands back a C string)."""
+    generated, reference = generated.split("\0")[0], reference.split("\0")[0]
+    return len(os.path.commonprefix([generated, reference])) / len(reference) if reference else 1.0
 
 
 class _Texts:
@@ -126,8 +132,7 @@ def check_bundle(
     run, health = _generate(bundle, spec, prompts, chat=spec.chat_template is not None)
 
     def agreement(expected: np.ndarray) -> float:
-        pairs = [(run.texts[i], expected[i]) for i in chosen]
-        return float(np.mean([_agreement(texts.tokens(t), texts.tokens(texts.text(e))) for t, e in pairs]))
+        return float(np.mean([_agreement(run.texts[i], texts.text(expected[i])) for i in chosen]))
 
     return RuntimeCheck(run, agreement(interpreter), agreement(float_model), health)
 

@@ -7,8 +7,10 @@
   where the runtime needs it. It covers the families the rebuild does not, and configs the rebuild refuses
   (a RoPE scaling its layers lack). Its signatures take a ``mask`` input and its prefill returns no logits.
 
-``auto`` (the default) takes the rebuild where it accepts the config and ``export_hf`` otherwise, for the
-model types ``export_hf`` is proven on here (``tests/test_export_hf.py``).
+``auto`` (the default) takes the rebuild where it accepts the config and ``export_hf`` otherwise. A family that
+neither the rebuild nor the ``export_hf`` families proven by ``tests/test_export_hf.py`` cover goes through
+``export_hf``'s generic path, and each of its exports is proven against transformers' own model before any recipe
+uses it (``evaluate/export_proof.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ EXPORT_HF_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "smollm3", "ministral3
 class ExportPlan:
     exporter: str
     shape: ModelShape
+    proven_family: bool = True  # False: export_hf's generic path, proven per checkpoint (evaluate/export_proof.py)
 
 
 # What either exporter needs of config.json; a config without one is broken whichever exporter takes it.
@@ -94,16 +97,32 @@ def plan_export(hf_config: dict[str, Any], config_path: Path, exporter: str = AU
             known_only_to_the_rebuild = model_type in SUPPORTED_MODEL_TYPES and model_type not in EXPORT_HF_MODEL_TYPES
             if exporter == GENERATIVE_API or known_only_to_the_rebuild:
                 raise
-    if model_type not in EXPORT_HF_MODEL_TYPES:
-        pinned = " with EDGE_QUANT_EXPORTER=export_hf" if exporter == EXPORT_HF else ""
+    generic_path_refusal = None if model_type in EXPORT_HF_MODEL_TYPES else _not_a_causal_lm(hf_config)
+    if generic_path_refusal:
         raise UnsupportedArchitectureError(
-            f"{config_path}: model_type {model_type!r} is not supported{pinned}. "
-            f"The Generative API rebuild takes: {', '.join(SUPPORTED_MODEL_TYPES)}; export_hf (as proven here): "
-            f"{', '.join(EXPORT_HF_MODEL_TYPES)}. Convert the checkpoint to one of these families, or add one "
-            "(docs/checkpoints.md)."
+            f"{config_path}: model_type {model_type!r} is not supported: {generic_path_refusal}. The Generative API "
+            f"rebuild takes: {', '.join(SUPPORTED_MODEL_TYPES)}; export_hf, proven here: "
+            f"{', '.join(EXPORT_HF_MODEL_TYPES)}; export_hf's generic path takes other decoder-only text-generation "
+            "checkpoints, each export proven against transformers (docs/checkpoints.md)."
         )
     _refuse_what_export_hf_cannot_export(hf_config, config_path)
-    return ExportPlan(EXPORT_HF, export_hf_shape(hf_config))
+    return ExportPlan(EXPORT_HF, export_hf_shape(hf_config), proven_family=model_type in EXPORT_HF_MODEL_TYPES)
+
+
+def _not_a_causal_lm(hf_config: dict[str, Any]) -> str | None:
+    """Why export_hf's generic path cannot take the checkpoint as a decoder-only text-generation model, or None:
+    transformers must have a causal LM class for its model_type, and config.json (which save_pretrained writes
+    the model's class into) must name that class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.get("model_type"))
+    architectures = hf_config.get("architectures") or []
+    if causal_lm is None or hf_config.get("is_encoder_decoder"):
+        return "transformers has no decoder-only text-generation class for it"
+    if causal_lm not in architectures:
+        named = ", ".join(architectures) or "none"
+        return f"config.json's architectures ({named}) do not name transformers' {causal_lm}"
+    return None
 
 
 def _refuse_what_export_hf_cannot_export(hf_config: dict[str, Any], config_path: Path) -> None:

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path
@@ -80,6 +81,19 @@ def main() -> None:
     _dense_models_need_no_experts_kernel()
     from litert_torch.generative.export_hf import export
 
+    try:
+        _export(export, args)
+    except Exception as error:  # any failure of the export: its traceback, then one line for the parent
+        traceback.print_exc()
+        message = (str(error).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"{type(error).__name__}: {message[:400]}\n")
+        sys.exit(1)
+    (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    sys.stdout.flush()
+    os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing
+
+
+def _export(export, args: argparse.Namespace) -> None:
     export.export(
         model=str(args.checkpoint_dir),
         output_dir=str(args.output_dir),
@@ -93,9 +107,6 @@ def main() -> None:
         experimental_lightweight_conversion=True,
         keep_temporary_files=True,  # in output_dir, a scratch folder the parent removes
     )
-    (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
-    sys.stdout.flush()
-    os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing
 
 
 def _dense_models_need_no_experts_kernel() -> None:
