@@ -1,4 +1,4 @@
-"""``edge-quant run``: bring every (model, recipe) up to date, then print the comparison.
+"""``edge-quant run`` brings every (model, recipe) up to date and prints the comparison; also ``prune``, ``settings``.
 
 It runs the same jobs the Dagster UI launches, on the instance in ``DAGSTER_HOME``
 (the current directory by default, so ``dagster dev`` started there shows the
@@ -46,6 +46,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands.add_parser(
         "settings", help="every EDGE_QUANT_* setting: its value as the pipeline reads it, and where it came from"
     )
+    prune = commands.add_parser(
+        "prune", help="remove the store's versions that retention does not keep (EDGE_QUANT_KEEP_VERSIONS)"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser.parse_args(argv)
 
 
@@ -166,9 +170,35 @@ def show_settings() -> int:
     return 2 if problems else 0
 
 
+def prune(args: argparse.Namespace) -> int:
+    """Every (model, recipe) of the store down to what retention keeps; exit status 2 for a bad setting."""
+    from edge_quant_pipeline import settings
+    from edge_quant_pipeline.config import artifact_store_from_env
+    from edge_quant_pipeline.publish.retention import prune_store
+
+    try:
+        store = artifact_store_from_env()
+    except settings.SettingError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if store.keep_versions == 0:
+        print(f"{settings.KEEP_VERSIONS_VARIABLE}=0: the store keeps every version; nothing to remove.")
+        return 0
+    removed = prune_store(store.root, store.keep_versions, dry_run=args.dry_run)
+    verb = "Would remove" if args.dry_run else "Removed"
+    for version in removed:
+        print(f"{verb} {version.describe()}")
+    freed = sum(version.bytes for version in removed) / 1e6
+    kept = f"the newest {store.keep_versions} of each (model, recipe), and what latest.json and champion.json name"
+    print(f"{verb} {len(removed)} version(s), {freed:,.1f} MB, from {store.root}; kept {kept}.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    return show_settings() if args.command == "settings" else run(args)
+    if args.command == "settings":
+        return show_settings()
+    return prune(args) if args.command == "prune" else run(args)
 
 
 def console_main() -> None:

@@ -21,6 +21,7 @@ from edge_quant_pipeline.settings import (
     DEFAULT_EVAL_TEXT,
     DEFAULT_HOTSPOTS_TOP_N,
     DEFAULT_INTERPRETER_THREADS,
+    DEFAULT_KEEP_VERSIONS,
     DEFAULT_TASK_LIMIT,
     DEFAULT_TASKS,
     DEFAULT_WORK_CACHE_GB,
@@ -63,6 +64,8 @@ class ArtifactStore(dg.ConfigurableResource):
     (``s3://bucket/prefix``, ``gs://...``, ``memory://...``) whose filesystem package is installed."""
 
     url: str
+    # Versions of each (model, recipe) kept, newest first, besides those latest.json and champion.json name; 0: all.
+    keep_versions: int = DEFAULT_KEEP_VERSIONS
 
     @property
     def root(self) -> UPath:
@@ -194,9 +197,10 @@ class PipelineConfig(dg.ConfigurableResource):
 
 def artifact_store_from_env() -> ArtifactStore:
     # An EnvVar shows in the UI which variable sets the store; Dagster refuses one that is unset.
+    keep = settings.keep_versions()
     if os.environ.get(settings.ARTIFACT_DIR_VARIABLE):
-        return ArtifactStore(url=dg.EnvVar(settings.ARTIFACT_DIR_VARIABLE))
-    return ArtifactStore(url=settings.DEFAULT_ARTIFACT_DIR)
+        return ArtifactStore(url=dg.EnvVar(settings.ARTIFACT_DIR_VARIABLE), keep_versions=keep)
+    return ArtifactStore(url=settings.DEFAULT_ARTIFACT_DIR, keep_versions=keep)
 
 
 def pipeline_config_from_env() -> PipelineConfig:

@@ -30,6 +30,8 @@ WORK_STORE_VARIABLE = "EDGE_QUANT_WORK_STORE"
 WORK_CACHE_VARIABLE = "EDGE_QUANT_WORK_CACHE_GB"
 DEFAULT_WORK_CACHE_GB = 20.0
 DEFAULT_ARTIFACT_DIR = "artifacts"
+KEEP_VERSIONS_VARIABLE = "EDGE_QUANT_KEEP_VERSIONS"
+DEFAULT_KEEP_VERSIONS = 5  # per (model, recipe), besides those latest.json and champion.json name; 0: every one
 EXECUTOR_VARIABLE = "EDGE_QUANT_EXECUTOR"
 EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s", "celery")
 DISTRIBUTED_EXECUTORS = ("celery",)  # `edge-quant run` hands their runs' steps to their workers
@@ -254,6 +256,16 @@ def _whole_number(name: str, default: int, what: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def keep_versions() -> int:
+    """How many versions of each (model, recipe) the store keeps, newest first (publish/retention.py); 0: all."""
+    return _whole_number(
+        KEEP_VERSIONS_VARIABLE,
+        DEFAULT_KEEP_VERSIONS,
+        "the versions of each (model, recipe) the store keeps besides the latest and the champion; 0 keeps every one",
+        minimum=0,
+    )
+
+
 def prefill_len() -> int:
     return _whole_number("EDGE_QUANT_PREFILL_LEN", ExportSettings.prefill_len, "the tokens one prefill call takes")
 
@@ -383,6 +395,7 @@ SETTINGS = {
     "EDGE_QUANT_CHECKPOINT_DIR": checkpoint_dir,
     "EDGE_QUANT_RECIPES": recipes_file,
     ARTIFACT_DIR_VARIABLE: artifact_dir,
+    KEEP_VERSIONS_VARIABLE: keep_versions,
     WORK_DIR_VARIABLE: work_dir,
     WORK_STORE_VARIABLE: work_store,
     WORK_CACHE_VARIABLE: work_cache_gb,

@@ -119,6 +119,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     ),
+    # OLMo 2 1B (allenai/OLMo-2-0425-1B): a family no test here covers, through export_hf's generic path
+    "olmo2-1b": dict(
+        model_type="olmo2",
+        vocab_size=100352,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
     "gemma3-270m": dict(
         model_type="gemma3_text",
         vocab_size=262144,

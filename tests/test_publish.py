@@ -18,8 +18,10 @@ from upath import UPath
 
 from edge_quant_pipeline.atomic import link_or_copy
 from edge_quant_pipeline.config import ArtifactStore
+from edge_quant_pipeline.publish.retention import prune_store, prune_versions
 from edge_quant_pipeline.publish.store import (
     LOCK,
+    MANIFEST,
     MODEL_FILE,
     STAGING,
     ArtifactInputs,
@@ -297,3 +299,49 @@ def test_the_model_card_copies_only_what_the_checkpoint_declares(tmp_path):
     assert checkpoint_card_facts(tmp_path, {"_name_or_path": "/home/me/checkpoints/qwen"}) == {}
     (tmp_path.parent / "out" / "model").mkdir(parents=True)  # saved from a local folder, not a hub repository
     assert checkpoint_card_facts(tmp_path, {"_name_or_path": "out/model"}) == {}
+
+
+def test_retention_keeps_the_newest_versions_and_every_version_a_pointer_names(store, tflite):
+    published = [publish(store, inputs(c), tflite, METRICS, {}) for c in ("c1", "c2", "c3", "c4", "c5")]
+    publish(store, inputs("c2"), tflite, METRICS, {})  # latest.json: version 2, evaluated again and passing
+    point_champion(store, "model", {"recipe": "int8", "version": published[0].version})
+    other = publish(store, inputs("c1", recipe="fp16"), tflite, METRICS, {})
+    assert [v.number for v in prune_versions(store, "model", "int8", keep=2, dry_run=True)] == [3]
+    assert len(published_versions(store, "model", "int8")) == 5  # a dry run removes nothing
+
+    removed = prune_store(store, keep=2)
+    assert [(v.recipe, v.number) for v in removed] == [("int8", 3)] and removed[0].bytes > len(tflite.read_bytes())
+    assert [m["number"] for m in published_versions(store, "model", "int8")] == [1, 2, 4, 5]
+    assert not (store / "model" / "int8" / published[2].version).exists()
+    assert published_manifest(store, inputs("c1", recipe="fp16")) == other.manifest
+    assert prune_versions(store, "model", "int8", keep=0) == [] and prune_store(store, keep=2) == []
+
+
+def test_a_version_whose_removal_was_killed_is_gone_for_readers_and_removed_next_time(tmp_path, tflite):
+    store = ArtifactStore(url=str(tmp_path / "store")).root
+    published = [publish(store, inputs(c), tflite, METRICS, {}) for c in ("c1", "c2")]
+    (published[0].path / MANIFEST).unlink()  # where a removal killed half way stops
+    assert [m["number"] for m in published_versions(store, "model", "int8")] == [2]
+    assert [(v.version, v.number) for v in prune_versions(store, "model", "int8", keep=1)] == [
+        (published[0].version, None)
+    ]
+    assert not published[0].path.exists() and published_manifest(store, inputs("c2")) == published[1].manifest
+
+
+def test_edge_quant_prune_lists_then_removes_what_retention_does_not_keep(tmp_path, tflite, monkeypatch, capsys):
+    from edge_quant_pipeline.cli import main
+
+    store = ArtifactStore(url=str(tmp_path / "store")).root
+    for checkpoint in ("c1", "c2", "c3"):
+        publish(store, inputs(checkpoint), tflite, METRICS, {})
+    monkeypatch.setenv("EDGE_QUANT_ARTIFACT_DIR", str(store))
+    monkeypatch.setenv("EDGE_QUANT_KEEP_VERSIONS", "1")
+    assert main(["prune", "--dry-run"]) == 0
+    assert "Would remove model/int8 version 1 " in capsys.readouterr().out
+    assert len(published_versions(store, "model", "int8")) == 3
+    assert main(["prune"]) == 0
+    printed = capsys.readouterr().out
+    assert "Removed model/int8 version 2 " in printed and "Removed 2 version(s)" in printed
+    assert [m["number"] for m in published_versions(store, "model", "int8")] == [3]
+    monkeypatch.setenv("EDGE_QUANT_KEEP_VERSIONS", "-1")
+    assert main(["prune"]) == 2 and "EDGE_QUANT_KEEP_VERSIONS" in capsys.readouterr().err

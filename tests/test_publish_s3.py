@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, S3_BUCKET
 
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.publish.retention import prune_versions
 from edge_quant_pipeline.publish.store import MANIFEST, MODEL_FILE, NUMBERS, ArtifactInputs, latest_pointer, publish
 from edge_quant_pipeline.publish.store import published_versions as versions_of
 
@@ -47,6 +48,18 @@ def test_versions_on_s3_are_whole_numbered_and_published_once(store_url, tmp_pat
     assert sha256(published[2].model_file) == sha256(tflite) == published[2].manifest["model_sha256"]
     assert latest_pointer(store, "model", "int8")["version"] == published[1].version  # "b" was published last
     assert sorted(p.name for p in (store / "model" / "int8" / NUMBERS).iterdir()) == ["1.json", "2.json", "3.json"]
+
+
+def test_retention_on_s3_removes_old_versions_manifest_and_files(store_url, tmp_path):
+    store = ArtifactStore(url=store_url).root
+    tflite = tmp_path / "model.tflite"
+    tflite.write_bytes(os.urandom(100_000))
+    published = [publish(store, inputs(c), tflite, {"file_bytes": 1}, {}) for c in ("a", "b", "c")]
+    removed = prune_versions(store, "model", "int8", keep=1)
+    assert [v.number for v in removed] == [1, 2] and all(v.bytes > 100_000 for v in removed)
+    assert [m["number"] for m in versions_of(store, "model", "int8")] == [3]
+    assert not store.fs.exists((published[0].path / MODEL_FILE).path)
+    assert latest_pointer(store, "model", "int8")["version"] == published[2].version
 
 
 PUBLISH = """

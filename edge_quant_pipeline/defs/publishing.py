@@ -10,6 +10,7 @@ from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import bundle_path
 from edge_quant_pipeline.evaluate.evaluation import Evaluation
 from edge_quant_pipeline.publish.card import checkpoint_card_facts
+from edge_quant_pipeline.publish.retention import prune_versions
 from edge_quant_pipeline.publish.store import PublishedArtifact, publish, version_number
 from edge_quant_pipeline.quantize.recipes import Recipe
 from edge_quant_pipeline.search import ResolvedRecipe
@@ -54,6 +55,10 @@ def published_artifact(
         raise dg.Failure(str(error)) from None
     manifest = artifact.manifest
     context.log.info(f"{'Published' if artifact.newly_published else 'Already published'} {artifact.path}")
+    keep = pipeline.artifact_store.keep_versions
+    removed = prune_versions(pipeline.store, inputs.model_id, inputs.recipe, keep)
+    for version in removed:
+        context.log.info(f"Removed {version.describe()}: the store keeps the newest {keep} (EDGE_QUANT_KEEP_VERSIONS)")
     return dg.Output(
         artifact,
         metadata={
@@ -63,6 +68,7 @@ def published_artifact(
             "previous_version": manifest.get("previous_version") or "",
             "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
             "newly_published": artifact.newly_published,
+            "versions_removed": len(removed),
             "exporter": checkpoint.exporter,
             **evaluation.as_dict(),
         },

@@ -252,9 +252,10 @@ def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any])
 
 
 @contextmanager
-def _one_publisher_at_a_time(recipe_dir: UPath) -> Iterator[None]:
-    """On a local store, hold the (model, recipe) folder's lock; staging folders found under it are
-    left by publishers that died (a live one would hold the lock), so they go. No-op on object stores."""
+def one_writer_at_a_time(recipe_dir: UPath) -> Iterator[None]:
+    """On a local store, hold the (model, recipe) folder's lock (publishers and retention take it); staging folders
+    found under it are left by publishers that died (a live one would hold the lock), so they go. No-op on object
+    stores."""
     if not is_local(recipe_dir):
         yield
         return
@@ -375,7 +376,7 @@ def publish(
     no new version, only refresh its manifest's metrics."""
     recipe_dir = _recipe_dir(store, inputs)
     target = recipe_dir / inputs.version
-    with _one_publisher_at_a_time(recipe_dir):
+    with one_writer_at_a_time(recipe_dir):
         manifest = read_json(target / MANIFEST)
         newly_published = manifest is None
         if newly_published and is_local(target):  # numbered under the lock: the next after the highest

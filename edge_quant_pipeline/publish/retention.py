@@ -1,0 +1,109 @@
+"""Retention: the store keeps the newest versions of each (model, recipe), and every version a pointer names.
+
+Of each ``<store>/<model>/<recipe>/``, the ``keep`` highest-numbered versions stay (``EDGE_QUANT_KEEP_VERSIONS``,
+5 by default; 0 keeps every one), and so do the version ``latest.json`` names and the one ``champion.json`` names,
+whatever their numbers: what an app or a reader was pointed at never goes. Every other version is removed
+manifest first, the way it was published manifest last: a version exists iff its manifest does, so a reader sees
+it whole or not at all, and a removal killed half way leaves files that no reader trusts (on a local store the next
+pruning takes them). On a local store the (model, recipe) lock is held meanwhile, so no publisher writes the same
+version then.
+
+Applied by ``published_artifact`` after each publish (to its own (model, recipe)) and by ``edge-quant prune`` to the
+whole store, ``--dry-run`` to see what it would remove.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from upath import UPath
+
+from edge_quant_pipeline.publish.store import (
+    CHAMPION,
+    MANIFEST,
+    is_local,
+    latest_pointer,
+    one_writer_at_a_time,
+    published_versions,
+    read_json,
+    version_number,
+)
+
+
+@dataclass(frozen=True)
+class RemovedVersion:
+    model: str
+    recipe: str
+    version: str
+    number: int | None  # None: files a removal killed half way left, without their manifest
+    path: UPath
+    bytes: int
+
+    def describe(self) -> str:
+        number = f"version {self.number}" if self.number is not None else "files of a half-removed version"
+        return f"{self.model}/{self.recipe} {number} ({self.version}), {self.bytes / 1e6:,.1f} MB"
+
+
+def prune_versions(store: UPath, model_id: str, recipe: str, keep: int, dry_run: bool = False) -> list[RemovedVersion]:
+    """Remove (with ``dry_run``, only list) the versions of (model, recipe) that retention does not keep."""
+    if keep == 0:
+        return []
+    recipe_dir = store / model_id / recipe
+    with one_writer_at_a_time(recipe_dir):
+        versions = [(recipe_dir / m["version"], m) for m in _not_kept(store, model_id, recipe, keep)]
+        removed = [_sized(folder, model_id, recipe, m) for folder, m in versions + _half_removed(recipe_dir)]
+        for version in [] if dry_run else removed:
+            _remove(version.path)
+    return removed
+
+
+def prune_store(store: UPath, keep: int, dry_run: bool = False) -> list[RemovedVersion]:
+    """``prune_versions`` for every (model, recipe) in the store."""
+    return [
+        version
+        for model_dir in _folders(store)
+        for recipe_dir in _folders(model_dir)
+        for version in prune_versions(store, model_dir.name, recipe_dir.name, keep, dry_run)
+    ]
+
+
+def _not_kept(store: UPath, model_id: str, recipe: str, keep: int) -> list[dict]:
+    versions = published_versions(store, model_id, recipe)  # oldest first
+    named = {(latest_pointer(store, model_id, recipe) or {}).get("version")}
+    champion = read_json(store / model_id / CHAMPION) or {}
+    if champion.get("recipe") == recipe:
+        named.add(champion.get("version"))
+    newest = {m["version"] for m in sorted(versions, key=version_number)[-keep:]}
+    return [m for m in versions if m["version"] not in newest | named]
+
+
+def _half_removed(recipe_dir: UPath) -> list[tuple[UPath, None]]:
+    """Version folders without a manifest. Only on a local store, under the lock, are these what a killed removal
+    left (a local version appears whole, by one rename); on an object store one may be a version being uploaded,
+    whose manifest comes last, so they stay."""
+    if not is_local(recipe_dir):
+        return []
+    return [(f, None) for f in _folders(recipe_dir) if f.name.startswith("v-") and not (f / MANIFEST).exists()]
+
+
+def _sized(folder: UPath, model_id: str, recipe: str, manifest: dict | None) -> RemovedVersion:
+    return RemovedVersion(
+        model=model_id,
+        recipe=recipe,
+        version=folder.name,
+        number=version_number(manifest) if manifest is not None else None,
+        path=folder,
+        bytes=int(folder.fs.du(folder.path)),
+    )
+
+
+def _remove(folder: UPath) -> None:
+    (folder / MANIFEST).unlink(missing_ok=True)  # from here on the version does not exist, for every reader
+    folder.fs.rm(folder.path, recursive=True)
+
+
+def _folders(path: UPath) -> list[UPath]:
+    try:
+        return [child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
