@@ -171,27 +171,62 @@ def show_settings() -> int:
 
 
 def prune(args: argparse.Namespace) -> int:
-    """Every (model, recipe) of the store down to what retention keeps; exit status 2 for a bad setting."""
+    """The store down to what retention keeps, then the work folder down to what current steps read; exit status 2
+    for a bad setting."""
     from edge_quant_pipeline import settings
-    from edge_quant_pipeline.config import artifact_store_from_env
-    from edge_quant_pipeline.publish.retention import prune_store
 
     try:
-        store = artifact_store_from_env()
+        settings.check()
     except settings.SettingError as error:
         print(error, file=sys.stderr)
         return 2
-    if store.keep_versions == 0:
-        print(f"{settings.KEEP_VERSIONS_VARIABLE}=0: the store keeps every version; nothing to remove.")
-        return 0
-    removed = prune_store(store.root, store.keep_versions, dry_run=args.dry_run)
+    os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
+    from edge_quant_pipeline.config import pipeline_config_from_env
+
+    pipeline = pipeline_config_from_env()
     verb = "Would remove" if args.dry_run else "Removed"
+    _prune_store(pipeline.artifact_store, args.dry_run, verb)
+    _prune_work_folder(pipeline, args.dry_run, verb)
+    return 0
+
+
+def _prune_store(store, dry_run: bool, verb: str) -> None:
+    from edge_quant_pipeline.publish.retention import prune_store
+
+    if store.keep_versions == 0:
+        print("EDGE_QUANT_KEEP_VERSIONS=0: the store keeps every version.")
+        return
+    removed = prune_store(store.root, store.keep_versions, dry_run=dry_run)
     for version in removed:
         print(f"{verb} {version.describe()}")
     freed = sum(version.bytes for version in removed) / 1e6
     kept = f"the newest {store.keep_versions} of each (model, recipe), and what latest.json and champion.json name"
     print(f"{verb} {len(removed)} version(s), {freed:,.1f} MB, from {store.root}; kept {kept}.")
-    return 0
+
+
+def _prune_work_folder(pipeline, dry_run: bool, verb: str) -> None:
+    import dagster as dg
+
+    from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
+    from edge_quant_pipeline.publish.retention import remove_stale_work, stale_work
+    from edge_quant_pipeline.rebuild import current_work_files, runs_in_progress
+
+    work_dir = Path(pipeline.work_dir)
+    if pipeline.work_store:
+        print(f"{work_dir}: a cache of the work store, bounded by EDGE_QUANT_WORK_CACHE_GB; not pruned here.")
+        return
+    instance = dg.DagsterInstance.get()
+    if in_progress := runs_in_progress(instance):
+        print(f"{work_dir}: not pruned, {in_progress} run(s) of this instance are in progress; try when none is.")
+        return
+    present = set(scan_checkpoints(Path(pipeline.checkpoint_dir)).model_ids)
+    stale = stale_work(work_dir, current_work_files(instance, pipeline, present))
+    if not dry_run:
+        remove_stale_work(stale)
+    for work in stale:
+        print(f"{verb} {work.describe()}")
+    freed = sum(work.bytes for work in stale) / 1e6
+    print(f"{verb} {len(stale)} folder(s), {freed:,.1f} MB, from {work_dir}; kept what the current steps read.")
 
 
 def main(argv: list[str] | None = None) -> int:

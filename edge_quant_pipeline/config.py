@@ -182,6 +182,11 @@ class PipelineConfig(dg.ConfigurableResource):
         sha256 = eval_text_sha256 or text_sha256(Path(self.evaluation.text))
         return self.work_path(checkpoint) / f"float_reference-{sha256[:12]}-{self.evaluation.max_tokens}"
 
+    def calibration_path(self, checkpoint: Checkpoint) -> Path:
+        """Where the calibration statistics of this calibration text and sample count are kept."""
+        sha256 = text_sha256(Path(self.calibration.text))
+        return self.work_path(checkpoint) / f"calibration-{sha256[:12]}-{self.calibration.samples}"
+
     def work_path(self, checkpoint: Checkpoint) -> Path:
         """Intermediate files of one checkpoint version, exporter and export shape; a change of any of them gets
         a fresh folder, so files made for other settings are never read nor overwritten."""

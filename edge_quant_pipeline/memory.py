@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_quant_pipeline.processes import describe
+
 MB = 2**20
 
 
@@ -213,10 +215,10 @@ class MemoryLedger:
                     "GB kept free). Run it on a machine with more memory, or free memory and run it again."
                 )
             if time.monotonic() - logged > WAIT_LOG_SECONDS:
-                holders = ", ".join(f"{r.label} ({r.mb / 1024:.1f} GB)" for r in fits.holders) or "none"
+                holders = "; ".join(f"{r.label} ({r.mb / 1024:.1f} GB; {describe(r.pid)})" for r in fits.holders)
                 on_wait(
                     f"{label}: waiting for {fits.needs_mb / 1024:.1f} GB of memory; "
-                    f"{max(0.0, fits.free_mb) / 1024:.1f} GB free for it now. Running: {holders}."
+                    f"{max(0.0, fits.free_mb) / 1024:.1f} GB free for it now. Running: {holders or 'none'}."
                 )
                 logged = time.monotonic()
             time.sleep(WAIT_POLL_SECONDS)

@@ -1,4 +1,5 @@
-"""Whether a process still runs: how a later run tells that the process executing an earlier one is gone."""
+"""Processes of this host: whether one still runs (how a later run tells that the process executing an earlier one
+is gone), what it is, and who holds a lock."""
 
 import os
 from pathlib import Path
@@ -22,3 +23,52 @@ def _is_zombie(pid: int) -> bool:
     except OSError:  # no /proc (not Linux), or it just went
         return False
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # the state follows the parenthesized command name
+
+
+def describe(pid: int) -> str:
+    """``pid 123, edge-quant run --model x, instance /home/me/proj``: the process, named by its own command line or
+    by that of the nearest process above it that is an ``edge-quant`` or ``dagster`` command (a step's worker is a
+    bare Python), and the Dagster instance it runs for (``DAGSTER_HOME``), where /proc lets this user read them."""
+    command = next((c for c in map(_command, _lineage(pid)) if "edge-quant" in c or "dagster" in c), _command(pid))
+    instance = _environment(pid).get("DAGSTER_HOME", "unknown")
+    return f"pid {pid}, {command or 'unknown command'}, instance {instance}"
+
+
+def _lineage(pid: int) -> list[int]:
+    """``pid`` and the processes above it, up to init."""
+    lineage = []
+    while pid > 1 and pid not in lineage:
+        lineage.append(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return lineage
+
+
+def _command(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return ""
+    command = " ".join(Path(words[0].decode()).name if i == 0 else w.decode() for i, w in enumerate(words))
+    return " ".join(command.split())[:120]  # a `python -c` script's lines on one line
+
+
+def _environment(pid: int) -> dict[str, str]:
+    try:
+        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def flock_holders(path: Path) -> list[int]:
+    """The processes holding an ``flock`` on ``path``, from /proc/locks ([] where there is none to read)."""
+    try:
+        inode, locks = path.stat().st_ino, Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    # "1: FLOCK  ADVISORY  READ  1234 fd:01:5678 0 EOF"; a waiter's line has "->" after the number
+    fields = [line.split() for line in locks if "->" not in line]
+    return sorted({int(f[4]) for f in fields if len(f) > 5 and f[1] == "FLOCK" and f[5].endswith(f":{inode}")})

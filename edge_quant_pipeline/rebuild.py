@@ -5,6 +5,8 @@ The rebuild plan is shared by the nightly schedules, the sensors (``defs/automat
 (``runs/``), so all of them rebuild exactly what changed and nothing else.
 """
 
+from pathlib import Path
+
 import dagster as dg
 
 from edge_quant_pipeline import graph
@@ -12,6 +14,7 @@ from edge_quant_pipeline.checkpoints.folders import find_checkpoints
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError, read_checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.publish.store import latest_outcome
+from edge_quant_pipeline.settings import GENERATIVE_API
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
 from edge_quant_pipeline.versions import artifact_inputs, model_code_versions
 
@@ -38,6 +41,30 @@ def forgettable_models(instance: dg.DagsterInstance, present: set[str]) -> list[
         for model in instance.get_dynamic_partitions(graph.MODEL_PARTITION)
         if model not in present and latest_materialization(instance, "checkpoint", model) is None
     ]
+
+
+def current_work_files(
+    instance: dg.DagsterInstance, pipeline: PipelineConfig, present: set[str]
+) -> dict[str, list[Path]]:
+    """Per model whose checkpoint folder is there (``present``) and converted: the work folder of its latest
+    conversion (checkpoint version and exporter, as its metadata says, with the current export settings), then its
+    float reference and calibration statistics of the current texts (``retention.stale_work`` keeps these)."""
+    current = {}
+    for model in present:
+        record = latest_materialization(instance, "checkpoint", model)
+        if record is None:
+            continue
+        metadata = record.asset_materialization.metadata
+        exporter = metadata["exporter"].value if "exporter" in metadata else GENERATIVE_API
+        converted = Checkpoint(model, Path(), metadata["sha256"].value, {}, exporter=exporter)
+        reference, calibration = pipeline.float_reference_path(converted), pipeline.calibration_path(converted)
+        current[model] = [reference.parent, reference, calibration]
+    return current
+
+
+def runs_in_progress(instance: dg.DagsterInstance) -> int:
+    statuses = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    return len(instance.get_run_ids(dg.RunsFilter(statuses=[*statuses, dg.DagsterRunStatus.CANCELING])))
 
 
 DATA_VERSION_TAG = "dagster/data_version"

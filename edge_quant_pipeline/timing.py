@@ -7,17 +7,27 @@ timed measurement (the interpreter's profile, the LiteRT-LM benchmark) holds it 
 nothing else computes, and nothing starts computing until it ends. The lock file sits beside the memory
 ledger (``EDGE_QUANT_MEMORY_LEDGER``), so it covers the same processes.
 
-A timed measurement must not run inside a ``computing`` block of its own process: it would wait for itself.
+A timed measurement must not run inside a ``computing`` block of its own process: it would wait for itself. A
+block that has to wait logs (logger ``edge_quant_pipeline.timing``) who holds the lock: each holder's pid, command and
+Dagster instance, since the lock is the machine's, shared with other checkouts and instances; then how long it
+waited (``waited_s``), which the step's metadata sums up (``defs/admission.py``). Point ``EDGE_QUANT_MEMORY_LEDGER``
+at another folder to give a group of processes (a container, a checkout) a ledger and a lock of their own.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from edge_quant_pipeline import settings
+from edge_quant_pipeline.processes import describe, flock_holders
+
+log = logging.getLogger(__name__)
+_KIND = {fcntl.LOCK_SH: "to compute beside others", fcntl.LOCK_EX: "to measure speed alone"}
 
 
 def lock_path() -> Path:
@@ -29,8 +39,16 @@ def lock_path() -> Path:
 def _held(mode: int) -> Iterator[None]:
     path = lock_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as lock:
-        fcntl.flock(lock, mode)  # released when the file closes, and by the kernel if the process dies
+    with path.open("a") as lock:  # released when the file closes, and by the kernel if the process dies
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = "; ".join(map(describe, flock_holders(path))) or "a process this user cannot see"
+            log.info("Waiting for the machine's timing lock %s (%s), held by: %s", _KIND[mode], path, holders)
+            started = time.monotonic()
+            fcntl.flock(lock, mode)
+            waited = time.monotonic() - started
+            log.info("Got the timing lock after %.1f s", waited, extra={"waited_s": waited})
         yield
 
 

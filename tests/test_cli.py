@@ -41,7 +41,7 @@ def home(tmp_path_factory, demo_checkpoint_dir) -> Path:
     return home
 
 
-def edge_quant_run(home: Path, *args: str) -> str:
+def edge_quant(home: Path, *args: str) -> str:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_QUANT_")},
         "DAGSTER_HOME": str(home),
@@ -50,7 +50,7 @@ def edge_quant_run(home: Path, *args: str) -> str:
         "EDGE_QUANT_WORK_DIR": str(home / "work"),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "edge_quant_pipeline.cli", "run", *args],
+        [sys.executable, "-m", "edge_quant_pipeline.cli", *args],
         cwd=home,  # dagster.yaml's storage paths and ./recipes.yaml are relative to it
         env=env,
         stdout=subprocess.PIPE,
@@ -63,7 +63,7 @@ def edge_quant_run(home: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def first_run(home) -> str:
-    return edge_quant_run(home, "--recipe", "float", "--recipe", "int8_never_good_enough")
+    return edge_quant(home, "run", "--recipe", "float", "--recipe", "int8_never_good_enough")
 
 
 def test_each_run_gets_a_line_and_a_failed_one_its_reason(first_run):
@@ -109,5 +109,21 @@ def test_the_libraries_output_is_in_the_run_logs_not_on_the_terminal(first_run, 
 
 def test_verbose_shows_the_libraries_output(first_run, home):
     # a recipe the first run did not make: its quantization runs (the export is done)
-    output = edge_quant_run(home, "--model", DEMO_MODEL, "--recipe", "fp16", "--verbose")
+    output = edge_quant(home, "run", "--model", DEMO_MODEL, "--recipe", "fp16", "--verbose")
     assert QUANTIZER_PROGRESS in output
+
+
+def test_prune_removes_from_the_work_folder_only_what_no_current_step_reads(first_run, home):
+    current = next((home / "work" / DEMO_MODEL).iterdir())  # the one checkpoint version converted
+    old_version = shutil.copytree(current, current.with_name("0123456789abcdef-p32-kv128"))
+    old_text = shutil.copytree(next(current.glob("float_reference-*")), current / "float_reference-000000000000-2048")
+    shutil.copytree(current, home / "work" / "gone-model" / current.name)  # a model whose folder was removed
+    listed = edge_quant(home, "prune", "--dry-run")
+    assert "Would remove 0 version(s)" in listed and "Would remove 3 folder(s)" in listed, listed
+    assert old_version.exists() and old_text.exists()
+    removed = edge_quant(home, "prune")
+    assert f"Removed {old_version} (" in removed and f"Removed {old_text} (" in removed, removed
+    assert not old_version.exists() and not old_text.exists() and not (home / "work" / "gone-model").exists()
+    assert [p.name for p in (home / "work" / DEMO_MODEL).iterdir()] == [current.name]
+    # what the current steps read is all there: nothing to redo
+    assert "Everything is up to date" in edge_quant(home, "run", "--model", DEMO_MODEL, "--recipe", "float")

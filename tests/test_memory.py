@@ -86,6 +86,7 @@ def test_a_step_waits_while_another_process_holds_the_memory(tmp_path, monkeypat
     other.join()
     assert waited > 1.0, "admitted while the other process held the memory"
     assert "waiting for 4.0 GB of memory" in messages[0] and "big step [other process]" in messages[0]
+    assert f"; pid {other.pid}, " in messages[0] and "instance " in messages[0]  # who holds it, of which instance
 
 
 def test_reservations_of_dead_processes_are_dropped(tmp_path):

@@ -1,5 +1,6 @@
 """Timed measurements wait until no other pipeline process computes (real processes, a real lock file)."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,17 +22,24 @@ HOLDER = textwrap.dedent(
 )
 
 
-def test_a_timed_measurement_starts_only_once_nothing_computes(tmp_path, monkeypatch):
+def test_a_timed_measurement_starts_only_once_nothing_computes_and_says_who_it_waits_for(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EDGE_QUANT_MEMORY_LEDGER", str(tmp_path / "ledger.json"))
+    caplog.set_level(logging.INFO, logger="edge_quant_pipeline")
     released = tmp_path / "released"
+    other_instance = {**os.environ, "DAGSTER_HOME": str(tmp_path / "another-checkout")}
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(released)], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+        [sys.executable, "-c", HOLDER, str(released)], stdout=subprocess.PIPE, text=True, env=other_instance
     )
     try:
         assert holder.stdout.readline().strip() == "computing"
         with computing():  # computing is shared: it does not wait for the other process
             assert not released.exists()
+        assert not caplog.records  # nothing to wait for
         with timed_alone():
             assert released.exists()
     finally:
         holder.kill()
+    waiting, got = caplog.records
+    assert "to measure speed alone" in waiting.getMessage() and f"held by: pid {holder.pid}, " in waiting.getMessage()
+    assert f"instance {tmp_path / 'another-checkout'}" in waiting.getMessage()
+    assert 0 < got.waited_s < 5

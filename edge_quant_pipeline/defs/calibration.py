@@ -37,8 +37,7 @@ def calibration(
     windows of the calibration text (EDGE_QUANT_CALIBRATION_TEXT); nothing when no recipe of the catalog is static
     or GPTQ. What it computes is in its code version: a catalog that needs more makes it run again."""
     text, samples, need = Path(pipeline.calibration.text), pipeline.calibration.samples, pipeline.calibration_need
-    settings = pipeline.calibration_settings()
-    output = pipeline.work_path(checkpoint) / f"calibration-{settings['calibration_text_sha256'][:12]}-{samples}"
+    output = pipeline.calibration_path(checkpoint)
     if need is CalibrationNeed.NONE:
         context.log.info("No recipe of the catalog is static or GPTQ: no calibration statistics computed")
         return dg.Output(CalibrationStats(output, samples=0, tokens=0), metadata={"computed": need.value})
@@ -68,7 +67,7 @@ def calibration(
         metadata={
             "computed": need.value,
             "calibration_text": dg.MetadataValue.path(str(text)),
-            "calibration_text_sha256": settings["calibration_text_sha256"],
+            "calibration_text_sha256": pipeline.calibration_settings()["calibration_text_sha256"],
             "samples": samples,
             "tokens": stats.tokens,
             "layers": len(stats.layers()),

@@ -10,11 +10,19 @@ version then.
 
 Applied by ``published_artifact`` after each publish (to its own (model, recipe)) and by ``edge-quant prune`` to the
 whole store, ``--dry-run`` to see what it would remove.
+
+``edge-quant prune`` also empties the work folder of what no current step reads (``stale_work``): folders of other
+checkpoint versions, exporters and export settings, float references and calibration statistics of other texts,
+and models without a current checkpoint; never while a run is in progress, and not with a work store, whose
+copies the work folder already holds as a bounded cache (``workstore.py``).
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from upath import UPath
 
@@ -102,8 +110,58 @@ def _remove(folder: UPath) -> None:
     folder.fs.rm(folder.path, recursive=True)
 
 
-def _folders(path: UPath) -> list[UPath]:
+def _folders(path: UPath | Path) -> list:
+    """Subfolders by name, without hidden ones (a version being assembled, an export's scratch folder)."""
     try:
-        return [child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".")]
-    except (FileNotFoundError, NotADirectoryError):
+        children = [child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):  # fsspec says the latter for a missing prefix
         return []
+    return sorted(children, key=lambda child: child.name)
+
+
+@dataclass(frozen=True)
+class StaleWork:
+    """A folder of the work folder that no current step reads."""
+
+    path: Path
+    bytes: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.bytes / 1e6:,.1f} MB): {self.reason}"
+
+
+def stale_work(work_dir: Path, current: Mapping[str, Sequence[Path]]) -> list[StaleWork]:
+    """What the work folder holds besides ``current``: per model id, its current folder (checkpoint version,
+    exporter and export settings) and, in it, its current float reference and calibration statistics. A model
+    without current files loses its whole folder; every other folder beside the current one is of another checkpoint
+    version, exporter or export settings; float references and calibration statistics of other texts go too."""
+    stale = []
+    for model_dir in _folders(work_dir):
+        keep = current.get(model_dir.name)
+        if not keep:
+            stale.append(
+                _stale(model_dir, "no checkpoint of this model is current (its folder is gone, or it never converted)")
+            )
+            continue
+        folder, *inside = keep
+        stale += [
+            _stale(f, "another checkpoint version, exporter or export settings")
+            for f in _folders(model_dir)
+            if f != folder
+        ]
+        stale += [
+            _stale(f, "made from another eval or calibration text")
+            for f in _folders(folder)
+            if f.name.startswith(("float_reference-", "calibration-")) and f not in inside
+        ]
+    return stale
+
+
+def remove_stale_work(stale: list[StaleWork]) -> None:
+    for work in stale:
+        shutil.rmtree(work.path, ignore_errors=True)
+
+
+def _stale(path: Path, reason: str) -> StaleWork:
+    return StaleWork(path, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), reason)
