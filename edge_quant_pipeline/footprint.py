@@ -20,6 +20,7 @@ from edge_quant_pipeline.graph import BY_ASSET
 from edge_quant_pipeline.memory import MB
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed
 from edge_quant_pipeline.quantize.recipes import Recipe
+from edge_quant_pipeline.settings import AUTO, EXPORT_HF, GENERATIVE_API
 
 # A process that imported Dagster, torch, TensorFlow and litert-torch (a conversion run), and one that
 # imported Dagster, ai-edge-litert and ai-edge-quantizer (every other run).
@@ -33,6 +34,9 @@ LITERT_PROCESS_MB = 450
 EXPORT_BYTES_PER_PARAMETER = 5.0
 EXPORT_MB_PER_LAYER = 25
 FLOAT_REFERENCE_BYTES_PER_PARAMETER = 4.7
+# transformers' own model (export_hf's checkpoints), loaded by from_pretrained: 9.06 GB measured for an OLMo 2 1B
+# shape (1.49B parameters, 16 layers), 5.2 bytes per parameter above the process.
+TRANSFORMERS_REFERENCE_BYTES_PER_PARAMETER = 5.4
 FLOAT_REFERENCE_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
 # writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB
@@ -67,6 +71,7 @@ class ModelSize:
     float_tflite_bytes: int  # the float32 export, once it exists; 4 bytes per parameter before
     window_tokens: int  # kv_cache_len: the positions of one evaluation window
     calibration_bytes: int = 0  # the input Hessians of its layers (quantize/calibration.py), once known
+    exporter: str = GENERATIVE_API  # export_hf's float model is transformers' own, loaded whole
     proven_family: bool = True  # False: its export is proven against transformers in the export's step
 
     @property
@@ -98,6 +103,7 @@ def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_by
         checkpoint_bytes=checkpoint.weight_bytes,
         float_tflite_bytes=float_tflite_bytes or 4 * checkpoint.parameters,
         window_tokens=pipeline.export_settings.kv_cache_len,
+        exporter=checkpoint.exporter,
         proven_family=checkpoint.proven_family,
     )
 
@@ -113,11 +119,15 @@ def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSi
         hf_config,
         parameters=count_parameters(checkpoint_dir, hf_config),
     )
-    # As the checkpoint step will plan it, without importing transformers here: a family neither list names
-    # goes through export_hf's generic path, and its export is proven in the export's step.
-    proven = hf_config.get("model_type") in (*SUPPORTED_MODEL_TYPES, *EXPORT_HF_MODEL_TYPES)
+    # As the checkpoint step will plan it, without importing transformers here: a family the rebuild lacks goes to
+    # export_hf, and one neither list names through export_hf's generic path, its export proven in the export's step.
+    model_type, pinned = hf_config.get("model_type"), pipeline.export.exporter
+    exporter = pinned if pinned != AUTO else GENERATIVE_API if model_type in SUPPORTED_MODEL_TYPES else EXPORT_HF
     return replace(
-        model_size(unhashed, pipeline), calibration_bytes=input_hessian_bytes(hf_config), proven_family=proven
+        model_size(unhashed, pipeline),
+        calibration_bytes=input_hessian_bytes(hf_config),
+        exporter=exporter,
+        proven_family=model_type in (*SUPPORTED_MODEL_TYPES, *EXPORT_HF_MODEL_TYPES),
     )
 
 
@@ -135,7 +145,10 @@ def float_reference_mb(size: ModelSize) -> float:
     """The float32 model (the checkpoint mapped and released as it loads, export/load.py), PyTorch's working
     memory through the layers, and a window of logits. Measured (docs/real-sizes.md): 15.83 GB for the Llama 3.2 3B
     shape (3.21B parameters, 28 layers), 6.88 GB for the Llama 3.2 1B shape, 3.98 GB for Qwen2.5-0.5B."""
-    model = FLOAT_REFERENCE_BYTES_PER_PARAMETER * size.parameters + 3 * size.window_logit_bytes
+    per_parameter = FLOAT_REFERENCE_BYTES_PER_PARAMETER
+    if size.exporter == EXPORT_HF:
+        per_parameter = TRANSFORMERS_REFERENCE_BYTES_PER_PARAMETER
+    model = per_parameter * size.parameters + 3 * size.window_logit_bytes
     return TORCH_PROCESS_MB + model / MB + FLOAT_REFERENCE_MB_PER_LAYER * size.layers
 
 
