@@ -119,7 +119,7 @@ STAGES = (
         "evaluation",
         QUANTIZE_JOB,
         "evaluate",
-        "evaluation-6",  # 6: long-generation health, the chat template, the float baseline in LiteRT-LM
+        "evaluation-7",  # 7: the runtime's agreement compared as text; a generic-path export's proof in the metrics
         toolchain=WHOLE_TOOLCHAIN,
         settings=(EVALUATION,),
         memory="evaluation",
