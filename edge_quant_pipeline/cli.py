@@ -47,7 +47,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "settings", help="every EDGE_QUANT_* setting: its value as the pipeline reads it, and where it came from"
     )
     prune = commands.add_parser(
-        "prune", help="remove the store's versions that retention does not keep (EDGE_QUANT_KEEP_VERSIONS)"
+        "prune",
+        help="remove the store's versions that retention does not keep (EDGE_QUANT_KEEP_VERSIONS), and the work "
+        "folder's files that no current step reads",
     )
     prune.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser.parse_args(argv)
@@ -209,18 +211,19 @@ def _prune_work_folder(pipeline, dry_run: bool, verb: str) -> None:
 
     from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
     from edge_quant_pipeline.publish.retention import remove_stale_work, stale_work
-    from edge_quant_pipeline.rebuild import current_work_files, runs_in_progress
+    from edge_quant_pipeline.rebuild import current_work, runs_in_progress
 
     work_dir = Path(pipeline.work_dir)
     if pipeline.work_store:
         print(f"{work_dir}: a cache of the work store, bounded by EDGE_QUANT_WORK_CACHE_GB; not pruned here.")
         return
     instance = dg.DagsterInstance.get()
+    print(f"Dagster instance: {os.environ['DAGSTER_HOME']} (what is current in {work_dir} is what its runs recorded)")
     if in_progress := runs_in_progress(instance):
         print(f"{work_dir}: not pruned, {in_progress} run(s) of this instance are in progress; try when none is.")
         return
     present = set(scan_checkpoints(Path(pipeline.checkpoint_dir)).model_ids)
-    stale = stale_work(work_dir, current_work_files(instance, pipeline, present))
+    stale = stale_work(work_dir, current_work(instance, present))
     if not dry_run:
         remove_stale_work(stale)
     for work in stale:

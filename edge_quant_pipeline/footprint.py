@@ -35,7 +35,8 @@ EXPORT_BYTES_PER_PARAMETER = 5.0
 EXPORT_MB_PER_LAYER = 25
 FLOAT_REFERENCE_BYTES_PER_PARAMETER = 4.7
 # transformers' own model (export_hf's checkpoints), loaded by from_pretrained: 9.06 GB measured for an OLMo 2 1B
-# shape (1.49B parameters, 16 layers), 5.2 bytes per parameter above the process.
+# shape (1.49B parameters, 16 layers), 5.2 bytes per parameter above the process; 5.4 to err on the high side, as
+# every estimate here does (one measurement, one family).
 TRANSFORMERS_REFERENCE_BYTES_PER_PARAMETER = 5.4
 FLOAT_REFERENCE_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
@@ -121,13 +122,15 @@ def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSi
     )
     # As the checkpoint step will plan it, without importing transformers here: a family the rebuild lacks goes to
     # export_hf, and one neither list names through export_hf's generic path, its export proven in the export's step.
+    # (A config the rebuild refuses, going to export_hf, is planned as the rebuild's.)
     model_type, pinned = hf_config.get("model_type"), pipeline.export.exporter
     exporter = pinned if pinned != AUTO else GENERATIVE_API if model_type in SUPPORTED_MODEL_TYPES else EXPORT_HF
+    proven = EXPORT_HF_MODEL_TYPES if exporter == EXPORT_HF else (*SUPPORTED_MODEL_TYPES, *EXPORT_HF_MODEL_TYPES)
     return replace(
         model_size(unhashed, pipeline),
         calibration_bytes=input_hessian_bytes(hf_config),
         exporter=exporter,
-        proven_family=model_type in (*SUPPORTED_MODEL_TYPES, *EXPORT_HF_MODEL_TYPES),
+        proven_family=model_type in proven,
     )
 
 

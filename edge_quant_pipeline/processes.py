@@ -51,7 +51,8 @@ def _command(pid: int) -> str:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     except OSError:
         return ""
-    command = " ".join(Path(words[0].decode()).name if i == 0 else w.decode() for i, w in enumerate(words))
+    words = [w.decode(errors="replace") for w in words]
+    command = " ".join([Path(words[0]).name, *words[1:]])
     return " ".join(command.split())[:120]  # a `python -c` script's lines on one line
 
 
@@ -71,4 +72,5 @@ def flock_holders(path: Path) -> list[int]:
         return []
     # "1: FLOCK  ADVISORY  READ  1234 fd:01:5678 0 EOF"; a waiter's line has "->" after the number
     fields = [line.split() for line in locks if "->" not in line]
-    return sorted({int(f[4]) for f in fields if len(f) > 5 and f[1] == "FLOCK" and f[5].endswith(f":{inode}")})
+    holders = {int(f[4]) for f in fields if len(f) > 5 and f[1] == "FLOCK" and f[5].endswith(f":{inode}")}
+    return sorted(holders - {0})  # 0: a process of another pid namespace (a container), which /proc cannot show

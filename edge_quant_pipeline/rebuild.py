@@ -13,8 +13,9 @@ from edge_quant_pipeline import graph
 from edge_quant_pipeline.checkpoints.folders import find_checkpoints
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError, read_checkpoint
 from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.liveness import fail_runs_of_dead_processes
+from edge_quant_pipeline.publish.retention import CurrentWork
 from edge_quant_pipeline.publish.store import latest_outcome
-from edge_quant_pipeline.settings import GENERATIVE_API
 from edge_quant_pipeline.staleness import ModelState, RebuildPlan, RecipeState, plan_rebuild
 from edge_quant_pipeline.versions import artifact_inputs, model_code_versions
 
@@ -43,28 +44,34 @@ def forgettable_models(instance: dg.DagsterInstance, present: set[str]) -> list[
     ]
 
 
-def current_work_files(
-    instance: dg.DagsterInstance, pipeline: PipelineConfig, present: set[str]
-) -> dict[str, list[Path]]:
-    """Per model whose checkpoint folder is there (``present``) and converted: the work folder of its latest
-    conversion (checkpoint version and exporter, as its metadata says, with the current export settings), then its
-    float reference and calibration statistics of the current texts (``retention.stale_work`` keeps these)."""
+# The per-checkpoint assets' files, by the metadata key their materializations record them under.
+_RECORDED_PATHS = (("float_tflite", "tflite"), ("float_reference", "reference"), ("calibration", "statistics"))
+
+
+def current_work(instance: dg.DagsterInstance, present: set[str]) -> dict[str, CurrentWork]:
+    """Per model whose checkpoint folder is there (``present``) and which converted: the paths its latest
+    materializations of the per-checkpoint assets recorded (``retention.stale_work`` keeps these), whatever the
+    settings of the process asking."""
     current = {}
     for model in present:
-        record = latest_materialization(instance, "checkpoint", model)
-        if record is None:
-            continue
-        metadata = record.asset_materialization.metadata
-        exporter = metadata["exporter"].value if "exporter" in metadata else GENERATIVE_API
-        converted = Checkpoint(model, Path(), metadata["sha256"].value, {}, exporter=exporter)
-        reference, calibration = pipeline.float_reference_path(converted), pipeline.calibration_path(converted)
-        current[model] = [reference.parent, reference, calibration]
+        paths = {asset: _recorded_path(instance, asset, model, key) for asset, key in _RECORDED_PATHS}
+        if paths["float_tflite"] is not None:
+            current[model] = CurrentWork(paths["float_tflite"].parent, tuple(p for p in paths.values() if p))
     return current
 
 
+def _recorded_path(instance: dg.DagsterInstance, asset: str, partition: str, key: str) -> Path | None:
+    record = latest_materialization(instance, asset, partition)
+    value = record.asset_materialization.metadata.get(key) if record else None
+    return Path(value.value) if value is not None else None
+
+
 def runs_in_progress(instance: dg.DagsterInstance) -> int:
-    statuses = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
-    return len(instance.get_run_ids(dg.RunsFilter(statuses=[*statuses, dg.DagsterRunStatus.CANCELING])))
+    """Runs of ``instance`` queued or in progress, once those whose process is gone are marked failed."""
+    fail_runs_of_dead_processes(instance)
+    statuses = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING]
+    statuses += [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    return len(instance.get_run_ids(dg.RunsFilter(statuses=statuses)))
 
 
 DATA_VERSION_TAG = "dagster/data_version"

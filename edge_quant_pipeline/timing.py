@@ -11,7 +11,7 @@ A timed measurement must not run inside a ``computing`` block of its own process
 block that has to wait logs (logger ``edge_quant_pipeline.timing``) who holds the lock: each holder's pid, command and
 Dagster instance, since the lock is the machine's, shared with other checkouts and instances; then how long it
 waited (``waited_s``), which the step's metadata sums up (``defs/admission.py``). Point ``EDGE_QUANT_MEMORY_LEDGER``
-at another folder to give a group of processes (a container, a checkout) a ledger and a lock of their own.
+at another file to give a group of processes (a container, a checkout) a ledger and a lock of their own.
 """
 
 from __future__ import annotations

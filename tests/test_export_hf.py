@@ -156,7 +156,7 @@ def test_an_export_of_a_family_no_test_covers_is_proven_against_transformers(tmp
     export_hf_tflite(folder, SETTINGS, tflite)
 
     proof = prove_export(checkpoint, tflite, SETTINGS, num_threads=2)
-    assert proof.passed and proof.max_abs_diff < 1e-4 and proof.positions == 2 * SETTINGS.prefill_len
+    assert proof.passed and proof.max_abs_diff < 1e-4 and proof.positions == SETTINGS.kv_cache_len
 
     other = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():  # OLMo 2 normalizes the feed-forward's output: a new direction, not a new scale
@@ -261,3 +261,15 @@ def test_an_export_hf_family_through_the_whole_graph(export_hf_graph, model_type
     assert bool(published_embedders) == (model_type == "gemma4")
     for role, path in published_embedders.items():
         assert manifest["embedder_sha256"][role] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_proof_counts_a_nan_as_infinitely_far_and_compares_only_computed_positions():
+    from edge_quant_pipeline.evaluate.export_proof import _compare, _Pass
+
+    expected = np.ones((4, 3), np.float32)
+    generated = _Pass(np.ones((2, 3), np.float32), 2, ["decode after prefill"] * 2)  # from position 2 on
+    assert _compare(expected, [_Pass(expected.copy(), 0, ["decode"] * 4), generated]).passed
+    broken = expected.copy()
+    broken[1, 0] = np.nan
+    proof = _compare(expected, [_Pass(broken, 0, ["decode"] * 4), generated])
+    assert not proof.passed and (proof.position, proof.first_failing, proof.computed_by) == (1, 1, "decode")

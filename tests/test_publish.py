@@ -336,6 +336,8 @@ def test_edge_quant_prune_lists_then_removes_what_retention_does_not_keep(tmp_pa
         publish(store, inputs(checkpoint), tflite, METRICS, {})
     monkeypatch.setenv("EDGE_QUANT_ARTIFACT_DIR", str(store))
     monkeypatch.setenv("EDGE_QUANT_KEEP_VERSIONS", "1")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # an instance of its own, and a work folder: nothing to prune
+    monkeypatch.setenv("EDGE_QUANT_WORK_DIR", str(tmp_path / "work"))
     assert main(["prune", "--dry-run"]) == 0
     assert "Would remove model/int8 version 1 " in capsys.readouterr().out
     assert len(published_versions(store, "model", "int8")) == 3

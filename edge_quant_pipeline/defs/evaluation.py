@@ -158,7 +158,7 @@ def evaluation(
         check_name="runs_in_litert_lm",
         passed=litert_lm is not None,
         description=result.litert_lm_error
-        or f"LiteRT-LM generated {litert_lm.interpreter_agreement:.0%} of the interpreter's greedy tokens",
+        or f"LiteRT-LM repeated {litert_lm.interpreter_agreement:.0%} of the interpreter's greedy text",
     )
 
 

@@ -4,6 +4,7 @@ Both load the checkpoint as a float PyTorch model (litert-torch's rebuild, or tr
 ``export_hf``); export is the expensive step and runs once per checkpoint version, however many recipes follow.
 """
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from edge_quant_pipeline.defs.admission import StepUsage, admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
-from edge_quant_pipeline.evaluate.export_proof import ExportProof, prove_export
+from edge_quant_pipeline.evaluate.export_proof import prove_export
 from edge_quant_pipeline.evaluate.reference import (
     EvalTextError,
     FloatModel,
@@ -32,7 +33,6 @@ from edge_quant_pipeline.export.hf import ExportError, export_hf_tflite
 from edge_quant_pipeline.export.load import architecture_of, load_float_model, load_transformers_model
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
-from edge_quant_pipeline.runtime.session import RuntimeRejectedError
 from edge_quant_pipeline.settings import EXPORT_HF, WORK_DIR_VARIABLE
 from edge_quant_pipeline.timing import computing
 from edge_quant_pipeline.weights import TfliteModel, inspect_tflite
@@ -75,9 +75,10 @@ def float_tflite(
         with admitted(context, size) as usage:
             context.log.info(f"Exporting {checkpoint.path} to {output} with litert-torch {checkpoint.exporter}")
             with computing():
-                exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
-                if not checkpoint.proven_family:
-                    exported = replace(exported, export_proof=_proven(checkpoint, pipeline, exported))
+                if checkpoint.proven_family:
+                    exported = inspect_tflite(_export(checkpoint, pipeline, output, usage))
+                else:
+                    exported = _proven_export(checkpoint, pipeline, output, usage)
                     context.log.info(f"The export matches transformers: {exported.export_proof.describe()}")
             exported = pipeline.work.shared(exported, *exported.embedders.values())
     except (NotEnoughMemoryError, NotEnoughDiskError, ExportError) as error:
@@ -98,24 +99,33 @@ def float_tflite(
     )
 
 
-def _proven(checkpoint: Checkpoint, pipeline: PipelineConfig, exported: TfliteModel) -> ExportProof:
-    """The proof that the generic path exported this checkpoint right; an export that fails it is deleted."""
+def _proven_export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usage: StepUsage) -> TfliteModel:
+    """The export of a family no test here covers, written beside ``output`` and moved there only once it computes
+    what transformers computes (a file that does not, or a proof that fails, is deleted: ``output`` keeps what the
+    last proven export wrote)."""
+    unproven = output.with_name(f".unproven.{output.name}")  # the generic path exports no embedders
     model_type = checkpoint.hf_config.get("model_type")
     try:
-        proof = prove_export(checkpoint, exported.path, pipeline.export_settings, pipeline.interpreter_threads)
-    except RuntimeRejectedError as error:
-        proof, refusal = None, f"LiteRT cannot run its export: {error}"
-    else:
-        refusal = f"export_hf's generic path does not compute what transformers computes: {proof.describe()}"
-    if proof is None or not proof.passed:
-        for path in (exported.path, *exported.embedders.values()):
-            path.unlink(missing_ok=True)
+        _export(checkpoint, pipeline, unproven, usage)
+        proof = prove_export(checkpoint, unproven, pipeline.export_settings, pipeline.interpreter_threads)
+    except ExportError:
+        raise
+    except Exception as error:  # a model transformers cannot load, a file LiteRT cannot run, ...: one line
+        unproven.unlink(missing_ok=True)
+        first_line = (str(error).splitlines() or [""])[0]
         raise ExportError(
-            f"{checkpoint.path}: model_type {model_type!r} is a family no test here covers, and {refusal}. "
-            "Nothing was converted; convert the checkpoint to a supported family, or add this one "
-            "(docs/checkpoints.md)."
+            f"{checkpoint.path}: model_type {model_type!r} is a family no test here covers, and its export could "
+            f"not be compared with transformers: {type(error).__name__}: {first_line}"
+        ) from error
+    if not proof.passed:
+        unproven.unlink(missing_ok=True)
+        raise ExportError(
+            f"{checkpoint.path}: model_type {model_type!r} is a family no test here covers, and export_hf's generic "
+            f"path does not compute what transformers computes: {proof.describe()}. Nothing was converted; convert "
+            "the checkpoint to a supported family, or add this one (docs/checkpoints.md)."
         )
-    return proof
+    os.replace(unproven, output)
+    return replace(inspect_tflite(output), export_proof=proof)
 
 
 @dg.asset(

@@ -56,9 +56,13 @@ def published_artifact(
     manifest = artifact.manifest
     context.log.info(f"{'Published' if artifact.newly_published else 'Already published'} {artifact.path}")
     keep = pipeline.artifact_store.keep_versions
-    removed = prune_versions(pipeline.store, inputs.model_id, inputs.recipe, keep)
+    try:
+        removed = prune_versions(pipeline.store, inputs.model_id, inputs.recipe, keep)
+    except OSError as error:  # published all the same; `edge-quant prune` tries again
+        context.log.warning(f"Retention could not prune {inputs.model_id}/{inputs.recipe}: {error}")
+        removed = []
     for version in removed:
-        context.log.info(f"Removed {version.describe()}: the store keeps the newest {keep} (EDGE_QUANT_KEEP_VERSIONS)")
+        context.log.info(f"Removed {version.describe()} (EDGE_QUANT_KEEP_VERSIONS={keep})")
     return dg.Output(
         artifact,
         metadata={

@@ -4,10 +4,11 @@ A checkpoint of a family that neither the Generative API rebuild nor the ``expor
 ``tests/test_export_hf.py`` take goes through ``export_hf``'s generic path: transformers' own modeling code with
 litert-torch's attention and KV cache swapped in. Nothing here has shown that this is right for that family, so
 every such export proves it before any recipe uses it: the same probe tokens go through transformers' own float32
-model and through the exported file in the LiteRT interpreter, twice (one decode call per token from an empty
-cache, and as the runtime generates: prefill, then decode), and the largest logit difference must stay within
-``RELATIVE_TOLERANCE`` of the largest logit. The proven families differ by about 1e-6 of it (2e-6 on logits of
-about 3); a wrong op (a scale left out, another RoPE) moves logits by a tenth of their size or more.
+model and through the exported file in the LiteRT interpreter, a whole KV cache of them (so every sliding window
+shorter than it is crossed), twice (as teacher-forced scoring runs the file, and as the runtime generates: prefill,
+then decode), and the largest logit difference must stay within ``RELATIVE_TOLERANCE`` of the largest logit; a NaN
+fails it. The proven families differ by about 1e-6 of it (2e-6 on logits of about 3); a wrong op (a scale left
+out, another RoPE) moves logits by a tenth of their size or more.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.evaluate.reference import TransformersModel
 from edge_quant_pipeline.export.load import load_transformers_model
+from edge_quant_pipeline.memory import return_freed_memory
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.shapes import ExportSettings
 
@@ -65,9 +67,8 @@ class ExportProof:
 
 
 def probe_tokens(vocab_size: int, settings: ExportSettings) -> np.ndarray:
-    """Two prefill chunks of random tokens (at most the KV cache): both signatures, and positions past prefill."""
-    length = min(settings.kv_cache_len, 2 * settings.prefill_len)
-    return np.random.default_rng(_PROBE_SEED).integers(0, vocab_size, length, dtype=np.int32)
+    """A whole KV cache of random tokens: every position the file computes, past any sliding window shorter."""
+    return np.random.default_rng(_PROBE_SEED).integers(0, vocab_size, settings.kv_cache_len, dtype=np.int32)
 
 
 def prove_export(checkpoint: Checkpoint, tflite: Path, settings: ExportSettings, num_threads: int) -> ExportProof:
@@ -77,44 +78,54 @@ def prove_export(checkpoint: Checkpoint, tflite: Path, settings: ExportSettings,
     expected = model.window_logits(tokens)
     del model
     gc.collect()
+    return_freed_memory()
     with InterpreterSession(tflite, settings, num_threads=num_threads) as session:
         passes = [_decoded(session, tokens), _generated(session, tokens)]
     return _compare(expected, passes)
 
 
-def _decoded(session: InterpreterSession, tokens: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Every position as teacher-forced scoring computes it (``score``: prefill chunks where prefill gives
+@dataclass(frozen=True)
+class _Pass:
+    logits: np.ndarray  # (positions computed, vocab)
+    first: int  # the position of its first row
+    computed_by: list[str]  # per row
+
+
+def _decoded(session: InterpreterSession, tokens: np.ndarray) -> _Pass:
+    """Every position as teacher-forced scoring computes it (``score_chunks``: prefill chunks where prefill gives
     logits, decode otherwise)."""
-    labels = ["prefill" if session.prefill_scores else "decode"] * len(tokens)
-    return session.score(tokens), labels
+    chunks = list(session.score_chunks(tokens))
+    labels = [("prefill" if len(logits) > 1 else "decode") for _, logits in chunks for _ in logits]
+    return _Pass(np.concatenate([logits for _, logits in chunks]), 0, labels)
 
 
-def _generated(session: InterpreterSession, tokens: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _generated(session: InterpreterSession, tokens: np.ndarray) -> _Pass:
     """Positions as generation computes them: one prefill, then decode on the cache prefill wrote. Without
     prefill logits, the prompt's last token is decoded again (it writes the same cache entry), as ``greedy`` does."""
-    p = session.prefill_len
+    p, scores = session.prefill_len, session.prefill_scores
     prefilled = session.prefill(tokens[:p])
-    start = p if prefilled is not None else p - 1
-    rows = [session.decode(int(tokens[pos]), pos)[None] for pos in range(start, len(tokens))]
-    logits = np.full((len(tokens), rows[0].shape[-1]), np.nan, np.float32)  # positions it does not compute
-    logits[start:] = np.concatenate(rows)
-    if prefilled is not None:
-        logits[:p] = prefilled
-    return logits, ["prefill"] * start + ["decode after prefill"] * (len(tokens) - start)
+    start = p if scores else p - 1
+    rows = [prefilled] if scores else []
+    rows += [session.decode(int(tokens[pos]), pos)[None] for pos in range(start, len(tokens))]
+    labels = ["prefill"] * (p if scores else 0) + ["decode after prefill"] * (len(tokens) - start)
+    return _Pass(np.concatenate(rows), 0 if scores else start, labels)
 
 
-def _compare(expected: np.ndarray, passes: list[tuple[np.ndarray, list[str]]]) -> ExportProof:
+def _compare(expected: np.ndarray, passes: list[_Pass]) -> ExportProof:
+    """The largest difference over both passes; a NaN the file computed counts as infinitely far."""
     scale = float(np.abs(expected).max())
-    per_pass = [np.nan_to_num(np.abs(logits - expected).max(axis=-1), nan=0.0) for logits, _ in passes]
-    worst_pass = int(np.argmax([d.max() for d in per_pass]))
-    diffs, labels = per_pass[worst_pass], passes[worst_pass][1]
-    position = int(diffs.argmax())
-    failing = np.flatnonzero(np.maximum.reduce(per_pass) > RELATIVE_TOLERANCE * scale)
+    worst, failing = (0.0, 0, ""), set()
+    for run in passes:
+        diffs = np.nan_to_num(np.abs(run.logits - expected[run.first :]).max(axis=-1), nan=np.inf)
+        row = int(diffs.argmax())
+        if diffs[row] >= worst[0]:
+            worst = (float(diffs[row]), run.first + row, run.computed_by[row])
+        failing |= {run.first + int(i) for i in np.flatnonzero(diffs > RELATIVE_TOLERANCE * scale)}
     return ExportProof(
-        max_abs_diff=float(diffs[position]),
+        max_abs_diff=worst[0],
         logit_scale=scale,
-        position=position,
-        computed_by=labels[position],
-        first_failing=int(failing[0]) if failing.size else None,
+        position=worst[1],
+        computed_by=worst[2],
+        first_failing=min(failing, default=None),
         positions=len(expected),
     )

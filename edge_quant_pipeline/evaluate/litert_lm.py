@@ -64,11 +64,10 @@ class BundleRejectedError(RuntimeError):
 
 @dataclass(frozen=True)
 class RuntimeCheck:
-    """The bundle in LiteRT-LM against the interpreter on the same ``.tflite``. Agreements count the generated
-    tokens equal, position by position, to the interpreter's greedy tokens (and the float model's) from the same
-    prompt; a runtime that stopped early (a stop token) agrees on fewer. The runtime gives text, so both sides are
-    compared as text tokenized again by the bundle's tokenizer: ids that do not survive detokenizing (unused or
-    partial-UTF-8 tokens) are changed alike on both sides."""
+    """The bundle in LiteRT-LM against the interpreter on the same ``.tflite``. Agreements are the share of the
+    interpreter's greedy continuation (and the float model's) from the same prompt, as text, that the runtime's
+    text repeats from its start (``_agreement``); a runtime that stopped early (a stop token) agrees on less.
+    Measured so since evaluation-7; before, as tokens equal position by position: the two are not comparable."""
 
     run: RuntimeRun
     interpreter_agreement: float
@@ -89,7 +88,9 @@ def _agreement(generated: str, reference: str) -> float:
     character, a lone byte decoded as U+FFFD) are tokenized back differently; both are cut at a NUL, where the
     runtime's text ends (it hands back a C string)."""
     generated, reference = generated.split("\0")[0], reference.split("\0")[0]
-    return len(os.path.commonprefix([generated, reference])) / len(reference) if reference else 1.0
+    if not reference:  # nothing to repeat: agreeing is saying nothing either
+        return float(not generated)
+    return len(os.path.commonprefix([generated, reference])) / len(reference)
 
 
 class _Texts:

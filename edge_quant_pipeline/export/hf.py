@@ -87,7 +87,8 @@ def main() -> None:
         traceback.print_exc()
         message = (str(error).strip().splitlines() or [""])[0]
         sys.stderr.write(f"{type(error).__name__}: {message[:400]}\n")
-        sys.exit(1)
+        sys.stderr.flush()
+        os._exit(1)  # no teardown, whose output would come after the line the parent reads
     (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
     sys.stdout.flush()
     os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing

@@ -20,7 +20,7 @@ copies the work folder already holds as a bounded cache (``workstore.py``).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +57,19 @@ def prune_versions(store: UPath, model_id: str, recipe: str, keep: int, dry_run:
     if keep == 0:
         return []
     recipe_dir = store / model_id / recipe
+    if dry_run:  # no lock: it would also clear what dead publishers left
+        return _removable(store, model_id, recipe, keep)
     with one_writer_at_a_time(recipe_dir):
-        versions = [(recipe_dir / m["version"], m) for m in _not_kept(store, model_id, recipe, keep)]
-        removed = [_sized(folder, model_id, recipe, m) for folder, m in versions + _half_removed(recipe_dir)]
-        for version in [] if dry_run else removed:
+        removed = _removable(store, model_id, recipe, keep)
+        for version in removed:
             _remove(version.path)
     return removed
+
+
+def _removable(store: UPath, model_id: str, recipe: str, keep: int) -> list[RemovedVersion]:
+    recipe_dir = store / model_id / recipe
+    versions = [(recipe_dir / m["version"], m) for m in _not_kept(store, model_id, recipe, keep)]
+    return [_sized(folder, model_id, recipe, m) for folder, m in versions + _half_removed(recipe_dir)]
 
 
 def prune_store(store: UPath, keep: int, dry_run: bool = False) -> list[RemovedVersion]:
@@ -131,29 +138,31 @@ class StaleWork:
         return f"{self.path} ({self.bytes / 1e6:,.1f} MB): {self.reason}"
 
 
-def stale_work(work_dir: Path, current: Mapping[str, Sequence[Path]]) -> list[StaleWork]:
-    """What the work folder holds besides ``current``: per model id, its current folder (checkpoint version,
-    exporter and export settings) and, in it, its current float reference and calibration statistics. A model
-    without current files loses its whole folder; every other folder beside the current one is of another checkpoint
-    version, exporter or export settings; float references and calibration statistics of other texts go too."""
+@dataclass(frozen=True)
+class CurrentWork:
+    """What the latest materializations of a model's per-checkpoint assets recorded."""
+
+    folder: Path  # of its checkpoint version, exporter and export settings
+    paths: tuple[Path, ...]  # the float file, float reference and calibration statistics in it
+
+
+def stale_work(work_dir: Path, current: Mapping[str, CurrentWork]) -> list[StaleWork]:
+    """What the work folder holds besides ``current`` (per model id). A model without current work loses its whole
+    folder; every other folder beside the current one is of another checkpoint version, exporter or export
+    settings; float references and calibration statistics other than the current ones go too."""
     stale = []
     for model_dir in _folders(work_dir):
-        keep = current.get(model_dir.name)
-        if not keep:
-            stale.append(
-                _stale(model_dir, "no checkpoint of this model is current (its folder is gone, or it never converted)")
-            )
+        work = current.get(model_dir.name)
+        if work is None:
+            reason = "no checkpoint of this model is current (its folder is gone, or it never converted)"
+            stale.append(_stale(model_dir, reason))
             continue
-        folder, *inside = keep
-        stale += [
-            _stale(f, "another checkpoint version, exporter or export settings")
-            for f in _folders(model_dir)
-            if f != folder
-        ]
+        reason = "another checkpoint version, exporter or export settings"
+        stale += [_stale(f, reason) for f in _folders(model_dir) if f != work.folder]
         stale += [
             _stale(f, "made from another eval or calibration text")
-            for f in _folders(folder)
-            if f.name.startswith(("float_reference-", "calibration-")) and f not in inside
+            for f in _folders(work.folder)
+            if f.name.startswith(("float_reference-", "calibration-")) and f not in work.paths
         ]
     return stale
 
