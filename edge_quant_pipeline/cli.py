@@ -81,7 +81,6 @@ def checked_recipes(selected: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
     quiet_third_party_noise()
     from edge_quant_pipeline.quantize.recipes import RecipeError
     from edge_quant_pipeline.settings import SettingError
@@ -182,7 +181,6 @@ def prune(args: argparse.Namespace) -> int:
     except settings.SettingError as error:
         print(error, file=sys.stderr)
         return 2
-    os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
     from edge_quant_pipeline.config import pipeline_config_from_env
 
     pipeline = pipeline_config_from_env()
@@ -234,6 +232,7 @@ def _prune_work_folder(pipeline, dry_run: bool, verb: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))  # the instance `dagster dev` started here shows
     if args.command == "settings":
         return show_settings()
     return prune(args) if args.command == "prune" else run(args)

@@ -29,7 +29,8 @@ def describe(pid: int) -> str:
     """``pid 123, edge-quant run --model x, instance /home/me/proj``: the process, named by its own command line or
     by that of the nearest process above it that is an ``edge-quant`` or ``dagster`` command (a step's worker is a
     bare Python), and the Dagster instance it runs for (``DAGSTER_HOME``), where /proc lets this user read them."""
-    command = next((c for c in map(_command, _lineage(pid)) if "edge-quant" in c or "dagster" in c), _command(pid))
+    commands = [_command(p) for p in _lineage(pid)]
+    command = next((c for c in commands if "edge-quant" in c or "dagster" in c), commands[0] if commands else "")
     instance = _environment(pid).get("DAGSTER_HOME", "unknown")
     return f"pid {pid}, {command or 'unknown command'}, instance {instance}"
 

@@ -29,7 +29,7 @@ from edge_quant_pipeline.evaluate.reference import (
 )
 from edge_quant_pipeline.export.exporters import per_layer_embeddings
 from edge_quant_pipeline.export.generative import export_float_tflite
-from edge_quant_pipeline.export.hf import ExportError, export_hf_tflite
+from edge_quant_pipeline.export.hf import ExportError, error_line, export_hf_tflite
 from edge_quant_pipeline.export.load import architecture_of, load_float_model, load_transformers_model
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
@@ -112,10 +112,9 @@ def _proven_export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Pat
         raise
     except Exception as error:  # a model transformers cannot load, a file LiteRT cannot run, ...: one line
         unproven.unlink(missing_ok=True)
-        first_line = (str(error).splitlines() or [""])[0]
         raise ExportError(
             f"{checkpoint.path}: model_type {model_type!r} is a family no test here covers, and its export could "
-            f"not be compared with transformers: {type(error).__name__}: {first_line}"
+            f"not be compared with transformers: {error_line(error)}"
         ) from error
     if not proof.passed:
         unproven.unlink(missing_ok=True)

@@ -112,10 +112,12 @@ class _Texts:
         return self.text(ids[1:] if self.start is not None and ids[0] == self.start else ids)
 
 
-def _generate(bundle: Path, spec: BundleSpec, prompts: np.ndarray, chat: bool) -> tuple[RuntimeRun, GenerationHealth]:
+def _generate(
+    bundle: Path, spec: BundleSpec, texts: _Texts, prompts: np.ndarray, chat: bool
+) -> tuple[RuntimeRun, GenerationHealth]:
     """Greedy generations from ``prompts`` as long as the KV cache allows after a prompt and its start token, and
     their health."""
-    texts, budget = _Texts(spec), min(HEALTH_TOKENS, spec.context_length - prompts.shape[1] - 1)
+    budget = min(HEALTH_TOKENS, spec.context_length - prompts.shape[1] - 1)
     run = run_bundle(bundle, [texts.prompt(p) for p in prompts], budget, chat=chat)
     return run, generation_health([texts.tokens(t) for t in run.texts], run.decoded_tokens, budget)
 
@@ -130,7 +132,7 @@ def check_bundle(
     adds it there; agreements are on those."""
     texts = _Texts(spec)
     chosen = [i for i, prompt in enumerate(prompts) if texts.start is None or prompt[0] == texts.start]
-    run, health = _generate(bundle, spec, prompts, chat=spec.chat_template is not None)
+    run, health = _generate(bundle, spec, texts, prompts, chat=spec.chat_template is not None)
 
     def agreement(expected: np.ndarray) -> float:
         return float(np.mean([_agreement(run.texts[i], texts.text(expected[i])) for i in chosen]))
@@ -140,7 +142,7 @@ def check_bundle(
 
 def float_health(bundle: Path, spec: BundleSpec, prompts: np.ndarray) -> GenerationHealth:
     """The health of the float bundle's generations from ``prompts``, as ``check_bundle`` scores a recipe's."""
-    return _generate(bundle, spec, prompts, chat=False)[1]
+    return _generate(bundle, spec, _Texts(spec), prompts, chat=False)[1]
 
 
 def failure_reason(done: subprocess.CompletedProcess) -> str:

@@ -34,6 +34,12 @@ class ExportError(RuntimeError):
     """litert-torch could not export the checkpoint."""
 
 
+def error_line(error: BaseException) -> str:
+    """``TypeName: the message's first line``: what a user reads of an exception from deep inside a library."""
+    message = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {message[:400]}"
+
+
 def export_hf_tflite(
     checkpoint_dir: Path, settings: ExportSettings, output: Path, externalize_embedder: bool = False
 ) -> float:
@@ -85,8 +91,7 @@ def main() -> None:
         _export(export, args)
     except Exception as error:  # any failure of the export: its traceback, then one line for the parent
         traceback.print_exc()
-        message = (str(error).strip().splitlines() or [""])[0]
-        sys.stderr.write(f"{type(error).__name__}: {message[:400]}\n")
+        sys.stderr.write(f"{error_line(error)}\n")
         sys.stderr.flush()
         os._exit(1)  # no teardown, whose output would come after the line the parent reads
     (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
