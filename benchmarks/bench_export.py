@@ -10,11 +10,18 @@ published config is written by ``transformers`` (never committed); then, each in
   generative_light     the same with ``lightweight_conversion=True``, as the pipeline exports
   export_hf            ``litert_torch.generative.export_hf.export`` with its defaults but no quantization
   export_hf_light      the same with ``experimental_lightweight_conversion=True``
+  pipeline_hf          the pipeline's ``export_hf`` child (``export/hf.py``): lightweight conversion, a multimodal
+                       checkpoint's towers not loaded, a per-layer embedding table kept in the checkpoint's dtype
+                       and streamed to its file (Gemma 4 E2B)
   logits               each lightweight file against its exporter's default file: one window of random
                        tokens through the interpreter, the largest absolute logit difference
 
+For a checkpoint with per-layer embeddings, every ``export_hf`` path externalizes the embedders, as LiteRT-LM
+runs them.
+
     python benchmarks/bench_export.py --shape qwen2.5-0.5b
     python benchmarks/bench_export.py --shape llama3.2-1b --path generative_light --path export_hf_light
+    python benchmarks/bench_export.py --shape gemma4-e2b --path pipeline_hf --path export_hf_light --path export_hf
 """
 
 import argparse
@@ -26,7 +33,8 @@ from pathlib import Path
 from measure import run_measured
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ("generative", "generative_light", "export_hf", "export_hf_light")
+PATHS = ("generative", "generative_light", "export_hf", "export_hf_light", "pipeline_hf")
+REFERENCES = {"generative_light": "generative", "export_hf_light": "export_hf", "pipeline_hf": "export_hf"}
 GB = 1024
 
 
@@ -41,30 +49,47 @@ def imports() -> None:
 
 
 def export(path: str, checkpoint_dir: str, output: str) -> None:
-    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint, validate_checkpoint
+    from edge_quant_pipeline.export import hf
+    from edge_quant_pipeline.export.exporters import per_layer_embeddings
     from edge_quant_pipeline.export.generative import export_float_tflite
     from edge_quant_pipeline.export.load import architecture_of, load_float_model
     from edge_quant_pipeline.shapes import ExportSettings
 
-    settings = ExportSettings()
+    settings, folder = ExportSettings(), Path(output).parent / path
+    externalize = per_layer_embeddings(validate_checkpoint(Path(checkpoint_dir)))
+    if path == "pipeline_hf":
+        hf.export_hf_tflite(Path(checkpoint_dir), settings, Path(output), externalize_embedder=externalize)
+        return
     if path.startswith("export_hf"):
         from litert_torch.generative.export_hf import export
 
         export.export(
             model=checkpoint_dir,
-            output_dir=str(Path(output).parent / path),
+            output_dir=str(folder),
             prefill_lengths=[settings.prefill_len],
             cache_length=settings.kv_cache_len,
             quantization_recipe="none",
             bundle_litert_lm=False,
+            externalize_embedder=externalize,
             experimental_lightweight_conversion=path.endswith("_light"),
         )
-        next((Path(output).parent / path).rglob("model.tflite")).rename(output)
+        _take_files(folder, Path(output))
         return
     checkpoint = read_checkpoint(Path(checkpoint_dir))
     model = load_float_model(checkpoint, settings.kv_cache_len)
     config = architecture_of(checkpoint).model_config
     export_float_tflite(model, config, settings, Path(output), lightweight=path.endswith("_light"))
+
+
+def _take_files(folder: Path, output: Path) -> None:
+    """The model and its embedders, named as the pipeline names them beside a model (``embedders.py``)."""
+    from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path
+
+    for role in EMBEDDER_INPUTS:
+        if found := next(folder.rglob(f"{role}.tflite"), None):
+            found.rename(embedder_path(output, role))
+    next(folder.rglob("model.tflite")).rename(output)
 
 
 def logits(candidate: str, reference: str) -> None:
@@ -120,8 +145,8 @@ def bench(shape: str, paths: list[str], root: Path) -> None:
         rows.append((path, result))
     differences = {}
     for path in paths:
-        default = path.removesuffix("_light")
-        if path.endswith("_light") and (root / f"{path}.tflite").exists() and (root / f"{default}.tflite").exists():
+        default = REFERENCES.get(path, path)
+        if path != default and (root / f"{path}.tflite").exists() and (root / f"{default}.tflite").exists():
             log = root / f"logits-{path}.log"
             files = (str(root / f"{path}.tflite"), str(root / f"{default}.tflite"))
             run_measured(child("logits", *files), REPO, dict(os.environ), log)

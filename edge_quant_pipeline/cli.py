@@ -39,6 +39,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only checkpoint -> float .tflite -> quantized .tflite; no evaluation, publishing or reports",
     )
     run.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every column of the comparison (top-1, KL percentiles, SQNR, latency, memory); default: the "
+        "columns that decide, in about 120 characters",
+    )
+    run.add_argument(
         "--verbose",
         action="store_true",
         help="also show the libraries' output (TensorFlow, LiteRT, torch...) here; it is always in the run logs",
@@ -143,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
         report = read_parquet(pipeline.store / model / REPORT_FILE)  # as of now, whoever wrote it
         if report is not None:
             champion = next((row.recipe for row in report.itertuples() if row.champion), "none")
-            print(f"\n{model}\n\n{to_markdown(report, TERMINAL_COLUMNS)}\n\nChampion (smallest published): {champion}")
-            print(
-                f"Every column (top-1, KL percentiles, SQNR, latency, memory): {pipeline.store / model / REPORT_FILE}"
-            )
+            table = to_markdown(report, None if args.wide else TERMINAL_COLUMNS)
+            print(f"\n{model}\n\n{table}\n\nChampion (smallest published): {champion}")
+            if not args.wide:
+                print(f"Every column: --wide, or {pipeline.store / model / REPORT_FILE}")
     layout = "<model>/<recipe>/<version>/model.tflite, model.litertlm, manifest.json"
     print(f"\nArtifacts:        {pipeline.store}  ({layout})")
     print(f"Reports:          {pipeline.store}/report.parquet, {pipeline.store}/<model>/report.parquet")
@@ -233,6 +239,7 @@ def _prune_work_folder(pipeline, dry_run: bool, verb: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))  # the instance `dagster dev` started here shows
+    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)  # a new instance's folder, as Dagster needs
     if args.command == "settings":
         return show_settings()
     return prune(args) if args.command == "prune" else run(args)

@@ -74,6 +74,19 @@ class ModelSize:
     calibration_bytes: int = 0  # the input Hessians of its layers (quantize/calibration.py), once known
     exporter: str = GENERATIVE_API  # export_hf's float model is transformers' own, loaded whole
     proven_family: bool = True  # False: its export is proven against transformers in the export's step
+    # Of ``parameters``, a per-layer embedding table (Gemma 4 E2B: 2.35B), held in the checkpoint's dtype by the
+    # export and the float reference (export/load.py) and written to an embedder file of its own, streamed
+    table_parameters: int = 0
+
+    @property
+    def dense_parameters(self) -> int:
+        """What the steps hold in float32: all but the table."""
+        return self.parameters - self.table_parameters
+
+    @property
+    def table_bytes(self) -> int:
+        """The table as the checkpoint stores it."""
+        return self.table_parameters * self.checkpoint_bytes // max(self.parameters, 1)
 
     @property
     def window_logit_bytes(self) -> int:
@@ -96,17 +109,26 @@ def input_hessian_bytes(hf_config: dict) -> int:
 
 
 def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_bytes: int | None = None) -> ModelSize:
-    """``float_tflite_bytes``: the export's size once it exists (4 bytes per parameter before)."""
+    """``float_tflite_bytes``: the export's size once it exists (4 bytes per parameter but the table's before)."""
+    table = per_layer_table_parameters(checkpoint.hf_config)
     return ModelSize(
         parameters=checkpoint.parameters,
         layers=checkpoint.num_layers,
         vocab_size=checkpoint.vocab_size,
         checkpoint_bytes=checkpoint.weight_bytes,
-        float_tflite_bytes=float_tflite_bytes or 4 * checkpoint.parameters,
+        float_tflite_bytes=float_tflite_bytes or 4 * (checkpoint.parameters - table),
         window_tokens=pipeline.export_settings.kv_cache_len,
         exporter=checkpoint.exporter,
         proven_family=checkpoint.proven_family,
+        table_parameters=table,
     )
+
+
+def per_layer_table_parameters(hf_config: dict) -> int:
+    """Gemma 4's per-layer embedding table (vocabulary x blocks x width), 0 for a model without one."""
+    text = hf_config.get("text_config") or hf_config
+    width = text.get("hidden_size_per_layer_input") or 0
+    return int(text.get("vocab_size_per_layer_input") or 0) * int(text.get("num_hidden_layers") or 0) * int(width)
 
 
 def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSize:
@@ -137,7 +159,8 @@ def folder_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSi
 def export_mb(size: ModelSize) -> float:
     """The export; for a family no test here covers, then the proof of it in the same process: transformers' float
     model, freed, then the float file in the runtime (evaluate/export_proof.py)."""
-    export = TORCH_PROCESS_MB + EXPORT_BYTES_PER_PARAMETER * size.parameters / MB + EXPORT_MB_PER_LAYER * size.layers
+    model = EXPORT_BYTES_PER_PARAMETER * size.dense_parameters + size.table_bytes
+    export = TORCH_PROCESS_MB + model / MB + EXPORT_MB_PER_LAYER * size.layers
     if size.proven_family:
         return export
     runtime = TORCH_PROCESS_MB + RUNTIME_FILES * size.float_tflite_bytes / MB
@@ -151,7 +174,7 @@ def float_reference_mb(size: ModelSize) -> float:
     per_parameter = FLOAT_REFERENCE_BYTES_PER_PARAMETER
     if size.exporter == EXPORT_HF:
         per_parameter = TRANSFORMERS_REFERENCE_BYTES_PER_PARAMETER
-    model = per_parameter * size.parameters + 3 * size.window_logit_bytes
+    model = per_parameter * size.dense_parameters + size.table_bytes + 3 * size.window_logit_bytes
     return TORCH_PROCESS_MB + model / MB + FLOAT_REFERENCE_MB_PER_LAYER * size.layers
 
 
@@ -167,7 +190,8 @@ def calibration_mb(size: ModelSize, need: CalibrationNeed | None = None) -> floa
 
 
 def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
-    """``recipe`` None: any (the largest). A GPTQ recipe also holds the calibration's Hessians (ranges are small)."""
+    """``recipe`` None: any (the largest). A GPTQ recipe also holds the calibration's Hessians (ranges are small).
+    Embedders are quantized before the model, a slice of 256 MB of rows at a time (quantize/lookup.py)."""
     files = QUANTIZE_FLOAT_FILES[recipe is None or recipe.writes_fp16]
     calibration = size.calibration_bytes if recipe is None or recipe.needs_hessians else 0
     return (

@@ -150,6 +150,35 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     ),
+    # Gemma 4 E2B as Google ships it (google/gemma-4-E2B-it's config.json): the multimodal model, its language model
+    # with per-layer embeddings (a 262,144 x 35 x 256 table, 2.35B of its 5.1B parameters), KV cache shared by its
+    # last 20 blocks, feed-forward twice as wide in those, global layers with 512-wide heads; towers as shipped.
+    "gemma4-e2b": dict(
+        model_type="gemma4",
+        text_config=dict(
+            vocab_size=262144,
+            vocab_size_per_layer_input=262144,
+            hidden_size_per_layer_input=256,
+            hidden_size=1536,
+            intermediate_size=6144,
+            use_double_wide_mlp=True,
+            num_hidden_layers=35,
+            num_kv_shared_layers=20,
+            layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+            global_head_dim=512,
+            sliding_window=512,
+            max_position_embeddings=131072,
+            final_logit_softcapping=30.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(use_clipped_linears=True),  # the rest as transformers' defaults, which are E2B's
+        audio_config=dict(),
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -188,8 +217,8 @@ def write_checkpoint(
     fields = dict(shape)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     if tokenizer:
-        tokens = make_tokenizer(config.vocab_size)
-        config.eos_token_id = tokens.eos_token_id
+        tokens = make_tokenizer(config.get_text_config().vocab_size)
+        config.eos_token_id = config.get_text_config().eos_token_id = tokens.eos_token_id
     config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config.eos_token_id = config.eos_token_id

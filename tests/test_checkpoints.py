@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from edge_quant_pipeline.checkpoints.folders import find_checkpoints, scan_checkpoints
-from edge_quant_pipeline.checkpoints.validate import CheckpointError, hash_checkpoint, model_id_for, read_checkpoint
+from edge_quant_pipeline.checkpoints.validate import (
+    CheckpointError,
+    count_parameters,
+    hash_checkpoint,
+    model_id_for,
+    read_checkpoint,
+)
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.export.load import architecture_of, load_float_model
 
@@ -244,3 +250,19 @@ def test_mapped_tensors_are_the_files_tensors_and_their_pages_are_released(tmp_p
     read = resident_file_kb()
     weights.release()
     assert read - before > 4000 and resident_file_kb() < read - 4000
+
+
+def test_a_multimodal_checkpoint_counts_its_language_models_parameters(tmp_path):
+    """Gemma 4 as Google ships it: the towers (and their projections into the language model) are never loaded."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "model.language_model.layers.0.mlp.up_proj.weight": np.zeros((4, 5), np.float32),
+        "model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight": np.zeros((7, 3), np.float32),
+        "model.audio_tower.layers.0.norm.weight": np.zeros(11, np.float32),
+        "model.embed_vision.embedding_projection.weight": np.zeros(13, np.float32),
+        "model.embed_audio.embedding_projection.weight": np.zeros(17, np.float32),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert count_parameters(tmp_path, {"model_type": "gemma4"}) == 20

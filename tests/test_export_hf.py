@@ -28,10 +28,12 @@ from edge_quant_pipeline.evaluate.reference import TransformersModel
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.export.exporters import EXPORT_HF_MODEL_TYPES, per_layer_embeddings, plan_export
 from edge_quant_pipeline.export.hf import export_hf_tflite
-from edge_quant_pipeline.export.load import load_transformers_model
-from edge_quant_pipeline.quantize.apply import quantize_model
+from edge_quant_pipeline.export.load import load_language_model, load_transformers_model, per_layer_table
+from edge_quant_pipeline.export.lookup_table import write_lookup_tflite
+from edge_quant_pipeline.quantize.apply import quantize_model, quantize_tflite
 from edge_quant_pipeline.quantize.conformance import check_conformance
-from edge_quant_pipeline.quantize.recipes import parse_recipe
+from edge_quant_pipeline.quantize.lookup import quantize_lookup_tflite
+from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, parse_recipe
 from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe, embedder_quantizer_recipe
 from edge_quant_pipeline.runs.launch import materialize
 from edge_quant_pipeline.runtime.session import InterpreterSession
@@ -169,6 +171,64 @@ def test_an_export_of_a_family_no_test_covers_is_proven_against_transformers(tmp
     assert f"largest |logit difference| {refused.max_abs_diff:.3g} at position {refused.position}" in (
         refused.describe()
     )
+
+
+def test_a_bfloat16_per_layer_table_stays_bfloat16_and_the_logits_are_the_float32_models(tmp_path):
+    """Gemma 4 E2B's table is 2.35B parameters: loaded as stored, it costs half its float32 copy, and its rows
+    are the same numbers. Hidden size 48: sqrt(48), the embedding's scale, is not a bfloat16 number, and must not
+    become one on the way (it is made at init in the load's dtype)."""
+    folder = write_tiny_checkpoint("gemma4", tmp_path / "float32", hidden_size=48)
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bfloat16")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "bfloat16", dtype=torch.float32)
+
+    model = load_language_model(tmp_path / "bfloat16")
+    table = per_layer_table(model).weight
+    assert table.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p is not table} == {torch.float32}
+    tokens = torch.randint(0, VOCAB, (1, 24))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, expected(tokens).logits)
+
+
+def test_a_lookup_table_streamed_to_its_file_looks_up_the_tables_rows(tmp_path):
+    """The table lies past the flatbuffer (a buffer with an offset, as TFLite reads models above 2 GB)."""
+    table = torch.randn(3000, 3 * 8).to(torch.bfloat16)
+    output = tmp_path / "lookup.tflite"
+    write_lookup_tflite(table, 4.0, (3, 8), {"decode_lookup": 1, "prefill_lookup_8": 8}, output)
+    assert table.numel() * 4 < output.stat().st_size < table.numel() * 4 + 64 * 1024
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    tokens = np.array([[2999, 0, 17, 3, 1500, 1, 2, 2999]], dtype=np.int32)
+    expected = (table.float()[torch.from_numpy(tokens).long()] * 4).reshape(1, 8, 3, 8).numpy()
+    interpreter = Interpreter(model_path=str(output))
+    rows = interpreter.get_signature_runner("prefill_lookup_8")(token_ids=tokens)["embeddings"]
+    np.testing.assert_array_equal(rows, expected)
+    row = interpreter.get_signature_runner("decode_lookup")(token_ids=tokens[:, -1:])["embeddings"]
+    np.testing.assert_array_equal(row, expected[:, -1:])
+
+
+@pytest.mark.parametrize("recipe", ["dynamic_int8", "dynamic_int4_block32", "fp16", "weight_only_int8"])
+def test_a_lookup_quantized_a_slice_of_rows_at_a_time_looks_up_what_the_whole_one_does(tmp_path, recipe):
+    """Every row, in slices of 300 rows (the last one shorter), a zero row among them (int4's clamped scale)."""
+    table = torch.randn(1000, 3 * 64)
+    table[5] = 0
+    source = tmp_path / "lookup.tflite"
+    write_lookup_tflite(table, 4.0, (3, 64), {"prefill_lookup_8": 8}, source)
+    embedder_recipe = embedder_quantizer_recipe(BUILTIN_RECIPES[recipe])
+    whole = quantize_tflite(source, embedder_recipe, tmp_path / "whole.tflite")
+    sliced = quantize_lookup_tflite(
+        source, lambda f, o: quantize_tflite(f, embedder_recipe, o), tmp_path / "sliced.tflite", slice_bytes=300 * 768
+    )
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    every_row = np.arange(1000, dtype=np.int32).reshape(-1, 1, 8)
+    looked_up = []
+    for file in (whole, sliced):
+        lookup = Interpreter(model_path=str(file)).get_signature_runner("prefill_lookup_8")
+        looked_up.append(np.stack([lookup(token_ids=tokens)["embeddings"] for tokens in every_row]))
+    np.testing.assert_array_equal(looked_up[0], looked_up[1])
 
 
 def test_auto_takes_the_rebuild_where_it_fits_and_export_hf_where_it_does_not(tmp_path):

@@ -29,6 +29,7 @@ from edge_quant_pipeline.memory import (
 )
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed
 from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES
+from edge_quant_pipeline.settings import EXPORT_HF
 
 MACHINE = MachineMemory(total_mb=24_000, available_mb=20_000)  # headroom: 5% of the total, 1,200 MB
 
@@ -104,6 +105,17 @@ SHAPES = {  # the real configs' sizes (edge_quant_pipeline.synthetic), float fil
     "llama3.2-1b": ModelSize(1_235_814_400, 16, 128_256, 2_471_628_800, 4 * 1_235_814_400, 128),
     "llama3.2-3b": ModelSize(3_212_749_824, 28, 128_256, 6_425_499_648, 12_851_945_472, 128),
     "qwen3-4b": ModelSize(4_022_468_096, 36, 151_936, 8_044_936_192, 16_089_872_384, 128),
+    # Gemma 4 E2B as shipped: its language model's parameters (the towers not counted), 2.35B in its per-layer table
+    "gemma4-e2b": ModelSize(
+        4_628_569_379,
+        35,
+        262_144,
+        10_208_852_910,
+        9_121_166_064,
+        128,
+        exporter=EXPORT_HF,
+        table_parameters=2_348_810_240,
+    ),
 }
 LLAMA_1B_CONFIG = dict(
     hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, head_dim=64, intermediate_size=8192
@@ -166,6 +178,8 @@ MEASURED = [
     ("llama3.2-1b", "float_reference", None, 6_880),
     ("llama3.2-1b", "evaluation", "dynamic_int8", 5_730),
     ("qwen3-4b", "float_tflite", None, 18_890),
+    ("gemma4-e2b", "float_tflite", None, 14_770),
+    ("gemma4-e2b", "float_reference", None, 14_140),
     ("qwen2.5-0.5b", "float_reference", None, 3_980),
     ("qwen2.5-0.5b", "quantized_tflite", "fp16", 4_020),
     ("qwen2.5-0.5b", "quantized_tflite", "dynamic_int8", 1_360),

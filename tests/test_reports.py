@@ -13,7 +13,7 @@ import pytest
 from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
-from edge_quant_pipeline.publish.report import build_report, to_markdown
+from edge_quant_pipeline.publish.report import build_report, label_offsets, to_markdown
 from edge_quant_pipeline.publish.store import (
     CHAMPION,
     FAILURE_RECORD,
@@ -216,6 +216,16 @@ def test_metrics_with_a_standard_error_show_it_in_their_cell():
     row = {"recipe": "r", "status": "published", "file_bytes": 10, "mean_kl": 0.00032, "mean_kl_error": 0.00004}
     table = to_markdown(build_report([row]))
     assert "0.00032 ± 0.00004" in table and "mean_kl_error" not in table
+
+
+def test_labels_of_recipes_of_about_the_same_size_and_quality_go_one_below_the_other():
+    """Three int8 recipes a few kB and a few thousandths of perplexity apart; the float file at the right edge."""
+    import numpy as np
+
+    file_mb, ppl_ratio = np.array([10.0, 10.1, 10.05, 40.0, 20.0]), np.array([1.01, 1.011, 1.012, 1.0, 1.3])
+    offsets = label_offsets(file_mb, ppl_ratio)
+    assert [dy for _, dy in offsets[:3]] == [4.0, -6.0, -16.0]  # a line (10 points) apart
+    assert offsets[3] == (-4.0, 4.0) and offsets[4] == (4.0, 4.0)  # the right edge's label to its left
 
 
 def test_task_scores_show_their_error_and_their_change_from_float_in_points():

@@ -245,9 +245,14 @@ def validate_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
 _BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# A multimodal checkpoint's encoders (Gemma 4's vision and audio towers and their projections): the pipeline
+# exports its language model only, and never loads these.
+_ENCODER_WEIGHTS = re.compile(r"(^|\.)(vision_tower|audio_tower|embed_vision|embed_audio)\.")
+
+
 def count_parameters(checkpoint_dir: Path, hf_config: dict[str, Any]) -> int:
-    """From the safetensors headers (exact, no tensor data read); a ``.bin`` checkpoint by its size and the
-    dtype config.json names."""
+    """The language model's, from the safetensors headers (exact, no tensor data read; a multimodal checkpoint's
+    encoders not counted); a ``.bin`` checkpoint by its size and the dtype config.json names."""
     from safetensors import safe_open
 
     files = weight_files(checkpoint_dir)
@@ -257,7 +262,8 @@ def count_parameters(checkpoint_dir: Path, hf_config: dict[str, Any]) -> int:
     total = 0
     for file in files:
         with safe_open(str(file), framework="numpy") as handle:
-            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+            names = [name for name in handle.keys() if not _ENCODER_WEIGHTS.search(name)]
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
     return total
 
 

@@ -46,7 +46,7 @@ def calibration(
     try:  # before any model runs: a text too short costs nothing
         tokens = tokenize(text, checkpoint.path, checkpoint.vocab_size)
         gram_bytes = hessian_bytes(float_tflite.path, pipeline.export_settings) if hessians else 0
-        size = replace(model_size(checkpoint, pipeline, float_tflite.file_bytes), calibration_bytes=gram_bytes)
+        size = replace(model_size(checkpoint, pipeline, float_tflite.model_bytes), calibration_bytes=gram_bytes)
         with admitted(context, size, calibration=need) as usage, computing():
             stats = calibrate(
                 float_tflite.path,

@@ -109,7 +109,7 @@ def evaluation(
     float_reference = pipeline.work.localize(float_reference)
     settings, threads = pipeline.export_settings, pipeline.interpreter_threads
     try:
-        size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
+        size = model_size(checkpoint, pipeline, float_tflite.model_bytes)
         with admitted(context, size, quant_recipe) as usage:
             bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it

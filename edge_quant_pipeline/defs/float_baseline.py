@@ -33,7 +33,7 @@ def float_baseline(
     tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
     settings = pipeline.export_settings
     try:
-        with admitted(context, model_size(checkpoint, pipeline, float_tflite.file_bytes)) as usage, computing():
+        with admitted(context, model_size(checkpoint, pipeline, float_tflite.model_bytes)) as usage, computing():
             spec = bundle_spec(checkpoint.path, checkpoint.hf_config, settings.kv_cache_len)
             bundle = Bundle(
                 build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_path(float_tflite.path)), spec

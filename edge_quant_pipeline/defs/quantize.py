@@ -82,7 +82,7 @@ def quantized_tflite(
     try:
         # the quantized file and, at evaluation, its bundle: at most the float file's size together
         check_free_disk(output.parent, float_tflite.file_bytes, WORK_DIR_VARIABLE)
-        size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
+        size = model_size(checkpoint, pipeline, float_tflite.model_bytes)
         if recipe.needs_calibration:  # its statistics are loaded too (and downloaded only then)
             calibration = pipeline.work.localize(calibration)
             size = replace(size, calibration_bytes=calibration.size_bytes)

@@ -128,7 +128,7 @@ def resolved_recipe(
         else:
             # one candidate file at a time, mostly float weights: at most the float file's size
             check_free_disk(pipeline.work_path(checkpoint), float_tflite.file_bytes, WORK_DIR_VARIABLE)
-            size = model_size(checkpoint, pipeline, float_tflite.file_bytes)
+            size = model_size(checkpoint, pipeline, float_tflite.model_bytes)
             with admitted(context, size, quant_recipe) as usage, computing():
                 search_context = _search_context(context, pipeline, checkpoint, float_tflite, calibration, shape)
                 concrete, trace = search(quant_recipe, search_context)

@@ -8,7 +8,10 @@ that child:
     python -m edge_quant_pipeline.export.hf <checkpoint folder> <output folder> --prefill-len 32 --kv-cache-len 128
 
 With ``--externalize-embedder`` (Gemma 4's per-layer embeddings need it), the embedding lookups are exported as
-files of their own, which end up beside the model (``embedders.py``).
+files of their own, which end up beside the model (``embedders.py``). The model is loaded as ``export/load.py``'s
+``load_language_model`` loads it (no vision or audio tower, the per-layer table in the checkpoint's dtype), and the
+per-layer embedder is written by ``lookup_table.py``, its table streamed to the file: litert-torch would convert it
+from a float32 copy with its default conversion, 9.4 GB held several times over for Gemma 4 E2B.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import signal
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path
+from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path, signature_for
 from edge_quant_pipeline.export.generative import export_scratch
+from edge_quant_pipeline.export.load import load_language_model, per_layer_table
+from edge_quant_pipeline.export.lookup_table import write_lookup_tflite
 from edge_quant_pipeline.memory import peak_rss_mb
 from edge_quant_pipeline.shapes import ExportSettings
 
@@ -87,8 +94,11 @@ def main() -> None:
     _dense_models_need_no_experts_kernel()
     from litert_torch.generative.export_hf import export
 
+    tables = _load_as_the_pipeline_loads()
     try:
         _export(export, args)
+        for table in tables:
+            table.write(args.output_dir / "per_layer_embedder.tflite", args.prefill_len)
     except Exception as error:  # any failure of the export: its traceback, then one line for the parent
         traceback.print_exc()
         sys.stderr.write(f"{error_line(error)}\n")
@@ -113,6 +123,50 @@ def _export(export, args: argparse.Namespace) -> None:
         experimental_lightweight_conversion=True,
         keep_temporary_files=True,  # in output_dir, a scratch folder the parent removes
     )
+
+
+@dataclass(frozen=True)
+class _TakenTable:
+    """A per-layer embedding table taken out of the model before the export, written as its embedder after."""
+
+    weight: Any  # torch.Tensor, in the checkpoint's dtype
+    scale: float
+    rows_shape: tuple[int, int]  # (blocks, width per block)
+
+    def write(self, output: Path, prefill_len: int) -> None:
+        signatures = {signature_for("per_layer_embedder", n): n for n in (1, prefill_len)}
+        write_lookup_tflite(self.weight, self.scale, self.rows_shape, signatures, output)
+
+
+def _load_as_the_pipeline_loads() -> list[_TakenTable]:
+    """litert-torch's load of the checkpoint replaced by ``load_language_model``, its per-layer embedding table
+    taken out of the model (the exported graphs take its rows as inputs; torch.export would still lift the unused
+    table into the graph, as a constant) and its own export of the per-layer embedder left out; returns the list
+    the table goes into."""
+    import torch
+    import transformers
+    from litert_torch.generative.export_hf.model_ext import exportables
+
+    tables = []
+    from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
+
+    def load(path, **kwargs):
+        model = load_language_model(path, load=from_pretrained, **kwargs)
+        if (table := per_layer_table(model)) is not None:
+            text = model.config.get_text_config()
+            rows = (text.num_hidden_layers, text.hidden_size_per_layer_input)
+            tables.append(_TakenTable(table.weight.detach(), table.scalar_embed_scale, rows))
+            table.weight = torch.nn.Parameter(torch.empty((0, table.weight.shape[1])), requires_grad=False)
+        return model
+
+    additional_exportables = exportables.get_additional_exportables
+
+    def without_per_layer_embedder(config):
+        return {k: v for k, v in additional_exportables(config).items() if k != "per_layer_embedder"}
+
+    transformers.AutoModelForCausalLM.from_pretrained = load
+    exportables.get_additional_exportables = without_per_layer_embedder
+    return tables
 
 
 def _dense_models_need_no_experts_kernel() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError, weight_files
 from edge_quant_pipeline.export.architectures import Architecture, architecture_for
+from edge_quant_pipeline.export.exporters import per_layer_embeddings
 
 # Tensors a checkpoint may hold that no model needs: RoPE frequencies (older transformers saved
 # them) and, when the LM head is tied to the embedding, a copy of the embedding under its name.
@@ -213,11 +214,51 @@ def load_float_model(checkpoint: Checkpoint, kv_cache_len: int):
 def load_transformers_model(checkpoint: Checkpoint):
     """transformers' own model of the checkpoint in float32, with eager attention (its reference math): the
     float model of a checkpoint that ``export_hf`` exports."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, attn_implementation="eager")
+        model = load_language_model(checkpoint.path, attn_implementation="eager")
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{checkpoint.path}: transformers cannot load this checkpoint: {error}") from None
     return model.eval()
+
+
+def load_language_model(path: Path | str, load=None, config=None, **kwargs):
+    """transformers' causal LM of the checkpoint in float32, as the pipeline exports it: a multimodal checkpoint's
+    vision and audio towers are not built (only its language model is exported), and a per-layer embedding table
+    (Gemma 4 E2B's is 262,144 x 8,960) stays in the checkpoint's dtype, half its float32 size: the rows looked up
+    from it are exactly the float32 table's (a bfloat16 value is a float32 one; its scale, a power of two,
+    multiplies exactly). ``load``: the ``from_pretrained`` to call (litert-torch's, in ``export/hf.py``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = config or AutoConfig.from_pretrained(path)
+    for tower in ("vision_config", "audio_config"):
+        if getattr(config, tower, None) is not None:
+            setattr(config, tower, None)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype")}
+    if not per_layer_embeddings(config.to_dict()):
+        return (load or AutoModelForCausalLM.from_pretrained)(path, config=config, dtype=torch.float32, **kwargs)
+    # Loaded as stored, then cast to float32 tensor by tensor but for the table: the float32 table never exists.
+    # (As stored: config.json's dtype, read from the file, since litert-torch sets the config's to float32.)
+    model = (load or AutoModelForCausalLM.from_pretrained)(path, config=config, dtype=_stored_dtype(path), **kwargs)
+    table = per_layer_table(model)
+    table._apply = lambda fn, recurse=True: table  # .float() leaves it as loaded
+    model.float()
+    del table._apply  # (a cycle through the module, which would keep it past the model's end until a collection)
+    for module in model.modules():  # a scale made at init in the load's dtype: Gemma's sqrt(hidden) in float32
+        if hasattr(module, "scalar_embed_scale") and module is not table:
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, dtype=torch.float32)
+    return model
+
+
+def _stored_dtype(path: Path | str):
+    import torch
+
+    stored = json.loads((Path(path) / "config.json").read_text())
+    text = stored.get("text_config") or stored
+    name = next((c.get(k) for c in (text, stored) for k in ("dtype", "torch_dtype") if c.get(k)), "float32")
+    return getattr(torch, name)
+
+
+def per_layer_table(model):
+    """Gemma 4's per-layer embedding lookup (E2B, E4B), or None."""
+    return next((m for name, m in model.named_modules() if name.endswith("embed_tokens_per_layer")), None)

@@ -219,10 +219,11 @@ def size_quality_png(frame: pd.DataFrame) -> bytes:
     groups = published.groupby("model") if "model" in published else [(None, published)]
     for model, rows in groups:
         axes.scatter(rows["file_mb"], rows["perplexity_ratio"], label=model)
-        for row in rows.itertuples():
-            axes.annotate(
-                row.recipe, (row.file_mb, row.perplexity_ratio), xytext=(4, 4), textcoords="offset points", fontsize=8
-            )
+    offsets = label_offsets(published["file_mb"].to_numpy(float), published["perplexity_ratio"].to_numpy(float))
+    for row, (dx, dy) in zip(published.itertuples(), offsets, strict=True):
+        point = (row.file_mb, row.perplexity_ratio)
+        align = "right" if dx < 0 else "left"
+        axes.annotate(row.recipe, point, xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=align)
     axes.set_xlabel("file MB")
     axes.set_ylabel("perplexity / float")
     axes.set_title("Size vs quality (lower left is better)")
@@ -232,6 +233,24 @@ def size_quality_png(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def label_offsets(x, y, near: float = 0.06, line_points: float = 10.0) -> list[tuple[float, float]]:
+    """Offsets (points) for the labels of points at ``x``, ``y``: a label whose point lies within ``near`` of the
+    plot's span of an earlier one (recipes of the same size and quality, the int8 ones often) goes a line below
+    the last label there, so that no two labels print over each other; labels of points at the right edge go to
+    their left, inside the plot."""
+    import numpy as np
+
+    def scaled(values):
+        span = np.ptp(values) if len(values) else 0.0
+        return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+
+    points, offsets = np.column_stack([scaled(x), scaled(y)]), []
+    for i, point in enumerate(points):
+        crowded = [offsets[j][1] for j in range(i) if np.all(np.abs(points[j] - point) < near)]
+        offsets.append((-4.0 if point[0] > 0.8 else 4.0, min(crowded) - line_points if crowded else 4.0))
+    return offsets
 
 
 def embedded_png(png: bytes, title: str = "size vs quality") -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from edge_quant_pipeline.atomic import link_or_copy, write_atomically
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.memory import return_freed_memory
+from edge_quant_pipeline.quantize.lookup import quantize_lookup_tflite
 
 
 class QuantizationError(RuntimeError):
@@ -106,14 +107,15 @@ def quantize_model(
     """The model with ``quantizer_recipe`` and each of its embedders (``embedders.py``) with ``embedder_recipe``,
     the embedders first (``output`` existing means they do); an empty recipe keeps a file's float bytes.
     ``calibration`` is for the model itself: embedders are lookups, which no calibrated scheme applies to."""
+
+    def quantize_embedder_slice(float_slice: Path, quantized: Path) -> Path:
+        return quantize_tflite(float_slice, embedder_recipe, quantized)
+
     for role, source in embedders_of(float_tflite).items():
-        _quantized_or_linked(source, embedder_recipe, embedder_path(output, role))
-    return _quantized_or_linked(float_tflite, quantizer_recipe, output, calibration)
-
-
-def _quantized_or_linked(
-    source: Path, quantizer_recipe: list[dict[str, Any]], output: Path, calibration: dict | None = None
-) -> Path:
+        if not embedder_recipe:
+            link_or_copy(source, embedder_path(output, role))
+        else:  # a slice of rows at a time: ai-edge-quantizer takes twice a table's size to quantize it whole
+            quantize_lookup_tflite(source, quantize_embedder_slice, embedder_path(output, role))
     if not quantizer_recipe:
-        return link_or_copy(source, output)
-    return quantize_tflite(source, quantizer_recipe, output, calibration)
+        return link_or_copy(float_tflite, output)
+    return quantize_tflite(float_tflite, quantizer_recipe, output, calibration)
