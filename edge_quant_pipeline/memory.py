@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_quant_pipeline.processes import describe
+from edge_quant_pipeline.processes import WAITING, describe
 
 MB = 2**20
 
@@ -205,7 +205,7 @@ class MemoryLedger:
     def reserved(self, mb: float, label: str, on_wait: Callable[[str], None]) -> Iterator[None]:
         """Hold a reservation of ``mb`` (the step's estimated peak) for the block; wait while others' steps
         hold the memory; raise ``NotEnoughMemoryError`` at once if it could never fit."""
-        logged = 0.0
+        logged = started = 0.0
         while not (fits := self.try_reserve(mb, label)).admitted:
             if fits.needs_mb > fits.ever_mb:
                 raise NotEnoughMemoryError(
@@ -217,11 +217,13 @@ class MemoryLedger:
             if time.monotonic() - logged > WAIT_LOG_SECONDS:
                 holders = "; ".join(f"{r.label} ({r.mb / 1024:.1f} GB; {describe(r.pid)})" for r in fits.holders)
                 on_wait(
-                    f"{label}: waiting for {fits.needs_mb / 1024:.1f} GB of memory; "
+                    f"{WAITING}{fits.needs_mb / 1024:.1f} GB of memory ({label}); "
                     f"{max(0.0, fits.free_mb) / 1024:.1f} GB free for it now. Running: {holders or 'none'}."
                 )
-                logged = time.monotonic()
+                logged, started = time.monotonic(), started or time.monotonic()
             time.sleep(WAIT_POLL_SECONDS)
+        if started:
+            on_wait(f"{label}: admitted after {time.monotonic() - started:.0f} s of waiting for memory")
         try:
             yield
         finally:

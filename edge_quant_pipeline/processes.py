@@ -4,6 +4,10 @@ is gone), what it is, and who holds a lock."""
 import os
 from pathlib import Path
 
+# How every notice of a wait (for memory, for the machine's timing lock) starts: `edge-quant run`'s live view shows a
+# run's latest log line while it is one (runs/launch.py).
+WAITING = "Waiting for "
+
 
 def is_alive(pid: int) -> bool:
     """Whether a process of this host with this pid runs (a zombie does not)."""

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from edge_quant_pipeline import settings
-from edge_quant_pipeline.processes import describe, flock_holders
+from edge_quant_pipeline.processes import WAITING, describe, flock_holders
 
 log = logging.getLogger(__name__)
 _KIND = {fcntl.LOCK_SH: "to compute beside others", fcntl.LOCK_EX: "to measure speed alone"}
@@ -44,7 +44,7 @@ def _held(mode: int) -> Iterator[None]:
             fcntl.flock(lock, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holders = "; ".join(map(describe, flock_holders(path))) or "a process this user cannot see"
-            log.info("Waiting for the machine's timing lock %s (%s), held by: %s", _KIND[mode], path, holders)
+            log.info("%sthe machine's timing lock %s (%s), held by: %s", WAITING, _KIND[mode], path, holders)
             started = time.monotonic()
             fcntl.flock(lock, mode)
             waited = time.monotonic() - started

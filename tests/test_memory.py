@@ -86,8 +86,11 @@ def test_a_step_waits_while_another_process_holds_the_memory(tmp_path, monkeypat
         waited = time.monotonic() - started
     other.join()
     assert waited > 1.0, "admitted while the other process held the memory"
-    assert "waiting for 4.0 GB of memory" in messages[0] and "big step [other process]" in messages[0]
+    assert (
+        messages[0].startswith("Waiting for 4.0 GB of memory (small step") and "big step [other process]" in messages[0]
+    )
     assert f"; pid {other.pid}, " in messages[0] and "instance " in messages[0]  # who holds it, of which instance
+    assert messages[-1].startswith("small step [this process]: admitted after ")  # the live view's wait ends
 
 
 def test_reservations_of_dead_processes_are_dropped(tmp_path):

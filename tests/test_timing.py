@@ -5,7 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
+import dagster as dg
+from dagster._core.events import DagsterEvent
+from dagster._core.events.log import EventLogEntry
+
+from edge_quant_pipeline.runs.launch import current_activity
 from edge_quant_pipeline.timing import computing, timed_alone
 
 HOLDER = textwrap.dedent(
@@ -43,3 +49,26 @@ def test_a_timed_measurement_starts_only_once_nothing_computes_and_says_who_it_w
     assert "to measure speed alone" in waiting.getMessage() and f"held by: pid {holder.pid}, " in waiting.getMessage()
     assert f"instance {tmp_path / 'another-checkout'}" in waiting.getMessage()
     assert 0 < got.waited_s < 5
+
+    # In a step, these lines go to its run's log (defs/admission.py): `edge-quant run`'s live view shows the step with
+    # the wait while it waits, and the step alone once it got the lock.
+    instance = dg.DagsterInstance.ephemeral()
+    _log(instance, "", DagsterEvent(event_type_value="STEP_START", job_name="job", step_key="evaluation"))
+    _log(instance, waiting.getMessage())
+    assert current_activity(instance, "run") == f"evaluation: {waiting.getMessage()}"
+    _log(instance, got.getMessage())
+    assert current_activity(instance, "run") == "evaluation"
+
+
+def _log(instance: dg.DagsterInstance, message: str, event: DagsterEvent | None = None) -> None:
+    entry = EventLogEntry(
+        error_info=None,
+        level=logging.INFO,
+        user_message=message,
+        run_id="run",
+        timestamp=time.time(),
+        step_key="evaluation",
+        job_name="job",
+        dagster_event=event,
+    )
+    instance.store_event(entry)

@@ -28,6 +28,7 @@ from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
 from edge_quant_pipeline.liveness import fail_runs_of_dead_processes
 from edge_quant_pipeline.memory import Admission, admission, machine_memory, rss_mb
+from edge_quant_pipeline.processes import WAITING
 from edge_quant_pipeline.rebuild import rebuild_plan, sync_recipe_partitions
 from edge_quant_pipeline.runs.plan import PlannedRun, RunOutcome, plan_runs, reports_due, run_estimates
 from edge_quant_pipeline.runs.view import RunView
@@ -53,12 +54,18 @@ class LaunchSummary:
         return sum(1 for o in self.outcomes if o.failures) + len(self.skipped) + len(self.interrupted)
 
 
-def current_step(instance: dg.DagsterInstance, run_id: str) -> str | None:
-    """The step a run started last, from its event log (what the UI shows)."""
+def current_activity(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """The step a run started last, from its event log (what the UI shows), and what it waits for while its latest
+    log line says it waits (for memory, or for the machine's timing lock: who holds it)."""
     records = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.STEP_START, ascending=False, limit=1
     ).records
-    return records[0].event_log_entry.step_key if records else None
+    if not records:
+        return None
+    step = records[0].event_log_entry.step_key
+    latest = instance.get_records_for_run(run_id, ascending=False, limit=1).records
+    message = latest[0].event_log_entry.user_message if latest else ""
+    return f"{step}: {message}" if message.startswith(WAITING) else step
 
 
 def _interrupt(signum, _frame) -> None:
@@ -162,7 +169,7 @@ class _Launch:
         for worker in list(self.workers):
             worker.poll()
             run = worker.run
-            if run is not None and (step := current_step(self.instance, worker.run_id)):
+            if run is not None and (step := current_activity(self.instance, worker.run_id)):
                 self.view.stage(run, step)
             if (outcome := worker.take_outcome()) is not None:
                 self.finish(outcome)

@@ -1,6 +1,7 @@
 """What `edge-quant run` shows while it launches runs: a line per finished run (its outcome, and under a failure
-the reasons), and below them, live, one line per run going on (its current step and elapsed time) and a bar over
-all the runs. On a terminal rich redraws the live part in place; piped to a file only the finished lines appear.
+the reasons), and below them, live, one line per run going on (its current step, what it waits for if it waits, and
+its elapsed time) and a bar over all the runs. On a terminal rich redraws the live part in place; piped to a file
+only the finished lines appear.
 """
 
 from dataclasses import dataclass, field
