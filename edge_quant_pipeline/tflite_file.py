@@ -24,23 +24,26 @@ def schema():
     return schema_py_generated
 
 
-def read_structure(path: Path):
-    """The file's flatbuffer as an object tree (``ModelT``), read from its mapped pages (its inline buffers are
-    views of them, which keep them mapped); buffers with an offset keep only their offset."""
-    return schema().ModelT.InitFromPackedBuf(_mapped(path), 0)
+def read_structure(pages: mmap.mmap):
+    """A file's flatbuffer as an object tree (``ModelT``), read from its ``mapped`` pages: its inline buffers are
+    views of them, buffers with an offset keep only their offset."""
+    return schema().ModelT.InitFromPackedBuf(pages, 0)
 
 
-def buffer_array(path: Path, model, index: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A buffer, inline or with an offset, as an array of the file's mapped pages (nothing read until used)."""
-    buffer = model.buffers[index]
-    if buffer.offset > 1:
-        return np.frombuffer(_mapped(path), dtype, int(np.prod(shape)), buffer.offset).reshape(shape)
-    return np.asarray(buffer.data).view(dtype).reshape(shape)
-
-
-def _mapped(path: Path) -> mmap.mmap:
+def mapped(path: Path) -> mmap.mmap:
+    """The file's pages, read-only: nothing read until used; ``madvise(mmap.MADV_DONTNEED)`` drops those read."""
     with path.open("rb") as file:
         return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def buffer_array(pages: mmap.mmap, model, index: int, dtype=np.uint8, shape: tuple[int, ...] | None = None):
+    """A buffer, inline or with an offset, as an array of the file's ``pages`` (bytes, without a ``shape``)."""
+    buffer = model.buffers[index]
+    if buffer.offset > 1:
+        data = np.frombuffer(pages, np.uint8, buffer.size, buffer.offset)
+    else:
+        data = np.asarray(buffer.data if buffer.data is not None else [], np.uint8)
+    return data.view(dtype) if shape is None else data.view(dtype).reshape(shape)
 
 
 def write(model, appended: dict[int, tuple[int, Callable[[], Iterable[bytes]]]], output: Path) -> None:

@@ -210,15 +210,17 @@ def test_a_lookup_table_streamed_to_its_file_looks_up_the_tables_rows(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["dynamic_int8", "dynamic_int4_block32", "fp16", "weight_only_int8"])
 def test_a_lookup_quantized_a_slice_of_rows_at_a_time_looks_up_what_the_whole_one_does(tmp_path, recipe):
-    """Every row, in slices of 300 rows (the last one shorter), a zero row among them (int4's clamped scale)."""
-    table = torch.randn(1000, 3 * 64)
+    """Every row, in slices of 400 rows (the last one shorter), a zero row among them (int4's clamped scale). A slice
+    is large enough (more than 256 kB quantized, int4's too) that ai-edge-quantizer writes its buffers past its
+    flatbuffer, as it does at real size."""
+    table = torch.randn(1000, 3 * 512)
     table[5] = 0
     source = tmp_path / "lookup.tflite"
-    write_lookup_tflite(table, 4.0, (3, 64), {"prefill_lookup_8": 8}, source)
+    write_lookup_tflite(table, 4.0, (3, 512), {"prefill_lookup_8": 8}, source)
     embedder_recipe = embedder_quantizer_recipe(BUILTIN_RECIPES[recipe])
     whole = quantize_tflite(source, embedder_recipe, tmp_path / "whole.tflite")
     sliced = quantize_lookup_tflite(
-        source, lambda f, o: quantize_tflite(f, embedder_recipe, o), tmp_path / "sliced.tflite", slice_bytes=300 * 768
+        source, lambda f, o: quantize_tflite(f, embedder_recipe, o), tmp_path / "sliced.tflite", slice_bytes=400 * 6144
     )
 
     from ai_edge_litert.interpreter import Interpreter

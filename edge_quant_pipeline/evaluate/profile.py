@@ -86,7 +86,8 @@ def profile_in_subprocess(tflite: Path, settings: ExportSettings, num_threads: i
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeRejectedError(f"LiteRT failed to profile {tflite}: {done.stderr.strip().splitlines()[-1:]}")
+        last_line = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise RuntimeRejectedError(f"LiteRT failed to profile {tflite}: {last_line}")
     return RuntimeProfile(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -97,7 +98,12 @@ def main() -> None:
     parser.add_argument("--kv-cache-len", type=int, default=ExportSettings.kv_cache_len)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    result = profile(args.tflite, ExportSettings(args.prefill_len, args.kv_cache_len), args.threads)
+    try:
+        result = profile(args.tflite, ExportSettings(args.prefill_len, args.kv_cache_len), args.threads)
+    except RuntimeRejectedError as error:  # its message last, where the parent reads it (not a plugin's warning)
+        sys.stderr.write(f"{error}\n")
+        sys.stderr.flush()
+        os._exit(1)
     print(json.dumps(asdict(result)), flush=True)
     os._exit(0)  # without the teardown, in which LiteRT logs the end of its accelerators
 

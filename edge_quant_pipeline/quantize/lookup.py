@@ -11,6 +11,7 @@ structure and written past its flatbuffer (``tflite_file.py``).
 
 from __future__ import annotations
 
+import mmap
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,14 +28,21 @@ def quantize_lookup_tflite(
 ) -> Path:
     """The lookup at ``source`` with each slice of its table's rows quantized by ``quantize(float file, output)``
     (ai-edge-quantizer with the embedder's recipe), joined at ``output``."""
-    model = tflite_file.read_structure(source)
+    pages = tflite_file.mapped(source)
+    model = tflite_file.read_structure(pages)
     table_index, rows, width = _float_table(model)
-    table = tflite_file.buffer_array(source, model, table_index, np.float32, (rows, width))
+    _inline(model, pages, but=[table_index])  # each slice's file holds them itself
+    table = tflite_file.buffer_array(pages, model, table_index, np.float32, (rows, width))
     rows_per_slice = max(1, slice_bytes // (4 * width))
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as scratch:
         parts = _QuantizedParts(Path(scratch))
         for start in range(0, rows, rows_per_slice):
-            parts.add(_quantized_slice(source, table[start : start + rows_per_slice], quantize, parts.folder))
+            slice_rows = min(rows_per_slice, rows - start)
+            float_slice = _float_slice(model, table_index, table[start : start + slice_rows], parts.folder)
+            pages.madvise(mmap.MADV_DONTNEED)  # the rows read: this process's memory stays one slice's
+            quantized = parts.folder / "slice.quantized.tflite"
+            quantize(float_slice, quantized)
+            parts.add(tflite_file.mapped(quantized), slice_rows)
         parts.write(rows, output)
     return output
 
@@ -52,63 +60,74 @@ def _float_table(model) -> tuple[int, int, int]:
     return table.buffer, int(table.shape[0]), int(table.shape[1])
 
 
-def _quantized_slice(source: Path, rows: np.ndarray, quantize: Callable[[Path, Path], object], folder: Path):
-    """The lookup with ``rows`` as its table, quantized: its structure, as ai-edge-quantizer wrote it."""
-    model = tflite_file.read_structure(source)
-    table_index, table_rows, _ = _float_table(model)
-    tflite_file.row_buffers(model, table_rows, len(rows))
-    model.buffers[table_index].data = np.frombuffer(np.ascontiguousarray(rows).tobytes(), np.uint8)
+def _float_slice(model, table_index: int, rows: np.ndarray, folder: Path) -> Path:
+    """The lookup with ``rows`` as its whole table, written inline (``model`` re-shaped for it)."""
+    tflite_file.row_buffers(model, _table_rows(model, table_index), len(rows))
+    model.buffers[table_index].data = np.frombuffer(rows.tobytes(), np.uint8)
     model.buffers[table_index].offset = model.buffers[table_index].size = 0
-    float_slice, quantized = folder / "slice.tflite", folder / "slice.quantized.tflite"
-    tflite_file.write(model, {}, float_slice)
-    quantize(float_slice, quantized)
-    return tflite_file.schema().ModelT.InitFromPackedBuf(quantized.read_bytes(), 0), len(rows)
+    tflite_file.write(model, {}, folder / "slice.tflite")
+    return folder / "slice.tflite"
+
+
+def _table_rows(model, table_index: int) -> int:
+    return next(int(t.shape[0]) for sg in model.subgraphs for t in sg.tensors if t.buffer == table_index)
 
 
 class _QuantizedParts:
     """The quantized slices' row buffers (in files, in order) and per-row scales, joined into the first slice's
-    structure."""
+    structure. Every slice has the same structure: the same buffers and tensors, at the same indices."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.template = None
+        self.template = None  # the first slice's structure, its buffers other than the rows' inline
         self.template_rows = 0
-        self.files: dict[str, Path] = {}  # by tensor name: its buffer's bytes so far
-        # by tensor name: per-row scales and zero points (channels of axis 0)
-        self.channels: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.rows_of: dict[int, Path] = {}  # by buffer: the file of its rows' bytes so far
+        # by (subgraph, tensor): per-row scales and zero points, when its channels are rows
+        self.channels: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
 
-    def add(self, quantized: tuple) -> None:
-        model, rows = quantized
-        if self.template is None:
-            self.template, self.template_rows = model, rows
+    def add(self, pages: mmap.mmap, rows: int) -> None:
+        """A quantized slice of ``rows`` rows, as ai-edge-quantizer wrote it (its buffers inline or past its
+        flatbuffer)."""
+        model = tflite_file.read_structure(pages)
         row_buffers = tflite_file.row_buffers(model, rows)
-        for subgraph in model.subgraphs:
-            for tensor in subgraph.tensors:
-                if tensor.buffer not in row_buffers or tensor.shape[0] != rows:
-                    continue
-                name = tensor.name.decode()
-                if name not in self.files:
-                    self.files[name] = self.folder / f"{len(self.files)}.bin"
-                with self.files[name].open("ab") as file:
-                    file.write(np.asarray(model.buffers[tensor.buffer].data).tobytes())
-                quantization = tensor.quantization
-                if quantization is not None and quantization.scale is not None and len(quantization.scale) == rows:
+        for index in row_buffers:
+            with self.rows_of.setdefault(index, self.folder / f"buffer-{index}.bin").open("ab") as file:
+                file.write(tflite_file.buffer_array(pages, model, index).tobytes())
+        for place, tensor in _tensors(model):
+            quantization = tensor.quantization
+            if tensor.buffer in row_buffers and quantization is not None and quantization.scale is not None:
+                if len(quantization.scale) == rows:
                     channels = (np.asarray(quantization.scale), np.asarray(quantization.zeroPoint))
-                    self.channels.setdefault(name, []).append(channels)
+                    self.channels.setdefault(place, []).append(channels)
+        if self.template is None:
+            self.template, self.template_rows = _inline(model, pages, but=row_buffers), rows
 
     def write(self, rows: int, output: Path) -> None:
-        model, appended = self.template, {}
+        model = self.template
         tflite_file.row_buffers(model, self.template_rows, rows)
-        for subgraph in model.subgraphs:
-            for tensor in subgraph.tensors:
-                name = tensor.name.decode()
-                if name in self.channels:
-                    scales, zero_points = zip(*self.channels[name], strict=True)
-                    tensor.quantization.scale = np.concatenate(scales)
-                    tensor.quantization.zeroPoint = np.concatenate(zero_points)
-                if name in self.files and tensor.buffer not in appended:
-                    appended[tensor.buffer] = (self.files[name].stat().st_size, _chunks(self.files[name]))
+        for place, tensor in _tensors(model):
+            if place in self.channels:
+                scales, zero_points = zip(*self.channels[place], strict=True)
+                tensor.quantization.scale = np.concatenate(scales)
+                tensor.quantization.zeroPoint = np.concatenate(zero_points)
+        appended = {index: (file.stat().st_size, _chunks(file)) for index, file in self.rows_of.items()}
         tflite_file.write(model, appended, output)
+
+
+def _tensors(model):
+    for s, subgraph in enumerate(model.subgraphs):
+        for t, tensor in enumerate(subgraph.tensors):
+            yield (s, t), tensor
+
+
+def _inline(model, pages: mmap.mmap, but: list[int]):
+    """``model`` with every buffer but ``but`` copied out of its file into the structure (a quantized slice's file is
+    replaced by the next slice's)."""
+    for index, buffer in enumerate(model.buffers):
+        if index not in but and buffer.offset > 1:
+            buffer.data = tflite_file.buffer_array(pages, model, index).copy()
+            buffer.offset = buffer.size = 0
+    return model
 
 
 def _chunks(path: Path, size: int = 64 * 2**20):
