@@ -19,6 +19,7 @@ import torch
 from conftest import LLAMA3_ROPE, metadata, move_off_initial_values
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from edge_quant_pipeline import tflite_file
 from edge_quant_pipeline.checkpoints.validate import read_checkpoint
 from edge_quant_pipeline.config import ArtifactStore, EvaluationConfig, PipelineConfig
 from edge_quant_pipeline.embedders import embedders_of
@@ -212,11 +213,13 @@ def test_a_lookup_table_streamed_to_its_file_looks_up_the_tables_rows(tmp_path):
 def test_a_lookup_quantized_a_slice_of_rows_at_a_time_looks_up_what_the_whole_one_does(tmp_path, recipe):
     """Every row, in slices of 400 rows (the last one shorter), a zero row among them (int4's clamped scale). A slice
     is large enough (more than 256 kB quantized, int4's too) that ai-edge-quantizer writes its buffers past its
-    flatbuffer, as it does at real size."""
+    flatbuffer, as it does at real size; and every buffer of the float file lies past its flatbuffer too, as
+    litert-torch writes Gemma 4 E2B's 1.6 GB embedder."""
     table = torch.randn(1000, 3 * 512)
     table[5] = 0
     source = tmp_path / "lookup.tflite"
     write_lookup_tflite(table, 4.0, (3, 512), {"prefill_lookup_8": 8}, source)
+    every_buffer_past_the_flatbuffer(source)
     embedder_recipe = embedder_quantizer_recipe(BUILTIN_RECIPES[recipe])
     whole = quantize_tflite(source, embedder_recipe, tmp_path / "whole.tflite")
     sliced = quantize_lookup_tflite(
@@ -231,6 +234,14 @@ def test_a_lookup_quantized_a_slice_of_rows_at_a_time_looks_up_what_the_whole_on
         lookup = Interpreter(model_path=str(file)).get_signature_runner("prefill_lookup_8")
         looked_up.append(np.stack([lookup(token_ids=tokens)["embeddings"] for tokens in every_row]))
     np.testing.assert_array_equal(looked_up[0], looked_up[1])
+
+
+def every_buffer_past_the_flatbuffer(path):
+    pages = tflite_file.mapped(path)
+    model = tflite_file.read_structure(pages)
+    used = [i for i, b in enumerate(model.buffers) if b.offset > 1 or (b.data is not None and len(b.data))]
+    data = {i: tflite_file.buffer_array(pages, model, i).tobytes() for i in used}
+    tflite_file.write(model, {i: (len(data[i]), lambda i=i: [data[i]]) for i in used}, path)
 
 
 def test_auto_takes_the_rebuild_where_it_fits_and_export_hf_where_it_does_not(tmp_path):
