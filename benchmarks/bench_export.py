@@ -17,7 +17,8 @@ published config is written by ``transformers`` (never committed); then, each in
                        tokens through the interpreter, the largest absolute logit difference
 
 For a checkpoint with per-layer embeddings, every ``export_hf`` path externalizes the embedders, as LiteRT-LM
-runs them.
+runs them. A path whose process tree passes ``--memory-cap-gb`` (21 GB) is stopped there and reported with the
+time it took to get there, before the kernel's OOM killer picks a process on a 24 GB machine.
 
     python benchmarks/bench_export.py --shape qwen2.5-0.5b
     python benchmarks/bench_export.py --shape llama3.2-1b --path generative_light --path export_hf_light
@@ -117,9 +118,12 @@ def child(name: str, *args: str) -> list[str]:
     return [sys.executable, __file__, "--child", name, *args]
 
 
-def measured(name: str, command: list[str], root: Path):
-    result = run_measured(command, REPO, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, root / f"{name}.log")
-    if result.status != 0:
+def measured(name: str, command: list[str], root: Path, cap_mb: float | None = None):
+    result = run_measured(command, REPO, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, root / f"{name}.log", cap_mb)
+    if result.capped:
+        stopped = f"stopped at {result.peak_tree_mb / GB:.2f} GB after {result.wall_s:.0f} s (the memory cap)"
+        print(f"  {name}: {stopped}", flush=True)
+    elif result.status != 0:
         tail = (root / f"{name}.log").read_text()[-1500:]
         print(f"  {name}: failed ({result.status}) at {result.peak_tree_mb / GB:.2f} GB peak:\n{tail}", flush=True)
     else:
@@ -130,7 +134,7 @@ def measured(name: str, command: list[str], root: Path):
     return result
 
 
-def bench(shape: str, paths: list[str], root: Path) -> None:
+def bench(shape: str, paths: list[str], root: Path, cap_mb: float) -> None:
     from edge_quant_pipeline.checkpoints.validate import count_parameters, validate_checkpoint
 
     checkpoint = root / shape
@@ -141,7 +145,7 @@ def bench(shape: str, paths: list[str], root: Path) -> None:
     base = measured("imports", child("imports"), root)
     rows = []
     for path in paths:
-        result = measured(path, child("export", path, str(checkpoint), str(root / f"{path}.tflite")), root)
+        result = measured(path, child("export", path, str(checkpoint), str(root / f"{path}.tflite")), root, cap_mb)
         rows.append((path, result))
     differences = {}
     for path in paths:
@@ -160,7 +164,7 @@ def bench(shape: str, paths: list[str], root: Path) -> None:
         file = root / f"{path}.tflite"
         size = f"{file.stat().st_size / 2**30:.2f}" if file.exists() else "-"
         per_parameter = (result.peak_tree_mb - base.peak_tree_mb) * 2**20 / parameters
-        status = "" if result.status == 0 else f" (failed: {result.status})"
+        status = " (stopped at the memory cap)" if result.capped else "" if result.status == 0 else " (failed)"
         print(
             f"{path:<18} {result.wall_s:>7.0f} {result.peak_tree_mb / GB:>8.2f} {per_parameter:>22.1f} {size:>8}  "
             f"{differences.get(path, '')}{status}"
@@ -176,13 +180,20 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen2.5-0.5b")
     parser.add_argument("--path", action="append", choices=PATHS, help=f"default: {', '.join(PATHS)}")
     parser.add_argument("--keep", type=Path, help="a folder to work in and keep (default: a temporary one)")
+    parser.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=21.0,
+        help="stop a path whose process tree passes this (default 21: a 24 GB machine, before its OOM killer)",
+    )
     args = parser.parse_args()
+    cap_mb = args.memory_cap_gb * GB
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        bench(args.shape, args.path or list(PATHS), args.keep)
+        bench(args.shape, args.path or list(PATHS), args.keep, cap_mb)
         return
     with tempfile.TemporaryDirectory() as root:
-        bench(args.shape, args.path or list(PATHS), Path(root))
+        bench(args.shape, args.path or list(PATHS), Path(root), cap_mb)
 
 
 if __name__ == "__main__":

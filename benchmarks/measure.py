@@ -7,7 +7,9 @@ workers, their runtime profilers), as ``wait4`` reports them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -46,11 +48,12 @@ def _describe(pid: int) -> str:
 
 
 class PeakTreeRss(threading.Thread):
-    """Samples the tree's RSS; at each new peak it notes which processes held what, to say where it came from."""
+    """Samples the tree's RSS; at each new peak it notes which processes held what, to say where it came from. Above
+    ``cap_bytes`` it kills the tree (before the kernel's OOM killer picks a process, maybe another one)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, cap_bytes: float | None = None):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.running = pid, 0, True
+        self.pid, self.peak, self.running, self.cap_bytes, self.capped = pid, 0, True, cap_bytes, False
         self.started, self.at_peak, self.peak_seconds = time.perf_counter(), {}, 0.0
 
     def run(self) -> None:
@@ -59,6 +62,11 @@ class PeakTreeRss(threading.Thread):
             if sum(by_pid.values()) > self.peak:
                 self.peak, self.peak_seconds = sum(by_pid.values()), time.perf_counter() - self.started
                 self.at_peak = {pid: (rss, _describe(pid)) for pid, rss in by_pid.items() if rss > 50 * 2**20}
+            if self.cap_bytes and self.peak > self.cap_bytes and not self.capped:
+                self.capped = True
+                for pid in by_pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
 
     def breakdown(self) -> str:
@@ -75,14 +83,18 @@ class Measurement:
     status: int
     peak_at_s: float  # when the tree's peak was seen, seconds after the start
     peak_breakdown: str  # the processes at that moment, largest first
+    capped: bool = False  # killed for passing the memory cap
 
 
-def run_measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> Measurement:
-    """Run ``command`` to its end; its output goes to ``log`` (a file: a pipe would fill up and block it)."""
+def run_measured(
+    command: list[str], cwd: Path, env: dict[str, str], log: Path, cap_mb: float | None = None
+) -> Measurement:
+    """Run ``command`` to its end, or until its process tree passes ``cap_mb``; its output goes to ``log`` (a file:
+    a pipe would fill up and block it)."""
     started = time.perf_counter()
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        sampler = PeakTreeRss(process.pid)
+        sampler = PeakTreeRss(process.pid, cap_mb * 2**20 if cap_mb else None)
         sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
         sampler.running = False
@@ -94,4 +106,5 @@ def run_measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) 
         status=os.waitstatus_to_exitcode(status),
         peak_at_s=sampler.peak_seconds,
         peak_breakdown=sampler.breakdown(),
+        capped=sampler.capped,
     )
