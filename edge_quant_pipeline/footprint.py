@@ -42,8 +42,9 @@ FLOAT_REFERENCE_MB_PER_LAYER = 25
 # ai-edge-quantizer holds the model it parses (weights copied out of the mapped file) and the one it
 # writes, with some overhead per tensor: with fp16 weights (the largest output) 1.9 GB measured for a 0.5 GB
 # float file in 30 layers and 4.0 GB for a 1.9 GB one in 24; with int8 or int4 weights 1.1 and 1.4-1.7 GB, and
-# 6.8 (int8) and 7.5 GB (int4 blocks of 32) for the Llama 3.2 3B shape's 12.0 GB float file.
-QUANTIZE_FLOAT_FILES = {True: 2.0, False: 0.55}  # by whether the recipe writes fp16 weights
+# 6.8 (int8) and 7.5 GB (int4 blocks of 32) for the Llama 3.2 3B shape's 12.0 GB float file, 5.1 and 6.4 GB for
+# Gemma 4 E2B's 9.1 GB one: blocks of int4 cost more (their scales, and the quantizer's temporaries per block).
+QUANTIZE_FP16_FILES, QUANTIZE_BLOCK_FILES, QUANTIZE_FILES = 2.0, 0.7, 0.55
 QUANTIZE_MB_PER_LAYER = 20
 # The runtime maps its XNNPACK weight cache (about the float weights' size) and the file's own pages for what
 # it does not pack: 1.4-1.6x the float file measured for the float recipe. Weights stored quantized but
@@ -192,7 +193,12 @@ def calibration_mb(size: ModelSize, need: CalibrationNeed | None = None) -> floa
 def quantize_mb(size: ModelSize, recipe: Recipe | None = None) -> float:
     """``recipe`` None: any (the largest). A GPTQ recipe also holds the calibration's Hessians (ranges are small).
     Embedders are quantized before the model, a slice of 256 MB of rows at a time (quantize/lookup.py)."""
-    files = QUANTIZE_FLOAT_FILES[recipe is None or recipe.writes_fp16]
+    if recipe is None or recipe.writes_fp16:
+        files = QUANTIZE_FP16_FILES
+    elif any(q.scheme.block_size for q in recipe.quantizations_used()):
+        files = QUANTIZE_BLOCK_FILES
+    else:
+        files = QUANTIZE_FILES
     calibration = size.calibration_bytes if recipe is None or recipe.needs_hessians else 0
     return (
         LITERT_PROCESS_MB + (files * size.float_tflite_bytes + calibration) / MB + QUANTIZE_MB_PER_LAYER * size.layers

@@ -183,6 +183,8 @@ MEASURED = [
     ("qwen3-4b", "float_tflite", None, 18_890),
     ("gemma4-e2b", "float_tflite", None, 14_770),
     ("gemma4-e2b", "float_reference", None, 14_140),
+    ("gemma4-e2b", "quantized_tflite", "dynamic_int8", 5_090),
+    ("gemma4-e2b", "quantized_tflite", "dynamic_int4_block32", 6_440),
     ("qwen2.5-0.5b", "float_reference", None, 3_980),
     ("qwen2.5-0.5b", "quantized_tflite", "fp16", 4_020),
     ("qwen2.5-0.5b", "quantized_tflite", "dynamic_int8", 1_360),
