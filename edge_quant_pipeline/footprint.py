@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edge_quant_pipeline.checkpoints.validate import Checkpoint, count_parameters, model_id_for, validate_checkpoint
+from edge_quant_pipeline.checkpoints.validate import (
+    Checkpoint,
+    count_parameters,
+    language_config,
+    model_id_for,
+    validate_checkpoint,
+)
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.export.architectures import SUPPORTED_MODEL_TYPES
 from edge_quant_pipeline.export.exporters import EXPORT_HF_MODEL_TYPES
@@ -127,7 +133,7 @@ def model_size(checkpoint: Checkpoint, pipeline: PipelineConfig, float_tflite_by
 
 def per_layer_table_parameters(hf_config: dict) -> int:
     """Gemma 4's per-layer embedding table (vocabulary x blocks x width), 0 for a model without one."""
-    text = hf_config.get("text_config") or hf_config
+    text = language_config(hf_config)
     width = text.get("hidden_size_per_layer_input") or 0
     return int(text.get("vocab_size_per_layer_input") or 0) * int(text.get("num_hidden_layers") or 0) * int(width)
 
