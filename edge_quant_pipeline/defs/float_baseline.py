@@ -10,7 +10,7 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, TaskRequest, task_scores
-from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, float_health
+from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, float_generations
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
@@ -39,7 +39,8 @@ def float_baseline(
                 build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_path(float_tflite.path)), spec
             )
             try:
-                health = float_health(bundle.path, spec, float_reference.tokens()["prompts"])
+                run, health = float_generations(bundle.path, spec, float_reference.tokens()["prompts"])
+                usage.child_peak_rss_mb = run.peak_rss_mb  # the runtime's process, the largest of this step
                 scores, tasks_error = task_scores(bundle, tasks, settings)
             finally:
                 bundle.path.unlink()  # as large as the float file, and needed for nothing else

@@ -140,9 +140,10 @@ def check_bundle(
     return RuntimeCheck(run, agreement(interpreter), agreement(float_model), health)
 
 
-def float_health(bundle: Path, spec: BundleSpec, prompts: np.ndarray) -> GenerationHealth:
-    """The health of the float bundle's generations from ``prompts``, as ``check_bundle`` scores a recipe's."""
-    return _generate(bundle, spec, _Texts(spec), prompts, chat=False)[1]
+def float_generations(bundle: Path, spec: BundleSpec, prompts: np.ndarray) -> tuple[RuntimeRun, GenerationHealth]:
+    """The float bundle's generations from ``prompts`` (with the runtime's own measurements, its peak memory among
+    them) and their health, as ``check_bundle`` scores a recipe's."""
+    return _generate(bundle, spec, _Texts(spec), prompts, chat=False)
 
 
 def failure_reason(done: subprocess.CompletedProcess) -> str:
