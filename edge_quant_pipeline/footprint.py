@@ -55,12 +55,13 @@ QUANTIZE_MB_PER_LAYER = 20
 # The runtime maps its XNNPACK weight cache (about the float weights' size) and the file's own pages for what
 # it does not pack: 1.4-1.6x the float file measured for the float recipe. Weights stored quantized but
 # computed in float (int8 weight-only, fp16) are also dequantized into float32 buffers, per signature: the
-# runtime alone took 7.95 GB for a weight-only int8 0.5B model (4.0x its 1.98 GB float file). A recipe with
+# runtime alone took 7.95 GB for a weight-only int8 0.5B model (4.0x its 1.98 GB float file), and LiteRT-LM 10.7 GB
+# for such a bundle of the same shape (5.2x, measured 2026-12-07 in `edge-quant run`'s process tree). A recipe with
 # integer compute runs its own, smaller file (4.2 GB for the Llama 3.2 3B shape's int8 file); error
 # localisation, after the session, maps the float file without XNNPACK, the largest part of such a step: 14.07 GB
 # for the Llama 3.2 3B shape's 12.0 GB float file (1.17x it, the process included).
 RUNTIME_FILES = 1.6
-DEQUANTIZING_RUNTIME_FILES = 4.3
+DEQUANTIZING_RUNTIME_FILES = 5.4
 LOCALIZING_FILES = 1.2
 # Calibration runs the float file in TFLite's own kernels (no XNNPACK) with every intermediate kept: its step
 # peaked at 3.52 GB for the SmolLM2-135M shape's 0.54 GB file with 0.40 GB of Hessians, in the conversion run's
