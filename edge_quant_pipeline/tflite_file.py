@@ -9,11 +9,12 @@ table is 9.4 GB in float32: written this way (``export/lookup_table.py``) and qu
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+
+from edge_quant_pipeline.atomic import atomic_path
 
 _ALIGNMENT = 64
 
@@ -56,15 +57,14 @@ def write(model, appended: dict[int, tuple[int, Callable[[], Iterable[bytes]]]],
     for index, (size, _) in appended.items():
         model.buffers[index].offset = offset
         offset = _aligned(offset + size)
-    packed, partial = _packed(model), output.with_name(f".{output.name}.partial")
-    with partial.open("wb") as file:
+    packed = _packed(model)
+    with atomic_path(output) as partial, partial.open("wb") as file:  # whole or not at all
         file.write(packed)
         for index, (size, slices) in appended.items():
             file.write(b"\0" * (model.buffers[index].offset - file.tell()))
             written = sum(file.write(piece) for piece in slices())
             if written != size:
                 raise RuntimeError(f"{output}: buffer {index} got {written} bytes, {size} expected")
-    os.replace(partial, output)  # whole or not at all
 
 
 def row_buffers(model, rows: int, new_rows: int | None = None) -> list[int]:
