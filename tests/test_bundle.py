@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -150,6 +151,22 @@ def test_a_local_task_folder_scores_as_the_demo_task_it_copies(demo_float_bundle
     (demo,) = run_tasks(demo_float_bundle, ["demo_cloze"], 12, 128)
     assert (mine.task, mine.metric, mine.samples) == ("my_cloze", "acc", 12)
     assert (mine.value, mine.stderr) == (demo.value, demo.stderr) and mine.stderr > 0
+
+
+def test_task_runs_log_their_progress_and_time_each_task(demo_float_bundle, caplog):
+    """A task run at real size takes minutes: the step's log says how far each task got, and each score carries
+    the time its task took in the runtime."""
+    from edge_quant_pipeline.evaluate.tasks import run_tasks
+
+    with caplog.at_level(logging.INFO, logger="edge_quant_pipeline.evaluate.tasks"):
+        cloze, completion = run_tasks(demo_float_bundle, ["demo_cloze", "demo_completion"], 6, 128)
+    progress = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("demo_cloze: 0 of 24 requests") for line in progress)  # 4 choices each
+    assert any(line.startswith("demo_cloze: 24 of 24 requests") for line in progress)
+    assert all(line.endswith(f"s ({demo_float_bundle.name})") for line in progress)
+    assert any(line.startswith("demo_completion: 6 of 6 requests") for line in progress)
+    assert (cloze.task, completion.task) == ("demo_cloze", "demo_completion")
+    assert cloze.seconds > 0 and completion.seconds > 0 and cloze.seconds != completion.seconds
 
 
 def test_litert_lm_generates_what_the_interpreter_generates(demo_float, demo_checkpoint_dir):

@@ -107,18 +107,28 @@ class Evaluation:
         def row(s: TaskScore) -> str:
             f = floats.get(s.task)
             beside = f"{f.value:.3f} ± {f.stderr:.3f} | {100 * (s.value - f.value):+.1f}" if f else " | "
-            return f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {beside} | {s.samples} |"
+            score = f"{s.value:.3f} ± {s.stderr:.3f}"
+            return f"| {s.task} | {s.metric} | {score} | {beside} | {s.samples} | {s.seconds:.0f} |"
 
-        head = ["| task | metric | score | float | change (points) | samples |", "|---|---|---|---|---:|---:|"]
+        head = [
+            "| task | metric | score | float | change (points) | samples | seconds |",
+            "|---|---|---|---|---:|---:|---:|",
+        ]
         return "\n".join([*head, *map(row, self.tasks)])
 
 
 def _task_dict(scores: tuple[TaskScore, ...], prefix: str = "") -> dict[str, float]:
-    """``<prefix>task_<task>_<metric>`` and its ``_error``, per task."""
+    """``<prefix>task_<task>_<metric>`` and its ``_error``, per task; ``<prefix>tasks_seconds``, their runs' time
+    (once per run: a group's tasks share theirs)."""
+    if not scores:
+        return {}
     return {
-        f"{prefix}task_{score.task}_{name}": value
-        for score in scores
-        for name, value in ((score.metric, score.value), (f"{score.metric}_error", score.stderr))
+        **{
+            f"{prefix}task_{score.task}_{name}": value
+            for score in scores
+            for name, value in ((score.metric, score.value), (f"{score.metric}_error", score.stderr))
+        },
+        f"{prefix}tasks_seconds": sum({s.seconds for s in scores}),  # a group's tasks carry its run's time once
     }
 
 
@@ -136,8 +146,11 @@ class FloatBaseline:
         return {**_task_dict(self.scores, "float_"), **health}
 
     def table(self) -> str:
-        rows = [f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {s.samples} |" for s in self.scores]
-        return "\n".join(["| task | metric | float | samples |", "|---|---|---|---:|", *rows])
+        rows = [
+            f"| {s.task} | {s.metric} | {s.value:.3f} ± {s.stderr:.3f} | {s.samples} | {s.seconds:.0f} |"
+            for s in self.scores
+        ]
+        return "\n".join(["| task | metric | float | samples | seconds |", "|---|---|---|---:|---:|", *rows])
 
 
 @dataclass(frozen=True)

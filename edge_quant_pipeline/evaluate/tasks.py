@@ -25,19 +25,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_quant_pipeline.evaluate.litert_lm import failure_reason
 
+log = logging.getLogger(__name__)
+
 DEMO_TASK_DIR = Path(__file__).parent.parent / "demo" / "tasks"
 DEMO_TASK_FILES = {"demo_cloze": DEMO_TASK_DIR / "cloze.jsonl", "demo_completion": DEMO_TASK_DIR / "completion.jsonl"}
 # Metrics that are not a task's score: lm-eval's bookkeeping in its results.
 _NOT_SCORES = ("alias", "samples")
+# The child's lines that say how far it got (passed on to the step's log), at most one per task this often.
+_PROGRESS, _PROGRESS_EVERY_S = "task progress: ", 15.0
 
 
 class TaskRunError(RuntimeError):
@@ -54,6 +60,7 @@ class TaskScore:
     value: float
     stderr: float
     samples: int
+    seconds: float = 0.0  # lm-eval's run of the task in LiteRT-LM (a group's tasks share their group's run)
 
 
 def _local(name: str, body: dict) -> dict:
@@ -89,15 +96,29 @@ def demo_task_configs() -> dict[str, dict]:
 
 
 def run_tasks(bundle: Path, tasks: list[str], limit: int, max_tokens: int) -> list[TaskScore]:
-    """``tasks`` scored by ``bundle`` in LiteRT-LM in a fresh process, at most ``limit`` samples each (0: all).
-    Its XNNPACK cache goes to a scratch folder beside the bundle, removed when the run ends."""
+    """``tasks`` scored by ``bundle`` in LiteRT-LM in a fresh process, at most ``limit`` samples each (0: all),
+    its progress logged as it goes. Its XNNPACK cache goes to a scratch folder beside the bundle, removed when the
+    run ends."""
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.tasks-") as scratch:
         command = [sys.executable, "-m", __name__, str(bundle), "--limit", str(limit), "--max-tokens", str(max_tokens)]
         command += [a for task in tasks for a in ("--task", task)] + ["--cache-dir", scratch]
-        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
-    if done.returncode != 0:
-        raise TaskRunError(f"tasks {', '.join(tasks)} on {bundle}: {failure_reason(done)}")
-    return [TaskScore(**score) for score in json.loads(done.stdout.strip().splitlines()[-1])]
+        scores = Path(scratch) / "scores.json"
+        with subprocess.Popen(
+            [*command, "--output", str(scores)], stderr=subprocess.PIPE, text=True, errors="replace"
+        ) as child:
+            stderr = "".join(_passing_progress_on(child.stderr, bundle))
+        if child.returncode != 0:
+            done = subprocess.CompletedProcess(command, child.returncode, "", stderr)
+            raise TaskRunError(f"tasks {', '.join(tasks)} on {bundle}: {failure_reason(done)}")
+        return [TaskScore(**score) for score in json.loads(scores.read_text())]
+
+
+def _passing_progress_on(lines, bundle: Path):
+    """The child's stderr, its progress lines logged (the step's log, and ``edge-quant run``'s live view)."""
+    for line in lines:
+        if line.startswith(_PROGRESS):
+            log.info("%s (%s)", line.removeprefix(_PROGRESS).strip(), bundle.name)
+        yield line
 
 
 def _harness_class():
@@ -108,6 +129,19 @@ def _harness_class():
         def __init__(self, engine, max_tokens: int):
             super().__init__()
             self.engine, self.max_tokens = engine, max_tokens
+            self.task, self.started, self.reported = "", 0.0, 0.0
+
+        def start(self, task: str) -> None:
+            self.task, self.started = task, time.monotonic()
+
+        def progress(self, done: int, total: int) -> None:
+            """A line for the parent at the first and the last request, and every _PROGRESS_EVERY_S between."""
+            now = time.monotonic()
+            if done in (0, total) or now - self.reported >= _PROGRESS_EVERY_S:
+                self.reported = now
+                elapsed = now - self.started
+                print(f"{_PROGRESS}{self.task}: {done} of {total} requests, {elapsed:.0f} s", file=sys.stderr)
+                sys.stderr.flush()
 
         def _fit(self, context: str, reserved: int) -> str:
             """``context`` cut from the left so that it and ``reserved`` tokens (and a start token) fit."""
@@ -133,6 +167,7 @@ def _harness_class():
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             results = []
+            self.progress(0, len(requests))
             for request in requests:
                 context, continuation = request.args[:2]
                 context = self._fit(context, len(self.engine.tokenize(continuation)) + 1)
@@ -140,12 +175,14 @@ def _harness_class():
                     session.run_prefill([self._scoring_prefill(context)])
                     scored = session.run_text_scoring([continuation])
                 results.append((float(scored.scores[0]), False))  # greedy or not is not asked by acc
+                self.progress(len(results), len(requests))
             return results
 
         def generate_until(self, requests) -> list[str]:
             import litert_lm
 
             results = []
+            self.progress(0, len(requests))
             for request in requests:
                 context, options = request.args[:2]
                 budget = int(options.get("max_gen_toks", 32))
@@ -159,6 +196,7 @@ def _harness_class():
                     text = "".join(session.run_decode().texts)
                 cut = min((i for i in (text.find(stop) for stop in until) if i >= 0), default=len(text))
                 results.append(text[:cut])
+                self.progress(len(results), len(requests))
             return results
 
         def loglikelihood_rolling(self, requests) -> list[float]:
@@ -195,12 +233,35 @@ def _tasks_for(names: list[str], scratch: Path):
     return local + registry, manager
 
 
-def _score(name: str, result: dict, samples: int) -> TaskScore:
+def _score(name: str, result: dict, samples: int, seconds: float) -> TaskScore:
     metric_key = next(
         k for k, v in result.items() if "_stderr" not in k and k not in _NOT_SCORES and not isinstance(v, str)
     )
     stderr = result.get(metric_key.replace(",", "_stderr,", 1))
-    return TaskScore(name, metric_key.split(",")[0], float(result[metric_key]), float(stderr or 0.0), samples)
+    value = float(result[metric_key])
+    return TaskScore(name, metric_key.split(",")[0], value, float(stderr or 0.0), samples, seconds)
+
+
+def _scored(harness, task: str, manager, limit: int) -> list[TaskScore]:
+    """One task (or group) through lm-eval, timed on its own."""
+    import lm_eval.evaluator
+
+    harness.start(task)
+    results = lm_eval.evaluator.simple_evaluate(
+        model=harness,
+        tasks=[task],
+        limit=limit or None,
+        task_manager=manager,
+        bootstrap_iters=1000,  # for metrics without a closed-form error; a mean's is computed
+        log_samples=False,
+        torch_random_seed=None,
+        verbosity="ERROR",
+    )
+    seconds, samples = time.monotonic() - harness.started, results.get("n-samples", {})
+    return [
+        _score(name, result, samples.get(name, {}).get("effective", 0), seconds)
+        for name, result in results["results"].items()
+    ]
 
 
 def main() -> None:
@@ -210,6 +271,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="samples per task; 0: all")
     parser.add_argument("--max-tokens", type=int, required=True, help="the bundle's token budget (its KV cache)")
     parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--output", type=Path, help="a JSON file for the scores (default: printed)")
     args = parser.parse_args()
     if all(Path(task).exists() or task in DEMO_TASK_FILES for task in args.task):
         # Local files only: nothing to look up online, and their datasets cache goes with the scratch folder.
@@ -226,21 +288,10 @@ def main() -> None:
     with litert_lm.Engine(
         str(args.bundle), backend=litert_lm.Backend.CPU(), max_num_tokens=args.max_tokens, cache_dir=str(args.cache_dir)
     ) as engine:
-        results = lm_eval.evaluator.simple_evaluate(
-            model=_harness_class()(engine, args.max_tokens),
-            tasks=tasks,
-            limit=args.limit or None,
-            task_manager=manager,
-            bootstrap_iters=1000,  # for metrics without a closed-form error; a mean's is computed
-            log_samples=False,
-            torch_random_seed=None,
-            verbosity="ERROR",
-        )
-    samples = results.get("n-samples", {})
-    scores = [
-        _score(name, result, samples.get(name, {}).get("effective", 0)) for name, result in results["results"].items()
-    ]
-    print(json.dumps([asdict(score) for score in scores]))
+        harness = _harness_class()(engine, args.max_tokens)
+        scores = [score for task in tasks for score in _scored(harness, task, manager, args.limit)]
+    result = json.dumps([asdict(score) for score in scores])
+    args.output.write_text(result) if args.output else print(result)
 
 
 if __name__ == "__main__":
