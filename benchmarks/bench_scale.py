@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +67,18 @@ def bare_quantize(float_tflite: str, recipes_yaml: str, timings: str) -> None:
     Path(timings).write_text(json.dumps(seconds))
 
 
-CHILDREN = {"bare_quantize": bare_quantize}
+def bare_export_path(checkpoint_dir: str) -> None:
+    """Prints the upstream exporter a user scripts for this family: the Generative API rebuild where it has one
+    (in a child: the answer imports litert-torch, 1.3 GB that this process keeps out of the machine)."""
+    from edge_quant_pipeline.checkpoints.validate import validate_checkpoint
+    from edge_quant_pipeline.export.exporters import GENERATIVE_API, plan_export
+
+    folder = Path(checkpoint_dir)
+    plan = plan_export(validate_checkpoint(folder), folder / "config.json")
+    print("generative" if plan.exporter == GENERATIVE_API else "export_hf")
+
+
+CHILDREN = {"bare_quantize": bare_quantize, "bare_export_path": bare_export_path}
 
 
 # --- measuring ---------------------------------------------------------------------------------------------
@@ -82,15 +94,6 @@ def this_script(child: str, *args: str) -> list[str]:
 
 def bench_export_child(name: str, *args: str) -> list[str]:
     return python(str(Path(__file__).with_name("bench_export.py")), "--child", name, *args)
-
-
-def bare_export_path(checkpoint_dir: Path) -> str:
-    """The upstream exporter a user scripts for this family: the Generative API rebuild where it has one."""
-    from edge_quant_pipeline.checkpoints.validate import validate_checkpoint
-    from edge_quant_pipeline.export.exporters import GENERATIVE_API, plan_export
-
-    plan = plan_export(validate_checkpoint(checkpoint_dir), checkpoint_dir / "config.json")
-    return "generative" if plan.exporter == GENERATIVE_API else "export_hf"
 
 
 def edge_quant(shape: str) -> list[str]:
@@ -260,7 +263,9 @@ def bench_shape(shape: str, root: Path, tasks: str, cap_mb: float) -> None:
     parameters = count_parameters(bench.checkpoint_dir, hf_config)
     checkpoint_bytes = sum(f.stat().st_size for f in bench.checkpoint_dir.glob("*.safetensors"))
     imports = bench.measure("imports", bench_export_child("imports"), REPO)
-    float_file, path = root / "bare.tflite", bare_export_path(bench.checkpoint_dir)
+    float_file = root / "bare.tflite"
+    chosen = this_script("bare_export_path", str(bench.checkpoint_dir))
+    path = subprocess.run(chosen, capture_output=True, text=True, check=True, env=bench.env()).stdout.split()[-1]
     export = bench.measure(
         f"bare export ({path})",
         bench_export_child("export", path, str(bench.checkpoint_dir), str(float_file)),

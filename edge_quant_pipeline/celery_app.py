@@ -10,7 +10,7 @@ from dagster_celery.executor import CeleryExecutor
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
-from edge_quant_pipeline.defs.executor import celery_settings
+from edge_quant_pipeline.celery_config import celery_settings
 
 app = make_app(CeleryExecutor.for_cli(**celery_settings()).app_args())
 execute_plan = create_task(app)

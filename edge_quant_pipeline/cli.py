@@ -233,7 +233,7 @@ def _prune_work_folder(pipeline, dry_run: bool, verb: str) -> None:
     for work in stale:
         print(f"{verb} {work.describe()}")
     freed = sum(work.bytes for work in stale) / 1e6
-    print(f"{verb} {len(stale)} folder(s), {freed:,.1f} MB, from {work_dir}; kept what the current steps read.")
+    print(f"{verb} {len(stale)} folder(s) and file(s), {freed:,.1f} MB, from {work_dir}; kept what current steps read.")
 
 
 def main(argv: list[str] | None = None) -> int:

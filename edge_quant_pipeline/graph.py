@@ -49,6 +49,8 @@ class Stage:
     memory: str | None = None  # its estimate in footprint.py; None: the bare process, no model held
     # A step that records why when it could never fit, and lets its run go on: the run's estimate leaves it out.
     skipped_when_too_big: bool = False
+    # The metadata key under which its materialization records its file in the work folder (what pruning keeps).
+    work_file: str | None = None
 
 
 _TORCH = dict(needs_torch=True)  # the step loads the checkpoint as a PyTorch model
@@ -65,6 +67,7 @@ STAGES = (
         conversion=True,
         **_TORCH,
         memory="export",
+        work_file="tflite",
     ),
     Stage(
         "float_reference",
@@ -75,6 +78,7 @@ STAGES = (
         settings=(REFERENCE,),
         **_TORCH,
         memory="float_reference",
+        work_file="reference",
     ),
     Stage(
         "float_baseline",
@@ -95,6 +99,7 @@ STAGES = (
         settings=(CALIBRATION, EXPORT),
         conversion=True,
         memory="calibration",
+        work_file="statistics",
     ),
     Stage("quant_recipe", RESOLVE_JOB, "recipes", conversion=True),
     Stage(
@@ -114,6 +119,7 @@ STAGES = (
         **_BY_CONVERSION,
         conversion=True,
         memory="quantize",
+        work_file="tflite",
     ),
     Stage(
         "evaluation",

@@ -44,19 +44,26 @@ def forgettable_models(instance: dg.DagsterInstance, present: set[str]) -> list[
     ]
 
 
-# The per-checkpoint assets' files, by the metadata key their materializations record them under.
-_RECORDED_PATHS = (("float_tflite", "tflite"), ("float_reference", "reference"), ("calibration", "statistics"))
-
-
 def current_work(instance: dg.DagsterInstance, present: set[str]) -> dict[str, CurrentWork]:
     """Per model whose checkpoint folder is there (``present``) and which converted: the paths its latest
-    materializations of the per-checkpoint assets recorded (``retention.stale_work`` keeps these), whatever the
-    settings of the process asking."""
-    current = {}
+    materializations recorded in the work folder (graph.py's ``work_file``; ``retention.stale_work`` keeps these),
+    per checkpoint and per recipe, whatever the settings of the process asking."""
+    current, recipes = {}, instance.get_dynamic_partitions(graph.RECIPE_PARTITION)
+    files = [stage for stage in graph.STAGES if stage.work_file]
     for model in present:
-        paths = {asset: _recorded_path(instance, asset, model, key) for asset, key in _RECORDED_PATHS}
+        paths = {
+            s.asset: _recorded_path(instance, s.asset, model, s.work_file) for s in files if s.job == graph.CONVERT_JOB
+        }
         if paths["float_tflite"] is not None:
-            current[model] = CurrentWork(paths["float_tflite"].parent, tuple(p for p in paths.values() if p))
+            quantized = [
+                _recorded_path(instance, s.asset, f"{model}|{recipe}", s.work_file)
+                for s in files
+                if s.job != graph.CONVERT_JOB
+                for recipe in recipes
+            ]
+            current[model] = CurrentWork(
+                paths["float_tflite"].parent, tuple(p for p in paths.values() if p), tuple(p for p in quantized if p)
+            )
     return current
 
 

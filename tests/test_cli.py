@@ -118,11 +118,17 @@ def test_prune_removes_from_the_work_folder_only_what_no_current_step_reads(firs
     old_version = shutil.copytree(current, current.with_name("0123456789abcdef-p32-kv128"))
     old_text = shutil.copytree(next(current.glob("float_reference-*")), current / "float_reference-000000000000-2048")
     shutil.copytree(current, home / "work" / "gone-model" / current.name)  # a model whose folder was removed
+    # an edited recipe's earlier version: its quantized file and bundle
+    quantized = next(current.glob("*-*.tflite"))  # <recipe>-<its hash>.tflite
+    recipe = quantized.stem.rsplit("-", 1)[0]
+    edited = [shutil.copy(quantized, current / f"{recipe}-0123456789ab{suffix}") for suffix in (".tflite", ".litertlm")]
     listed = edge_quant(home, "prune", "--dry-run")
-    assert "Would remove 0 version(s)" in listed and "Would remove 3 folder(s)" in listed, listed
+    assert "Would remove 0 version(s)" in listed and "Would remove 5 folder(s) and file(s)" in listed, listed
     assert old_version.exists() and old_text.exists()
     removed = edge_quant(home, "prune")
     assert f"Removed {old_version} (" in removed and f"Removed {old_text} (" in removed, removed
+    assert "a recipe version no current step reads" in removed and not any(Path(f).exists() for f in edited)
+    assert quantized.exists()
     assert not old_version.exists() and not old_text.exists() and not (home / "work" / "gone-model").exists()
     assert [p.name for p in (home / "work" / DEMO_MODEL).iterdir()] == [current.name]
     # what the current steps read is all there: nothing to redo

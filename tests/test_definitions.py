@@ -92,3 +92,21 @@ def test_groups_read_left_to_right_in_graph_order():
     for key in graph.get_all_asset_keys():
         for parent in graph.get(key).parent_keys:
             assert order.index(group_of[parent]) <= order.index(group_of[key]), (parent, key)
+
+
+def test_defs_is_a_leaf_only_definitions_imports():
+    """Dagster wiring stays thin and on top: no module outside ``defs/`` but ``definitions.py`` imports it (the
+    Celery workers' app, ``edge-quant run``, the domain modules), so it can change without moving what it wires."""
+    import ast
+
+    package = REPO / "edge_quant_pipeline"
+    importers = []
+    for module in package.rglob("*.py"):
+        if module.parent.name == "defs" or module.name == "definitions.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if any(name.split(".")[:2] == ["edge_quant_pipeline", "defs"] for name in names):
+                importers.append(str(module.relative_to(REPO)))
+    assert importers == []

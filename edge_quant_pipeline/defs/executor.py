@@ -25,6 +25,7 @@ from collections.abc import Callable
 import dagster as dg
 
 from edge_quant_pipeline import settings
+from edge_quant_pipeline.celery_config import celery_settings
 from edge_quant_pipeline.graph import LIGHT_STEPS
 
 # What the steps that never hold a model request on Kubernetes.
@@ -84,17 +85,6 @@ def k8s() -> dg.ExecutorDefinition:
         },
         name="k8s",
     )
-
-
-# What a Celery worker process does: one step, then it exits (torch and the model go with it, as with a k8s Job);
-# it takes a step only when it has none (prefetch 1), so two workers share the steps of a run.
-CELERY_WORKER_SETTINGS = {"worker_max_tasks_per_child": 1, "worker_prefetch_multiplier": 1}
-
-
-def celery_settings() -> dict:
-    """The executor's config, which the workers' app (celery_app.py) reads too: both sides name one broker."""
-    broker = settings.celery_broker()
-    return {"broker": broker, "backend": broker, "config_source": CELERY_WORKER_SETTINGS}
 
 
 def celery() -> dg.ExecutorDefinition:

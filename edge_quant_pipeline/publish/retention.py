@@ -13,12 +13,14 @@ whole store, ``--dry-run`` to see what it would remove.
 
 ``edge-quant prune`` also empties the work folder of what no current step reads (``stale_work``): folders of other
 checkpoint versions, exporters and export settings, float references and calibration statistics of other texts,
-and models without a current checkpoint; never while a run is in progress, and not with a work store, whose
-copies the work folder already holds as a bounded cache (``workstore.py``).
+quantized files of recipe versions no step reads now, and models without a current checkpoint; never while a run
+is in progress, and not with a work store, whose copies the work folder already holds as a bounded cache
+(``workstore.py``).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +38,9 @@ from edge_quant_pipeline.publish.store import (
     read_json,
     version_number,
 )
+
+# <recipe>-<12 hex digits of its spec hash>, then .tflite, .litertlm or .<embedder role>.tflite
+_RECIPE_VERSION = re.compile(r"^([\w]+-[0-9a-f]{12})\.")
 
 
 @dataclass(frozen=True)
@@ -144,12 +149,15 @@ class CurrentWork:
 
     folder: Path  # of its checkpoint version, exporter and export settings
     paths: tuple[Path, ...]  # the float file, float reference and calibration statistics in it
+    quantized: tuple[Path, ...] = ()  # each current recipe's quantized file (its embedders and bundle beside it)
 
 
 def stale_work(work_dir: Path, current: Mapping[str, CurrentWork]) -> list[StaleWork]:
     """What the work folder holds besides ``current`` (per model id). A model without current work loses its whole
     folder; every other folder beside the current one is of another checkpoint version, exporter or export
-    settings; float references and calibration statistics other than the current ones go too."""
+    settings; float references and calibration statistics other than the current ones go too, and the files of
+    recipe versions no current step reads (``<recipe>-<hash>`` with its embedders and bundle: a recipe since
+    edited, or gone from the catalog)."""
     stale = []
     for model_dir in _folders(work_dir):
         work = current.get(model_dir.name)
@@ -164,13 +172,30 @@ def stale_work(work_dir: Path, current: Mapping[str, CurrentWork]) -> list[Stale
             for f in _folders(work.folder)
             if f.name.startswith(("float_reference-", "calibration-")) and f not in work.paths
         ]
+        current_recipes = {_recipe_version(f) for f in work.quantized}
+        stale += [
+            _stale(f, "a recipe version no current step reads (the recipe was edited or left the catalog)")
+            for f in sorted(work.folder.iterdir())
+            if f.is_file() and _recipe_version(f) and _recipe_version(f) not in current_recipes
+        ]
     return stale
+
+
+def _recipe_version(file: Path) -> str | None:
+    """``<recipe>-<hash>`` of a quantization's file, its embedders' and its bundle's (``defs/quantize.py`` names
+    them); None for another file."""
+    match = _RECIPE_VERSION.match(file.name)
+    return match.group(1) if match else None
 
 
 def remove_stale_work(stale: list[StaleWork]) -> None:
     for work in stale:
-        shutil.rmtree(work.path, ignore_errors=True)
+        if work.path.is_dir():
+            shutil.rmtree(work.path, ignore_errors=True)
+        else:
+            work.path.unlink(missing_ok=True)
 
 
 def _stale(path: Path, reason: str) -> StaleWork:
-    return StaleWork(path, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), reason)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return StaleWork(path, sum(f.stat().st_size for f in files), reason)
