@@ -27,9 +27,10 @@ from edge_quant_pipeline.evaluate.reference import (
     eval_windows,
     tokenize,
 )
+from edge_quant_pipeline.export.child import ExportError, error_line
 from edge_quant_pipeline.export.exporters import per_layer_embeddings
-from edge_quant_pipeline.export.generative import export_float_tflite
-from edge_quant_pipeline.export.hf import ExportError, error_line, export_hf_tflite
+from edge_quant_pipeline.export.generative import export_rebuilt_tflite
+from edge_quant_pipeline.export.hf import export_hf_tflite
 from edge_quant_pipeline.export.load import architecture_of, load_float_model, load_transformers_model
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
@@ -54,9 +55,9 @@ def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usag
     if checkpoint.exporter == EXPORT_HF:
         embedders = per_layer_embeddings(checkpoint.hf_config)
         usage.child_peak_rss_mb = export_hf_tflite(checkpoint.path, settings, output, externalize_embedder=embedders)
-        return output
-    model = _float_model(checkpoint, pipeline)
-    return export_float_tflite(model.model, model.model_config, settings, output)
+    else:
+        usage.child_peak_rss_mb = export_rebuilt_tflite(checkpoint.path, settings, output)
+    return output
 
 
 @dg.asset(

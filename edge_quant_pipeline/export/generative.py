@@ -1,37 +1,35 @@
 """The Generative API rebuild's export: litert-torch's own layers (``architectures.py``) lowered to a float
-``.tflite`` with prefill and decode signatures, once per checkpoint."""
+``.tflite`` with prefill and decode signatures, once per checkpoint, in a child process (``child.py`` says why).
+Run as a module, it is that child:
+
+    python -m edge_quant_pipeline.export.generative <checkpoint folder> <output folder> --kv-cache-len 128
+"""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.export.child import (
+    child_arguments,
+    child_done,
+    child_failed,
+    export_scratch,
+    exported_by_child,
+)
 from edge_quant_pipeline.shapes import ExportSettings
 
 
-@contextmanager
-def export_scratch(output: Path) -> Iterator[Path]:
-    """A hidden folder beside ``output`` for litert-torch, which picks its own file names, locked while in use.
-    Scratch folders whose lock is free were left by killed exports (an export's partial files can be as large
-    as the model), so they are removed first; a concurrent export's folder is locked and stays."""
-    pattern = f".{output.name}.tmp-*"
-    for stale in output.parent.glob(pattern):
-        try:
-            with (stale / ".lock").open("a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(stale)
-        except OSError:  # BlockingIOError: in use; FileNotFoundError: another run removed it first
-            continue
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=pattern[:-1]) as scratch:
-        with (Path(scratch) / ".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield Path(scratch)
+def export_rebuilt_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Path) -> float:
+    """The checkpoint rebuilt from litert-torch's layers and exported to ``output`` by ``export_float_tflite``, in
+    a child process; returns the child's peak RSS in MB."""
+    with exported_by_child("litert-torch's Generative API", __name__, checkpoint_dir, settings, output) as (
+        scratch,
+        peak_mb,
+    ):
+        os.replace(scratch / "model.tflite", output)
+    return peak_mb
 
 
 def export_float_tflite(
@@ -63,3 +61,22 @@ def export_float_tflite(
         signatures.convert(lightweight_conversion=lightweight).export(str(scratch / "model.tflite"))
         os.replace(scratch / "model.tflite", output)
     return output
+
+
+def main() -> None:
+    args = child_arguments(__doc__.splitlines()[0]).parse_args()
+    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
+    from edge_quant_pipeline.export.load import architecture_of, load_float_model
+
+    settings = ExportSettings(args.prefill_len, args.kv_cache_len)
+    try:
+        checkpoint = read_checkpoint(args.checkpoint_dir)
+        model = load_float_model(checkpoint, settings.kv_cache_len)
+        export_float_tflite(model, architecture_of(checkpoint).model_config, settings, args.output_dir / "model.tflite")
+    except Exception as error:
+        child_failed(error)
+    child_done(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,34 +17,16 @@ from a float32 copy with its default conversion, 9.4 GB held several times over 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import subprocess
-import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path, signature_for
-from edge_quant_pipeline.export.generative import export_scratch
+from edge_quant_pipeline.export.child import child_arguments, child_done, child_failed, exported_by_child
 from edge_quant_pipeline.export.load import load_language_model, per_layer_table
 from edge_quant_pipeline.export.lookup_table import write_lookup_tflite
-from edge_quant_pipeline.memory import peak_rss_mb
 from edge_quant_pipeline.shapes import ExportSettings
-
-_STATS = "export_stats.json"
-
-
-class ExportError(RuntimeError):
-    """litert-torch could not export the checkpoint."""
-
-
-def error_line(error: BaseException) -> str:
-    """``TypeName: the message's first line``: what a user reads of an exception from deep inside a library."""
-    message = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {message[:400]}"
 
 
 def export_hf_tflite(
@@ -53,42 +35,17 @@ def export_hf_tflite(
     """Float32 prefill and decode signatures with the KV cache length of ``settings``, as
     ``generative.export_float_tflite`` writes them for the Generative API, and no LiteRT-LM bundle, at ``output``
     (its embedders beside it, with ``externalize_embedder``); returns the child's peak RSS in MB."""
-    with export_scratch(output) as scratch:
-        command = [sys.executable, "-m", __name__, str(checkpoint_dir), str(scratch)]
-        command += ["--prefill-len", str(settings.prefill_len), "--kv-cache-len", str(settings.kv_cache_len)]
-        command += ["--externalize-embedder"] if externalize_embedder else []
-        returncode, last_line = _run_showing_progress(command)
-        if returncode < 0:
-            raise ExportError(
-                f"export_hf of {checkpoint_dir} was killed by {signal.Signals(-returncode).name} "
-                "(the kernel's out-of-memory killer, or a person); nothing was written."
-            )
-        if returncode != 0:
-            raise ExportError(f"export_hf could not export {checkpoint_dir}: {last_line or 'no error message'}")
+    options = ["--externalize-embedder"] if externalize_embedder else []
+    with exported_by_child("export_hf", __name__, checkpoint_dir, settings, output, *options) as (scratch, peak_mb):
         for role in EMBEDDER_INPUTS:  # before the model: a model file whose embedders are missing never exists
             if (scratch / f"{role}.tflite").exists():
                 os.replace(scratch / f"{role}.tflite", embedder_path(output, role))
         os.replace(scratch / "model.tflite", output)
-        return json.loads((scratch / _STATS).read_text())["peak_rss_mb"]
-
-
-def _run_showing_progress(command: list[str]) -> tuple[int, str]:
-    """Run the child with its output passed on to this process's (the step's log), line by line; returns its
-    exit code and the last line it wrote to stderr (an exception's message, when it fails)."""
-    last_line = ""
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as child:
-        for line in child.stderr:
-            sys.stderr.write(line)
-            last_line = line.strip() or last_line
-    return child.returncode, last_line
+    return peak_mb
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint_dir", type=Path)
-    parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--prefill-len", type=int, default=ExportSettings.prefill_len)
-    parser.add_argument("--kv-cache-len", type=int, default=ExportSettings.kv_cache_len)
+    parser = child_arguments(__doc__.splitlines()[0])
     parser.add_argument("--externalize-embedder", action="store_true")
     args = parser.parse_args()
     _dense_models_need_no_experts_kernel()
@@ -99,14 +56,9 @@ def main() -> None:
         _export(export, args)
         for table in tables:
             table.write(args.output_dir / "per_layer_embedder.tflite", args.prefill_len)
-    except Exception as error:  # any failure of the export: its traceback, then one line for the parent
-        traceback.print_exc()
-        sys.stderr.write(f"{error_line(error)}\n")
-        sys.stderr.flush()
-        os._exit(1)  # no teardown, whose output would come after the line the parent reads
-    (args.output_dir / _STATS).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
-    sys.stdout.flush()
-    os._exit(0)  # without torch's and TensorFlow's teardown, seconds that buy nothing
+    except Exception as error:
+        child_failed(error)
+    child_done(args.output_dir)
 
 
 def _export(export, args: argparse.Namespace) -> None:
