@@ -3,8 +3,8 @@
 The step's process never holds what an export allocates: litert-torch keeps most of its peak after the export
 returns (measured in one process, a Qwen2.5-0.5B shape through the Generative API: 3.3 GB resident after the
 export, 1.2 GB of it imports, not given back by a collection nor ``malloc_trim``; about 13 GB after a Llama 3.2
-3B shape's, beside which the float model's LiteRT-LM check was killed for memory). A child hands it all back to
-the machine when it exits, and its peak is measured apart (the step's metadata counts it).
+3B shape's, beside which the float bundle's LiteRT-LM check took the machine to 21.5 GB). A child hands it all
+back to the machine when it exits, and its peak is measured apart (the step's metadata counts it).
 
 The parent side is ``exported_by_child``; the child side parses ``child_arguments`` and ends with ``child_done``
 or ``child_failed``: the child's last line on stderr is then its error, which the parent reports.
