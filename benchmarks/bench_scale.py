@@ -329,13 +329,14 @@ def bench_shape(shape: str, root: Path, tasks: str, cap_mb: float) -> None:
         ratio = eval_speed / runtime if runtime else float("nan")
         print(f"| {recipe} | {eval_speed:.0f} | {runtime:.0f} | {ratio:.2f} | {bare_quantize_s.get(recipe, 0.0):.1f} |")
 
-    outcomes = recipe_outcomes(bench.home, shape)
+    outcomes = recipe_outcomes(bench.home, shape, root / "pipeline.log")
     print_targets(shape, export, full, again, reconversions, stages, evaluations, speeds, bare_quantize_s, outcomes)
     print_scale_targets(shape, parameters, imports, export, full, stages)
 
 
-def recipe_outcomes(home: Path, shape: str) -> dict[str, str]:
-    """Per recipe: published, or the reason recorded for it."""
+def recipe_outcomes(home: Path, shape: str, log: Path) -> dict[str, str]:
+    """Per recipe: published, the reason recorded for it, or why ``edge-quant run`` did not start it (``log``: its
+    summary, where a run not started is followed by its reason)."""
     outcomes = {}
     for folder in sorted(p for p in (home / "artifacts" / shape).iterdir() if p.is_dir()):
         failure = folder / "failed.json"
@@ -345,7 +346,12 @@ def recipe_outcomes(home: Path, shape: str) -> dict[str, str]:
         elif failure.is_file():
             record = json.loads(failure.read_text())
             outcomes[folder.name] = f"failed ({record.get('stage')}): {record.get('error', '')[:100]}"
-    return outcomes
+    lines = log.read_text().splitlines()
+    for line, reason in zip(lines, [*lines[1:], ""], strict=True):
+        if f"{shape}|" in line and line.rstrip().endswith("not run"):
+            recipe = line.split(f"{shape}|", 1)[1].split()[0]
+            outcomes.setdefault(recipe, f"not run: {reason.strip()[:160]}")
+    return dict(sorted(outcomes.items()))
 
 
 def print_targets(
