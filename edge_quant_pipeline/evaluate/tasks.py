@@ -101,11 +101,9 @@ def run_tasks(bundle: Path, tasks: list[str], limit: int, max_tokens: int) -> li
     run ends."""
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.tasks-") as scratch:
         command = [sys.executable, "-m", __name__, str(bundle), "--limit", str(limit), "--max-tokens", str(max_tokens)]
-        command += [a for task in tasks for a in ("--task", task)] + ["--cache-dir", scratch]
         scores = Path(scratch) / "scores.json"
-        with subprocess.Popen(
-            [*command, "--output", str(scores)], stderr=subprocess.PIPE, text=True, errors="replace"
-        ) as child:
+        command += [a for task in tasks for a in ("--task", task)] + ["--cache-dir", scratch, "--output", str(scores)]
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as child:
             stderr = "".join(_passing_progress_on(child.stderr, bundle))
         if child.returncode != 0:
             done = subprocess.CompletedProcess(command, child.returncode, "", stderr)

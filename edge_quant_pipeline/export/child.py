@@ -6,7 +6,7 @@ export, 1.2 GB of it imports, not given back by a collection nor ``malloc_trim``
 3B shape's, beside which the float bundle's LiteRT-LM check took the machine to 21.5 GB). A child hands it all
 back to the machine when it exits, and its peak is measured apart (the step's metadata counts it).
 
-The parent side is ``exported_by_child``; the child side parses ``child_arguments`` and ends with ``child_done``
+The parent side is ``exported_by_child``; the child side begins with ``start_child`` and ends with ``child_done``
 or ``child_failed``: the child's last line on stderr is then its error, which the parent reports.
 """
 
@@ -95,10 +95,10 @@ def _run_showing_progress(command: list[str]) -> tuple[int, str]:
     return child.returncode, last_line
 
 
-def child_arguments(description: str) -> argparse.ArgumentParser:
-    """What every export child takes (``exported_by_child`` passes them); add its own options to it. The child
-    ends with the step's process: an export whose worker was killed (by the OOM killer, or a person) must not
-    go on holding the machine's memory for nobody."""
+def start_child(description: str) -> argparse.ArgumentParser:
+    """What every export child does first: it ends with the step's process (an export whose worker was killed, by
+    the OOM killer or a person, must not go on holding the machine's memory for nobody), and it takes the arguments
+    ``exported_by_child`` passes (add its own options to the parser returned)."""
     _die_with_parent()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("checkpoint_dir", type=Path)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_quant_pipeline.export.child import (
-    child_arguments,
     child_done,
     child_failed,
     export_scratch,
     exported_by_child,
+    start_child,
 )
 from edge_quant_pipeline.shapes import ExportSettings
 
@@ -64,7 +64,7 @@ def export_float_tflite(
 
 
 def main() -> None:
-    args = child_arguments(__doc__.splitlines()[0]).parse_args()
+    args = start_child(__doc__.splitlines()[0]).parse_args()
     from edge_quant_pipeline.checkpoints.validate import read_checkpoint
     from edge_quant_pipeline.export.load import architecture_of, load_float_model
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_quant_pipeline.embedders import EMBEDDER_INPUTS, embedder_path, signature_for
-from edge_quant_pipeline.export.child import child_arguments, child_done, child_failed, exported_by_child
+from edge_quant_pipeline.export.child import child_done, child_failed, exported_by_child, start_child
 from edge_quant_pipeline.export.load import load_language_model, per_layer_table
 from edge_quant_pipeline.export.lookup_table import write_lookup_tflite
 from edge_quant_pipeline.shapes import ExportSettings
@@ -45,7 +45,7 @@ def export_hf_tflite(
 
 
 def main() -> None:
-    parser = child_arguments(__doc__.splitlines()[0])
+    parser = start_child(__doc__.splitlines()[0])
     parser.add_argument("--externalize-embedder", action="store_true")
     args = parser.parse_args()
     _dense_models_need_no_experts_kernel()

@@ -176,7 +176,7 @@ def stale_work(work_dir: Path, current: Mapping[str, CurrentWork]) -> list[Stale
         stale += [
             _stale(f, "a recipe version no current step reads (the recipe was edited or left the catalog)")
             for f in sorted(work.folder.iterdir())
-            if f.is_file() and _recipe_version(f) and _recipe_version(f) not in current_recipes
+            if f.is_file() and (version := _recipe_version(f)) and version not in current_recipes
         ]
     return stale
 
