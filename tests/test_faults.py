@@ -382,11 +382,13 @@ def test_a_worker_killed_mid_run_is_named_and_the_launch_goes_on(tmp_path, demo_
     while worker is None:
         assert process.poll() is None, (home / "worker-killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.2)
+        if not export_scratch(home):  # before it, opening the instance could race edge-quant run creating its storage
+            continue
         with instance_at(home) as instance:
             runs = started_conversions(instance)
-        if runs and export_scratch(home):
+        if runs:
             worker = int(runs[0].tags[PROCESS_TAG].rpartition(":")[2])  # the process executing the conversion
-        time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     assert process.wait(timeout=120) == 1
     log = (home / "worker-killed.log").read_text()
