@@ -19,9 +19,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import IO
 
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.processes import WAITING, describe, flock_holders
@@ -36,7 +37,7 @@ def lock_path() -> Path:
 
 
 @contextmanager
-def _held(mode: int) -> Iterator[None]:
+def _held(mode: int) -> Iterator[IO[str]]:
     path = lock_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as lock:  # released when the file closes, and by the kernel if the process dies
@@ -49,14 +50,18 @@ def _held(mode: int) -> Iterator[None]:
             fcntl.flock(lock, mode)
             waited = time.monotonic() - started
             log.info("Got the timing lock after %.1f s", waited, extra={"waited_s": waited})
-        yield
+        yield lock
 
 
-def computing() -> AbstractContextManager[None]:
+def computing() -> AbstractContextManager[IO[str]]:
     """Around work that keeps the cores busy: any number of them at once."""
     return _held(fcntl.LOCK_SH)
 
 
-def timed_alone() -> AbstractContextManager[None]:
-    """Around a measurement of speed: alone, once no ``computing`` block runs."""
-    return _held(fcntl.LOCK_EX)
+@contextmanager
+def timed_alone() -> Iterator[Callable[[], None]]:
+    """Around a measurement of speed: alone, once no ``computing`` block runs. Gives a function that ends the
+    measurement early: the rest of the block computes beside others, as a ``computing`` block (the lock held
+    shared; a process that waited to measure may measure first)."""
+    with _held(fcntl.LOCK_EX) as lock:
+        yield lambda: fcntl.flock(lock, fcntl.LOCK_SH)

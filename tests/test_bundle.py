@@ -11,7 +11,8 @@ import yaml
 from conftest import DEMO_MODEL, metadata
 
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, run_bundle
+from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, BundleRequest, run_bundle
+from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES, TaskRequest
 from edge_quant_pipeline.publish.store import BUNDLE_FILE, MANIFEST
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.settings import DEFAULT_EVAL_TEXT, GENERATIVE_API
@@ -135,10 +136,14 @@ def test_task_scoring_sees_the_context_the_float_model_sees(demo_float_bundle, d
     assert scored == pytest.approx(float_score(context, continuation), abs=1e-3)
 
 
+def _tasks_run(bundle, names: list[str], limit: int):
+    """The bundle's run with ``names`` answered after its generations, as the evaluation runs it."""
+    text = DEFAULT_EVAL_TEXT.read_text()[: SETTINGS.prefill_len]
+    return run_bundle(bundle, [text], 4, BundleRequest(tasks=TaskRequest(tuple(names), limit)), 128)
+
+
 def test_a_local_task_folder_scores_as_the_demo_task_it_copies(demo_float_bundle, tmp_path):
     """A task of the user's own (YAML + JSONL in a folder, as lm-eval allows) through the same path as the demo's."""
-    from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES, run_tasks
-
     folder = tmp_path / "my-tasks"
     folder.mkdir()
     data = shutil.copy(DEMO_TASK_FILES["demo_cloze"], folder / "cloze.jsonl")
@@ -147,26 +152,39 @@ def test_a_local_task_folder_scores_as_the_demo_task_it_copies(demo_float_bundle
         f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{context}}}}'\n"
         "doc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n"
     )
-    (mine,) = run_tasks(demo_float_bundle, [str(folder)], 12, 128)
-    (demo,) = run_tasks(demo_float_bundle, ["demo_cloze"], 12, 128)
+    scores = {score.task: score for score in _tasks_run(demo_float_bundle, [str(folder), "demo_cloze"], 12).tasks}
+    mine, demo = scores["my_cloze"], scores["demo_cloze"]
     assert (mine.task, mine.metric, mine.samples) == ("my_cloze", "acc", 12)
     assert (mine.value, mine.stderr) == (demo.value, demo.stderr) and mine.stderr > 0
 
 
 def test_task_runs_log_their_progress_and_time_each_task(demo_float_bundle, caplog):
     """A task run at real size takes minutes: the step's log says how far each task got, and each score carries
-    the time its task took in the runtime."""
-    from edge_quant_pipeline.evaluate.tasks import run_tasks
-
-    with caplog.at_level(logging.INFO, logger="edge_quant_pipeline.evaluate.tasks"):
-        cloze, completion = run_tasks(demo_float_bundle, ["demo_cloze", "demo_completion"], 6, 128)
+    the time its task took in the runtime. The generations come first and tell the parent they are done (its
+    timed measurement ends there)."""
+    done = []
+    request = BundleRequest(
+        tasks=TaskRequest(("demo_cloze", "demo_completion"), 6), on_generated=lambda: done.append(1)
+    )
+    with caplog.at_level(logging.INFO, logger="edge_quant_pipeline.evaluate.litert_lm"):
+        run = run_bundle(demo_float_bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 4, request, 128)
     progress = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("demo_cloze: 0 of 24 requests") for line in progress)  # 4 choices each
     assert any(line.startswith("demo_cloze: 24 of 24 requests") for line in progress)
     assert all(line.endswith(f"s ({demo_float_bundle.name})") for line in progress)
     assert any(line.startswith("demo_completion: 6 of 6 requests") for line in progress)
-    assert (cloze.task, completion.task) == ("demo_cloze", "demo_completion")
+    cloze, completion = run.tasks
+    assert (cloze.task, completion.task) == ("demo_cloze", "demo_completion") and run.tasks_error == ""
     assert cloze.seconds > 0 and completion.seconds > 0 and cloze.seconds != completion.seconds
+    assert done == [1] and run.texts[0]
+
+
+def test_a_task_that_cannot_run_costs_the_tasks_only(demo_float_bundle):
+    """The bundle's generations stand, and the reason names the tasks and the bundle."""
+    run = _tasks_run(demo_float_bundle, ["no_such_task_anywhere"], 2)
+    assert run.texts[0] and run.tasks == ()
+    assert run.tasks_error.startswith(f"tasks no_such_task_anywhere on {demo_float_bundle}: ")
+    assert "no_such_task_anywhere" in run.tasks_error.partition(": ")[2]
 
 
 def test_litert_lm_generates_what_the_interpreter_generates(demo_float, demo_checkpoint_dir):
@@ -204,12 +222,12 @@ def test_a_chat_template_is_rendered_by_the_runtime_and_one_it_cannot_render_is_
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     bundle = build_bundle(demo_float, bundle_spec(folder, config, 128), GENERATIVE_API, tmp_path / "chat.litertlm")
-    run = run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8, chat=True)
+    run = run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8, BundleRequest(chat=True))
     assert len(run.chat_replies) == 2 and all(run.chat_replies)
     (folder / "chat_template.jinja").write_text("{{ raise_exception('a system message must come first') }}")
     bundle = build_bundle(demo_float, bundle_spec(folder, config, 128), GENERATIVE_API, tmp_path / "bad.litertlm")
     with pytest.raises(BundleRejectedError, match="Conversation API failed .* a system message must come first"):
-        run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8, chat=True)
+        run_bundle(bundle, [DEFAULT_EVAL_TEXT.read_text()[:32]], 8, BundleRequest(chat=True))
 
 
 def test_a_checkpoint_without_what_a_bundle_needs_is_refused_with_the_file_to_fix(tmp_path, demo_checkpoint_dir):

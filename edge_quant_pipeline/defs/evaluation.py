@@ -13,9 +13,10 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, TaskRequest, evaluate
+from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, evaluate
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.evaluate.tasks import TaskRequest
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.gates import check_gates, check_health_gates, check_task_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory

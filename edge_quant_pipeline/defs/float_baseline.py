@@ -9,9 +9,10 @@ from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
-from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, TaskRequest, task_scores
+from edge_quant_pipeline.evaluate.evaluation import FloatBaseline
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, float_generations
 from edge_quant_pipeline.evaluate.reference import FloatReference
+from edge_quant_pipeline.evaluate.tasks import TaskRequest
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.timing import computing
@@ -31,20 +32,17 @@ def float_baseline(
     runtime cannot hold on this machine), the reason; recipes are then not gated in the runtime."""
     float_tflite, float_reference = pipeline.work.localize(float_tflite), pipeline.work.localize(float_reference)
     tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
-    settings = pipeline.export_settings
     try:
         with admitted(context, model_size(checkpoint, pipeline, float_tflite.model_bytes)) as usage, computing():
-            spec = bundle_spec(checkpoint.path, checkpoint.hf_config, settings.kv_cache_len)
-            bundle = Bundle(
-                build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_path(float_tflite.path)), spec
-            )
+            spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.export_settings.kv_cache_len)
+            bundle = build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_path(float_tflite.path))
             try:
-                run, health = float_generations(bundle.path, spec, float_reference.tokens()["prompts"])
-                usage.child_peak_rss_mb = run.peak_rss_mb  # the runtime's process, the largest of this step
-                scores, tasks_error = task_scores(bundle, tasks, settings)
+                run, health = float_generations(bundle, spec, float_reference.tokens()["prompts"], tasks)
+                # the runtime's process, the largest of this step
+                usage.child_peak_rss_mb = max(run.peak_rss_mb, run.tasks_peak_rss_mb)
             finally:
-                bundle.path.unlink()  # as large as the float file, and needed for nothing else
-        baseline, metadata = FloatBaseline(scores, health, tasks_error), usage.metadata()
+                bundle.unlink()  # as large as the float file, and needed for nothing else
+        baseline, metadata = FloatBaseline(run.tasks, health, run.tasks_error), usage.metadata()
     except (NotEnoughMemoryError, BundleError, BundleRejectedError) as error:
         baseline, metadata = FloatBaseline((), None, f"the float model was not run in LiteRT-LM: {error}"), {}
     if baseline.reason:

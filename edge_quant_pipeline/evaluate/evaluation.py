@@ -20,11 +20,11 @@ import numpy as np
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.export_proof import ExportProof
 from edge_quant_pipeline.evaluate.health import GenerationHealth
-from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, RuntimeCheck, check_bundle
+from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, BundleRequest, RuntimeCheck, check_bundle
 from edge_quant_pipeline.evaluate.metrics import FidelityAccumulator, compare_generation
 from edge_quant_pipeline.evaluate.profile import profile_in_subprocess
 from edge_quant_pipeline.evaluate.reference import FloatReference
-from edge_quant_pipeline.evaluate.tasks import TaskRunError, TaskScore, run_tasks
+from edge_quant_pipeline.evaluate.tasks import TaskRequest, TaskScore
 from edge_quant_pipeline.memory import PeakMemory
 from edge_quant_pipeline.runtime.session import InterpreterSession
 from edge_quant_pipeline.shapes import ExportSettings
@@ -154,12 +154,6 @@ class FloatBaseline:
 
 
 @dataclass(frozen=True)
-class TaskRequest:
-    names: tuple[str, ...]  # lm-eval tasks (tasks.py); empty: none
-    limit: int  # samples per task; 0: all
-
-
-@dataclass(frozen=True)
 class Bundle:
     path: Path  # the .litertlm of the evaluated .tflite
     spec: BundleSpec
@@ -200,14 +194,15 @@ def evaluate(
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
     generation = compare_generation(np.stack(generated), tokens["continuations"])
     try:
-        with timed_alone():  # LiteRT-LM's benchmark is a timed measurement too
+        # LiteRT-LM's benchmark is a timed measurement too; the tasks after it compute beside others.
+        with timed_alone() as generations_done:
+            request = BundleRequest(tasks=tasks, on_generated=generations_done)
             check = check_bundle(
-                bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"]
+                bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"], request
             )
         litert_lm_error = ""
     except BundleRejectedError as error:
         check, litert_lm_error = None, str(error)
-    scores, tasks_error = task_scores(bundle, tasks, settings) if check is not None else ((), "")
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,
@@ -224,17 +219,6 @@ def evaluate(
         eval_peak_rss_mb=memory.mb,
         litert_lm=check,
         litert_lm_error=litert_lm_error,
-        tasks=scores,
-        tasks_error=tasks_error,
+        tasks=check.run.tasks if check else (),
+        tasks_error=check.run.tasks_error if check else "",
     )
-
-
-def task_scores(bundle: Bundle, tasks: TaskRequest, settings: ExportSettings) -> tuple[tuple[TaskScore, ...], str]:
-    """The tasks' scores in LiteRT-LM, or why there are none; a task that cannot run takes nothing else with it."""
-    if not tasks.names:
-        return (), ""
-    try:
-        with computing():
-            return tuple(run_tasks(bundle.path, list(tasks.names), tasks.limit, settings.kv_cache_len)), ""
-    except TaskRunError as error:
-        return (), str(error)

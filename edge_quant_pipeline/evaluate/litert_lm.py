@@ -15,24 +15,34 @@ A bundle with a chat template then holds a two-turn conversation through the run
 apps use, which renders the template itself: a template the runtime cannot render, or a conversation that replies
 nothing, fails the check with the runtime's message (google-ai-edge/LiteRT-LM#2078, #3021 are bundles whose raw
 sessions work and whose template does not).
+
+Then, with ``--task``, the same process and engine answer lm-eval's tasks (``tasks.py``): one process and one load
+of the bundle for both. The generations' results are written before the tasks start, and the tasks' after, each to
+a file of its own, so a task that fails (or crashes the runtime) costs the tasks only; the parent hears when the
+generations, its timed part, are done.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.health import GenerationHealth, generation_health
+from edge_quant_pipeline.evaluate.tasks import PROGRESS, TaskRequest, TaskScore, score_tasks
 from edge_quant_pipeline.memory import peak_rss_mb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,9 @@ class RuntimeRun:
     peak_rss_mb: float
     decoded_tokens: list[int]  # per prompt, as the runtime counted them: fewer than asked when a stop token came
     chat_replies: list[str]  # the Conversation API's reply to each of CHAT_TURNS; empty without a chat template
+    tasks: tuple[TaskScore, ...] = ()  # lm-eval's tasks answered by the same engine (tasks.py), when asked
+    tasks_error: str = ""  # why they were not, when they were asked for and could not be
+    tasks_peak_rss_mb: float = 0.0  # the process's peak once the tasks were answered (lm-eval imported, ...)
 
 
 # Long generations, to see collapse (health.py): as many tokens as the KV cache leaves after the prompt, at most.
@@ -56,6 +69,9 @@ HEALTH_TOKENS = 256
 CHAT_TURNS = ("Hi", "Go on")
 CHAT_REPLY_TOKENS = 8
 _CHAT_FAILED = 3  # the child's exit status when the conversation failed
+# The child's files, and its line saying the generations are done (the tasks come next).
+_RUN_FILE, _TASKS_FILE, _GENERATED = "run.json", "tasks.json", "generations done"
+NO_TASKS = TaskRequest((), 0)
 
 
 class BundleRejectedError(RuntimeError):
@@ -76,7 +92,7 @@ class RuntimeCheck:
 
     def as_dict(self) -> dict[str, float | int]:
         """Flat and named for LiteRT-LM, for the evaluation's table (the generated texts and counts stay out)."""
-        lists = ("texts", "decoded_tokens", "chat_replies")
+        lists = ("texts", "decoded_tokens", "chat_replies", "tasks", "tasks_error", "tasks_peak_rss_mb")
         measured = {name: value for name, value in asdict(self.run).items() if name not in lists}
         agreements = {"interpreter_agreement": self.interpreter_agreement, "float_agreement": self.float_agreement}
         return {f"litert_lm_{name}": value for name, value in {**agreements, **measured, **asdict(self.health)}.items()}
@@ -112,27 +128,43 @@ class _Texts:
         return self.text(ids[1:] if self.start is not None and ids[0] == self.start else ids)
 
 
+@dataclass(frozen=True)
+class BundleRequest:
+    """What a run of a bundle does after its greedy generations: the conversation, the tasks, and whom to tell
+    that the generations (the timed part) are done."""
+
+    chat: bool = False
+    tasks: TaskRequest = NO_TASKS
+    on_generated: Callable[[], None] = field(default=lambda: None, compare=False)
+
+
 def _generate(
-    bundle: Path, spec: BundleSpec, texts: _Texts, prompts: np.ndarray, chat: bool
+    bundle: Path, spec: BundleSpec, texts: _Texts, prompts: np.ndarray, request: BundleRequest
 ) -> tuple[RuntimeRun, GenerationHealth]:
     """Greedy generations from ``prompts`` as long as the KV cache allows after a prompt and its start token, and
     their health."""
     budget = min(HEALTH_TOKENS, spec.context_length - prompts.shape[1] - 1)
-    run = run_bundle(bundle, [texts.prompt(p) for p in prompts], budget, chat=chat)
+    run = run_bundle(bundle, [texts.prompt(p) for p in prompts], budget, request, spec.context_length)
     return run, generation_health([texts.tokens(t) for t in run.texts], run.decoded_tokens, budget)
 
 
 def check_bundle(
-    bundle: Path, spec: BundleSpec, prompts: np.ndarray, interpreter: np.ndarray, float_model: np.ndarray
+    bundle: Path,
+    spec: BundleSpec,
+    prompts: np.ndarray,
+    interpreter: np.ndarray,
+    float_model: np.ndarray,
+    request: BundleRequest = BundleRequest(),
 ) -> RuntimeCheck:
     """Generate in LiteRT-LM after ``prompts`` (token ids, given as text) as many tokens as the KV cache allows,
     compare their start with ``interpreter`` and ``float_model`` (the greedy tokens from each prompt), and score
-    their health. The runtime prepends its start token to every prompt, so with one, only prompts that begin
-    with it are like for like (given without it): the first window of the eval text at least, as the tokenizer
-    adds it there; agreements are on those."""
+    their health; then answer ``request``'s tasks. The runtime prepends its start token to every prompt, so with
+    one, only prompts that begin with it are like for like (given without it): the first window of the eval text
+    at least, as the tokenizer adds it there; agreements are on those. A bundle with a chat template converses."""
     texts = _Texts(spec)
     chosen = [i for i, prompt in enumerate(prompts) if texts.start is None or prompt[0] == texts.start]
-    run, health = _generate(bundle, spec, texts, prompts, chat=spec.chat_template is not None)
+    request = replace(request, chat=spec.chat_template is not None)
+    run, health = _generate(bundle, spec, texts, prompts, request)
 
     def agreement(expected: np.ndarray) -> float:
         return float(np.mean([_agreement(run.texts[i], texts.text(expected[i])) for i in chosen]))
@@ -140,46 +172,86 @@ def check_bundle(
     return RuntimeCheck(run, agreement(interpreter), agreement(float_model), health)
 
 
-def float_generations(bundle: Path, spec: BundleSpec, prompts: np.ndarray) -> tuple[RuntimeRun, GenerationHealth]:
+def float_generations(
+    bundle: Path, spec: BundleSpec, prompts: np.ndarray, tasks: TaskRequest = NO_TASKS
+) -> tuple[RuntimeRun, GenerationHealth]:
     """The float bundle's generations from ``prompts`` (with the runtime's own measurements, its peak memory among
-    them) and their health, as ``check_bundle`` scores a recipe's."""
-    return _generate(bundle, spec, _Texts(spec), prompts, chat=False)
+    them) and their health, as ``check_bundle`` scores a recipe's; then ``tasks``."""
+    return _generate(bundle, spec, _Texts(spec), prompts, BundleRequest(tasks=tasks))
 
 
-def failure_reason(done: subprocess.CompletedProcess) -> str:
+def failure_reason(stderr: str, returncode: int) -> str:
     """Why a fresh process running LiteRT-LM failed: the runtime's first error line (glog's "E0000 ...
     file.cc:123] message"; the later ones are its teardown complaining), else Python's last word."""
-    lines = done.stderr.strip().splitlines()
+    lines = stderr.strip().splitlines()
     errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
-    return errors[0] if errors else lines[-1] if lines else f"exit code {done.returncode}"
+    return errors[0] if errors else lines[-1] if lines else f"exit code {returncode}"
 
 
-def run_bundle(bundle: Path, prompts: list[str], num_tokens: int, chat: bool = False) -> RuntimeRun:
-    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process, then with ``chat`` hold
-    the conversation of CHAT_TURNS with the bundle's chat template. The XNNPACK cache the runtime would write
-    next to the bundle (packed weights, as large as the model) goes to a scratch folder beside it, removed when
-    the run ends."""
-    with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.run-") as scratch:
-        prompts_file = Path(scratch) / "prompts.json"
-        prompts_file.write_text(json.dumps(prompts))
-        command = [sys.executable, "-m", __name__, str(bundle), "--prompts-file", str(prompts_file)]
-        command += ["--tokens", str(num_tokens), "--cache-dir", scratch] + (["--chat"] if chat else [])
-        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
-    if done.returncode == _CHAT_FAILED:
-        raise BundleRejectedError(
-            f"LiteRT-LM's Conversation API failed with the chat template of {bundle}: {failure_reason(done)}"
-        )
-    if done.returncode != 0:
-        raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {failure_reason(done)}")
-    run = RuntimeRun(**json.loads(done.stdout.strip().splitlines()[-1]))
+def _following(lines: Iterable[str], bundle: Path, on_generated: Callable[[], None]) -> Iterator[str]:
+    """The child's stderr as it comes, less its own lines: task progress, logged (the step's log, and
+    ``edge-quant run``'s live view), and the end of the generations, told to ``on_generated``."""
+    for line in lines:
+        if line.startswith(PROGRESS):
+            log.info("%s (%s)", line.removeprefix(PROGRESS).strip(), bundle.name)
+        elif line.strip() == _GENERATED:
+            on_generated()
+        else:
+            yield line
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_bundle(
+    bundle: Path,
+    prompts: list[str],
+    num_tokens: int,
+    request: BundleRequest = BundleRequest(),
+    max_tokens: int | None = None,
+) -> RuntimeRun:
+    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process, then, as ``request`` asks,
+    hold the conversation of CHAT_TURNS with the bundle's chat template and answer lm-eval's tasks in an engine of
+    ``max_tokens`` tokens (the bundle's KV cache; None: the runtime's default). The XNNPACK cache the runtime would
+    write next to the bundle (packed weights, as large as the model) goes to a scratch folder beside it, removed
+    when the run ends."""
+    tasks = request.tasks
+    with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.run-") as folder:
+        scratch = Path(folder)
+        (scratch / "prompts.json").write_text(json.dumps(prompts))
+        command = [sys.executable, "-m", __name__, str(bundle), "--prompts-file", str(scratch / "prompts.json")]
+        command += ["--tokens", str(num_tokens), "--cache-dir", folder] + (["--chat"] if request.chat else [])
+        command += [a for task in tasks.names for a in ("--task", task)] + ["--task-limit", str(tasks.limit)]
+        command += ["--max-tokens", str(max_tokens)] if max_tokens else []
+        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, "errors": "replace"}
+        with subprocess.Popen(command, **pipes) as child:
+            stderr = "".join(_following(child.stderr, bundle, request.on_generated))
+        generated, answered = _read(scratch / _RUN_FILE), _read(scratch / _TASKS_FILE)
+    reason = failure_reason(stderr, child.returncode)
+    if child.returncode == _CHAT_FAILED:
+        raise BundleRejectedError(f"LiteRT-LM's Conversation API failed with the chat template of {bundle}: {reason}")
+    if generated is None:
+        raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {reason}")
+    if tasks.names and answered is None:  # the runtime died answering them: the generations stand
+        answered = {"scores": [], "error": reason}
+    run = RuntimeRun(**{**generated, **_task_outcome(tasks, answered, bundle)})
     if not any(run.texts):  # one prompt may end where the model stops at once: that is an early stop (health.py)
         raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")
-    if chat and not all(run.chat_replies):
+    if request.chat and not all(run.chat_replies):
         raise BundleRejectedError(
             f"LiteRT-LM's Conversation API replied nothing with the chat template of {bundle} (replies: "
             f"{run.chat_replies}), though raw sessions generate."
         )
     return run
+
+
+def _task_outcome(tasks: TaskRequest, answered: dict | None, bundle: Path) -> dict:
+    if answered is None:
+        return {}
+    error = answered["error"] and f"tasks {', '.join(tasks.names)} on {bundle}: {answered['error']}"
+    scores = tuple(TaskScore(**score) for score in answered["scores"])
+    return {"tasks": scores, "tasks_error": error, "tasks_peak_rss_mb": answered.get("peak_rss_mb", 0.0)}
 
 
 def _converse(engine) -> list[str]:
@@ -193,20 +265,39 @@ def _converse(engine) -> list[str]:
     return ["".join(getattr(part, "text", "") for part in reply.contents) for reply in replies]
 
 
+def _answer_tasks(engine, args: argparse.Namespace) -> None:
+    """The tasks' scores, or why there are none, in the tasks' file: a task that cannot run fails the tasks only."""
+    try:
+        scores = score_tasks(engine, TaskRequest(tuple(args.task), args.task_limit), args.max_tokens, args.cache_dir)
+        answered = {"scores": [asdict(score) for score in scores], "error": ""}
+    except Exception as error:  # lm-eval's or the runtime's, about a task: one line, as for a failed process
+        answered = {"scores": [], "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    (args.cache_dir / _TASKS_FILE).write_text(json.dumps({**answered, "peak_rss_mb": peak_rss_mb()}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--prompts-file", type=Path, required=True, help="a JSON list of prompts")
     parser.add_argument("--tokens", type=int, required=True)
-    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True, help="also where the results are written")
     parser.add_argument("--chat", action="store_true", help="then converse with the bundle's chat template")
+    parser.add_argument("--task", action="append", default=[], help="then answer this lm-eval task (tasks.py)")
+    parser.add_argument("--task-limit", type=int, default=0, help="samples per task; 0: all")
+    parser.add_argument("--max-tokens", type=int, help="the engine's token budget (the bundle's KV cache)")
     args = parser.parse_args()
+    if args.task and not args.max_tokens:
+        parser.error("--task needs --max-tokens (the bundle's KV cache length)")
     import litert_lm
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     texts, benchmarks = [], []
     with litert_lm.Engine(
-        str(args.bundle), backend=litert_lm.Backend.CPU(), enable_benchmark=True, cache_dir=str(args.cache_dir)
+        str(args.bundle),
+        backend=litert_lm.Backend.CPU(),
+        max_num_tokens=args.max_tokens,
+        enable_benchmark=True,
+        cache_dir=str(args.cache_dir),
     ) as engine:
         for prompt in json.loads(args.prompts_file.read_text()):
             session = engine.create_session(
@@ -222,18 +313,21 @@ def main() -> None:
             chat_replies = _converse(engine) if args.chat else []
         except RuntimeError:  # the runtime said why on stderr (failure_reason reads it)
             sys.exit(_CHAT_FAILED)
-    run = RuntimeRun(
-        texts=texts,
-        prompt_tokens=benchmarks[0].last_prefill_token_count,
-        init_s=benchmarks[0].init_time_in_second,
-        time_to_first_token_ms=1e3 * float(np.median([b.time_to_first_token_in_second for b in benchmarks])),
-        prefill_tokens_per_s=float(np.median([b.last_prefill_tokens_per_second for b in benchmarks])),
-        decode_tokens_per_s=float(np.median([b.last_decode_tokens_per_second for b in benchmarks])),
-        peak_rss_mb=peak_rss_mb(),
-        decoded_tokens=[b.last_decode_token_count for b in benchmarks],
-        chat_replies=chat_replies,
-    )
-    print(json.dumps(asdict(run)))
+        run = RuntimeRun(
+            texts=texts,
+            prompt_tokens=benchmarks[0].last_prefill_token_count,
+            init_s=benchmarks[0].init_time_in_second,
+            time_to_first_token_ms=1e3 * float(np.median([b.time_to_first_token_in_second for b in benchmarks])),
+            prefill_tokens_per_s=float(np.median([b.last_prefill_tokens_per_second for b in benchmarks])),
+            decode_tokens_per_s=float(np.median([b.last_decode_tokens_per_second for b in benchmarks])),
+            peak_rss_mb=peak_rss_mb(),
+            decoded_tokens=[b.last_decode_token_count for b in benchmarks],
+            chat_replies=chat_replies,
+        )
+        (args.cache_dir / _RUN_FILE).write_text(json.dumps(asdict(run)))
+        print(_GENERATED, file=sys.stderr, flush=True)
+        if args.task:
+            _answer_tasks(engine, args)
 
 
 if __name__ == "__main__":

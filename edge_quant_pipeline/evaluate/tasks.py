@@ -1,5 +1,5 @@
 """Task accuracy in LiteRT-LM: lm-evaluation-harness tasks answered by a bundle in the runtime itself, as an app
-runs it, in a fresh process (as ``litert_lm.py`` runs it).
+runs it, in the process and with the engine that checked the bundle (``litert_lm.py``).
 
 lm-eval reads the tasks, sends its requests and scores the answers; the model it asks is ``LiteRtLmHarness``:
 
@@ -13,7 +13,8 @@ The runtime prepends the bundle's start token to a session's first prefill, as i
 rolling log-likelihood, so lm-eval's perplexity tasks are refused by name. A context longer than the bundle's
 token budget (its KV cache) less the continuation is cut from the left, as lm-eval's own models cut it.
 
-    python -m edge_quant_pipeline.evaluate.tasks model.litertlm --task demo_cloze --limit 50 --max-tokens 128
+    python -m edge_quant_pipeline.evaluate.litert_lm model.litertlm --prompts-file prompts.json --tokens 16 \
+        --cache-dir /tmp/cache --task demo_cloze --task-limit 50
 
 Tasks are lm-eval's registry names (their data downloaded by ``datasets`` when online), YAML files or folders of
 them (a local task: YAML + JSONL, as lm-eval allows), or the demo's two (``demo/make_tasks.py``): ``demo_cloze``,
@@ -23,27 +24,25 @@ the last word of each held-out sentence among itself and three shuffles of its l
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-from edge_quant_pipeline.evaluate.litert_lm import failure_reason
-
-log = logging.getLogger(__name__)
 
 DEMO_TASK_DIR = Path(__file__).parent.parent / "demo" / "tasks"
 DEMO_TASK_FILES = {"demo_cloze": DEMO_TASK_DIR / "cloze.jsonl", "demo_completion": DEMO_TASK_DIR / "completion.jsonl"}
 # Metrics that are not a task's score: lm-eval's bookkeeping in its results.
 _NOT_SCORES = ("alias", "samples")
-# The child's lines that say how far it got (passed on to the step's log), at most one per task this often.
-_PROGRESS, _PROGRESS_EVERY_S = "task progress: ", 15.0
+# The lines that say how far a task got (the parent passes them on to the step's log), at most one per task this
+# often.
+PROGRESS, _PROGRESS_EVERY_S = "task progress: ", 15.0
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    names: tuple[str, ...]  # lm-eval tasks; empty: none
+    limit: int  # samples per task; 0: all
 
 
 class TaskRunError(RuntimeError):
@@ -95,30 +94,6 @@ def demo_task_configs() -> dict[str, dict]:
     }
 
 
-def run_tasks(bundle: Path, tasks: list[str], limit: int, max_tokens: int) -> list[TaskScore]:
-    """``tasks`` scored by ``bundle`` in LiteRT-LM in a fresh process, at most ``limit`` samples each (0: all),
-    its progress logged as it goes. Its XNNPACK cache goes to a scratch folder beside the bundle, removed when the
-    run ends."""
-    with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.tasks-") as scratch:
-        command = [sys.executable, "-m", __name__, str(bundle), "--limit", str(limit), "--max-tokens", str(max_tokens)]
-        scores = Path(scratch) / "scores.json"
-        command += [a for task in tasks for a in ("--task", task)] + ["--cache-dir", scratch, "--output", str(scores)]
-        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as child:
-            stderr = "".join(_passing_progress_on(child.stderr, bundle))
-        if child.returncode != 0:
-            done = subprocess.CompletedProcess(command, child.returncode, "", stderr)
-            raise TaskRunError(f"tasks {', '.join(tasks)} on {bundle}: {failure_reason(done)}")
-        return [TaskScore(**score) for score in json.loads(scores.read_text())]
-
-
-def _passing_progress_on(lines, bundle: Path):
-    """The child's stderr, its progress lines logged (the step's log, and ``edge-quant run``'s live view)."""
-    for line in lines:
-        if line.startswith(_PROGRESS):
-            log.info("%s (%s)", line.removeprefix(_PROGRESS).strip(), bundle.name)
-        yield line
-
-
 def _harness_class():
     """``LiteRtLmHarness``, defined where lm-eval is imported: the parent process never imports it."""
     from lm_eval.api.model import LM
@@ -138,7 +113,7 @@ def _harness_class():
             if done in (0, total) or now - self.reported >= _PROGRESS_EVERY_S:
                 self.reported = now
                 elapsed = now - self.started
-                print(f"{_PROGRESS}{self.task}: {done} of {total} requests, {elapsed:.0f} s", file=sys.stderr)
+                print(f"{PROGRESS}{self.task}: {done} of {total} requests, {elapsed:.0f} s", file=sys.stderr)
                 sys.stderr.flush()
 
         def _fit(self, context: str, reserved: int) -> str:
@@ -262,35 +237,18 @@ def _scored(harness, task: str, manager, limit: int) -> list[TaskScore]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--task", action="append", required=True)
-    parser.add_argument("--limit", type=int, default=0, help="samples per task; 0: all")
-    parser.add_argument("--max-tokens", type=int, required=True, help="the bundle's token budget (its KV cache)")
-    parser.add_argument("--cache-dir", type=Path, required=True)
-    parser.add_argument("--output", type=Path, help="a JSON file for the scores (default: printed)")
-    args = parser.parse_args()
-    if all(Path(task).exists() or task in DEMO_TASK_FILES for task in args.task):
-        # Local files only: nothing to look up online, and their datasets cache goes with the scratch folder.
+def score_tasks(engine, request: TaskRequest, max_tokens: int, scratch: Path) -> list[TaskScore]:
+    """``request``'s tasks answered by ``engine`` (a LiteRT-LM engine of at most ``max_tokens`` tokens), each
+    timed on its own; the demo's task files, and the datasets cache of local tasks, go to ``scratch``."""
+    if all(Path(task).exists() or task in DEMO_TASK_FILES for task in request.names):
+        # Local files only: nothing to look up online (read by ``datasets`` when lm-eval imports it).
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_CACHE", str(args.cache_dir / "datasets"))
-    import litert_lm
+        os.environ.setdefault("HF_DATASETS_CACHE", str(scratch / "datasets"))
     import lm_eval.evaluator
 
-    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     # lm-eval's report of the environment imports torch (5 s, more than the demo's tasks take) for results of
-    # which this process prints only the scores.
+    # which only the scores are kept.
     lm_eval.evaluator.add_env_info = lambda results: None
-    tasks, manager = _tasks_for(args.task, args.cache_dir)
-    with litert_lm.Engine(
-        str(args.bundle), backend=litert_lm.Backend.CPU(), max_num_tokens=args.max_tokens, cache_dir=str(args.cache_dir)
-    ) as engine:
-        harness = _harness_class()(engine, args.max_tokens)
-        scores = [score for task in tasks for score in _scored(harness, task, manager, args.limit)]
-    result = json.dumps([asdict(score) for score in scores])
-    args.output.write_text(result) if args.output else print(result)
-
-
-if __name__ == "__main__":
-    main()
+    tasks, manager = _tasks_for(list(request.names), scratch)
+    harness = _harness_class()(engine, max_tokens)
+    return [score for task in tasks for score in _scored(harness, task, manager, request.limit)]
