@@ -27,7 +27,12 @@ from edge_quant_pipeline.evaluate.export_proof import prove_export
 from edge_quant_pipeline.evaluate.metrics import compare
 from edge_quant_pipeline.evaluate.reference import TransformersModel
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
-from edge_quant_pipeline.export.exporters import EXPORT_HF_MODEL_TYPES, per_layer_embeddings, plan_export
+from edge_quant_pipeline.export.exporters import (
+    EXPORT_HF_MODEL_TYPES,
+    per_layer_embeddings,
+    plan_export,
+    plan_export_apart,
+)
 from edge_quant_pipeline.export.hf import export_hf_tflite
 from edge_quant_pipeline.export.load import load_language_model, load_transformers_model, per_layer_table
 from edge_quant_pipeline.export.lookup_table import write_lookup_tflite
@@ -255,6 +260,16 @@ def test_auto_takes_the_rebuild_where_it_fits_and_export_hf_where_it_does_not(tm
         plan_export(yarn, tmp_path / "config.json", GENERATIVE_API)
     smollm3 = AutoConfig.for_model("smollm3", **TINY).to_dict()
     assert plan_export(smollm3, tmp_path / "config.json").exporter == EXPORT_HF
+
+
+def test_a_plan_made_in_a_child_is_the_plan_made_here(tmp_path):
+    """Large checkpoints are planned in a child process (its imports stay out of the process that exports next):
+    the same plan, and the same refusal."""
+    llama = AutoConfig.for_model("llama", **TINY).to_dict()
+    yarn = {**llama, "rope_parameters": dict(rope_type="yarn", rope_theta=1e4, factor=4.0)}
+    assert plan_export_apart(yarn, tmp_path / "config.json") == plan_export(yarn, tmp_path / "config.json")
+    with pytest.raises(UnsupportedArchitectureError, match=r"config.json: .* RoPE scaling 'yarn'"):
+        plan_export_apart(yarn, tmp_path / "config.json", GENERATIVE_API)
 
 
 def test_what_neither_exporter_takes_is_refused_before_any_work(tmp_path):

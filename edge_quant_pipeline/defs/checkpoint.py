@@ -15,7 +15,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
-from edge_quant_pipeline.export.exporters import plan_export
+from edge_quant_pipeline.export.exporters import PLAN_APART_BYTES, plan_export, plan_export_apart
 from edge_quant_pipeline.liveness import RUN_PROCESS_EXECUTORS, fail_runs_of_dead_processes, process_tags
 from edge_quant_pipeline.settings import ExporterSettingError
 
@@ -38,7 +38,9 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
     try:
         found = read_checkpoint(_checkpoint_folder(pipeline.checkpoint_dir_path, context.partition_key))
         # Fails here, at the checkpoint, for a family neither of litert-torch's exporters takes.
-        plan = plan_export(found.hf_config, found.path / "config.json", pipeline.export.exporter)
+        weight_bytes = sum(f.stat().st_size for f in weight_files(found.path))
+        planner = plan_export_apart if weight_bytes > PLAN_APART_BYTES else plan_export
+        plan = planner(found.hf_config, found.path / "config.json", pipeline.export.exporter)
         found = replace(found, shape=plan.shape, exporter=plan.exporter, proven_family=plan.proven_family)
     except (CheckpointError, UnsupportedArchitectureError, ExporterSettingError) as error:
         raise dg.Failure(str(error)) from None
@@ -53,6 +55,6 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
             "exporter": found.exporter,
             "proven_family": found.proven_family,  # False: each export is proven (evaluate/export_proof.py)
             "weight_files": ", ".join(f.name for f in weight_files(found.path)),
-            "weight_bytes": sum(f.stat().st_size for f in weight_files(found.path)),
+            "weight_bytes": weight_bytes,
         },
     )

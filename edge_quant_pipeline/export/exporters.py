@@ -15,7 +15,10 @@ uses it (``evaluate/export_proof.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,11 @@ class ExportPlan:
     exporter: str
     shape: ModelShape
     proven_family: bool = True  # False: export_hf's generic path, proven per checkpoint (evaluate/export_proof.py)
+
+
+# Above this many bytes of weights, a checkpoint's plan is made in a child process (``plan_export_apart``).
+PLAN_APART_BYTES = 2 << 30
+_REFUSED = 3  # the planning child's exit status when the checkpoint is refused (its reason on stdout)
 
 
 # What either exporter needs of config.json; a config without one is broken whichever exporter takes it.
@@ -139,3 +147,35 @@ def _refuse_what_export_hf_cannot_export(hf_config: dict[str, Any], config_path:
             f"{config_path}: this Gemma 4 model has mixture-of-experts blocks (enable_moe_block), which are not "
             "supported here; the dense Gemma 4 models (E2B, E4B, 31B) are."
         )
+
+
+def plan_export_apart(hf_config: dict[str, Any], config_path: Path, exporter: str = AUTO) -> ExportPlan:
+    """``plan_export`` in a child process. What it imports to answer (litert-torch's layers, TensorFlow, transformers:
+    1.2 GB resident, 7 s) then stays out of this process, which for a large checkpoint exports it next, beside a
+    float32 copy of the model (at 4B parameters, the 1.2 GB were what took the process tree past 20 GB)."""
+    checked_exporter(exporter)
+    command = [sys.executable, "-m", __name__, str(config_path), exporter]
+    done = subprocess.run(command, input=json.dumps(hf_config), capture_output=True, text=True, errors="replace")
+    if done.returncode == _REFUSED:
+        raise UnsupportedArchitectureError(done.stdout.strip())
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise RuntimeError(f"planning the export of {config_path} failed: {lines[-1] if lines else done.returncode}")
+    plan = json.loads(done.stdout)
+    dims = {component: tuple(sizes) for component, sizes in plan["shape"]["reduction_dims"].items()}
+    return ExportPlan(plan["exporter"], ModelShape(**{**plan["shape"], "reduction_dims": dims}), plan["proven_family"])
+
+
+def main() -> None:
+    """The child of ``plan_export_apart``: config.json's content on stdin, the plan (or the refusal) on stdout."""
+    config_path, exporter = Path(sys.argv[1]), sys.argv[2]
+    try:
+        plan = plan_export(json.loads(sys.stdin.read()), config_path, exporter)
+    except UnsupportedArchitectureError as refusal:
+        print(refusal)
+        sys.exit(_REFUSED)
+    print(json.dumps(asdict(plan)))
+
+
+if __name__ == "__main__":
+    main()
