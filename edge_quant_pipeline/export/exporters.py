@@ -156,12 +156,13 @@ def plan_export_apart(hf_config: dict[str, Any], config_path: Path, exporter: st
     checked_exporter(exporter)
     command = [sys.executable, "-m", __name__, str(config_path), exporter]
     done = subprocess.run(command, input=json.dumps(hf_config), capture_output=True, text=True, errors="replace")
+    answer = done.stdout.strip().splitlines()[-1:]  # its last line: the libraries it imports may print too
     if done.returncode == _REFUSED:
-        raise UnsupportedArchitectureError(done.stdout.strip())
+        raise UnsupportedArchitectureError(answer[0])
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise RuntimeError(f"planning the export of {config_path} failed: {lines[-1] if lines else done.returncode}")
-    plan = json.loads(done.stdout)
+    plan = json.loads(answer[0])
     dims = {component: tuple(sizes) for component, sizes in plan["shape"]["reduction_dims"].items()}
     return ExportPlan(plan["exporter"], ModelShape(**{**plan["shape"], "reduction_dims": dims}), plan["proven_family"])
 
