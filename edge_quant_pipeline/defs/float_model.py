@@ -65,7 +65,7 @@ def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usag
     automation_condition=ON_INPUT_OR_CODE_CHANGE,
     pool="litert_export",
     # Before the float reference, which imports litert-torch into the step's process and leaves it there: the
-    # export's child then runs beside a process that holds neither (1.2 GB less at the run's peak).
+    # export's child then runs beside a process that holds none of it (1.2 GB less at the run's peak).
     op_tags={"dagster/priority": "1"},
 )
 def float_tflite(
