@@ -79,3 +79,10 @@ def flock_holders(path: Path) -> list[int]:
     fields = [line.split() for line in locks if "->" not in line]
     holders = {int(f[4]) for f in fields if len(f) > 5 and f[1] == "FLOCK" and f[5].endswith(f":{inode}")}
     return sorted(holders - {0})  # 0: a process of another pid namespace (a container), which /proc cannot show
+
+
+def last_word(stderr: str, returncode: int) -> str:
+    """Why a child process failed, as the children here say it: the last line it wrote to stderr (an exception's
+    one line), else its exit status."""
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {returncode}"

@@ -41,6 +41,7 @@ from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.health import GenerationHealth, generation_health
 from edge_quant_pipeline.evaluate.tasks import PROGRESS, TaskRequest, TaskScore, score_tasks
 from edge_quant_pipeline.memory import peak_rss_mb
+from edge_quant_pipeline.processes import last_word
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,8 @@ def float_generations(
 def failure_reason(stderr: str, returncode: int) -> str:
     """Why a fresh process running LiteRT-LM failed: the runtime's first error line (glog's "E0000 ...
     file.cc:123] message"; the later ones are its teardown complaining), else Python's last word."""
-    lines = stderr.strip().splitlines()
-    errors = [line.split("] ", 1)[-1] for line in lines if line.startswith("E0000")]
-    return errors[0] if errors else lines[-1] if lines else f"exit code {returncode}"
+    errors = [line.split("] ", 1)[-1] for line in stderr.splitlines() if line.startswith("E0000")]
+    return errors[0] if errors else last_word(stderr, returncode)
 
 
 def _following(lines: Iterable[str], bundle: Path, on_generated: Callable[[], None]) -> Iterator[str]:

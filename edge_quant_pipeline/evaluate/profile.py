@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.memory import peak_rss_mb
+from edge_quant_pipeline.processes import last_word
 from edge_quant_pipeline.runtime.session import InterpreterSession, RuntimeRejectedError
 from edge_quant_pipeline.shapes import ExportSettings
 
@@ -86,8 +87,7 @@ def profile_in_subprocess(tflite: Path, settings: ExportSettings, num_threads: i
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        last_line = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise RuntimeRejectedError(f"LiteRT failed to profile {tflite}: {last_line}")
+        raise RuntimeRejectedError(f"LiteRT failed to profile {tflite}: {last_word(done.stderr, done.returncode)}")
     return RuntimeProfile(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 

@@ -28,6 +28,7 @@ from edge_quant_pipeline.export.architectures import (
     UnsupportedArchitectureError,
     architecture_for,
 )
+from edge_quant_pipeline.processes import last_word
 from edge_quant_pipeline.settings import AUTO, EXPORT_HF, GENERATIVE_API, checked_exporter
 from edge_quant_pipeline.shapes import ModelShape
 
@@ -160,8 +161,7 @@ def plan_export_apart(hf_config: dict[str, Any], config_path: Path, exporter: st
     if done.returncode == _REFUSED:
         raise UnsupportedArchitectureError(answer[0])
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise RuntimeError(f"planning the export of {config_path} failed: {lines[-1] if lines else done.returncode}")
+        raise RuntimeError(f"planning the export of {config_path} failed: {last_word(done.stderr, done.returncode)}")
     plan = json.loads(answer[0])
     dims = {component: tuple(sizes) for component, sizes in plan["shape"]["reduction_dims"].items()}
     return ExportPlan(plan["exporter"], ModelShape(**{**plan["shape"], "reduction_dims": dims}), plan["proven_family"])
