@@ -197,7 +197,7 @@ def pipeline_stages(home: Path, shape: str) -> tuple[list[Stage], dict[str, dict
                     metadata.get("step_cpu_s"),
                     metadata.get("step_peak_rss_mb"),
                     metadata.get("step_estimated_peak_mb"),
-                    _largest_file_read(step, metadata, instance, shape),
+                    _largest_file_read(step, instance, shape),
                 )
             )
     return stages, evaluations
@@ -215,11 +215,12 @@ def _metadata(instance, step: str, partition: str) -> dict:
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
-def _largest_file_read(step: str, metadata: dict, instance, shape: str) -> int | None:
+def _largest_file_read(step: str, instance, shape: str) -> int | None:
     if step == "float_reference":
-        return int(_metadata(instance, "checkpoint", shape).get("weight_bytes", 0))
+        folder = Path(_metadata(instance, "checkpoint", shape)["checkpoint_dir"])
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     if step in ("quantized_tflite", "evaluation"):  # both read the float file, the largest of those they read
-        return int(_metadata(instance, "float_tflite", shape).get("file_bytes", 0))
+        return Path(_metadata(instance, "float_tflite", shape)["tflite"]).stat().st_size
     return None
 
 

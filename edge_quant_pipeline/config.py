@@ -10,7 +10,8 @@ import dagster as dg
 from upath import UPath
 
 from edge_quant_pipeline import settings
-from edge_quant_pipeline.checkpoints.validate import Checkpoint, file_sha256
+from edge_quant_pipeline.checkpoints.digest import file_sha256
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed, Catalog, load_catalog
 from edge_quant_pipeline.settings import (

@@ -1,19 +1,16 @@
 """Checkpoint discovery, validation and hashing on real files."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from edge_quant_pipeline.checkpoints import digest
+from edge_quant_pipeline.checkpoints.digest import hash_checkpoint
 from edge_quant_pipeline.checkpoints.folders import find_checkpoints, scan_checkpoints
-from edge_quant_pipeline.checkpoints.validate import (
-    CheckpointError,
-    count_parameters,
-    hash_checkpoint,
-    model_id_for,
-    read_checkpoint,
-)
+from edge_quant_pipeline.checkpoints.validate import CheckpointError, count_parameters, model_id_for, read_checkpoint
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.export.load import architecture_of, load_float_model
 
@@ -42,6 +39,23 @@ def test_hash_changes_with_one_byte(checkpoint_copy):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert hash_checkpoint(checkpoint_copy) != before
+
+
+def test_a_hash_is_remembered_until_a_file_is_written_again(checkpoint_copy, tmp_path, monkeypatch):
+    """A re-run does not read the checkpoint again; a file written again, even with its size and modification time
+    put back (``cp -p``, ``rsync -t``), is read again: its change time moved."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(digest, "_SETTLE_NS", 0)  # the copy was just written; nothing writes it in this tick
+    first = hash_checkpoint(checkpoint_copy)
+    (remembered,) = (tmp_path / "cache" / "edge-quant" / "checkpoint-sha256").iterdir()
+    remembered.write_text("0" * 64)  # what is remembered is what a re-run gets, without reading the files
+    assert hash_checkpoint(checkpoint_copy) == "0" * 64
+    weights = checkpoint_copy / "model.safetensors"
+    stat, data = weights.stat(), bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert hash_checkpoint(checkpoint_copy) not in (first, "0" * 64)
 
 
 def test_truncated_safetensors_names_the_file(checkpoint_copy):

@@ -155,7 +155,7 @@ def test_sensor_cursor_and_run_keys_survive_a_postgres_restart(
 ):
     from dagster._core.scheduler.instigation import InstigatorType
 
-    from edge_quant_pipeline.checkpoints.validate import hash_checkpoint
+    from edge_quant_pipeline.checkpoints.digest import hash_checkpoint
 
     watched = tmp_path / "checkpoints"
     shutil.copytree(demo_checkpoint_dir, watched / DEMO_MODEL)

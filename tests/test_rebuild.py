@@ -12,7 +12,8 @@ import dagster as dg
 import pytest
 from conftest import DEMO_MODEL, recipe_catalog
 
-from edge_quant_pipeline.checkpoints.validate import file_sha256, read_checkpoint
+from edge_quant_pipeline.checkpoints.digest import file_sha256
+from edge_quant_pipeline.checkpoints.validate import read_checkpoint
 from edge_quant_pipeline.config import EvaluationConfig, PipelineConfig
 from edge_quant_pipeline.definitions import build_definitions
 from edge_quant_pipeline.defs.automation import checkpoint_sensor, nightly_schedules, recipe_sensor

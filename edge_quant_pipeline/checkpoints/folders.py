@@ -8,11 +8,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_quant_pipeline.checkpoints.digest import hash_checkpoint
 from edge_quant_pipeline.checkpoints.validate import (
     ID_RULE,
     UNREADABLE,
     CheckpointError,
-    hash_checkpoint,
     model_id_for,
     validate_checkpoint,
 )

@@ -13,7 +13,6 @@ fix, and one bad folder never hides the others.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.checkpoints.digest import file_sha256, hash_checkpoint
 from edge_quant_pipeline.settings import GENERATIVE_API
 from edge_quant_pipeline.shapes import ModelShape
 
@@ -101,29 +101,6 @@ def model_id_for(checkpoint_dir: Path) -> str:
             "Rename the folder, for example to model-1."
         )
     return model_id
-
-
-def file_sha256(path: Path) -> str | None:
-    """None when there is no such file."""
-    try:
-        with path.open("rb") as stream:
-            return hashlib.file_digest(stream, "sha256").hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-def hash_checkpoint(checkpoint_dir: Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order.
-
-    Raises OSError when a file cannot be read or vanishes while it is read.
-    """
-    digest = hashlib.sha256()
-    for file in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(checkpoint_dir).as_posix().encode() + b"\0")
-        with file.open("rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:

@@ -10,6 +10,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.evaluate.reference import EvalTextError, tokenize
 from edge_quant_pipeline.footprint import model_size
@@ -64,15 +65,17 @@ def calibration(
     context.log.info(f"Calibrated ({need.value}) on {stats.tokens} tokens of {text} ({samples} windows)")
     return dg.Output(
         stats,
-        metadata={
-            "computed": need.value,
-            "calibration_text": dg.MetadataValue.path(str(text)),
-            "calibration_text_sha256": pipeline.calibration_settings()["calibration_text_sha256"],
-            "samples": samples,
-            "tokens": stats.tokens,
-            "layers": len(stats.layers()),
-            "hessian_mb": gram_bytes / 1e6,
-            "statistics": dg.MetadataValue.path(str(stats.path)),
-            **usage.metadata(),
-        },
+        metadata=for_ui(
+            {
+                "computed": need.value,
+                "calibration_text": dg.MetadataValue.path(str(text)),
+                "calibration_text_sha256": pipeline.calibration_settings()["calibration_text_sha256"],
+                "samples": samples,
+                "tokens": stats.tokens,
+                "layers": len(stats.layers()),
+                "hessian_mb": gram_bytes / 1e6,
+                "statistics": dg.MetadataValue.path(str(stats.path)),
+                **usage.metadata(),
+            }
+        ),
     )

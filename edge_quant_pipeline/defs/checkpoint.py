@@ -13,6 +13,7 @@ import dagster as dg
 from edge_quant_pipeline.checkpoints.folders import scan_checkpoints
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError, read_checkpoint, weight_files
 from edge_quant_pipeline.config import PipelineConfig
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.export.architectures import UnsupportedArchitectureError
 from edge_quant_pipeline.export.exporters import PLAN_APART_BYTES, plan_export, plan_export_apart
@@ -47,14 +48,16 @@ def checkpoint(context: dg.AssetExecutionContext, pipeline: PipelineConfig) -> d
     return dg.Output(
         found,
         data_version=dg.DataVersion(found.content_hash),
-        metadata={
-            "checkpoint_dir": dg.MetadataValue.path(str(found.path)),
-            "sha256": found.content_hash,
-            "tokenizer_sha256": found.tokenizer_hash or "none (byte-level)",
-            "model_type": found.hf_config.get("model_type"),
-            "exporter": found.exporter,
-            "proven_family": found.proven_family,  # False: each export is proven (evaluate/export_proof.py)
-            "weight_files": ", ".join(f.name for f in weight_files(found.path)),
-            "weight_bytes": weight_bytes,
-        },
+        metadata=for_ui(
+            {
+                "checkpoint_dir": dg.MetadataValue.path(str(found.path)),
+                "sha256": found.content_hash,
+                "tokenizer_sha256": found.tokenizer_hash or "none (byte-level)",
+                "model_type": found.hf_config.get("model_type"),
+                "exporter": found.exporter,
+                "proven_family": found.proven_family,  # False: each export is proven (evaluate/export_proof.py)
+                "weight_files": ", ".join(f.name for f in weight_files(found.path)),
+                "weight_bytes": weight_bytes,
+            }
+        ),
     )

@@ -10,6 +10,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
@@ -134,7 +135,7 @@ def evaluation(
         "fidelity": dg.MetadataValue.md(result.fidelity_table()),
         **({"tasks": dg.MetadataValue.md(result.task_table())} if result.tasks else {}),
     }
-    yield dg.Output(result, metadata={**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()})
+    yield dg.Output(result, metadata=for_ui({**result.as_dict(), **bundle_metadata, **hotspots, **usage.metadata()}))
     health = result.litert_lm.health if result.litert_lm else None
     gates = [
         *check_gates(result.as_dict(), quant_recipe.gates),
@@ -150,7 +151,7 @@ def evaluation(
         check_name="quality_gates",
         passed=not failed,
         description="; ".join(map(str, failed or gates)) + unchecked,
-        metadata={g.gate: g.value for g in gates},
+        metadata=for_ui({g.gate: g.value for g in gates}),
     )
     if result.litert_lm_error and not failed:  # a gate failure recorded above says enough
         record_failure(pipeline.store, inputs, "litert-lm", result.litert_lm_error)

@@ -7,6 +7,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.evaluation import FloatBaseline
@@ -50,10 +51,12 @@ def float_baseline(
     table = {"task_scores": dg.MetadataValue.md(baseline.table())} if baseline.scores else {}
     return dg.Output(
         baseline,
-        metadata={
-            **baseline.as_dict(),
-            **table,
-            **({"not_measured": baseline.reason} if baseline.reason else {}),
-            **metadata,
-        },
+        metadata=for_ui(
+            {
+                **baseline.as_dict(),
+                **table,
+                **({"not_measured": baseline.reason} if baseline.reason else {}),
+                **metadata,
+            }
+        ),
     )

@@ -14,6 +14,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import StepUsage, admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.partitions import model_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.evaluate.export_proof import prove_export
@@ -89,17 +90,19 @@ def float_tflite(
         raise dg.Failure(str(error)) from None
     return dg.Output(
         exported,
-        metadata={
-            "tflite": dg.MetadataValue.path(str(exported.path)),
-            **exported.embedder_metadata(),
-            "file_bytes": exported.file_bytes,
-            "weight_bytes": exported.weight_bytes,
-            "signatures": f"{pipeline.export_settings.prefill_signature}, decode",
-            "kv_cache_len": pipeline.export_settings.kv_cache_len,
-            "exporter": checkpoint.exporter,
-            **(exported.export_proof.as_dict() if exported.export_proof else {}),
-            **usage.metadata(),
-        },
+        metadata=for_ui(
+            {
+                "tflite": dg.MetadataValue.path(str(exported.path)),
+                **exported.embedder_metadata(),
+                "file_bytes": exported.file_bytes,
+                "weight_bytes": exported.weight_bytes,
+                "signatures": f"{pipeline.export_settings.prefill_signature}, decode",
+                "kv_cache_len": pipeline.export_settings.kv_cache_len,
+                "exporter": checkpoint.exporter,
+                **(exported.export_proof.as_dict() if exported.export_proof else {}),
+                **usage.metadata(),
+            }
+        ),
     )
 
 
@@ -156,12 +159,14 @@ def float_reference(
     context.log.info(f"PyTorch float perplexity {reference.perplexity:.3f} over {reference.eval_tokens} tokens")
     return dg.Output(
         reference,
-        metadata={
-            "perplexity": reference.perplexity,
-            "eval_tokens": reference.eval_tokens,
-            "eval_text": dg.MetadataValue.path(pipeline.evaluation.text),
-            "eval_text_sha256": eval_text_sha256,
-            "reference": dg.MetadataValue.path(str(reference.path)),
-            **usage.metadata(),
-        },
+        metadata=for_ui(
+            {
+                "perplexity": reference.perplexity,
+                "eval_tokens": reference.eval_tokens,
+                "eval_text": dg.MetadataValue.path(pipeline.evaluation.text),
+                "eval_text_sha256": eval_text_sha256,
+                "reference": dg.MetadataValue.path(str(reference.path)),
+                **usage.metadata(),
+            }
+        ),
     )

@@ -5,6 +5,7 @@ import dagster as dg
 from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.conditions import ON_CHECKED_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import bundle_path
@@ -65,15 +66,17 @@ def published_artifact(
         context.log.info(f"Removed {version.describe()} (EDGE_QUANT_KEEP_VERSIONS={keep})")
     return dg.Output(
         artifact,
-        metadata={
-            "artifact_path": dg.MetadataValue.path(str(artifact.path)),
-            "version": artifact.version,
-            "number": version_number(manifest),
-            "previous_version": manifest.get("previous_version") or "",
-            "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
-            "newly_published": artifact.newly_published,
-            "versions_removed": len(removed),
-            "exporter": checkpoint.exporter,
-            **evaluation.as_dict(),
-        },
+        metadata=for_ui(
+            {
+                "artifact_path": dg.MetadataValue.path(str(artifact.path)),
+                "version": artifact.version,
+                "number": version_number(manifest),
+                "previous_version": manifest.get("previous_version") or "",
+                "delta": dg.MetadataValue.json(manifest.get("delta") or {}),
+                "newly_published": artifact.newly_published,
+                "versions_removed": len(removed),
+                "exporter": checkpoint.exporter,
+                **evaluation.as_dict(),
+            }
+        ),
     )

@@ -9,6 +9,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_recipe_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
@@ -106,17 +107,19 @@ def quantized_tflite(
     context.log.info(f"{recipe.name}: {quantized.file_bytes} bytes, {ratio:.2f}x smaller than float")
     yield dg.Output(
         quantized,
-        metadata={
-            "tflite": dg.MetadataValue.path(str(output)),
-            **quantized.embedder_metadata(),
-            "file_bytes": quantized.file_bytes,
-            "weight_bytes": quantized.weight_bytes,
-            "file_ratio_vs_float": ratio,
-            "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
-            "weights_by_component": dg.MetadataValue.md(table),
-            "spec": dg.MetadataValue.json(recipe.spec()),
-            **usage.metadata(),
-        },
+        metadata=for_ui(
+            {
+                "tflite": dg.MetadataValue.path(str(output)),
+                **quantized.embedder_metadata(),
+                "file_bytes": quantized.file_bytes,
+                "weight_bytes": quantized.weight_bytes,
+                "file_ratio_vs_float": ratio,
+                "weight_ratio_vs_float": float_tflite.weight_bytes / quantized.weight_bytes,
+                "weights_by_component": dg.MetadataValue.md(table),
+                "spec": dg.MetadataValue.json(recipe.spec()),
+                **usage.metadata(),
+            }
+        ),
     )
     mismatches = [row for row in rows if not row.ok]
     description = f"{len(mismatches)} of {len(rows)} components differ from the recipe: " + ", ".join(

@@ -10,6 +10,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
+from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
@@ -153,10 +154,12 @@ def resolved_recipe(
     return dg.Output(
         resolved,
         data_version=dg.DataVersion(resolved.recipe.spec_hash),
-        metadata={
-            "spec": dg.MetadataValue.json(resolved.recipe.spec()),
-            "spec_sha256": resolved.recipe.spec_hash,
-            "searched": resolved.trace is not None,
-            **metadata,
-        },
+        metadata=for_ui(
+            {
+                "spec": dg.MetadataValue.json(resolved.recipe.spec()),
+                "spec_sha256": resolved.recipe.spec_hash,
+                "searched": resolved.trace is not None,
+                **metadata,
+            }
+        ),
     )
