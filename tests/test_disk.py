@@ -1,6 +1,7 @@
 """Disk is checked before files are written: a step that would fill it is refused, naming the folder and the
 variable that points elsewhere, and nothing is written (the published versions stay as they were)."""
 
+import hashlib
 import os
 import shutil
 
@@ -34,3 +35,18 @@ def test_a_version_that_does_not_fit_in_the_store_is_not_written(tmp_path):
         publish(store, ArtifactInputs("model", "float", "c2", "r1", {}), huge, {"file_bytes": 1}, {})
     assert [m["checkpoint_sha256"] for m in published_versions(store, "model", "float")] == ["c1"]
     assert sorted(p.name for p in (tmp_path / "store" / "model" / "float").iterdir() if p.name.startswith(".v-")) == []
+
+
+def test_a_bundle_on_the_stores_filesystem_is_linked_not_copied(tmp_path):
+    """A 3B model's float bundle is 12 GB: published from the work folder's filesystem, it takes no more disk."""
+    from edge_quant_pipeline.evaluate.bundle import bundle_path
+
+    tflite = tmp_path / "work" / "int8-abc.tflite"
+    tflite.parent.mkdir()
+    tflite.write_bytes(os.urandom(1000))
+    bundle_path(tflite).write_bytes(os.urandom(3000))
+    store = ArtifactStore(url=str(tmp_path / "store")).root
+    artifact = publish(store, ArtifactInputs("model", "int8", "c1", "r1", {}), tflite, {"file_bytes": 1000}, {})
+    published = tmp_path / "store" / "model" / "int8" / artifact.version / "model.litertlm"
+    assert published.samefile(bundle_path(tflite))
+    assert artifact.manifest["bundle_sha256"] == hashlib.sha256(published.read_bytes()).hexdigest()

@@ -209,6 +209,20 @@ def _copy_hashing(source: Path, target: UPath) -> str:
     return atomic.copy_hashing(source, target, COPY_CHUNK)
 
 
+def _link_or_copy_hashing(source: Path, target: UPath) -> str:
+    """A bundle (as large as its model: 12 GB for a 3B float model) is hard-linked into a local store on the work
+    folder's filesystem, not copied: bundles are written whole to a new file (``atomic_path``) and never in place, so
+    the work folder's name for it can never change the published one. Elsewhere, copied."""
+    if is_local(target) and _same_filesystem(source, Path(target.path).parent):
+        with atomic.link_or_copy(source, Path(target.path)).open("rb") as linked:
+            return hashlib.file_digest(linked, "sha256").hexdigest()
+    return _copy_hashing(source, target)
+
+
+def _same_filesystem(path: Path, folder: Path) -> bool:
+    return path.stat().st_dev == folder.stat().st_dev
+
+
 def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``evaluate/bundle.py``); the manifest
     that will make them a version, with their hashes."""
@@ -220,7 +234,7 @@ def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[
     if embedders:
         manifest["embedder_sha256"] = embedders
     if bundle_path(tflite).exists():
-        manifest["bundle_sha256"] = _copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
+        manifest["bundle_sha256"] = _link_or_copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
         manifest["bundle_builder"] = f"{BUILDER_PACKAGE}=={builder_version()}"
     return _with_card(folder, manifest)
 
@@ -232,10 +246,12 @@ def _with_card(folder: UPath, manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "model_card_sha256": hashlib.sha256(card).hexdigest()}
 
 
-def _version_bytes(tflite: Path) -> int:
-    """What a version of ``tflite`` holds: the model, its embedders and its bundle."""
-    bundle = [bundle_path(tflite)] if bundle_path(tflite).exists() else []
-    return sum(path.stat().st_size for path in (tflite, *embedders_of(tflite).values(), *bundle))
+def _version_bytes(tflite: Path, folder: Path) -> int:
+    """What a version of ``tflite`` in ``folder`` takes of its disk: the model, its embedders and its bundle, unless
+    the bundle is linked there (``_link_or_copy_hashing``)."""
+    bundle = bundle_path(tflite)
+    copied = [bundle] if bundle.exists() and not _same_filesystem(bundle, folder) else []
+    return sum(path.stat().st_size for path in (tflite, *embedders_of(tflite).values(), *copied))
 
 
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +399,7 @@ def publish(
             versions = published_versions(store, inputs.model_id, inputs.recipe)
             number = version_number(versions[-1]) + 1 if versions else 1
             manifest = _new_manifest(store, inputs, target, metrics, details, number)
-            check_free_disk(Path(recipe_dir.path), _version_bytes(tflite), ARTIFACT_DIR_VARIABLE)
+            check_free_disk(Path(recipe_dir.path), _version_bytes(tflite, Path(recipe_dir.path)), ARTIFACT_DIR_VARIABLE)
             manifest = _write_version_locally(Path(target.path), tflite, manifest)
         elif newly_published:
             manifest, newly_published = _write_version_to_object_store(store, inputs, target, tflite, metrics, details)
