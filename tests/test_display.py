@@ -21,7 +21,10 @@ def test_floats_keep_the_digits_they_carry_and_stay_numbers():
     shown = for_ui({"perplexity_ratio": 1.003456789, "mean_kl": 0.000321456789, "mean_kl_error": 0.0000123456})
     assert shown == {"perplexity_ratio": 1.003, "mean_kl": 0.0003215, "mean_kl_error": 1.2e-05}
     assert for_ui({"step_peak_rss_mb": 19370.4567, "step_cpu_s": 136.2468})["step_peak_rss_mb"] == 19370.0
-    assert for_ui({"step_cpu_s": 136.2468})["step_cpu_s"] == 136.2
+    times = for_ui(
+        {"step_cpu_s": 136.2468, "step_waited_s": 0.001211, "prefill_ms": 0.8049, "decode_tokens_per_s": 3485.4}
+    )
+    assert times == {"step_cpu_s": 136.25, "step_waited_s": 0.0, "prefill_ms": 0.8, "decode_tokens_per_s": 3485.0}
 
 
 def test_what_is_not_a_measurement_passes_as_it_is():

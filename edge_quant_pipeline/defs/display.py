@@ -1,7 +1,7 @@
 """Measurements as the UI shows them: byte counts as sizes, numbers to the digits they carry.
 
 Raw values go to the manifest and the report; a step's metadata is for reading, so ``12345678`` bytes reads
-``12.3 MB`` (under ``*_size``) and ``0.000321456789`` reads ``0.0003215``. Numbers stay numbers, so the UI can
+``12.3 MB`` (under ``*_size``), ``0.000321456789`` reads ``0.0003215`` and a step's 0.0012 s of waiting ``0.0``. Numbers stay numbers, so the UI can
 still plot them across materializations; units are in the names (``_ms``, ``_s``, ``_mb``, ``_db``, ``_per_s``).
 """
 
@@ -33,6 +33,8 @@ def _shown(name: str, value: Any) -> tuple[str, Any]:
     if isinstance(value, float):
         if name.endswith("_mb"):  # memory: a megabyte is finer than anything measured here
             return name, round(value, 0)
+        if name.endswith(("_s", "_ms")) and not name.endswith("_per_s"):  # a time: to a hundredth of its unit
+            return name, round(value, 2)
         return name, _significant(value, ERROR_SIGNIFICANT if name.endswith("_error") else SIGNIFICANT)
     return name, value
 
