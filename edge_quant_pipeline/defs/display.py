@@ -1,8 +1,9 @@
 """Measurements as the UI shows them: byte counts as sizes, numbers to the digits they carry.
 
 Raw values go to the manifest and the report; a step's metadata is for reading, so ``12345678`` bytes reads
-``12.3 MB`` (under ``*_size``), ``0.000321456789`` reads ``0.0003215`` and a step's 0.0012 s of waiting ``0.0``. Numbers stay numbers, so the UI can
-still plot them across materializations; units are in the names (``_ms``, ``_s``, ``_mb``, ``_db``, ``_per_s``).
+``12.3 MB`` (under ``*_size``), ``0.000321456789`` reads ``0.0003215``, and a step's 0.0012 s of waiting reads
+``0.0``. Numbers stay numbers, so the UI can still plot them across materializations; units are in the names
+(``_ms``, ``_s``, ``_mb``, ``_db``, ``_per_s``).
 """
 
 from collections.abc import Mapping

@@ -14,7 +14,7 @@ from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_recipe_partitions
 from edge_quant_pipeline.disk import NotEnoughDiskError, check_free_disk
 from edge_quant_pipeline.export.load import architecture_of
-from edge_quant_pipeline.footprint import model_size
+from edge_quant_pipeline.footprint import model_size, quantize_disk_bytes
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.publish.store import record_failure
 from edge_quant_pipeline.quantize.apply import QuantizationError, quantize_model
@@ -81,8 +81,7 @@ def quantized_tflite(
     shape = checkpoint.shape or architecture_of(checkpoint).shape
     output = pipeline.work_path(checkpoint) / f"{recipe.name}-{recipe.spec_hash[:12]}.tflite"
     try:
-        # the quantized file and, at evaluation, its bundle: at most the float file's size together
-        check_free_disk(output.parent, float_tflite.file_bytes, WORK_DIR_VARIABLE)
+        check_free_disk(output.parent, quantize_disk_bytes(float_tflite.file_bytes, recipe), WORK_DIR_VARIABLE)
         size = model_size(checkpoint, pipeline, float_tflite.model_bytes)
         if recipe.needs_calibration:  # its statistics are loaded too (and downloaded only then)
             calibration = pipeline.work.localize(calibration)

@@ -122,6 +122,14 @@ class Recipe:
         return hashlib.sha256(json.dumps([self.spec(), dict(self.gates)], sort_keys=True).encode()).hexdigest()
 
     @property
+    def stored_share(self) -> float:
+        """At most this share of the float32 file do its weights take once quantized (the disk a quantization
+        needs): its widest scheme's; 1.0 where some weights may stay float32 (no default scheme, or a search)."""
+        if self.search or self.default is None:
+            return 1.0
+        return max(q.scheme.stored_bits for q in self.quantizations_used()) / 32
+
+    @property
     def writes_fp16(self) -> bool:
         return any(q.scheme.is_float for q in self.quantizations_used())
 

@@ -64,6 +64,11 @@ class Scheme:
         return self.weight is WeightType.FP16
 
     @property
+    def stored_bits(self) -> float:
+        """Bits a weight takes in the file: its own, and its share of its block's float32 scale."""
+        return self.weight.value + (32 / self.block_size if self.block_size else 0)
+
+    @property
     def is_static(self) -> bool:
         return self.compute.activation_bits is not None
 
