@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def hash_checkpoint(checkpoint_dir: Path) -> str:
     """
     state = _files_state(checkpoint_dir)
     remembered = _remembered(state)
-    if remembered.is_file():
-        return remembered.read_text()
+    if remembered.is_file() and re.fullmatch("[0-9a-f]{64}", known := remembered.read_text()):
+        return known
     digest = hashlib.sha256()
     for file in _files(checkpoint_dir):
         digest.update(file.relative_to(checkpoint_dir).as_posix().encode() + b"\0")
