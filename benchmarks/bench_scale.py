@@ -217,8 +217,10 @@ def _metadata(instance, step: str, partition: str) -> dict:
 
 def _largest_file_read(step: str, instance, shape: str) -> int | None:
     if step == "float_reference":
+        from edge_quant_pipeline.checkpoints.validate import weight_files
+
         folder = Path(_metadata(instance, "checkpoint", shape)["checkpoint_dir"])
-        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        return sum(f.stat().st_size for f in weight_files(folder))
     if step in ("quantized_tflite", "evaluation"):  # both read the float file, the largest of those they read
         return Path(_metadata(instance, "float_tflite", shape)["tflite"]).stat().st_size
     return None

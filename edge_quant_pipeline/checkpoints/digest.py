@@ -58,11 +58,16 @@ def _files(checkpoint_dir: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.rglob("*") if p.is_file())
 
 
+def file_stats(checkpoint_dir: Path) -> list[tuple[str, os.stat_result]]:
+    """Each file's path relative to the folder and its ``stat``, sorted. Raises OSError when a file vanishes
+    between listing and stat."""
+    return [(f.relative_to(checkpoint_dir).as_posix(), f.stat()) for f in _files(checkpoint_dir)]
+
+
 def _files_state(checkpoint_dir: Path) -> list[tuple]:
-    stats = [(f.relative_to(checkpoint_dir).as_posix(), f.stat()) for f in _files(checkpoint_dir)]
     return [
         (str(checkpoint_dir.resolve()), name, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino, s.st_dev)
-        for name, s in stats
+        for name, s in file_stats(checkpoint_dir)
     ]
 
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_quant_pipeline.checkpoints.digest import hash_checkpoint
+from edge_quant_pipeline.checkpoints.digest import file_stats, hash_checkpoint
 from edge_quant_pipeline.checkpoints.validate import (
     ID_RULE,
     UNREADABLE,
@@ -92,8 +92,7 @@ class SeenCheckpoint:
 
 def folder_signature(path: Path) -> str:
     """Raises OSError when a file vanishes between listing and stat."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return json.dumps([(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    return json.dumps([(name, stat.st_size, stat.st_mtime_ns) for name, stat in file_stats(path)])
 
 
 def look_again(path: Path, previous: SeenCheckpoint | None) -> SeenCheckpoint:
