@@ -4,6 +4,7 @@ Each test builds a tiny random model with transformers (no downloads), saves it 
 ``save_pretrained`` and loads the folder the way the pipeline does.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -37,7 +38,7 @@ from edge_quant_pipeline.export.architectures import (
     UnsupportedArchitectureError,
     architecture_for,
 )
-from edge_quant_pipeline.export.generative import export_float_tflite
+from edge_quant_pipeline.export.generative import IN_PROCESS_PARAMETERS, export_float_tflite, export_rebuilt_tflite
 from edge_quant_pipeline.export.load import architecture_of, load_float_model
 from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.conformance import check_conformance
@@ -291,3 +292,13 @@ def test_converted_model_matches_float_in_the_interpreter(tmp_path, family, over
         rows = check_conformance(recipe, read_weights(quantized), architecture_of(checkpoint).shape)
         assert [r for r in rows if not r.ok] == []
         assert {r.actual.dtype for r in rows if r.component == "lm_head"} == {"INT4"}
+
+
+def test_an_export_in_a_child_writes_what_one_in_the_step_writes(tmp_path, demo_checkpoint_dir, demo_export):
+    """Models under IN_PROCESS_PARAMETERS export in the step's process, larger ones in a child: the same file."""
+    checkpoint = read_checkpoint(demo_checkpoint_dir)
+    assert 0 < checkpoint.parameters < IN_PROCESS_PARAMETERS  # the demo goes the in-process way in the pipeline
+    uncounted = dataclasses.replace(checkpoint, parameters=0)  # a model whose size is not known goes to a child
+    child_peak_mb = export_rebuilt_tflite(uncounted, ExportSettings(), tmp_path / "float.tflite")
+    assert child_peak_mb > 500  # measured in the child: torch and litert-torch at least
+    assert (tmp_path / "float.tflite").read_bytes() == demo_export[1].read_bytes()

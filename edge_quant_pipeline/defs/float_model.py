@@ -57,7 +57,7 @@ def _export(checkpoint: Checkpoint, pipeline: PipelineConfig, output: Path, usag
         embedders = per_layer_embeddings(checkpoint.hf_config)
         usage.child_peak_rss_mb = export_hf_tflite(checkpoint.path, settings, output, externalize_embedder=embedders)
     else:
-        usage.child_peak_rss_mb = export_rebuilt_tflite(checkpoint.path, settings, output)
+        usage.child_peak_rss_mb = export_rebuilt_tflite(checkpoint, settings, output)
     return output
 
 

@@ -14,7 +14,7 @@ rolling log-likelihood, so lm-eval's perplexity tasks are refused by name. A con
 token budget (its KV cache) less the continuation is cut from the left, as lm-eval's own models cut it.
 
     python -m edge_quant_pipeline.evaluate.litert_lm model.litertlm --prompts-file prompts.json --tokens 16 \
-        --cache-dir /tmp/cache --task demo_cloze --task-limit 50 --max-tokens 128
+        --scratch-dir /tmp/scratch --task demo_cloze --task-limit 50 --max-tokens 128
 
 Tasks are lm-eval's registry names (their data downloaded by ``datasets`` when online), YAML files or folders of
 them (a local task: YAML + JSONL, as lm-eval allows), or the demo's two (``demo/make_tasks.py``): ``demo_cloze``,

@@ -1,7 +1,8 @@
-"""Exports run in a child process, by both exporters (``generative.py``, ``hf.py``).
+"""Exports run in a child process, by both exporters (``generative.py``, ``hf.py``; the Generative API's of a model
+below ``generative.IN_PROCESS_PARAMETERS`` in the step's process).
 
-The step's process never holds what an export allocates: litert-torch keeps most of its peak after the export
-returns (measured in one process, a Qwen2.5-0.5B shape through the Generative API: 3.3 GB resident after the
+The step's process never holds what an export of a real model allocates: litert-torch keeps most of its peak after
+the export returns (measured in one process, a Qwen2.5-0.5B shape through the Generative API: 3.3 GB resident after the
 export, 1.2 GB of it imports, not given back by a collection nor ``malloc_trim``; about 13 GB after a Llama 3.2
 3B shape's, beside which the float bundle's LiteRT-LM check took the machine to 21.5 GB). A child hands it all
 back to the machine when it exits, and its peak is measured apart (the step's metadata counts it).

@@ -1,6 +1,6 @@
 """The Generative API rebuild's export: litert-torch's own layers (``architectures.py``) lowered to a float
-``.tflite`` with prefill and decode signatures, once per checkpoint, in a child process (``child.py`` says why).
-Run as a module, it is that child:
+``.tflite`` with prefill and decode signatures, once per checkpoint, in a child process (``child.py`` says why)
+unless the model is small enough for the step's own process. Run as a module, it is that child:
 
     python -m edge_quant_pipeline.export.generative <checkpoint folder> <output folder> --kv-cache-len 128
 """
@@ -11,25 +11,46 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.checkpoints.validate import Checkpoint, read_checkpoint
 from edge_quant_pipeline.export.child import (
+    ExportError,
     child_done,
     child_failed,
+    error_line,
     export_scratch,
     exported_by_child,
     start_child,
 )
 from edge_quant_pipeline.shapes import ExportSettings
 
+_EXPORTER = "litert-torch's Generative API"
+# Below this many parameters the export runs in the step's process, which has imported litert-torch already to plan
+# it (checkpoints below PLAN_APART_BYTES): what litert-torch keeps after an export (about 4 bytes per parameter,
+# measured at 0.5B) is then under 0.2 GB, less than a child's own import of it holds (1.2 GB), and the 5 s that
+# import takes are saved. Larger models export in a child, which hands all of it back when it exits.
+IN_PROCESS_PARAMETERS = 50_000_000
 
-def export_rebuilt_tflite(checkpoint_dir: Path, settings: ExportSettings, output: Path) -> float:
-    """The checkpoint rebuilt from litert-torch's layers and exported to ``output`` by ``export_float_tflite``, in
-    a child process; returns the child's peak RSS in MB."""
-    with exported_by_child("litert-torch's Generative API", __name__, checkpoint_dir, settings, output) as (
-        scratch,
-        peak_mb,
-    ):
+
+def export_rebuilt_tflite(checkpoint: Checkpoint, settings: ExportSettings, output: Path) -> float:
+    """The checkpoint rebuilt from litert-torch's layers and exported to ``output`` by ``export_float_tflite``, here
+    for a model of fewer than ``IN_PROCESS_PARAMETERS`` or in a child process; returns the child's peak RSS in MB
+    (0 here: the step's own peak counts it)."""
+    if 0 < checkpoint.parameters < IN_PROCESS_PARAMETERS:  # 0: not counted
+        try:
+            _export_checkpoint(checkpoint, settings, output)
+        except Exception as error:
+            raise ExportError(f"{_EXPORTER} could not export {checkpoint.path}: {error_line(error)}") from error
+        return 0.0
+    with exported_by_child(_EXPORTER, __name__, checkpoint.path, settings, output) as (scratch, peak_mb):
         os.replace(scratch / "model.tflite", output)
     return peak_mb
+
+
+def _export_checkpoint(checkpoint: Checkpoint, settings: ExportSettings, output: Path) -> None:
+    from edge_quant_pipeline.export.load import architecture_of, load_float_model
+
+    model = load_float_model(checkpoint, settings.kv_cache_len)
+    export_float_tflite(model, architecture_of(checkpoint).model_config, settings, output)
 
 
 def export_float_tflite(
@@ -65,14 +86,9 @@ def export_float_tflite(
 
 def main() -> None:
     args = start_child(__doc__.splitlines()[0]).parse_args()
-    from edge_quant_pipeline.checkpoints.validate import read_checkpoint
-    from edge_quant_pipeline.export.load import architecture_of, load_float_model
-
-    settings = ExportSettings(args.prefill_len, args.kv_cache_len)
     try:
-        checkpoint = read_checkpoint(args.checkpoint_dir)
-        model = load_float_model(checkpoint, settings.kv_cache_len)
-        export_float_tflite(model, architecture_of(checkpoint).model_config, settings, args.output_dir / "model.tflite")
+        settings = ExportSettings(args.prefill_len, args.kv_cache_len)
+        _export_checkpoint(read_checkpoint(args.checkpoint_dir), settings, args.output_dir / "model.tflite")
     except Exception as error:
         child_failed(error)
     child_done(args.output_dir)
