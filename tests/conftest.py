@@ -7,6 +7,7 @@ pytest-xdist every test of the golden build runs on one worker, which builds it 
 """
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,16 @@ def demo_calibration(tmp_path_factory, demo_export, demo_checkpoint_dir):
     tokens = tokenize(DEFAULT_CALIBRATION_TEXT, demo_checkpoint_dir, 256)
     output = tmp_path_factory.mktemp("demo-calibration")
     return calibrate(demo_export[1], tokens, ExportSettings(), 4, DEFAULT_CALIBRATION_TEXT, 2, output)
+
+
+@pytest.fixture
+def elsewhere(tmp_path) -> Path:
+    """A folder on another filesystem than ``tmp_path`` (tmpfs), from which publishing copies instead of linking."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no tmpfs at /dev/shm on another filesystem")
+    with tempfile.TemporaryDirectory(dir=shm) as folder:
+        yield Path(folder)
 
 
 @pytest.fixture(scope="session")

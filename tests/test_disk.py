@@ -22,13 +22,14 @@ def test_a_step_that_would_fill_the_disk_is_refused_with_what_it_needs(tmp_path)
     assert not folder.exists()
 
 
-def test_a_version_that_does_not_fit_in_the_store_is_not_written(tmp_path):
+def test_a_version_that_does_not_fit_in_the_store_is_not_written(tmp_path, elsewhere):
+    """Copied from another filesystem (from the store's own, a version is linked and takes no room)."""
     store = ArtifactStore(url=str(tmp_path / "store")).root
     inputs = ArtifactInputs("model", "float", "c1", "r1", {})
-    small = tmp_path / "small.tflite"
+    small = elsewhere / "small.tflite"
     small.write_bytes(os.urandom(1000))
     publish(store, inputs, small, {"file_bytes": 1000}, {})
-    huge = tmp_path / "huge.tflite"  # sparse: as large as the disk says it is free, holding nothing
+    huge = elsewhere / "huge.tflite"  # sparse: as large as the store's disk says it is free, holding nothing
     with huge.open("wb") as stream:
         stream.truncate(shutil.disk_usage(tmp_path).free)
     with pytest.raises(NotEnoughDiskError, match="set EDGE_QUANT_ARTIFACT_DIR to a disk with room"):
@@ -37,19 +38,29 @@ def test_a_version_that_does_not_fit_in_the_store_is_not_written(tmp_path):
     assert sorted(p.name for p in (tmp_path / "store" / "model" / "float").iterdir() if p.name.startswith(".v-")) == []
 
 
-def test_a_bundle_on_the_stores_filesystem_is_linked_not_copied(tmp_path):
-    """A 3B model's float bundle is 12 GB: published from the work folder's filesystem, it takes no more disk."""
+def test_a_version_on_the_stores_filesystem_is_linked_not_copied(tmp_path):
+    """A 2B model's float files and bundle are 20 GB each: published from the work folder's filesystem, they take no
+    more disk."""
+    from edge_quant_pipeline.embedders import embedder_path
     from edge_quant_pipeline.evaluate.bundle import bundle_path
 
     tflite = tmp_path / "work" / "int8-abc.tflite"
     tflite.parent.mkdir()
     tflite.write_bytes(os.urandom(1000))
+    embedder_path(tflite, "embedder").write_bytes(os.urandom(2000))
     bundle_path(tflite).write_bytes(os.urandom(3000))
     store = ArtifactStore(url=str(tmp_path / "store")).root
     artifact = publish(store, ArtifactInputs("model", "int8", "c1", "r1", {}), tflite, {"file_bytes": 1000}, {})
-    published = tmp_path / "store" / "model" / "int8" / artifact.version / "model.litertlm"
-    assert published.samefile(bundle_path(tflite))
-    assert artifact.manifest["bundle_sha256"] == hashlib.sha256(published.read_bytes()).hexdigest()
+    version = tmp_path / "store" / "model" / "int8" / artifact.version
+    work_files = {
+        "model.tflite": tflite,
+        "model.embedder.tflite": embedder_path(tflite, "embedder"),
+        "model.litertlm": bundle_path(tflite),
+    }
+    for name, work_file in work_files.items():
+        assert (version / name).samefile(work_file)
+    assert artifact.manifest["model_sha256"] == hashlib.sha256(tflite.read_bytes()).hexdigest()
+    assert artifact.manifest["bundle_sha256"] == hashlib.sha256(bundle_path(tflite).read_bytes()).hexdigest()
 
 
 def test_a_quantization_needs_the_disk_its_recipe_writes():

@@ -167,6 +167,7 @@ def test_error_hotspots_name_layers(golden_instance):
 def test_damaged_weights_fail_the_gate_and_are_not_published(demo_sandbox):
     """A quantized model whose weights were damaged after quantization is caught by its
     quality gate: the blocking check fails, nothing is published, the report says why."""
+    from edge_quant_pipeline.atomic import write_atomically
     from edge_quant_pipeline.definitions import build_definitions
     from edge_quant_pipeline.publish.store import FAILURE_RECORD
 
@@ -175,7 +176,8 @@ def test_damaged_weights_fail_the_gate_and_are_not_published(demo_sandbox):
     quantized = Path(metadata(instance, "quantized_tflite", str(partition))["tflite"])
     published_before = metadata(instance, "published_artifact", str(partition))
     original = quantized.read_bytes()
-    quantized.write_bytes(scramble_weights(quantized, "feedforward"))
+    # A new file, as the pipeline writes every work file: the published version is a hard link of the old one.
+    write_atomically(quantized, scramble_weights(quantized, "feedforward"))
     job = build_definitions(pipeline).resolve_job_def("quantize_evaluate_publish")
     selection = [dg.AssetKey("evaluation"), dg.AssetKey("published_artifact")]
     result = job.execute_in_process(
@@ -188,7 +190,7 @@ def test_damaged_weights_fail_the_gate_and_are_not_published(demo_sandbox):
     record = json.loads(failure.read_text())
     assert record["stage"] == "quality gate" and "perplexity_ratio" in record["error"]
     # The file as it was passes again, and the failure record goes.
-    quantized.write_bytes(original)
+    write_atomically(quantized, original)
     assert job.execute_in_process(partition_key=partition, instance=instance, asset_selection=selection).success
     assert not failure.exists()
 

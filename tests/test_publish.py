@@ -176,11 +176,14 @@ def test_champion_pointer_moves_only_when_the_champion_changes(store):
 
 
 def test_published_files_have_the_permissions_the_umask_gives(tmp_path, tflite):
-    """Not mkstemp's and mkdtemp's private 0600 and 0700: a web server or another account reads the store."""
+    """Not mkstemp's and mkdtemp's private 0600 and 0700: a web server or another account reads the store. (The
+    model file is a hard link of the work folder's, which the pipeline writes under the same umask.)"""
     store = ArtifactStore(url=str(tmp_path / "store")).root
     previous = os.umask(0o027)
     try:
-        publish(store, inputs("c1"), tflite, METRICS, {})
+        work_file = tmp_path / "work.tflite"
+        work_file.write_bytes(tflite.read_bytes())
+        publish(store, inputs("c1"), work_file, METRICS, {})
         record_failure(store, inputs(recipe="fp16"), "evaluation", "quality gate")
         point_champion(store, "model", {"recipe": "int8", "version": inputs("c1").version})
     finally:
@@ -204,10 +207,10 @@ publish(store, ArtifactInputs("model", "int8", "c1", "r1", {}), tflite, {"file_b
 """
 
 
-def test_a_publish_killed_while_copying_leaves_no_version(tmp_path):
-    """A real SIGKILL in the middle of copying a 200 MB model: nothing becomes visible,
-    and the next publish of the same inputs succeeds."""
-    big = tmp_path / "big.tflite"
+def test_a_publish_killed_while_copying_leaves_no_version(tmp_path, elsewhere):
+    """A real SIGKILL in the middle of copying a 200 MB model (from another filesystem: from the store's own it is
+    linked): nothing becomes visible, and the next publish of the same inputs succeeds."""
+    big = elsewhere / "big.tflite"
     with big.open("wb") as f:  # sparse: 200 MB without writing them
         f.truncate(200 * 1024 * 1024)
     store = tmp_path / "store"

@@ -205,18 +205,15 @@ def metric_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     return {name: after[name] - before[name] for name in DIFF_METRICS if name in before and name in after}
 
 
-def _copy_hashing(source: Path, target: UPath) -> str:
-    return atomic.copy_hashing(source, target, COPY_CHUNK)
-
-
 def _link_or_copy_hashing(source: Path, target: UPath) -> str:
-    """A bundle (as large as its model: 12 GB for a 3B float model) is hard-linked into a local store on the work
-    folder's filesystem, not copied: bundles are written whole to a new file (``atomic_path``) and never in place, so
-    the work folder's name for it can never change the published one. Elsewhere, copied."""
+    """A work folder's file (a 2B model's float files and bundle are 20 GB each) is hard-linked into a local store
+    on the work folder's filesystem, not copied: the work folder's files are written whole to a new file
+    (``atomic_path``) and never in place, so its name for one can never change the published one. Elsewhere,
+    copied."""
     if is_local(target) and _same_filesystem(source, Path(target.path).parent):
         with atomic.link_or_copy(source, Path(target.path)).open("rb") as linked:
             return hashlib.file_digest(linked, "sha256").hexdigest()
-    return _copy_hashing(source, target)
+    return atomic.copy_hashing(source, target, COPY_CHUNK)
 
 
 def _same_filesystem(path: Path, folder: Path) -> bool:
@@ -228,9 +225,10 @@ def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[
     that will make them a version, with their hashes."""
     model_file = folder / MODEL_FILE
     embedders = {
-        role: _copy_hashing(path, embedder_path(model_file, role)) for role, path in embedders_of(tflite).items()
+        role: _link_or_copy_hashing(path, embedder_path(model_file, role))
+        for role, path in embedders_of(tflite).items()
     }
-    manifest = {**manifest, "model_sha256": _copy_hashing(tflite, model_file)}
+    manifest = {**manifest, "model_sha256": _link_or_copy_hashing(tflite, model_file)}
     if embedders:
         manifest["embedder_sha256"] = embedders
     if bundle_path(tflite).exists():
@@ -248,10 +246,12 @@ def _with_card(folder: UPath, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _version_bytes(tflite: Path, folder: Path) -> int:
     """What a version of ``tflite`` in ``folder`` takes of its disk: the model, its embedders and its bundle, unless
-    the bundle is linked there (``_link_or_copy_hashing``)."""
+    they are linked there (``_link_or_copy_hashing``)."""
+    if _same_filesystem(tflite, folder):
+        return 0
     bundle = bundle_path(tflite)
-    copied = [bundle] if bundle.exists() and not _same_filesystem(bundle, folder) else []
-    return sum(path.stat().st_size for path in (tflite, *embedders_of(tflite).values(), *copied))
+    files = (tflite, *embedders_of(tflite).values(), *([bundle] if bundle.exists() else []))
+    return sum(path.stat().st_size for path in files)
 
 
 def _write_version_locally(target: Path, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
