@@ -1,7 +1,7 @@
 """A recipe applied to the float ``.tflite`` by ai-edge-quantizer, as ``litert_torch.convert(...,
 quant_config=...)`` does after its export: the expensive export runs once per checkpoint and each recipe
 costs only this pass; the bytes are the same (``tests/test_convert.py``). Needs neither torch nor TensorFlow.
-Two workarounds of ai-edge-quantizer 0.10 are applied around its run (each says why)."""
+Three workarounds of ai-edge-quantizer 0.10 and ai-edge-litert 2.3 are applied around its run (each says why)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,37 @@ def _normal_block_scales() -> Iterator[None]:
         tensors.tensor_zp_scale_from_min_max = original
 
 
+@contextmanager
+def _mapped_files_closed() -> Iterator[None]:
+    """ai-edge-litert 2.3's ``mmap_utils.get_file_contents``, which the quantizer reads its input with, maps the file
+    and never closes the descriptor it opened to map it (the map keeps one of its own): every file the quantizer
+    reads stays open until the process exits, and one deleted since keeps its disk. Gemma 4 E2B's 9.4 GB per-layer
+    table, quantized 256 MB of rows at a time (``lookup.py``), left 43 deleted slices open (11 GB) and filled the
+    disk. The same map, its descriptor closed once mapped (``tests/test_export_hf.py``)."""
+    import mmap
+
+    from ai_edge_litert.tools import mmap_utils
+
+    original = mmap_utils.get_file_contents
+
+    def get_file_contents(path, *, offset: int = 0, size: int = 0) -> memoryview:
+        below = offset & (mmap.ALLOCATIONGRANULARITY - 1)
+        try:
+            with open(path, "rb") as file:
+                pages = mmap.mmap(
+                    file.fileno(), size + below if size else 0, access=mmap.ACCESS_COPY, offset=offset - below
+                )
+        except OSError:  # not a file that maps: the original reads it into memory
+            return original(path, offset=offset, size=size)
+        return memoryview(pages)[below:]
+
+    mmap_utils.get_file_contents = get_file_contents
+    try:
+        yield
+    finally:
+        mmap_utils.get_file_contents = original
+
+
 def quantize_tflite(
     float_tflite: Path,
     quantizer_recipe: list[dict[str, Any]],
@@ -82,7 +113,7 @@ def quantize_tflite(
     from ai_edge_quantizer import quantizer
 
     try:
-        with _array_equality_by_numpy(), _normal_block_scales():
+        with _array_equality_by_numpy(), _normal_block_scales(), _mapped_files_closed():
             # A path: the quantizer maps the file instead of taking a copy of it.
             result = quantizer.Quantizer(float_tflite, quantizer_recipe).quantize(
                 calibration,
