@@ -96,8 +96,9 @@ def bench_export_child(name: str, *args: str) -> list[str]:
     return python(str(Path(__file__).with_name("bench_export.py")), "--child", name, *args)
 
 
-def edge_quant(shape: str) -> list[str]:
-    return python("-m", "edge_quant_pipeline.cli", "run", "--model", shape)
+def edge_quant(shape: str, recipes: list[str]) -> list[str]:
+    """``edge-quant run`` of the shape, with ``recipes`` (none: every recipe of the catalog)."""
+    return python("-m", "edge_quant_pipeline.cli", "run", "--model", shape, *(f"--recipe={r}" for r in recipes))
 
 
 @dataclass
@@ -256,7 +257,7 @@ def conversions(home: Path) -> int:
 # --- one shape ---------------------------------------------------------------------------------------------
 
 
-def bench_shape(shape: str, root: Path, tasks: str, cap_mb: float) -> None:
+def bench_shape(shape: str, root: Path, tasks: str, cap_mb: float, recipes: list[str]) -> None:
     from edge_quant_pipeline.checkpoints.validate import count_parameters, language_config, validate_checkpoint
 
     bench = Bench(root, shape, tasks)
@@ -286,9 +287,9 @@ def bench_shape(shape: str, root: Path, tasks: str, cap_mb: float) -> None:
         bare_quantize_s = json.loads(timings.read_text())
     for leftover in root.glob("bare*"):  # the float file and its embedders, or what a stopped export left
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    full = bench.measure("pipeline", edge_quant(shape), bench.home, ok=(0, 1))
+    full = bench.measure("pipeline", edge_quant(shape, recipes), bench.home, ok=(0, 1))
     converted = conversions(bench.home)
-    again = bench.measure("re-run", edge_quant(shape), bench.home, ok=(0, 1))
+    again = bench.measure("re-run", edge_quant(shape, recipes), bench.home, ok=(0, 1))
     reconversions = conversions(bench.home) - converted
     stages, evaluations = pipeline_stages(bench.home, shape)
     speeds = runtime_prefill_tokens_per_s(bench.home, bench)
@@ -415,6 +416,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", help=f"default: {', '.join(DEFAULT_SHAPES)}")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (checkpoints, instance, files)")
+    parser.add_argument("--recipe", action="append", default=[], help="the pipeline's recipes (default: every one)")
     parser.add_argument(
         "--tasks", default="none", help="EDGE_QUANT_TASKS for the pipeline (default none: random weights score nothing)"
     )
@@ -433,7 +435,7 @@ def main() -> None:
     for shape in args.shape or DEFAULT_SHAPES:
         root = Path(tempfile.mkdtemp(prefix=f"edge-quant-scale-{shape}-"))
         try:
-            bench_shape(shape, root, args.tasks, args.memory_cap_gb * GB)
+            bench_shape(shape, root, args.tasks, args.memory_cap_gb * GB, args.recipe)
         finally:
             if args.keep:
                 print(f"kept {root}")
