@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO
 
-from edge_quant_pipeline import settings
+from edge_quant_pipeline import deployment_settings
 from edge_quant_pipeline.processes import WAITING, describe, flock_holders
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _KIND = {fcntl.LOCK_SH: "to compute beside others", fcntl.LOCK_EX: "to measure s
 
 
 def lock_path() -> Path:
-    ledger = settings.memory_ledger()
+    ledger = deployment_settings.memory_ledger()
     return ledger.with_name(f"{ledger.stem}.timing.lock")
 
 

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy
 from conftest import DEMO_MODEL, REPO, metadata
 
-from edge_quant_pipeline import settings
+from edge_quant_pipeline import deployment_settings
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs import executor
 from edge_quant_pipeline.defs.automation import checkpoint_sensor
@@ -192,7 +192,7 @@ def executor_config(monkeypatch, choice: str, **env: str) -> dict:
     """The executor config a job of the code location runs with, validated by Dagster, for this environment."""
     from edge_quant_pipeline.definitions import defs
 
-    monkeypatch.setenv(settings.EXECUTOR_VARIABLE, choice)
+    monkeypatch.setenv(deployment_settings.EXECUTOR_VARIABLE, choice)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     loaded = defs()
@@ -205,7 +205,7 @@ def executor_config(monkeypatch, choice: str, **env: str) -> dict:
 
 
 def test_in_process_is_the_default(monkeypatch):
-    monkeypatch.delenv(settings.EXECUTOR_VARIABLE, raising=False)
+    monkeypatch.delenv(deployment_settings.EXECUTOR_VARIABLE, raising=False)
     assert executor.executor_from_env() is dg.in_process_executor
     assert set(executor_config(monkeypatch, "in_process")) == {"in_process"}
 
@@ -264,7 +264,7 @@ def test_definitions_module_takes_the_executor_from_the_environment():
     load = "from edge_quant_pipeline.definitions import defs; print(defs().resolve_job_def('report').executor_def.name)"
 
     def import_with(choice: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, settings.EXECUTOR_VARIABLE: choice}
+        env = {**os.environ, deployment_settings.EXECUTOR_VARIABLE: choice}
         return subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, cwd=REPO)
 
     assert import_with("k8s").stdout.strip() == "k8s"
@@ -282,14 +282,14 @@ def test_celery_steps_go_to_the_broker_the_workers_listen_to(monkeypatch):
 
     config = executor_config(monkeypatch, "celery", EDGE_QUANT_CELERY_BROKER="redis://redis.internal:6379/1")["celery"]
     assert config["broker"] == config["backend"] == "redis://redis.internal:6379/1"
-    monkeypatch.setenv(settings.CELERY_BROKER_VARIABLE, "amqp://guest@rabbit//")
+    monkeypatch.setenv(deployment_settings.CELERY_BROKER_VARIABLE, "amqp://guest@rabbit//")
     with pytest.raises(ValueError, match="EDGE_QUANT_CELERY_BROKER='amqp://guest@rabbit//' is not a Redis URL"):
-        settings.celery_broker()
+        deployment_settings.celery_broker()
     # The workers' app: one step per process, taken only when idle.
     assert celery_app.app.conf.worker_max_tasks_per_child == 1 and celery_app.app.conf.worker_prefetch_multiplier == 1
 
 
 def test_bad_step_memory_is_refused_with_the_variable_named(monkeypatch):
-    monkeypatch.setenv(settings.STEP_MEMORY_VARIABLE, "2GB")
+    monkeypatch.setenv(deployment_settings.STEP_MEMORY_VARIABLE, "2GB")
     with pytest.raises(ValueError, match="EDGE_QUANT_STEP_MEMORY_MB='2GB': expected a positive whole number"):
-        settings.step_memory_mb()
+        deployment_settings.step_memory_mb()

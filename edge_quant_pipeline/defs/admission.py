@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from edge_quant_pipeline import settings
+from edge_quant_pipeline import deployment_settings
 from edge_quant_pipeline.footprint import ModelSize, step_mb
 from edge_quant_pipeline.memory import MemoryLedger, PeakMemory
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed
@@ -52,7 +52,7 @@ def admitted(
     started = time.monotonic()
     with (
         _domain_log_in(context, usage),
-        MemoryLedger(settings.memory_ledger()).reserved(usage.estimate_mb, label, context.log.info),
+        MemoryLedger(deployment_settings.memory_ledger()).reserved(usage.estimate_mb, label, context.log.info),
     ):
         usage.waited_s += time.monotonic() - started
         cpu = time.process_time()

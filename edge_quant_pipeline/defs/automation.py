@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from edge_quant_pipeline import settings
+from edge_quant_pipeline import deployment_settings
 from edge_quant_pipeline.checkpoints.folders import SeenCheckpoint, look_again, scan_checkpoints
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.partitions import model_partitions, recipe_partitions
@@ -186,9 +186,9 @@ def nightly_schedules(cron: str, timezone: str, rebuild_all: bool) -> list[dg.Sc
 
 def nightly_schedules_from_env() -> list[dg.ScheduleDefinition]:
     return nightly_schedules(
-        cron=settings.nightly_cron(),
-        timezone=settings.nightly_timezone(),
-        rebuild_all=settings.nightly_rebuild_all(),
+        cron=deployment_settings.nightly_cron(),
+        timezone=deployment_settings.nightly_timezone(),
+        rebuild_all=deployment_settings.nightly_rebuild_all(),
     )
 
 

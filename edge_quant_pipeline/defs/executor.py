@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from edge_quant_pipeline import settings
+from edge_quant_pipeline import deployment_settings
 from edge_quant_pipeline.celery_config import celery_settings
 from edge_quant_pipeline.graph import LIGHT_STEPS
 
@@ -42,7 +42,7 @@ def max_concurrent_steps(step_mb: int, memory_mb: int, cores: int) -> int:
 
 
 def multiprocess() -> dg.ExecutorDefinition:
-    limit = max_concurrent_steps(settings.step_memory_mb(), machine_memory_mb(), os.cpu_count() or 1)
+    limit = max_concurrent_steps(deployment_settings.step_memory_mb(), machine_memory_mb(), os.cpu_count() or 1)
     return dg.multiprocess_executor.configured({"max_concurrent": limit}, name="multiprocess")
 
 
@@ -67,16 +67,16 @@ def k8s_environment() -> dict:
     passed = [
         {"name": name, "value": value}
         for name, value in sorted(os.environ.items())
-        if name.startswith("EDGE_QUANT_") and name not in settings.SECRET_SETTINGS
+        if name.startswith("EDGE_QUANT_") and name not in deployment_settings.SECRET_SETTINGS
     ]
-    secret = settings.k8s_secret()
+    secret = deployment_settings.k8s_secret()
     return {"env": passed, "env_from": [{"secret_ref": {"name": secret}}] if secret else []}
 
 
 def k8s() -> dg.ExecutorDefinition:
     from dagster_k8s import k8s_job_executor  # the `k8s` extra; only this choice needs it
 
-    step_config = k8s_resources(settings.step_memory_mb())
+    step_config = k8s_resources(deployment_settings.step_memory_mb())
     step_config["container_config"] |= k8s_environment()
     return k8s_job_executor.configured(
         {
@@ -102,4 +102,4 @@ EXECUTORS: dict[str, Callable[[], dg.ExecutorDefinition]] = {
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
-    return EXECUTORS[settings.executor()]()
+    return EXECUTORS[deployment_settings.executor()]()

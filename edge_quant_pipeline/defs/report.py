@@ -9,6 +9,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.conditions import ON_ANY_OUTCOME
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions
+from edge_quant_pipeline.publish.objects import write_atomically
 from edge_quant_pipeline.publish.report import (
     PLOT_FILE,
     REPORT_FILE,
@@ -25,7 +26,7 @@ from edge_quant_pipeline.publish.report import (
     to_markdown,
     write_parquet,
 )
-from edge_quant_pipeline.publish.store import latest_outcome, point_champion, write_atomically
+from edge_quant_pipeline.publish.store import latest_outcome, point_champion
 from edge_quant_pipeline.versions import artifact_inputs
 
 

@@ -13,17 +13,22 @@ model; ``exporters.py`` then decides whether ``export_hf`` takes it instead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from edge_quant_pipeline.export.hf_config import (
+    UnsupportedArchitectureError,
+    head_dim,
+    layer_types,
+    max_positions,
+    partial_rotary,
+    plain_rope_base,
+    positions,
+    require,
+    rope_theta,
+)
 from edge_quant_pipeline.shapes import ModelShape
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The checkpoint's ``model_type`` has no mapping to litert-torch layers."""
 
 
 @dataclass(frozen=True)
@@ -54,93 +59,6 @@ class Architecture:
         )
 
 
-def rope_parameters(hf_config: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
-    """transformers >= 5 nests RoPE settings under ``rope_parameters``, per layer type for Gemma 3."""
-    params = hf_config.get("rope_parameters") or {}
-    return params.get(layer_type, params) if layer_type else params
-
-
-def rope_theta(hf_config: dict[str, Any], layer_type: str | None = None, default: float = 10000.0) -> float:
-    """Older configs keep it at the top level; Gemma 3's local layers there as ``rope_local_base_freq``."""
-    legacy_key = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
-    return float(rope_parameters(hf_config, layer_type).get("rope_theta", hf_config.get(legacy_key, default)))
-
-
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise UnsupportedArchitectureError(reason)
-
-
-def _rope_type(hf_config: dict[str, Any], layer_type: str | None = None) -> str:
-    params = rope_parameters(hf_config, layer_type) or hf_config.get("rope_scaling") or {}
-    return params.get("rope_type", params.get("type", "default"))
-
-
-def _rope_base(hf_config: dict[str, Any], layer_type: str | None = None, default: float = 10000.0) -> float:
-    """For families whose litert-torch layers compute plain RoPE only: scaled variants would change every logit."""
-    rope_type = _rope_type(hf_config, layer_type)
-    _require(rope_type == "default", f"RoPE scaling {rope_type!r} is not supported, only plain RoPE.")
-    return rope_theta(hf_config, layer_type, default)
-
-
-SCALED_ROPE_TYPES = ("llama3", "longrope")
-
-
-def _rope_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """``ModelConfig`` fields for the config's RoPE: none for plain RoPE."""
-    rope_type = _rope_type(hf_config)
-    if rope_type == "default":
-        return {}
-    _require(
-        rope_type in SCALED_ROPE_TYPES,
-        f"RoPE scaling {rope_type!r} is not supported, only plain RoPE, {' and '.join(SCALED_ROPE_TYPES)}.",
-    )
-    return _scaled_rope(hf_config, rope_type)
-
-
-def _scaled_rope(hf_config: dict[str, Any], rope_type: str) -> dict[str, Any]:
-    """``ModelConfig`` fields for the RoPE scalings litert-torch's own examples build: Llama 3.1/3.2's
-    (``examples/llama``) and Phi-3.5/4-mini's LongRoPE (``examples/phi``), with the config's factors."""
-    import torch
-
-    params = {**(hf_config.get("rope_scaling") or {}), **rope_parameters(hf_config)}
-    # configs written before transformers 5 keep it at the top level
-    original_length = params.get("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
-    common = dict(condense_ratio=1, dtype=torch.float32, device=torch.device("cpu"))
-    if rope_type == "llama3":
-        from litert_torch.generative.examples.llama import llama
-
-        build = partial(
-            llama._build_llama3_rope_cache,
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            max_seq_len=int(original_length),
-            **common,
-        )
-        return dict(build_rope=build)
-    from litert_torch.generative.examples.phi import phi3
-
-    _require(original_length is not None, "LongRoPE needs original_max_position_embeddings.")
-    # As transformers computes it: the factor defaults to how far the context was stretched.
-    factor = params.get("factor") or _max_positions(hf_config) / original_length
-    scale = params.get("attention_factor") or (
-        math.sqrt(1 + math.log(factor) / math.log(original_length)) if factor > 1 else 1.0
-    )
-    build = partial(phi3._build_phi3_rope, theta_factors=torch.tensor(params["short_factor"]), scale=scale, **common)
-    # transformers switches to long_factor once a position passes original_max_position_embeddings;
-    # one export has one RoPE table, so it covers the short range only.
-    return dict(build_rope=build, max_seq_len=min(_attended_length(hf_config), int(original_length)))
-
-
-def _head_dim(hf_config: dict[str, Any]) -> int:
-    return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-
-
-def _max_positions(hf_config: dict[str, Any]) -> int:
-    return hf_config.get("max_position_embeddings", 2048)
-
-
 def _rms_norm(hf_config: dict[str, Any], zero_centered: bool = False):
     from litert_torch.generative.layers import model_config as cfg
 
@@ -156,7 +74,7 @@ _ACTIVATIONS = {"silu": "SILU", "gelu": "GELU", "gelu_pytorch_tanh": "GELU_TANH"
 def _activation(name: str):
     from litert_torch.generative.layers import model_config as cfg
 
-    _require(name in _ACTIVATIONS, f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)}).")
+    require(name in _ACTIVATIONS, f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)}).")
     return cfg.ActivationConfig(cfg.ActivationType[_ACTIVATIONS[name]])
 
 
@@ -172,20 +90,16 @@ def _gated_feedforward(hf_config: dict[str, Any], activation: str, **family: Any
     )
 
 
-def _partial_rotary(hf_config: dict[str, Any]) -> float:
-    return rope_parameters(hf_config).get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
-
-
 def _attention(hf_config: dict[str, Any], rotary_base: float | None = None, **family: Any):
     """``rotary_base`` is given only by families whose layers differ in it (Gemma 3); the RoPE scaling
-    of the others is checked by their family (``_rope_fields``)."""
+    of the others is checked by their family (``hf_config.positions``)."""
     from litert_torch.generative.layers import model_config as cfg
 
     num_heads = hf_config["num_attention_heads"]
     bias = hf_config.get("attention_bias", False)
     fields = dict(
         num_heads=num_heads,
-        head_dim=_head_dim(hf_config),
+        head_dim=head_dim(hf_config),
         num_query_groups=hf_config.get("num_key_value_heads") or num_heads,
         rotary_base=rope_theta(hf_config) if rotary_base is None else rotary_base,
         rotary_percentage=1.0,
@@ -251,18 +165,6 @@ def _architecture(
     return Architecture(model_config=model_config, tensor_names=tensor_names, model_class=model_class)
 
 
-def _attended_length(hf_config: dict[str, Any]) -> int:
-    """Phi-3 (and Qwen with ``use_sliding_window``) attend over the last ``sliding_window`` tokens only,
-    which litert-torch's global attention does not model; up to that many tokens the two agree."""
-    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
-    return min(_max_positions(hf_config), window) if window else _max_positions(hf_config)
-
-
-def _positions(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """``ModelConfig`` fields for the positions of a family with global attention: how many, and their RoPE."""
-    return {"max_seq_len": _attended_length(hf_config), **_rope_fields(hf_config)}
-
-
 def _pre_norm_family(
     hf_config: dict[str, Any],
     *,
@@ -291,7 +193,7 @@ def _pre_norm_family(
         model_builder.DecoderOnlyModel,
         tied_default=tied_default,
         names=names or {},
-        **{**_positions(hf_config), **model_fields},
+        **{**positions(hf_config), **model_fields},
     )
 
 
@@ -313,7 +215,7 @@ def _qwen3(hf_config: dict[str, Any]) -> Architecture:
 def _phi3(hf_config: dict[str, Any]) -> Architecture:
     from litert_torch.generative.layers import model_config as cfg
 
-    _require(hf_config.get("hidden_act", "silu") == "silu", "Phi-3's fused gate_up_proj is rebuilt as SiLU-GLU only.")
+    require(hf_config.get("hidden_act", "silu") == "silu", "Phi-3's fused gate_up_proj is rebuilt as SiLU-GLU only.")
     # gate_up_proj holds [gate; up]: one linear layer whose SiLU-GLU activation splits it the same way.
     feedforward = cfg.FeedForwardConfig(
         type=cfg.FeedForwardType.SEQUENTIAL,
@@ -322,7 +224,7 @@ def _phi3(hf_config: dict[str, Any]) -> Architecture:
     )
     return _pre_norm_family(
         hf_config,
-        attention=dict(rotary_percentage=_partial_rotary(hf_config)),
+        attention=dict(rotary_percentage=partial_rotary(hf_config)),
         feedforward=feedforward,
         # the loader reads the fused qkv_proj whenever it is named; a sequential feedforward reads up and down only
         names=dict(
@@ -337,12 +239,12 @@ def _phi(hf_config: dict[str, Any]) -> Architecture:
     from litert_torch.generative.examples.phi import phi2
     from litert_torch.generative.layers import model_config as cfg
 
-    _require(not hf_config.get("qk_layernorm"), "qk_layernorm is not supported.")
-    _require(not hf_config.get("tie_word_embeddings"), "a tied LM head (which has its own bias) is not supported.")
+    require(not hf_config.get("qk_layernorm"), "qk_layernorm is not supported.")
+    require(not hf_config.get("tie_word_embeddings"), "a tied LM head (which has its own bias) is not supported.")
     norm = cfg.NormalizationConfig(type=cfg.NormalizationType.LAYER_NORM, epsilon=hf_config["layer_norm_eps"])
     block = cfg.TransformerBlockConfig(
         attn_config=_attention(
-            hf_config, rotary_percentage=_partial_rotary(hf_config), qkv_use_bias=True, output_proj_use_bias=True
+            hf_config, rotary_percentage=partial_rotary(hf_config), qkv_use_bias=True, output_proj_use_bias=True
         ),
         ff_config=cfg.FeedForwardConfig(
             type=cfg.FeedForwardType.SEQUENTIAL,
@@ -368,7 +270,7 @@ def _phi(hf_config: dict[str, Any]) -> Architecture:
         tied_default=False,
         names=names,
         lm_head_use_bias=True,
-        **_positions(hf_config),
+        **positions(hf_config),
     )
 
 
@@ -390,14 +292,6 @@ def _gemma(hf_config: dict[str, Any]) -> Architecture:
     )
 
 
-def _layer_types(hf_config: dict[str, Any], sliding_pattern: int) -> list[str]:
-    """Configs from transformers < 4.53 imply the local/global pattern: every n-th layer is global."""
-    if hf_config.get("layer_types"):
-        return hf_config["layer_types"]
-    every = hf_config.get("sliding_window_pattern", sliding_pattern)
-    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf_config["num_hidden_layers"])]
-
-
 def _sandwich_norm_family(
     hf_config: dict[str, Any],
     model_class: Any,
@@ -409,11 +303,11 @@ def _sandwich_norm_family(
     """Gemma 2 and 3: norms before and after both attention and feedforward, local and global layers."""
     from litert_torch.generative.layers import model_config as cfg
 
-    head_dim, scalar = _head_dim(hf_config), hf_config.get("query_pre_attn_scalar", 256)
+    head_size, scalar = head_dim(hf_config), hf_config.get("query_pre_attn_scalar", 256)
     # transformers scales attention scores by query_pre_attn_scalar**-0.5, litert-torch by head_dim**-0.5
-    _require(scalar == head_dim, f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim}.")
-    _require(not hf_config.get("use_bidirectional_attention"), "bidirectional attention is not supported.")
-    _require(
+    require(scalar == head_size, f"query_pre_attn_scalar {scalar} differs from head_dim {head_size}.")
+    require(not hf_config.get("use_bidirectional_attention"), "bidirectional attention is not supported.")
+    require(
         hf_config.get("tie_word_embeddings", True),
         "litert-torch's Gemma 2/3 models always share the embedding with the LM head.",
     )
@@ -443,12 +337,12 @@ def _sandwich_norm_family(
 
     return _architecture(
         hf_config,
-        [block(t) for t in _layer_types(hf_config, sliding_pattern)],
+        [block(t) for t in layer_types(hf_config, sliding_pattern)],
         norm,
         model_class,
         tied_default=True,
         names={**_FF_NORM_NAMES, **names},
-        max_seq_len=_max_positions(hf_config),
+        max_seq_len=max_positions(hf_config),
         embedding_scale=_gemma_embedding_scale(hf_config),
         **model_fields,
     )
@@ -461,7 +355,7 @@ def _gemma2(hf_config: dict[str, Any]) -> Architecture:
         hf_config,
         gemma2.Gemma2,
         sliding_pattern=2,
-        per_layer_attention=lambda _: dict(rotary_base=_rope_base(hf_config)),
+        per_layer_attention=lambda _: dict(rotary_base=plain_rope_base(hf_config)),
         names={},
         final_logit_softcap=hf_config.get("final_logit_softcapping"),
     )
@@ -473,12 +367,12 @@ _GEMMA3_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_
 def _gemma3_text(hf_config: dict[str, Any]) -> Architecture:
     from litert_torch.generative.examples.gemma3 import decoder
 
-    _require(hf_config.get("final_logit_softcapping") is None, "litert-torch's Gemma 3 applies no final logit softcap.")
+    require(hf_config.get("final_logit_softcapping") is None, "litert-torch's Gemma 3 applies no final logit softcap.")
     norm = _rms_norm(hf_config, zero_centered=True)
 
     def per_layer(layer_type: str) -> dict[str, Any]:
         return dict(
-            rotary_base=_rope_base(hf_config, layer_type, _GEMMA3_DEFAULT_THETA[layer_type]),
+            rotary_base=plain_rope_base(hf_config, layer_type, _GEMMA3_DEFAULT_THETA[layer_type]),
             query_norm_config=norm,
             key_norm_config=norm,
         )

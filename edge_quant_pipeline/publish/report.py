@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from edge_quant_pipeline.publish.store import ChampionUpdate, read_whole, version_number, write_atomically
+from edge_quant_pipeline.publish.objects import read_whole, write_atomically
+from edge_quant_pipeline.publish.store import ChampionUpdate, version_number
 
 REPORT_FILE = "report.parquet"
 PLOT_FILE = "report.png"

@@ -28,14 +28,13 @@ from pathlib import Path
 
 from upath import UPath
 
+from edge_quant_pipeline.publish.objects import is_local, read_json
 from edge_quant_pipeline.publish.store import (
     CHAMPION,
     MANIFEST,
-    is_local,
     latest_pointer,
     one_writer_at_a_time,
     published_versions,
-    read_json,
     version_number,
 )
 

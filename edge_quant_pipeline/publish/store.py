@@ -48,18 +48,26 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from upath import UPath
-from upath.implementations.local import LocalPath
 
 from edge_quant_pipeline import atomic
 from edge_quant_pipeline.disk import check_free_disk
 from edge_quant_pipeline.embedders import embedder_path, embedders_of
 from edge_quant_pipeline.evaluate.bundle import BUILDER_PACKAGE, builder_version, bundle_path
 from edge_quant_pipeline.publish.card import CARD_FILE, model_card
+from edge_quant_pipeline.publish.objects import (
+    create_json,
+    is_local,
+    link_or_copy_hashing,
+    now,
+    read_json,
+    same_filesystem,
+    write_atomically,
+    write_json,
+)
 from edge_quant_pipeline.settings import ARTIFACT_DIR_VARIABLE, GENERATIVE_API
 
 MANIFEST = "manifest.json"
@@ -73,7 +81,6 @@ STAGING = ".v-*.tmp-*"  # a version folder being assembled (see _write_version_l
 NUMBERS = ".numbers"  # on an object store, <recipe>/.numbers/<n>.json: the version that claimed number n
 # The metrics a new version is compared on with the one published before it.
 DIFF_METRICS = ("file_bytes", "perplexity_ratio", "mean_kl", "top1_agreement", "decode_tokens_per_s")
-COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -136,53 +143,6 @@ class ChampionUpdate:
         return _same_version(self.previous) != _same_version(self.current)
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def is_local(path: UPath) -> bool:
-    return isinstance(path, LocalPath)
-
-
-def write_atomically(path: UPath, content: bytes) -> None:
-    """Readers see the old content or the new, never half of it."""
-    if is_local(path):
-        atomic.write_atomically(Path(path.path), content)
-    else:
-        path.write_bytes(content)  # one PUT: an object appears whole or not at all
-
-
-def _json_bytes(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
-
-
-def write_json(path: UPath, record: dict[str, Any]) -> None:
-    write_atomically(path, _json_bytes(record))
-
-
-def create_json(path: UPath, record: dict[str, Any]) -> bool:
-    """Write ``record`` to ``path`` only if nothing is there (an object store's conditional PUT); True if this call
-    created it."""
-    try:
-        path.fs.pipe_file(path.path, _json_bytes(record), mode="create")
-    except FileExistsError:
-        return False
-    return True
-
-
-def read_whole(path: UPath) -> bytes:
-    """One GET on an object store: the object as it was, old or new, while another process replaces it (s3fs's
-    file objects pin the ETag they first saw, and fail when the object changes under them)."""
-    return path.fs.cat_file(path.path)
-
-
-def read_json(path: UPath) -> dict[str, Any] | None:
-    try:
-        return json.loads(read_whole(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def _recipe_dir(store: UPath, inputs: ArtifactInputs) -> UPath:
     return store / inputs.model_id / inputs.recipe
 
@@ -205,34 +165,18 @@ def metric_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     return {name: after[name] - before[name] for name in DIFF_METRICS if name in before and name in after}
 
 
-def _link_or_copy_hashing(source: Path, target: UPath) -> str:
-    """A work folder's file (a 2B model's float files and bundle are 20 GB each) is hard-linked into a local store
-    on the work folder's filesystem, not copied: the work folder's files are written whole to a new file
-    (``atomic_path``) and never in place, so its name for one can never change the published one. Elsewhere,
-    copied."""
-    if is_local(target) and _same_filesystem(source, Path(target.path).parent):
-        with atomic.link_or_copy(source, Path(target.path)).open("rb") as linked:
-            return hashlib.file_digest(linked, "sha256").hexdigest()
-    return atomic.copy_hashing(source, target, COPY_CHUNK)
-
-
-def _same_filesystem(path: Path, folder: Path) -> bool:
-    return path.stat().st_dev == folder.stat().st_dev
-
-
 def _write_files(folder: UPath, tflite: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The model file, its embedders (``embedders.py``) and its LiteRT-LM bundle (``evaluate/bundle.py``); the manifest
     that will make them a version, with their hashes."""
     model_file = folder / MODEL_FILE
     embedders = {
-        role: _link_or_copy_hashing(path, embedder_path(model_file, role))
-        for role, path in embedders_of(tflite).items()
+        role: link_or_copy_hashing(path, embedder_path(model_file, role)) for role, path in embedders_of(tflite).items()
     }
-    manifest = {**manifest, "model_sha256": _link_or_copy_hashing(tflite, model_file)}
+    manifest = {**manifest, "model_sha256": link_or_copy_hashing(tflite, model_file)}
     if embedders:
         manifest["embedder_sha256"] = embedders
     if bundle_path(tflite).exists():
-        manifest["bundle_sha256"] = _link_or_copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
+        manifest["bundle_sha256"] = link_or_copy_hashing(bundle_path(tflite), folder / BUNDLE_FILE)
         manifest["bundle_builder"] = f"{BUILDER_PACKAGE}=={builder_version()}"
     return _with_card(folder, manifest)
 
@@ -246,8 +190,8 @@ def _with_card(folder: UPath, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _version_bytes(tflite: Path, folder: Path) -> int:
     """What a version of ``tflite`` in ``folder`` takes of its disk: the model, its embedders and its bundle, unless
-    they are linked there (``_link_or_copy_hashing``)."""
-    if _same_filesystem(tflite, folder):
+    they are linked there (``link_or_copy_hashing``)."""
+    if same_filesystem(tflite, folder):
         return 0
     bundle = bundle_path(tflite)
     files = (tflite, *embedders_of(tflite).values(), *([bundle] if bundle.exists() else []))

@@ -23,7 +23,7 @@ from multiprocessing.connection import wait
 
 import dagster as dg
 
-from edge_quant_pipeline import graph, settings
+from edge_quant_pipeline import deployment_settings, graph
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
 from edge_quant_pipeline.liveness import fail_runs_of_dead_processes
@@ -269,7 +269,7 @@ def materialize(
     runs = plan_runs(plan, models, recipes, reports)
     if not runs:
         return LaunchSummary()
-    distributed = settings.executor() in settings.DISTRIBUTED_EXECUTORS
+    distributed = deployment_settings.executor() in deployment_settings.DISTRIBUTED_EXECUTORS
     if distributed:  # the steps' memory is the workers'; here a run holds Dagster and the code location
         estimates = dict.fromkeys(runs, ORCHESTRATOR_MB)
     else:
