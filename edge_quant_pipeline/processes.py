@@ -1,12 +1,15 @@
 """Processes of this host: whether one still runs (how a later run tells that the process executing an earlier one
 is gone), what it is, and who holds a lock."""
 
+import ctypes
 import os
+import signal
 from pathlib import Path
 
 # How every notice of a wait (for memory, for the machine's timing lock) starts: `edge-quant run`'s live view shows a
 # run's latest log line while it is one (runs/launch.py).
 WAITING = "Waiting for "
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def is_alive(pid: int) -> bool:
@@ -86,3 +89,17 @@ def last_word(stderr: str, returncode: int) -> str:
     one line), else its exit status."""
     lines = stderr.strip().splitlines()
     return lines[-1] if lines else f"exit status {returncode}"
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent exits (Linux's PR_SET_PDEATHSIG; elsewhere nothing): what a step starts
+    (an export, the runtime's check and profile) must not go on holding the machine's memory for nobody once the
+    step's process is gone, killed by the OOM killer, a person or a stopped launch. Linux sends it when the thread
+    that started the child ends: Dagster runs a step, and so starts its children, in its process's main thread."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent went before the request was in place
+        os._exit(1)

@@ -22,6 +22,7 @@ import pytest
 from conftest import DEMO_MODEL, REPO
 from test_checkpoints import edit_tensors
 
+from edge_quant_pipeline import processes
 from edge_quant_pipeline.checkpoints.validate import UNREADABLE
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.defs.automation import checkpoint_sensor
@@ -286,6 +287,14 @@ def export_scratch(home: Path) -> list[Path]:
     return list((home / "work").glob("*/*/.float.tflite.tmp-*"))
 
 
+def wait_until_exporting(home: Path, process: subprocess.Popen, log_name: str) -> None:
+    deadline = time.monotonic() + 240
+    while not export_scratch(home):
+        assert process.poll() is None, (home / log_name).read_text()[-3000:]
+        assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.05)
+
+
 def started_conversions(instance) -> list:
     return instance.get_runs(
         filters=dg.RunsFilter(job_name="convert_checkpoint", statuses=[dg.DagsterRunStatus.STARTED])
@@ -297,11 +306,7 @@ def killed_run(home) -> str:
     """An `edge-quant run` SIGKILLed, with its workers, once the float export is under way; returns the run id
     of the conversion it was executing."""
     process = start_run(home, "killed.log")
-    deadline = time.monotonic() + 240
-    while not export_scratch(home):
-        assert process.poll() is None, (home / "killed.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the export never started"
-        time.sleep(0.05)
+    wait_until_exporting(home, process, "killed.log")
     os.killpg(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     with instance_at(home) as instance:
@@ -397,3 +402,60 @@ def test_a_worker_killed_mid_run_is_named_and_the_launch_goes_on(tmp_path, demo_
     assert "run(s) failed" in log  # the summary
     with instance_at(home) as instance:
         assert started_conversions(instance) == []  # marked failed by the launcher, not left STARTED
+
+
+def processes_of_group(pgid: int) -> list[str]:
+    """Its processes that still run (a zombie holds nothing, and a container without an init process never reaps
+    the orphans it leaves)."""
+    table = subprocess.run(["ps", "-eo", "pgid=,stat=,pid=,args="], capture_output=True, text=True).stdout
+    return [row for row in table.splitlines() if row.split()[0] == str(pgid) and not row.split()[1].startswith("Z")]
+
+
+@pytest.mark.graph
+def test_sigterm_stops_the_launch_and_leaves_no_process_behind(tmp_path, demo_checkpoint_dir):
+    """`kill <pid>` (a service manager stopping it, a person) while the export runs: `edge-quant run` stops its
+    workers and what they started, marks their runs failed, prints its summary and exits."""
+    home = tmp_path
+    shutil.copy(REPO / "dagster.yaml", home)
+    shutil.copytree(demo_checkpoint_dir, home / "checkpoints" / DEMO_MODEL)
+    process = start_run(home, "terminated.log")
+    wait_until_exporting(home, process, "terminated.log")
+    os.kill(process.pid, signal.SIGTERM)  # the launcher alone, not its process group
+    try:
+        code = process.wait(timeout=90)
+        time.sleep(1)  # what its workers started may take a moment to see their parent gone
+        left = processes_of_group(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    log = (home / "terminated.log").read_text()
+    assert code == 130, log[-3000:]  # 128 + SIGINT, as a shell reports an interrupted command
+    assert "Interrupted by SIGTERM" in log and "stopped and marked failed (convert_checkpoint" in log, log[-3000:]
+    assert left == []
+    with instance_at(home) as instance:
+        assert started_conversions(instance) == []
+    assert not (home / "artifacts" / DEMO_MODEL).exists()
+
+
+def test_a_child_of_a_step_dies_with_the_step_s_process(tmp_path):
+    """What a step starts (the export, the runtime's check and profile) ends when the step's process is killed, by
+    the OOM killer or a stopped launch, instead of holding the machine's memory for nobody."""
+    step = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+            "'from edge_quant_pipeline.processes import die_with_parent; die_with_parent(); import time; "
+            "time.sleep(120)']); print(child.pid, flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(step.stdout.readline())
+    time.sleep(0.5)  # the child has asked for its death signal
+    step.kill()
+    step.wait()
+    deadline = time.monotonic() + 5
+    while processes.is_alive(child):
+        assert time.monotonic() < deadline, f"the child {child} outlived the step's process"
+        time.sleep(0.05)

@@ -41,7 +41,7 @@ from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.health import GenerationHealth, generation_health
 from edge_quant_pipeline.evaluate.tasks import PROGRESS, TaskRequest, TaskScore, score_tasks
 from edge_quant_pipeline.memory import peak_rss_mb
-from edge_quant_pipeline.processes import last_word
+from edge_quant_pipeline.processes import die_with_parent, last_word
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ def _answer_tasks(engine, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--prompts-file", type=Path, required=True, help="a JSON list of prompts")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_quant_pipeline.memory import peak_rss_mb
-from edge_quant_pipeline.processes import last_word
+from edge_quant_pipeline.processes import die_with_parent, last_word
 from edge_quant_pipeline.runtime.session import InterpreterSession, RuntimeRejectedError
 from edge_quant_pipeline.shapes import ExportSettings
 
@@ -92,6 +92,7 @@ def profile_in_subprocess(tflite: Path, settings: ExportSettings, num_threads: i
 
 
 def main() -> None:
+    die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tflite", type=Path)
     parser.add_argument("--prefill-len", type=int, default=ExportSettings.prefill_len)

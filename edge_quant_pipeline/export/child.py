@@ -14,7 +14,6 @@ or ``child_failed``: the child's last line on stderr is then its error, which th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import json
 import os
@@ -29,10 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edge_quant_pipeline.memory import peak_rss_mb
+from edge_quant_pipeline.processes import die_with_parent
 from edge_quant_pipeline.shapes import ExportSettings
 
 _STATS = "export_stats.json"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ExportError(RuntimeError):
@@ -100,26 +99,13 @@ def start_child(description: str) -> argparse.ArgumentParser:
     """What every export child does first: it ends with the step's process (an export whose worker was killed, by
     the OOM killer or a person, must not go on holding the machine's memory for nobody), and it takes the arguments
     ``exported_by_child`` passes (add its own options to the parser returned)."""
-    _die_with_parent()
+    die_with_parent()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("checkpoint_dir", type=Path)
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--prefill-len", type=int, default=ExportSettings.prefill_len)
     parser.add_argument("--kv-cache-len", type=int, default=ExportSettings.kv_cache_len)
     return parser
-
-
-def _die_with_parent() -> None:
-    """SIGKILL this process when its parent exits (Linux's PR_SET_PDEATHSIG; elsewhere nothing). Linux sends it
-    when the thread that started the child ends: Dagster runs a step, and so starts the export, in its process's
-    main thread."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent went before the request was in place
-        os._exit(1)
 
 
 def child_done(output_dir: Path) -> None:

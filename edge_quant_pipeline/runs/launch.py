@@ -35,6 +35,7 @@ from edge_quant_pipeline.runs.view import RunView
 from edge_quant_pipeline.runs.workers import LaunchContext, Worker
 
 POLL_SECONDS = 0.5
+STOP_SECONDS = 10  # how long a stopped worker may take to end before it is killed
 # A run that only orchestrates (its steps on Celery workers): Dagster and the code location, no model (188 MB
 # measured once loaded, before its run).
 ORCHESTRATOR_MB = 400
@@ -194,11 +195,19 @@ class _Launch:
             self.view.note(f"      its Dagster run {run_id} is marked failed")
 
     def stop(self, reason: str) -> None:
-        """Interrupted: stop every worker, and mark the runs they were executing failed."""
+        """Interrupted: stop every worker, and mark the runs they were executing failed. A worker gets SIGTERM, which
+        Dagster raises in its step, then SIGKILL if it has not ended by STOP_SECONDS: the step may be in native code
+        (an export, a quantization), which runs no signal handler until it returns, or waiting for a child (the
+        runtime's check of a 2B model's float bundle takes 15 minutes), which ``subprocess`` waits for as the step
+        unwinds. Its children die with it (``processes.die_with_parent``)."""
         for worker in self.workers:
             worker.process.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
         for worker in self.workers:
-            worker.process.join(timeout=30)
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
             if worker.run is not None:
                 self.summary.interrupted.append(worker.run)
         self.summary.interrupted_by, self.summary.not_started = reason, list(self.pending)
