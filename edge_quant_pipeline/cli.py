@@ -156,10 +156,14 @@ def run(args: argparse.Namespace) -> int:
     layout = "<model>/<recipe>/<version>/model.tflite, model.litertlm, manifest.json"
     print(f"\nArtifacts:        {pipeline.store}  ({layout})")
     print(f"Reports:          {pipeline.store}/report.parquet, {pipeline.store}/<model>/report.parquet")
-    print(
-        f"{summary.failures} run(s) failed; see them with `dagster dev`." if summary.failures else "All runs succeeded."
-    )
-    return 1 if summary.failures else 0
+    refused = len(summary.too_large)
+    if refused:
+        print(f"{refused} run(s) not started: they need more memory than this machine has (above).")
+    if summary.failures:
+        print(f"{summary.failures} run(s) failed; see them with `dagster dev`.")
+    else:
+        print("The other runs succeeded." if refused else "All runs succeeded.")
+    return 1 if summary.failures or summary.too_large else 0
 
 
 def show_settings() -> int:

@@ -9,7 +9,7 @@ import dagster as dg
 from edge_quant_pipeline.config import pipeline_config_from_env
 from edge_quant_pipeline.graph import MODEL_ASSETS
 from edge_quant_pipeline.memory import machine_memory
-from edge_quant_pipeline.runs.launch import launch
+from edge_quant_pipeline.runs.launch import launch, too_large
 from edge_quant_pipeline.runs.plan import DueReports, PlannedRun, plan_runs
 from edge_quant_pipeline.runs.workers import Lane, LaunchContext, step_failure_reason
 from edge_quant_pipeline.staleness import RebuildPlan
@@ -111,6 +111,20 @@ def test_a_run_that_could_never_fit_is_not_started():
     (outcome,) = summary.outcomes
     assert outcome.failures[0].startswith("not started: it needs about")
     assert "Run it on a machine with more memory" in outcome.failures[0]
+
+
+def test_a_pair_that_could_never_fit_is_refused_before_the_launch_and_no_report_waits_for_it():
+    """Gemma 4 E2B's fp16 on a 24 GB machine: refused with its reason before anything starts, and, the model's other
+    pairs being up to date, no report is rebuilt for it (every later `edge-quant run` rebuilt one, 9.3 s)."""
+    plan = RebuildPlan(quantize=[("m1", "r2")])
+    reports = DueReports(models=[], all_models=False)
+    runs = plan_runs(plan, MODELS, RECIPES, reports)
+    (pair,) = [r for r in runs if r.recipe]
+    estimates = {run: 400.0 for run in runs} | {pair: 2 * machine_memory().total_mb}
+    (refused,) = too_large(runs, estimates)
+    assert refused.run == pair and refused.failures[0].startswith("not started: it needs about")
+    assert plan_runs(plan, MODELS, RECIPES, reports, leave_out={("m1", "r2")}) == []
+    assert too_large(runs, dict.fromkeys(runs, 400.0)) == []
 
 
 def test_an_exception_that_ends_a_worker_is_named_in_the_summary():

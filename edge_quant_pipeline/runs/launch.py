@@ -18,6 +18,7 @@ adds is parallelism across partitions without a daemon, sized by memory:
 
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
@@ -49,6 +50,8 @@ class LaunchSummary:
     interrupted_by: str | None = None
     interrupted: list[PlannedRun] = field(default_factory=list)
     not_started: list[PlannedRun] = field(default_factory=list)
+    # (model, recipe) runs refused before the launch: more memory than this machine could ever give them.
+    too_large: list[RunOutcome] = field(default_factory=list)
 
     @property
     def failures(self) -> int:
@@ -215,18 +218,35 @@ class _Launch:
         self.fail_dead_runs()
 
 
+def too_large(runs: list[PlannedRun], estimates: dict[PlannedRun, float]) -> list[RunOutcome]:
+    """The (model, recipe) runs this machine could never give their estimate, with the reason: refused before the
+    launch, so that no report waits for them and a later `edge-quant run` does not rebuild one for them."""
+    machine = machine_memory()
+    outcomes = []
+    for run in (r for r in runs if r.model and r.recipe):
+        fits = admission(estimates[run], [], machine)
+        if fits.needs_mb > fits.ever_mb:
+            outcomes.append(RunOutcome(run, None, [not_started_reason(estimates[run], fits)]))
+    return outcomes
+
+
 def launch(
     runs: list[PlannedRun],
     estimates: dict[PlannedRun, float],
     context: LaunchContext,
     jobs: int,
     budget_mb: float | None = None,
+    refused: Sequence[RunOutcome] = (),
 ) -> LaunchSummary:
     """Run ``runs`` in dependency order, at most ``jobs`` at a time, and side by side only while their estimated
     peaks add up to at most ``budget_mb`` (by default: what the largest of them needs alone, which the machine
-    must fit anyway) and fit in the memory available; show them going on, and a line per finished run."""
-    view = RunView(total=len(runs))
+    must fit anyway) and fit in the memory available; show them going on, and a line per finished run (first
+    those ``refused`` up front)."""
+    view = RunView(total=len(runs) + len(refused))
     state = _Launch(runs, estimates, context, jobs, budget_mb or max(estimates.values(), default=0.0), view)
+    for outcome in refused:
+        view.finished(outcome.run, outcome.run.job, outcome.run.label, None, outcome.failures)
+    state.summary.too_large = list(refused)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     with view:
         try:
@@ -279,9 +299,13 @@ def materialize(
     if not runs:
         return LaunchSummary()
     distributed = deployment_settings.executor() in deployment_settings.DISTRIBUTED_EXECUTORS
+    refused = []
     if distributed:  # the steps' memory is the workers'; here a run holds Dagster and the code location
         estimates = dict.fromkeys(runs, ORCHESTRATOR_MB)
     else:
         estimates = run_estimates(runs, pipeline, conversion_only)
+        if refused := too_large(runs, estimates):
+            runs = plan_runs(plan, models, recipes, reports, {(o.run.model, o.run.recipe) for o in refused})
+            estimates = run_estimates(runs, pipeline, conversion_only)
     context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only, verbose, distributed)
-    return launch(runs, estimates, context, jobs, memory_budget_mb)
+    return launch(runs, estimates, context, jobs, memory_budget_mb, refused)

@@ -1,6 +1,7 @@
 """The runs of `edge-quant run` that rebuild what ``rebuild.py`` finds out of date, each with the runs it waits
 for, and the memory each may take."""
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -84,10 +85,17 @@ class RunOutcome:
     worker_retires: bool = True  # its worker exits after it, rather than take another run
 
 
-def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports: DueReports | None) -> list[PlannedRun]:
+def plan_runs(
+    plan: RebuildPlan,
+    models: list[str],
+    recipes: list[str],
+    reports: DueReports | None,
+    leave_out: Collection[tuple[str, str]] = (),
+) -> list[PlannedRun]:
     """The runs for ``plan``, each with the runs it waits for; conversions first, the long ones.
 
-    ``reports`` None: no reports (``--convert-only``).
+    ``reports`` None: no reports (``--convert-only``). ``leave_out``: (model, recipe) pairs not to run, which no
+    report then waits for (nor is rebuilt for).
     """
     converts = {
         m: PlannedRun(graph.CONVERT_JOB, model=m, assets=as_selection(assets)) for m, assets in plan.convert.items()
@@ -98,6 +106,7 @@ def plan_runs(plan: RebuildPlan, models: list[str], recipes: list[str], reports:
             graph.QUANTIZE_JOB, model=m, recipe=r, after=tuple(run for run in (converts.get(m), resolves.get(r)) if run)
         )
         for m, r in plan.affected_pairs(models, recipes)
+        if (m, r) not in leave_out
     }
     runs = [*converts.values(), *resolves.values(), *pairs.values()]
     if reports is None:
