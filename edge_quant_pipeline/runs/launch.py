@@ -138,11 +138,13 @@ class _Launch:
         return not running or running + estimate_mb <= self.budget_mb
 
     def keep_workers_warm(self) -> None:
-        """Workers started ahead of their runs, at most ``jobs``, and none kept idle while the runs going on leave
-        no room in the budget for another."""
+        """Workers started ahead of their runs, at most ``jobs`` besides those that exit after their run (a
+        conversion's: their successors load while it runs, 3 s on the demo), and none kept idle while the runs going
+        on leave no room in the budget for another."""
         busy = sum(1 for w in self.workers if w.run)
+        retiring = sum(1 for w in self.workers if w.run and w.run.needs_torch(self.launch.conversion_only))
         room = self.fits_budget(LITERT_PROCESS_MB)
-        wanted = min(self.jobs, busy + (len(self.pending) if room else 0))
+        wanted = min(self.jobs + retiring, busy + (len(self.pending) if room else 0))
         self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
         if not room:
             for worker in [w for w in self.workers if w.idle]:
@@ -152,7 +154,7 @@ class _Launch:
     def start_what_fits(self, ready: list[PlannedRun]) -> None:
         for run in ready:
             worker = next((w for w in self.workers if w.idle), None)
-            if worker is None:
+            if worker is None or sum(1 for w in self.workers if w.run) >= self.jobs:
                 return
             estimate = self.estimates[run]
             if not self.fits_budget(estimate):

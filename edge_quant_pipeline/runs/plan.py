@@ -71,6 +71,10 @@ class PlannedRun:
             if (not self.assets or name in self.assets) and (not conversion_only or name in graph.CONVERSION_ASSETS)
         ]
 
+    def needs_torch(self, conversion_only: bool = False) -> bool:
+        """Whether a step of it imports torch and holds the model: its worker exits after it (``workers.py``)."""
+        return any(graph.BY_ASSET[name].needs_torch for name in self.asset_names(conversion_only))
+
     @property
     def label(self) -> str:
         part = f" ({', '.join(self.assets)})" if self.assets else ""

@@ -16,7 +16,6 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
-from edge_quant_pipeline.graph import BY_ASSET
 from edge_quant_pipeline.liveness import process_tags
 from edge_quant_pipeline.memory import Reservation, rss_mb
 from edge_quant_pipeline.runs.plan import PlannedRun, RunOutcome
@@ -157,8 +156,7 @@ def _serve_runs(connection: Connection, launch: LaunchContext) -> None:
     while (message := connection.recv()) is not None:
         run, run_id = message
         outcome = lane.execute(run, run_id)
-        held_torch = any(BY_ASSET[name].needs_torch for name in run.asset_names(lane.conversion_only))
-        retire = held_torch or rss_mb() > baseline_mb + WORKER_GROWTH_MB
+        retire = run.needs_torch(lane.conversion_only) or rss_mb() > baseline_mb + WORKER_GROWTH_MB
         connection.send(replace(outcome, worker_retires=retire))
         if retire:
             return
