@@ -161,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{refused} run(s) not started: they need more memory than this machine has (above).")
     if summary.failures:
         print(f"{summary.failures} run(s) failed; see them with `dagster dev`.")
-    else:
-        print("The other runs succeeded." if refused else "All runs succeeded.")
+    elif not refused:
+        print("All runs succeeded.")
+    elif summary.outcomes:
+        print("The other runs succeeded.")
     return 1 if summary.failures or summary.too_large else 0
 
 
