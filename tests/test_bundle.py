@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import DEMO_MODEL, metadata
 
+from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, BundleRequest, run_bundle
 from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES, TaskRequest
@@ -239,3 +240,17 @@ def test_a_checkpoint_without_what_a_bundle_needs_is_refused_with_the_file_to_fi
     (folder / "tokenizer.json").unlink()
     with pytest.raises(BundleError, match=r"tokenizer\.json: missing"):
         bundle_spec(folder, config, 128)
+
+
+def test_a_bundle_the_disk_cannot_hold_is_refused_before_it_is_written(tmp_path, demo_checkpoint_dir):
+    """Gemma 4 E2B's float bundle is 20 GB: packed into a disk without room, it filled it; now the step is refused
+    with both sizes and the setting that points elsewhere (a sparse model file larger than the disk stands in)."""
+    config = json.loads((demo_checkpoint_dir / "config.json").read_text())
+    spec = bundle_spec(demo_checkpoint_dir, config, 128)
+    tflite = tmp_path / "float.tflite"
+    with tflite.open("wb") as stream:
+        stream.truncate(shutil.disk_usage(tmp_path).free + (1 << 30))
+    refusal = r"this step writes about .* GB and the disk has .* set EDGE_QUANT_WORK_DIR"
+    with pytest.raises(NotEnoughDiskError, match=refusal):
+        build_bundle(tflite, spec, GENERATIVE_API, bundle_path(tflite))
+    assert not bundle_path(tflite).exists() and list(tmp_path.iterdir()) == [tflite]

@@ -13,6 +13,7 @@ from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.outcomes import rejected
 from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recipe_partitions
+from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, evaluate
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
@@ -121,6 +122,8 @@ def evaluation(
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
+    except NotEnoughDiskError as error:  # the bundle, refused before it was written
+        raise rejected(pipeline, inputs, "disk", error) from None
     except RuntimeRejectedError as error:
         raise rejected(pipeline, inputs, "interpreter", error) from None
     context.log.info(

@@ -9,6 +9,7 @@ from edge_quant_pipeline.defs.admission import admitted
 from edge_quant_pipeline.defs.conditions import ON_INPUT_OR_CODE_CHANGE
 from edge_quant_pipeline.defs.display import for_ui
 from edge_quant_pipeline.defs.partitions import model_partitions
+from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.evaluation import FloatBaseline
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, float_generations
@@ -44,7 +45,7 @@ def float_baseline(
             finally:
                 bundle.unlink()  # as large as the float file, and needed for nothing else
         baseline, metadata = FloatBaseline(run.tasks, health, run.tasks_error), usage.metadata()
-    except (NotEnoughMemoryError, BundleError, BundleRejectedError) as error:
+    except (NotEnoughMemoryError, NotEnoughDiskError, BundleError, BundleRejectedError) as error:
         baseline, metadata = FloatBaseline((), None, f"the float model was not run in LiteRT-LM: {error}"), {}
     if baseline.reason:
         context.log.warning(baseline.reason)

@@ -23,8 +23,9 @@ from typing import Any
 
 from edge_quant_pipeline.atomic import atomic_path
 from edge_quant_pipeline.checkpoints.validate import TOKENIZER_FILE, language_config
+from edge_quant_pipeline.disk import check_free_disk
 from edge_quant_pipeline.embedders import embedders_of
-from edge_quant_pipeline.settings import GENERATIVE_API
+from edge_quant_pipeline.settings import GENERATIVE_API, WORK_DIR_VARIABLE
 
 BUILDER_PACKAGE = "litert-lm-builder"
 # The model types LiteRT-LM knows (its llm_model_type.proto), by config.json model_type; the rest is generic.
@@ -185,8 +186,12 @@ def _executor_metadata(tflite: Path, exporter: str, context_length: int):
 
 def build_bundle(tflite: Path, spec: BundleSpec, exporter: str, output: Path, executor_metadata: bool = True) -> Path:
     """``output``, packed from ``tflite`` and its embedders; ``executor_metadata=False`` packs the bundle LiteRT-LM
-    misreads (the tests prove that the runtime check catches it)."""
+    misreads (the tests prove that the runtime check catches it). ``NotEnoughDiskError`` before anything is written
+    when ``output``'s disk cannot hold it: about as large as its files (20 GB for Gemma 4 E2B's float model)."""
     import litert_lm_builder as builder_lib
+
+    parts = (tflite, *embedders_of(tflite).values(), spec.tokenizer)
+    check_free_disk(output.parent, sum(part.stat().st_size for part in parts), WORK_DIR_VARIABLE)
 
     builder = builder_lib.LitertLmFileBuilder()
     builder.add_system_metadata(
