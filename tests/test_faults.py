@@ -446,13 +446,13 @@ def test_a_child_of_a_step_dies_with_the_step_s_process(tmp_path):
             "-c",
             "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
             "'from edge_quant_pipeline.processes import die_with_parent; die_with_parent(); import time; "
-            "time.sleep(120)']); print(child.pid, flush=True); time.sleep(120)",
+            "print(flush=True); time.sleep(120)'], stdout=subprocess.PIPE); child.stdout.readline(); "
+            "print(child.pid, flush=True); time.sleep(120)",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    child = int(step.stdout.readline())
-    time.sleep(0.5)  # the child has asked for its death signal
+    child = int(step.stdout.readline())  # once the child has asked for its death signal
     step.kill()
     step.wait()
     deadline = time.monotonic() + 5
