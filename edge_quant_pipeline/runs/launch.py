@@ -128,6 +128,11 @@ class _Launch:
                 self.view.finished(run, run.job, run.label, None, [f"skipped: its {failed.job} run failed"])
 
     @property
+    def running(self) -> int:
+        """How many workers execute a run (at most ``jobs``)."""
+        return sum(1 for w in self.workers if w.run)
+
+    @property
     def in_flight_mb(self) -> float:
         """The estimated peaks of the runs going on."""
         return sum(w.estimate_mb for w in self.workers if w.run)
@@ -141,10 +146,9 @@ class _Launch:
         """Workers started ahead of their runs, at most ``jobs`` besides those that exit after their run (a
         conversion's: their successors load while it runs, 3 s on the demo), and none kept idle while the runs going
         on leave no room in the budget for another."""
-        busy = sum(1 for w in self.workers if w.run)
         retiring = sum(1 for w in self.workers if w.run and w.run.needs_torch(self.launch.conversion_only))
         room = self.fits_budget(LITERT_PROCESS_MB)
-        wanted = min(self.jobs + retiring, busy + (len(self.pending) if room else 0))
+        wanted = min(self.jobs + retiring, self.running + (len(self.pending) if room else 0))
         self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
         if not room:
             for worker in [w for w in self.workers if w.idle]:
@@ -154,7 +158,7 @@ class _Launch:
     def start_what_fits(self, ready: list[PlannedRun]) -> None:
         for run in ready:
             worker = next((w for w in self.workers if w.idle), None)
-            if worker is None or sum(1 for w in self.workers if w.run) >= self.jobs:
+            if worker is None or self.running >= self.jobs:
                 return
             estimate = self.estimates[run]
             if not self.fits_budget(estimate):
