@@ -12,7 +12,7 @@ from upath import UPath
 from edge_quant_pipeline import settings
 from edge_quant_pipeline.checkpoints.digest import file_sha256
 from edge_quant_pipeline.checkpoints.validate import Checkpoint
-from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES
+from edge_quant_pipeline.evaluate.tasks import DEMO_TASK_FILES, TaskRequest
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed, Catalog, load_catalog
 from edge_quant_pipeline.settings import (
     AUTO,
@@ -156,6 +156,11 @@ class PipelineConfig(dg.ConfigurableResource):
             "tasks": {task: task_data_sha256(task) for task in evaluation.tasks},
             "task_limit": evaluation.task_limit,
         }
+
+    def task_request(self) -> TaskRequest:
+        """The tasks each bundle answers in LiteRT-LM, with as many threads as each interpreter the evaluation runs."""
+        evaluation = self.evaluation
+        return TaskRequest(tuple(evaluation.tasks), evaluation.task_limit, self.interpreter_threads)
 
     def calibration_settings(self) -> dict[str, Any]:
         """What the calibration statistics depend on besides the model (the text by its sha256)."""

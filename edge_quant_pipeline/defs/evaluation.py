@@ -18,7 +18,6 @@ from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundl
 from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, evaluate
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
-from edge_quant_pipeline.evaluate.tasks import TaskRequest
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.gates import check_gates, check_health_gates, check_task_gates
 from edge_quant_pipeline.memory import NotEnoughMemoryError, PeakMemory
@@ -116,7 +115,7 @@ def evaluation(
         with admitted(context, size, quant_recipe) as usage:
             bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it
-            tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
+            tasks = pipeline.task_request()
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle, tasks)
             result = dataclasses.replace(result, float_baseline=float_baseline, export_proof=float_tflite.export_proof)
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)

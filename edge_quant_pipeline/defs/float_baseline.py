@@ -14,7 +14,6 @@ from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundl
 from edge_quant_pipeline.evaluate.evaluation import FloatBaseline
 from edge_quant_pipeline.evaluate.litert_lm import BundleRejectedError, float_generations
 from edge_quant_pipeline.evaluate.reference import FloatReference
-from edge_quant_pipeline.evaluate.tasks import TaskRequest
 from edge_quant_pipeline.footprint import model_size
 from edge_quant_pipeline.memory import NotEnoughMemoryError
 from edge_quant_pipeline.timing import computing
@@ -33,7 +32,7 @@ def float_baseline(
     evaluation's prompts, and the tasks. When it cannot be (a checkpoint that makes no bundle, a float model the
     runtime cannot hold on this machine), the reason; recipes are then not gated in the runtime."""
     float_tflite, float_reference = pipeline.work.localize(float_tflite), pipeline.work.localize(float_reference)
-    tasks = TaskRequest(tuple(pipeline.evaluation.tasks), pipeline.evaluation.task_limit)
+    tasks = pipeline.task_request()
     try:
         with admitted(context, model_size(checkpoint, pipeline, float_tflite.model_bytes)) as usage, computing():
             spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.export_settings.kv_cache_len)

@@ -182,9 +182,6 @@ def evaluate(
     bundle: Bundle,
     tasks: TaskRequest,
 ) -> Evaluation:
-    # The profile's fresh process first, while this one holds no runtime: the two never hold one each at once.
-    with timed_alone():
-        profile = profile_in_subprocess(candidate.path, settings, num_threads)
     tokens = reference.tokens()
     with computing(), PeakMemory() as memory, InterpreterSession(candidate.path, settings, num_threads) as session:
         started = time.perf_counter()
@@ -193,16 +190,19 @@ def evaluate(
         length = tokens["continuations"].shape[1]
         generated = [session.greedy(prompt, length) for prompt in tokens["prompts"]]
     generation = compare_generation(np.stack(generated), tokens["continuations"])
-    try:
-        # LiteRT-LM's benchmark is a timed measurement too; the tasks after it compute beside others.
-        with timed_alone() as generations_done:
+    # The timed measurements in one stretch alone on the machine, so that this step waits for it once: the
+    # interpreter's profile, then LiteRT-LM's benchmark (its generations); its tasks after them compute beside
+    # others. Each in a fresh process, one after the other, once this one holds no runtime.
+    with timed_alone() as generations_done:
+        profile = profile_in_subprocess(candidate.path, settings, num_threads)
+        try:
             request = BundleRequest(tasks=tasks, on_generated=generations_done)
             check = check_bundle(
                 bundle.path, bundle.spec, tokens["prompts"], np.stack(generated), tokens["continuations"], request
             )
-        litert_lm_error = ""
-    except BundleRejectedError as error:
-        check, litert_lm_error = None, str(error)
+            litert_lm_error = ""
+        except BundleRejectedError as error:
+            check, litert_lm_error = None, str(error)
     return Evaluation(
         file_bytes=candidate.file_bytes,
         file_ratio=float_model.file_bytes / candidate.file_bytes,

@@ -16,10 +16,10 @@ apps use, which renders the template itself: a template the runtime cannot rende
 nothing, fails the check with the runtime's message (google-ai-edge/LiteRT-LM#2078, #3021 are bundles whose raw
 sessions work and whose template does not).
 
-Then, with ``--task``, the same process and engine answer lm-eval's tasks (``tasks.py``): one process and one load
-of the bundle for both. The generations' results are written before the tasks start, and the tasks' after, each to
-a file of its own, so a task that fails (or crashes the runtime) costs the tasks only; the parent hears when the
-generations, its timed part, are done.
+lm-eval's tasks (``tasks.py``) are answered after that in a fresh process of their own, which loads the bundle
+again: forked from a server that imported lm-eval and LiteRT-LM once per process that asks (``start_task_server``;
+1.2 s of imports that the tasks of the demo's bundles took each), so the check's process holds no more than an app
+does when the runtime measures it, and a task that fails (or crashes the runtime) costs the tasks only.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import forkserver
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +73,11 @@ HEALTH_TOKENS = 256
 CHAT_TURNS = ("Hi", "Go on")
 CHAT_REPLY_TOKENS = 8
 _CHAT_FAILED = 3  # the child's exit status when the conversation failed
-# The child's files, and its line saying the generations are done (the tasks come next).
-_RUN_FILE, _TASKS_FILE, _GENERATED = "run.json", "tasks.json", "generations done"
+# The children's result files.
+_RUN_FILE, _TASKS_FILE = "run.json", "tasks.json"
 NO_TASKS = TaskRequest((), 0)
+# What the server that forks task processes imports once (lm-eval's evaluator and task index take 1.2 s).
+TASK_PRELOAD = ["litert_lm", "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.api.model", __name__]
 # XNNPACK's packed weights, shared by the bundle's signatures, kept in memory rather than in a file ("" would write
 # one beside the bundle, as large as the packed model: 9 GB and more for a float 2B bundle, which filled the disk).
 # Measured on the Qwen2.5-0.5B shape's bundles: the same peak RSS as a file (0.76 GB int8, 10.46 GB weight-only
@@ -193,14 +198,12 @@ def failure_reason(stderr: str, returncode: int) -> str:
     return errors[0] if errors else last_word(stderr, returncode)
 
 
-def _following(lines: Iterable[str], bundle: Path, on_generated: Callable[[], None]) -> Iterator[str]:
-    """The child's stderr as it comes, less its own lines: task progress, logged (the step's log, and
-    ``edge-quant run``'s live view), and the end of the generations, told to ``on_generated``."""
+def _following(lines: Iterable[str], bundle: Path) -> Iterator[str]:
+    """A child's stderr as it comes, less its task progress lines, which are logged (the step's log, and
+    ``edge-quant run``'s live view)."""
     for line in lines:
         if line.startswith(PROGRESS):
             log.info("%s (%s)", line.removeprefix(PROGRESS).strip(), bundle.name)
-        elif line.strip() == _GENERATED:
-            on_generated()
         else:
             yield line
 
@@ -216,29 +219,29 @@ def run_bundle(
     request: BundleRequest = BundleRequest(),
     max_tokens: int | None = None,
 ) -> RuntimeRun:
-    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process, then, as ``request`` asks,
-    hold the conversation of CHAT_TURNS with the bundle's chat template and answer lm-eval's tasks in an engine of
-    ``max_tokens`` tokens (the bundle's KV cache; None: the runtime's default). The child's files go to a scratch
-    folder beside the bundle, removed when the run ends."""
+    """Generate ``num_tokens`` greedily after each of ``prompts`` in a fresh process and, as ``request`` asks, hold
+    the conversation of CHAT_TURNS with the bundle's chat template; tell ``request.on_generated``; then answer
+    lm-eval's tasks in another (``answer_tasks``). Engines hold ``max_tokens`` tokens (the bundle's KV cache; None:
+    the runtime's default). The children's files go to a scratch folder beside the bundle, removed when the run
+    ends."""
     tasks = request.tasks
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.run-") as folder:
         scratch = Path(folder)
         (scratch / "prompts.json").write_text(json.dumps(prompts))
         command = [sys.executable, "-m", __name__, str(bundle), "--prompts-file", str(scratch / "prompts.json")]
         command += ["--tokens", str(num_tokens), "--scratch-dir", folder] + (["--chat"] if request.chat else [])
-        command += [a for task in tasks.names for a in ("--task", task)] + ["--task-limit", str(tasks.limit)]
         command += ["--max-tokens", str(max_tokens)] if max_tokens else []
         pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, "errors": "replace"}
         with subprocess.Popen(command, **pipes) as child:
-            stderr = "".join(_following(child.stderr, bundle, request.on_generated))
-        generated, answered = _read(scratch / _RUN_FILE), _read(scratch / _TASKS_FILE)
+            stderr = "".join(_following(child.stderr, bundle))
+        request.on_generated()
+        generated = _read(scratch / _RUN_FILE)
+        answered = answer_tasks(bundle, tasks, max_tokens, scratch) if generated and tasks.names else None
     reason = failure_reason(stderr, child.returncode)
     if child.returncode == _CHAT_FAILED:
         raise BundleRejectedError(f"LiteRT-LM's Conversation API failed with the chat template of {bundle}: {reason}")
     if generated is None:
         raise BundleRejectedError(f"LiteRT-LM could not run {bundle}: {reason}")
-    if tasks.names and answered is None:  # the runtime died answering them: the generations stand
-        answered = {"scores": [], "error": reason}
     run = RuntimeRun(**{**generated, **_task_outcome(tasks, answered, bundle)})
     if not any(run.texts):  # one prompt may end where the model stops at once: that is an early stop (health.py)
         raise BundleRejectedError(f"LiteRT-LM generated no tokens from {bundle} (it loaded, and said nothing wrong).")
@@ -269,14 +272,66 @@ def _converse(engine) -> list[str]:
     return ["".join(getattr(part, "text", "") for part in reply.contents) for reply in replies]
 
 
-def _answer_tasks(engine, args: argparse.Namespace) -> None:
-    """The tasks' scores, or why there are none, in the tasks' file: a task that cannot run fails the tasks only."""
+def _engine(bundle: Path, max_tokens: int | None, benchmark: bool = False, threads: int | None = None):
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    return litert_lm.Engine(
+        str(bundle),
+        backend=litert_lm.Backend.CPU(thread_count=threads),
+        max_num_tokens=max_tokens,
+        enable_benchmark=benchmark,
+        cache_dir=WEIGHT_CACHE,
+    )
+
+
+def _task_processes() -> multiprocessing.context.ForkServerContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(TASK_PRELOAD)  # for the server this process starts, if none runs yet
+    return context
+
+
+def start_task_server() -> None:
+    """Start the server task processes are forked from now, so that it imports lm-eval while this process works.
+    It ends with this process; without this call, the first ``answer_tasks`` starts it."""
+    _task_processes()
+    forkserver.ensure_running()
+
+
+def answer_tasks(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scratch: Path) -> dict:
+    """``tasks`` answered by ``bundle`` in a fresh process (forked from the task server), its stderr read as it
+    comes: ``{"scores": [...], "error": why there are none, "peak_rss_mb": the process's peak}``."""
+    context = _task_processes()
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_task_process, args=(bundle, tasks, max_tokens, scratch, writer), daemon=True)
     try:
-        scores = score_tasks(engine, TaskRequest(tuple(args.task), args.task_limit), args.max_tokens, args.scratch_dir)
-        answered = {"scores": [asdict(score) for score in scores], "error": ""}
-    except Exception as error:  # lm-eval's or the runtime's, about a task: one line, as for a failed process
-        answered = {"scores": [], "error": f"{type(error).__name__}: {error}".splitlines()[0]}
-    (args.scratch_dir / _TASKS_FILE).write_text(json.dumps({**answered, "peak_rss_mb": peak_rss_mb()}))
+        child.start()
+        writer.close()
+        with os.fdopen(os.dup(reader.fileno()), errors="replace") as lines:
+            stderr = "".join(_following(lines, bundle))
+        child.join()
+    finally:
+        if child.is_alive():  # this step was interrupted
+            child.kill()
+            child.join()
+        reader.close()
+    return _read(scratch / _TASKS_FILE) or {"scores": [], "error": failure_reason(stderr, child.exitcode)}
+
+
+def _task_process(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scratch: Path, stderr: Connection) -> None:
+    """A task process: its stderr (the runtime's log, Python's, the progress lines) into ``stderr`` for the
+    parent, its stdout nowhere, as a fresh process of ``run_bundle``'s has them; the scores, or why there are
+    none, in the scratch folder's tasks file: a task that cannot run fails the tasks only."""
+    os.dup2(stderr.fileno(), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    die_with_parent()
+    with _engine(bundle, max_tokens, threads=tasks.threads) as engine:
+        try:
+            scores = score_tasks(engine, tasks, max_tokens, scratch)
+            answered = {"scores": [asdict(score) for score in scores], "error": ""}
+        except Exception as error:  # lm-eval's or the runtime's, about a task: one line, as for a failed process
+            answered = {"scores": [], "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    (scratch / _TASKS_FILE).write_text(json.dumps({**answered, "peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:
@@ -287,23 +342,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--scratch-dir", type=Path, required=True, help="where the results are written")
     parser.add_argument("--chat", action="store_true", help="then converse with the bundle's chat template")
-    parser.add_argument("--task", action="append", default=[], help="then answer this lm-eval task (tasks.py)")
-    parser.add_argument("--task-limit", type=int, default=0, help="samples per task; 0: all")
     parser.add_argument("--max-tokens", type=int, help="the engine's token budget (the bundle's KV cache)")
     args = parser.parse_args()
-    if args.task and not args.max_tokens:
-        parser.error("--task needs --max-tokens (the bundle's KV cache length)")
     import litert_lm
 
-    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     texts, benchmarks = [], []
-    with litert_lm.Engine(
-        str(args.bundle),
-        backend=litert_lm.Backend.CPU(),
-        max_num_tokens=args.max_tokens,
-        enable_benchmark=True,
-        cache_dir=WEIGHT_CACHE,
-    ) as engine:
+    with _engine(args.bundle, args.max_tokens, benchmark=True) as engine:
         for prompt in json.loads(args.prompts_file.read_text()):
             session = engine.create_session(
                 apply_prompt_template=False,
@@ -330,9 +374,6 @@ def main() -> None:
             chat_replies=chat_replies,
         )
         (args.scratch_dir / _RUN_FILE).write_text(json.dumps(asdict(run)))
-        print(_GENERATED, file=sys.stderr, flush=True)
-        if args.task:
-            _answer_tasks(engine, args)
 
 
 if __name__ == "__main__":

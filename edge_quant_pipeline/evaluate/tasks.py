@@ -1,5 +1,5 @@
 """Task accuracy in LiteRT-LM: lm-evaluation-harness tasks answered by a bundle in the runtime itself, as an app
-runs it, in the process and with the engine that checked the bundle (``litert_lm.py``).
+runs it, in a fresh process of their own after the runtime's check of the bundle (``litert_lm.answer_tasks``).
 
 lm-eval reads the tasks, sends its requests and scores the answers; the model it asks is ``LiteRtLmHarness``:
 
@@ -13,8 +13,7 @@ The runtime prepends the bundle's start token to a session's first prefill, as i
 rolling log-likelihood, so lm-eval's perplexity tasks are refused by name. A context longer than the bundle's
 token budget (its KV cache) less the continuation is cut from the left, as lm-eval's own models cut it.
 
-    python -m edge_quant_pipeline.evaluate.litert_lm model.litertlm --prompts-file prompts.json --tokens 16 \
-        --scratch-dir /tmp/scratch --task demo_cloze --task-limit 50 --max-tokens 128
+    litert_lm.answer_tasks(Path("model.litertlm"), TaskRequest(("demo_cloze",), 50), 128, Path("/tmp/scratch"))
 
 Tasks are lm-eval's registry names (their data downloaded by ``datasets`` when online), YAML files or folders of
 them (a local task: YAML + JSONL, as lm-eval allows), or the demo's two (``demo/make_tasks.py``): ``demo_cloze``,
@@ -43,6 +42,9 @@ PROGRESS, _PROGRESS_EVERY_S = "task progress: ", 15.0
 class TaskRequest:
     names: tuple[str, ...]  # lm-eval tasks; empty: none
     limit: int  # samples per task; 0: all
+    # Of the engine answering them; None: the runtime's default, which oversubscribes 2 cores: the demo's tasks took
+    # 2.9 s of CPU in 1.9 s with it, 1.9 s in 1.3 s with 2 threads.
+    threads: int | None = None
 
 
 class TaskRunError(RuntimeError):
@@ -237,13 +239,25 @@ def _scored(harness, task: str, manager, limit: int) -> list[TaskScore]:
     ]
 
 
+def _local_files_only(cache: Path) -> None:
+    """``datasets`` looks nothing up online and caches what it reads in ``cache``, unless the environment says
+    otherwise. It reads these settings when imported, which the task server did before this process was forked
+    from it (``litert_lm.start_task_server``): so they are set on its config, where it reads them for each load."""
+    import datasets.config
+
+    if "HF_DATASETS_OFFLINE" not in os.environ and "HF_HUB_OFFLINE" not in os.environ:
+        datasets.config.HF_HUB_OFFLINE = True
+    if "HF_DATASETS_CACHE" not in os.environ:
+        datasets.config.HF_DATASETS_CACHE = cache
+        datasets.config.DOWNLOADED_DATASETS_PATH = cache / datasets.config.DOWNLOADED_DATASETS_DIR
+        datasets.config.EXTRACTED_DATASETS_PATH = cache / datasets.config.EXTRACTED_DATASETS_DIR
+
+
 def score_tasks(engine, request: TaskRequest, max_tokens: int, scratch: Path) -> list[TaskScore]:
     """``request``'s tasks answered by ``engine`` (a LiteRT-LM engine of at most ``max_tokens`` tokens), each
     timed on its own; the demo's task files, and the datasets cache of local tasks, go to ``scratch``."""
     if all(Path(task).exists() or task in DEMO_TASK_FILES for task in request.names):
-        # Local files only: nothing to look up online (read by ``datasets`` when lm-eval imports it).
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_CACHE", str(scratch / "datasets"))
+        _local_files_only(scratch / "datasets")
     import lm_eval.evaluator
 
     # lm-eval's report of the environment imports torch (5 s, more than the demo's tasks take) for results of

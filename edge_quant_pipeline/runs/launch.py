@@ -142,18 +142,24 @@ class _Launch:
         running = self.in_flight_mb
         return not running or running + estimate_mb <= self.budget_mb
 
+    def spare_workers(self) -> int:
+        """How many workers holding no model (loading, or idle) the budget has room for beside the runs going on;
+        with none going on, ``jobs``."""
+        if not self.in_flight_mb:
+            return self.jobs
+        return max(0, int((self.budget_mb - self.in_flight_mb) // LITERT_PROCESS_MB))
+
     def keep_workers_warm(self) -> None:
         """Workers started ahead of their runs, at most ``jobs`` besides those that exit after their run (a
-        conversion's: their successors load while it runs, 3 s on the demo), and none kept idle while the runs going
-        on leave no room in the budget for another."""
+        conversion's), and no more of them idle or loading than the budget has room for beside the runs going on:
+        beside a conversion, by default, one, which resolves the recipes and then takes the first run after it."""
         retiring = sum(1 for w in self.workers if w.run and w.run.needs_torch(self.launch.conversion_only))
-        room = self.fits_budget(LITERT_PROCESS_MB)
-        wanted = min(self.jobs + retiring, self.running + (len(self.pending) if room else 0))
+        spare = self.spare_workers()
+        wanted = min(self.jobs + retiring, self.running + min(len(self.pending), spare))
         self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
-        if not room:
-            for worker in [w for w in self.workers if w.idle]:
-                worker.dismiss()
-                self.retire(worker)
+        for worker in [w for w in self.workers if w.idle][spare:]:
+            worker.dismiss()
+            self.retire(worker)
 
     def start_what_fits(self, ready: list[PlannedRun]) -> None:
         for run in ready:
@@ -236,6 +242,13 @@ def too_large(runs: list[PlannedRun], estimates: dict[PlannedRun, float]) -> lis
     return outcomes
 
 
+def default_budget_mb(estimates: dict[PlannedRun, float]) -> float:
+    """What the largest run needs alone, which the machine must fit anyway, and a worker holding no model beside it:
+    during a conversion, it resolves the recipes and is ready for the first run after it, instead of both waiting
+    for the conversion to end (and for a worker to load, 3 s on the demo)."""
+    return max(estimates.values(), default=0.0) + LITERT_PROCESS_MB
+
+
 def launch(
     runs: list[PlannedRun],
     estimates: dict[PlannedRun, float],
@@ -245,11 +258,10 @@ def launch(
     refused: Sequence[RunOutcome] = (),
 ) -> LaunchSummary:
     """Run ``runs`` in dependency order, at most ``jobs`` at a time, and side by side only while their estimated
-    peaks add up to at most ``budget_mb`` (by default: what the largest of them needs alone, which the machine
-    must fit anyway) and fit in the memory available; show them going on, and a line per finished run (first
-    those ``refused`` up front)."""
+    peaks add up to at most ``budget_mb`` (by default ``default_budget_mb``) and fit in the memory available; show
+    them going on, and a line per finished run (first those ``refused`` up front)."""
     view = RunView(total=len(runs) + len(refused))
-    state = _Launch(runs, estimates, context, jobs, budget_mb or max(estimates.values(), default=0.0), view)
+    state = _Launch(runs, estimates, context, jobs, budget_mb or default_budget_mb(estimates), view)
     for outcome in refused:
         view.finished(outcome.run, outcome.run.job, outcome.run.label, None, outcome.failures)
     state.summary.too_large = list(refused)

@@ -15,6 +15,7 @@ import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from edge_quant_pipeline.config import ArtifactStore, PipelineConfig
+from edge_quant_pipeline.evaluate.litert_lm import start_task_server
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
 from edge_quant_pipeline.liveness import process_tags
 from edge_quant_pipeline.memory import Reservation, rss_mb
@@ -150,6 +151,12 @@ def _serve_runs(connection: Connection, launch: LaunchContext) -> None:
     lane = Lane(launch)
     if not launch.distributed:
         import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
+
+        if launch.pipeline().evaluation.tasks and not launch.conversion_only:
+            # multiprocessing refuses children to a daemonic process, as the launcher marks its workers (so that
+            # they end with it); task processes end with this one (processes.die_with_parent, through the server).
+            multiprocessing.current_process().daemon = False
+            start_task_server()  # it imports lm-eval beside this process's work, once for the worker's evaluations
 
     baseline_mb = rss_mb()
     connection.send(READY)
