@@ -325,7 +325,7 @@ def _task_process(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scra
     os.dup2(stderr.fileno(), 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     die_with_parent()
-    with _engine(bundle, max_tokens, threads=tasks.threads) as engine:
+    with _engine(bundle, max_tokens, threads=tasks.threads_for(bundle.stat().st_size)) as engine:
         try:
             scores = score_tasks(engine, tasks, max_tokens, scratch)
             answered = {"scores": [asdict(score) for score in scores], "error": ""}

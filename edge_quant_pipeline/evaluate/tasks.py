@@ -33,6 +33,9 @@ DEMO_TASK_DIR = Path(__file__).parent.parent / "demo" / "tasks"
 DEMO_TASK_FILES = {"demo_cloze": DEMO_TASK_DIR / "cloze.jsonl", "demo_completion": DEMO_TASK_DIR / "completion.jsonl"}
 # Metrics that are not a task's score: lm-eval's bookkeeping in its results.
 _NOT_SCORES = ("alias", "samples")
+# A smaller bundle answers tasks on one thread: each request's work is too small to share (the demo's 1.4-3.7 MB
+# bundles: 0.9 s of CPU in 1.0 s on one thread, 1.9 s in 1.3 s on two; measured in one process, tasks only).
+ONE_THREAD_BYTES = 64 << 20
 # The lines that say how far a task got (the parent passes them on to the step's log), at most one per task this
 # often.
 PROGRESS, _PROGRESS_EVERY_S = "task progress: ", 15.0
@@ -42,9 +45,12 @@ PROGRESS, _PROGRESS_EVERY_S = "task progress: ", 15.0
 class TaskRequest:
     names: tuple[str, ...]  # lm-eval tasks; empty: none
     limit: int  # samples per task; 0: all
-    # Of the engine answering them; None: the runtime's default, which oversubscribes 2 cores: the demo's tasks took
-    # 2.9 s of CPU in 1.9 s with it, 1.9 s in 1.3 s with 2 threads.
+    # Of the engine answering them, for a bundle of at least ONE_THREAD_BYTES; None: the runtime's default, which
+    # oversubscribes 2 cores (the demo's tasks took 2.9 s of CPU in 1.9 s with it, 1.9 s in 1.3 s with 2 threads).
     threads: int | None = None
+
+    def threads_for(self, bundle_bytes: int) -> int | None:
+        return 1 if bundle_bytes < ONE_THREAD_BYTES else self.threads
 
 
 class TaskRunError(RuntimeError):
