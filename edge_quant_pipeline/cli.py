@@ -31,7 +31,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-gb",
         type=float,
         help="how much memory runs side by side may take, by their estimated peaks (default: what the largest "
-        "run needs alone, which the machine must fit anyway; raise it on machines with memory and cores to spare)",
+        "run needs alone, which the machine must fit anyway, and one worker holding no model; raise it on machines "
+        "with memory and cores to spare)",
     )
     run.add_argument(
         "--convert-only",

@@ -6,7 +6,7 @@ reference, so memory holds one window of logits. Free-running greedy generation 
 proves the decode path. Latency and the interpreter's own memory are measured in a fresh process.
 The LiteRT-LM bundle of the same file then generates from the same prompts in LiteRT-LM itself, in a fresh
 process too (``litert_lm.py``), and is compared with the interpreter's generation; once it runs, it answers the
-configured lm-eval tasks there (``tasks.py``).
+configured lm-eval tasks in another (``tasks.py``).
 """
 
 from __future__ import annotations
