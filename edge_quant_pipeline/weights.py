@@ -14,6 +14,7 @@ A model's embedders (``embedders.py``) are part of it: their weights are its emb
 
 from __future__ import annotations
 
+import filecmp
 import mmap
 import re
 from dataclasses import dataclass, replace
@@ -268,6 +269,14 @@ class TfliteModel:
     @property
     def weight_bytes(self) -> int:
         return sum({(w.file, w.buffer): w.num_bytes for w in self.weights}.values())
+
+    def same_bytes_as(self, other: "TfliteModel") -> bool:
+        """This file and its embedders are ``other``'s byte for byte (the `float` recipe's are the float export's):
+        read only where the sizes match and the files are not one (a hard link)."""
+        mine, theirs = {"": self.path, **self.embedders}, {"": other.path, **other.embedders}
+        if self.file_bytes != other.file_bytes or mine.keys() != theirs.keys():
+            return False
+        return all(mine[k].samefile(theirs[k]) or filecmp.cmp(mine[k], theirs[k], shallow=False) for k in mine)
 
     def embedder_metadata(self) -> dict[str, str]:
         """For the UI, where there are embedders."""

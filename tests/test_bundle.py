@@ -50,7 +50,8 @@ def test_every_recipe_answers_the_demo_tasks_in_litert_lm(golden, golden_instanc
     assert float_model["task_demo_cloze_acc"] - 0.25 > 3 * float_model["task_demo_cloze_acc_error"]
     assert float_model["task_demo_completion_exact_match"] > 2 * float_model["task_demo_completion_exact_match_error"]
     # The float .tflite bundled once per checkpoint (float_baseline) is what every recipe is gated against; the float
-    # recipe's bundle holds the same file, so it scores and generates the same.
+    # recipe's bundle holds the same file, so it generates the same, and its tasks are the baseline's (not answered
+    # twice: weights.TfliteModel.same_bytes_as).
     baseline = metadata(golden_instance, "float_baseline", DEMO_MODEL)
     for score in ("task_demo_cloze_acc", "task_demo_completion_exact_match"):
         assert baseline[f"float_{score}"] == float_model[f"float_{score}"] == float_model[score], score

@@ -1,7 +1,11 @@
 """Weight bytes as the .tflite stores them, checked against the files' real sizes."""
 
+import shutil
+from dataclasses import replace
+
 import pytest
 
+from edge_quant_pipeline.atomic import link_or_copy
 from edge_quant_pipeline.quantize.apply import quantize_tflite
 from edge_quant_pipeline.quantize.recipes import BUILTIN_RECIPES, parse_recipe
 from edge_quant_pipeline.quantize.translate import ai_edge_quantizer_recipe
@@ -36,3 +40,17 @@ def test_weight_bytes_are_what_the_file_stores(demo_export, tmp_path, recipe):
     rotations = 2 * len({w.buffer for w in quantized.weights if w.rotated})
     bookkeeping = BOOKKEEPING_PER_TENSOR * tensors + BOOKKEEPING_PER_ROTATION * rotations
     assert abs(other_in_quantized - other_in_float) <= bookkeeping
+
+
+def test_a_model_is_the_same_bytes_as_its_link_or_copy_and_no_other(demo_export, tmp_path):
+    """What lets the `float` recipe's evaluation take the float baseline's task scores: only its very files."""
+    _, float_path = demo_export
+    model = inspect_tflite(float_path)
+    linked = link_or_copy(float_path, tmp_path / "linked.tflite")
+    copied = shutil.copyfile(float_path, tmp_path / "copied.tflite")
+    changed = bytearray(float_path.read_bytes())
+    changed[len(changed) // 2] ^= 1
+    (tmp_path / "changed.tflite").write_bytes(changed)
+    assert model.same_bytes_as(replace(model, path=linked)) and model.same_bytes_as(replace(model, path=copied))
+    assert not model.same_bytes_as(replace(model, path=tmp_path / "changed.tflite"))
+    assert not model.same_bytes_as(replace(model, file_bytes=model.file_bytes + 1))

@@ -16,6 +16,7 @@ from edge_quant_pipeline.defs.partitions import BY_MODEL, BY_RECIPE, model_recip
 from edge_quant_pipeline.disk import NotEnoughDiskError
 from edge_quant_pipeline.evaluate.bundle import BundleError, build_bundle, bundle_path, bundle_spec
 from edge_quant_pipeline.evaluate.evaluation import Bundle, FloatBaseline, evaluate
+from edge_quant_pipeline.evaluate.litert_lm import NO_TASKS
 from edge_quant_pipeline.evaluate.localize import TensorError, layer_summary, tensor_errors
 from edge_quant_pipeline.evaluate.reference import FloatReference
 from edge_quant_pipeline.footprint import model_size
@@ -115,9 +116,16 @@ def evaluation(
         with admitted(context, size, quant_recipe) as usage:
             bundle = _bundle(pipeline, checkpoint, quantized_tflite, inputs)
             pipeline.work.share(bundle.path)  # published_artifact's step publishes it
-            tasks = pipeline.task_request()
+            # The `float` recipe's files are the float export's: the float baseline answered its tasks already.
+            float_tasks = bool(float_baseline.scores) and quantized_tflite.same_bytes_as(float_tflite)
+            tasks = NO_TASKS if float_tasks else pipeline.task_request()
             result = evaluate(quantized_tflite, float_tflite, float_reference, settings, threads, bundle, tasks)
-            result = dataclasses.replace(result, float_baseline=float_baseline, export_proof=float_tflite.export_proof)
+            result = dataclasses.replace(
+                result,
+                float_baseline=float_baseline,
+                export_proof=float_tflite.export_proof,
+                **({"tasks": float_baseline.scores} if float_tasks else {}),
+            )
             hotspots = localization_metadata(context, pipeline, float_tflite, quantized_tflite, float_reference)
     except NotEnoughMemoryError as error:
         raise rejected(pipeline, inputs, "memory", error) from None
@@ -132,6 +140,8 @@ def evaluation(
     )
     if result.tasks_error:
         context.log.warning(result.tasks_error)
+    if float_tasks:
+        context.log.info("Tasks: the float baseline's scores, answered by a bundle of the same files")
     bundle_metadata = {
         "litertlm": dg.MetadataValue.path(str(bundle.path)),
         "fidelity": dg.MetadataValue.md(result.fidelity_table()),

@@ -17,7 +17,7 @@ nothing, fails the check with the runtime's message (google-ai-edge/LiteRT-LM#20
 sessions work and whose template does not).
 
 lm-eval's tasks (``tasks.py``) are answered after that in a fresh process of their own, which loads the bundle
-again: forked from a server that imported lm-eval and LiteRT-LM once per process that asks (``start_task_server``;
+again: forked from a server that imported lm-eval and LiteRT-LM once per process that asks (``fork_server.py``;
 1.2 s of imports that the tasks of the demo's bundles took each), so the check's process holds no more than an app
 does when the runtime measures it, and a task that fails (or crashes the runtime) costs the tasks only.
 """
@@ -27,15 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import forkserver
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +40,7 @@ import numpy as np
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.health import GenerationHealth, generation_health
 from edge_quant_pipeline.evaluate.tasks import PROGRESS, TaskRequest, TaskScore, score_tasks
+from edge_quant_pipeline.fork_server import ForkServer, fork_server
 from edge_quant_pipeline.memory import peak_rss_mb
 from edge_quant_pipeline.processes import die_with_parent, last_word
 
@@ -77,7 +75,7 @@ _CHAT_FAILED = 3  # the child's exit status when the conversation failed
 _RUN_FILE, _TASKS_FILE = "run.json", "tasks.json"
 NO_TASKS = TaskRequest((), 0)
 # What the server that forks task processes imports once (lm-eval's evaluator and task index take 1.2 s).
-TASK_PRELOAD = ["litert_lm", "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.api.model", __name__]
+TASK_PRELOAD = ("litert_lm", "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.api.model", __name__)
 # XNNPACK's packed weights, shared by the bundle's signatures, kept in memory rather than in a file ("" would write
 # one beside the bundle, as large as the packed model: 9 GB and more for a float 2B bundle, which filled the disk).
 # Measured on the Qwen2.5-0.5B shape's bundles: the same peak RSS as a file (0.76 GB int8, 10.46 GB weight-only
@@ -285,53 +283,33 @@ def _engine(bundle: Path, max_tokens: int | None, benchmark: bool = False, threa
     )
 
 
-def _task_processes() -> multiprocessing.context.ForkServerContext:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(TASK_PRELOAD)  # for the server this process starts, if none runs yet
-    return context
-
-
-def start_task_server() -> None:
-    """Start the server task processes are forked from now, so that it imports lm-eval while this process works.
-    It ends with this process; without this call, the first ``answer_tasks`` starts it."""
-    _task_processes()
-    forkserver.ensure_running()
+def start_task_server() -> ForkServer:
+    """This process's server of task processes, started now if none runs, so that it imports lm-eval beside this
+    process's work; ``answer_tasks`` starts it otherwise."""
+    return fork_server(TASK_PRELOAD)
 
 
 def answer_tasks(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scratch: Path) -> dict:
-    """``tasks`` answered by ``bundle`` in a fresh process (forked from the task server), its stderr read as it
-    comes: ``{"scores": [...], "error": why there are none, "peak_rss_mb": the process's peak}``."""
-    context = _task_processes()
-    reader, writer = context.Pipe(duplex=False)
-    child = context.Process(target=_task_process, args=(bundle, tasks, max_tokens, scratch, writer), daemon=True)
-    try:
-        child.start()
-        writer.close()
-        with os.fdopen(os.dup(reader.fileno()), errors="replace") as lines:
-            stderr = "".join(_following(lines, bundle))
-        child.join()
-    finally:
-        if child.is_alive():  # this step was interrupted
-            child.kill()
-            child.join()
-        reader.close()
-    return _read(scratch / _TASKS_FILE) or {"scores": [], "error": failure_reason(stderr, child.exitcode)}
+    """``tasks`` answered by ``bundle`` in a fresh process forked from the task server, its stderr read as it comes:
+    ``{"scores": [...], "error": why there are none, "peak_rss_mb": the process's peak}``."""
+    arguments = {"bundle": str(bundle.resolve()), "tasks": asdict(tasks), "max_tokens": max_tokens}
+    forked = start_task_server().run(
+        task_process, {**arguments, "scratch": str(scratch.resolve())}, lambda lines: _following(lines, bundle)
+    )
+    return _read(scratch / _TASKS_FILE) or {"scores": [], "error": failure_reason(forked.stderr, forked.returncode)}
 
 
-def _task_process(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scratch: Path, stderr: Connection) -> None:
-    """A task process: its stderr (the runtime's log, Python's, the progress lines) into ``stderr`` for the
-    parent, its stdout nowhere, as a fresh process of ``run_bundle``'s has them; the scores, or why there are
-    none, in the scratch folder's tasks file: a task that cannot run fails the tasks only."""
-    os.dup2(stderr.fileno(), 2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    die_with_parent()
-    with _engine(bundle, max_tokens, threads=tasks.threads_for(bundle.stat().st_size)) as engine:
+def task_process(bundle: str, tasks: dict, max_tokens: int | None, scratch: str) -> None:
+    """A task process (its stderr the parent's to read): the scores, or why there are none, in the scratch folder's
+    tasks file; a task that cannot run fails the tasks only."""
+    request = TaskRequest(**{**tasks, "names": tuple(tasks["names"])})
+    with _engine(Path(bundle), max_tokens, threads=request.threads_for(Path(bundle).stat().st_size)) as engine:
         try:
-            scores = score_tasks(engine, tasks, max_tokens, scratch)
+            scores = score_tasks(engine, request, max_tokens, Path(scratch))
             answered = {"scores": [asdict(score) for score in scores], "error": ""}
         except Exception as error:  # lm-eval's or the runtime's, about a task: one line, as for a failed process
             answered = {"scores": [], "error": f"{type(error).__name__}: {error}".splitlines()[0]}
-    (scratch / _TASKS_FILE).write_text(json.dumps({**answered, "peak_rss_mb": peak_rss_mb()}))
+    (Path(scratch) / _TASKS_FILE).write_text(json.dumps({**answered, "peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:

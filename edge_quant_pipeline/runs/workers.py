@@ -153,9 +153,6 @@ def _serve_runs(connection: Connection, launch: LaunchContext) -> None:
         import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
 
         if launch.pipeline().evaluation.tasks and not launch.conversion_only:
-            # multiprocessing refuses children to a daemonic process, as the launcher marks its workers (so that
-            # they end with it); task processes end with this one (processes.die_with_parent, through the server).
-            multiprocessing.current_process().daemon = False
             start_task_server()  # it imports lm-eval beside this process's work, once for the worker's evaluations
 
     baseline_mb = rss_mb()
