@@ -36,9 +36,13 @@ _MESSAGE_BYTES = 1 << 16
 LineFilter = Callable[[Iterable[str]], Iterable[str]]
 
 
+class ForkServerError(RuntimeError):
+    """The server ended (killed) before it said how a run went; the run's process ended with it."""
+
+
 @dataclass(frozen=True)
 class Forked:
-    stderr: str  # what the process wrote to its stderr, less the lines its ``lines`` callback kept
+    stderr: str  # what the process wrote to its stderr, less what the ``lines`` filter took out
     returncode: int  # as ``subprocess`` gives it: negative for the signal that ended it
 
 
@@ -58,32 +62,37 @@ class ForkServer:
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.process.poll() is None
 
-    def run(
-        self, function: Callable, kwargs: dict[str, Any], lines: Callable[[Iterable[str]], Iterable[str]]
-    ) -> Forked:
+    def run(self, function: Callable, kwargs: dict[str, Any], lines: LineFilter) -> Forked:
         """``function(**kwargs)`` in a process forked from the server (``kwargs`` as JSON has them); its stderr
         passes through ``lines`` as it comes (a filter that may log what it takes out)."""
         request = json.dumps({"function": f"{function.__module__}:{function.__qualname__}", "kwargs": kwargs})
         with self.lock:
             reader, writer = os.pipe()
-            try:
-                socket.send_fds(self.socket, [request.encode()], [writer])
-            finally:
-                os.close(writer)
-            pid = self._receive()
-            try:
-                with os.fdopen(reader, errors="replace") as stream:
-                    stderr = "".join(lines(stream))
-                return Forked(stderr, self._receive())
-            except BaseException:  # interrupted: the process goes, and this server with it (it may never answer)
-                os.kill(pid, signal.SIGKILL)
-                self.stop()
-                raise
+            with os.fdopen(reader, errors="replace") as stream:
+                try:
+                    try:
+                        socket.send_fds(self.socket, [request.encode()], [writer])
+                    except OSError as error:
+                        raise ForkServerError(f"the fork server (pid {self.process.pid}) is gone: {error}") from error
+                    finally:
+                        os.close(writer)
+                    pid = self._receive()
+                    try:
+                        stderr = "".join(lines(stream))
+                        return Forked(stderr, self._receive())
+                    except ForkServerError:
+                        raise
+                    except BaseException:  # interrupted: the process goes, and the server (it may never answer)
+                        os.kill(pid, signal.SIGKILL)
+                        raise
+                except BaseException:
+                    self.stop()
+                    raise
 
     def _receive(self) -> int:
         message = self.socket.recv(_MESSAGE_BYTES)
         if not message:
-            raise RuntimeError(f"the fork server (pid {self.process.pid}) of {', '.join(self.preload)} ended")
+            raise ForkServerError(f"the fork server (pid {self.process.pid}) of {', '.join(self.preload)} ended")
         return int(message)
 
     def stop(self) -> None:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edge_quant_pipeline.fork_server import ForkServer, fork_server
+from edge_quant_pipeline.fork_server import ForkServer, ForkServerError, fork_server
 
 
 def say_where_i_am(text: str, code: int) -> None:
@@ -54,3 +54,17 @@ def test_an_interrupted_run_takes_its_process_and_server_with_it():
         server.run(sleep_long, {}, interrupt)
     assert server.process.poll() is not None
     assert fork_server((__name__,)).alive
+
+
+def kill_my_server() -> None:
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(60)  # ended by its server's death (processes.die_with_parent)
+
+
+def test_a_server_killed_during_a_run_is_an_error_of_that_run_and_the_next_gets_a_new_one():
+    server = ForkServer((__name__,))
+    with pytest.raises(ForkServerError, match="ended"):
+        server.run(kill_my_server, {}, lambda lines: lines)
+    assert not server.alive
+    after = fork_server((__name__,)).run(say_where_i_am, {"text": "next", "code": 0}, lambda lines: lines)
+    assert after.returncode == 0

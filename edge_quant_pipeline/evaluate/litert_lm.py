@@ -40,7 +40,7 @@ import numpy as np
 from edge_quant_pipeline.evaluate.bundle import BundleSpec
 from edge_quant_pipeline.evaluate.health import GenerationHealth, generation_health
 from edge_quant_pipeline.evaluate.tasks import PROGRESS, TaskRequest, TaskScore, score_tasks
-from edge_quant_pipeline.fork_server import ForkServer, fork_server
+from edge_quant_pipeline.fork_server import ForkServer, ForkServerError, fork_server
 from edge_quant_pipeline.memory import peak_rss_mb
 from edge_quant_pipeline.processes import die_with_parent, last_word
 
@@ -293,9 +293,12 @@ def answer_tasks(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scrat
     """``tasks`` answered by ``bundle`` in a fresh process forked from the task server, its stderr read as it comes:
     ``{"scores": [...], "error": why there are none, "peak_rss_mb": the process's peak}``."""
     arguments = {"bundle": str(bundle.resolve()), "tasks": asdict(tasks), "max_tokens": max_tokens}
-    forked = start_task_server().run(
-        task_process, {**arguments, "scratch": str(scratch.resolve())}, lambda lines: _following(lines, bundle)
-    )
+    try:
+        forked = start_task_server().run(
+            task_process, {**arguments, "scratch": str(scratch.resolve())}, lambda lines: _following(lines, bundle)
+        )
+    except ForkServerError as error:  # killed, with the task process: the tasks fail, the check stands
+        return {"scores": [], "error": str(error)}
     return _read(scratch / _TASKS_FILE) or {"scores": [], "error": failure_reason(forked.stderr, forked.returncode)}
 
 
