@@ -8,7 +8,7 @@ daemonic process (Celery's are) and cannot pickle Celery's authentication key.
 
 One run at a time per server, over a socket pair: the client sends the function (``module:name``), its keyword
 arguments as JSON and the write end of a pipe; the server forks a process whose stderr is that pipe and whose stdout
-goes nowhere, sends back its pid, waits for it, then sends its exit status. The client reads the pipe as it comes,
+goes nowhere, waits for it, then sends its exit status. The client reads the pipe as it comes,
 as it would a ``subprocess``'s stderr. Servers and the processes they fork die with their parent
 (``processes.die_with_parent``).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -66,30 +65,23 @@ class ForkServer:
         """``function(**kwargs)`` in a process forked from the server (``kwargs`` as JSON has them); its stderr
         passes through ``lines`` as it comes (a filter that may log what it takes out)."""
         request = json.dumps({"function": f"{function.__module__}:{function.__qualname__}", "kwargs": kwargs})
-        with self.lock:
-            reader, writer = os.pipe()
-            with os.fdopen(reader, errors="replace") as stream:
+        reader, writer = os.pipe()
+        with self.lock, os.fdopen(reader, errors="replace") as stream:
+            try:
                 try:
-                    try:
-                        socket.send_fds(self.socket, [request.encode()], [writer])
-                    except OSError as error:
-                        raise ForkServerError(f"the fork server (pid {self.process.pid}) is gone: {error}") from error
-                    finally:
-                        os.close(writer)
-                    pid = self._receive()
-                    try:
-                        stderr = "".join(lines(stream))
-                        return Forked(stderr, self._receive())
-                    except ForkServerError:
-                        raise
-                    except BaseException:  # interrupted: the process goes, and the server (it may never answer)
-                        os.kill(pid, signal.SIGKILL)
-                        raise
-                except BaseException:
-                    self.stop()
-                    raise
+                    socket.send_fds(self.socket, [request.encode()], [writer])
+                except OSError as error:
+                    raise ForkServerError(f"the fork server (pid {self.process.pid}) is gone: {error}") from error
+                finally:
+                    os.close(writer)
+                stderr = "".join(lines(stream))
+                return Forked(stderr, self._receive())
+            except BaseException:  # interrupted, or the server gone: it goes, and its process with it (die_with_parent)
+                self.stop()
+                raise
 
     def _receive(self) -> int:
+        """The exit status of the process the server forked last."""
         message = self.socket.recv(_MESSAGE_BYTES)
         if not message:
             raise ForkServerError(f"the fork server (pid {self.process.pid}) of {', '.join(self.preload)} ended")
@@ -124,7 +116,6 @@ def _serve(connection: socket.socket) -> None:
             connection.close()
             _forked(request, fds[0])
         os.close(fds[0])
-        connection.send(str(pid).encode())
         _, status = os.waitpid(pid, 0)
         connection.send(str(os.waitstatus_to_exitcode(status)).encode())
 

@@ -292,6 +292,7 @@ def start_task_server() -> ForkServer:
 def answer_tasks(bundle: Path, tasks: TaskRequest, max_tokens: int | None, scratch: Path) -> dict:
     """``tasks`` answered by ``bundle`` in a fresh process forked from the task server, its stderr read as it comes:
     ``{"scores": [...], "error": why there are none, "peak_rss_mb": the process's peak}``."""
+    # Absolute paths: the process works in the folder this one worked in when it started the server.
     arguments = {"bundle": str(bundle.resolve()), "tasks": asdict(tasks), "max_tokens": max_tokens}
     try:
         forked = start_task_server().run(
