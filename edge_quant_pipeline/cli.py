@@ -9,8 +9,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
+
+if TYPE_CHECKING:
+    from edge_quant_pipeline.runs.workers import Worker
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,7 +92,19 @@ def checked_recipes(selected: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_third_party_noise()
+    quiet_third_party_noise()  # before the workers start, and the resource tracker with them, which reads it
+    from edge_quant_pipeline.runs.workers import FIRST_WORKERS, Worker
+
+    # They import the code location (seconds) while this process checks the settings and plans; the launch takes them.
+    started = [Worker(args.verbose) for _ in range(min(args.jobs, FIRST_WORKERS))]
+    try:
+        return _run(args, started)
+    finally:
+        for worker in started:  # those the launch did not take: a mistake found first, or nothing to do
+            worker.dismiss()
+
+
+def _run(args: argparse.Namespace, started: list["Worker"]) -> int:
     from edge_quant_pipeline.quantize.recipes import RecipeError
     from edge_quant_pipeline.settings import SettingError
 
@@ -137,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         conversion_only=args.convert_only,
         memory_budget_mb=args.memory_gb * 1024 if args.memory_gb else None,
         verbose=args.verbose,
+        started=started,
     )
     if summary.interrupted_by:
         stopped = ", ".join(f"{r.job} {r.label}".strip() for r in summary.interrupted) or "none"

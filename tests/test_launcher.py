@@ -11,7 +11,7 @@ from edge_quant_pipeline.graph import MODEL_ASSETS
 from edge_quant_pipeline.memory import machine_memory
 from edge_quant_pipeline.runs.launch import launch, too_large
 from edge_quant_pipeline.runs.plan import DueReports, PlannedRun, plan_runs
-from edge_quant_pipeline.runs.workers import Lane, LaunchContext, step_failure_reason
+from edge_quant_pipeline.runs.workers import Lane, LaunchContext, Worker, step_failure_reason
 from edge_quant_pipeline.staleness import RebuildPlan
 
 MODELS, RECIPES = ["m1", "m2"], ["r1", "r2"]
@@ -137,6 +137,23 @@ def test_an_exception_that_ends_a_worker_is_named_in_the_summary():
     (outcome,) = summary.outcomes
     (reason,) = outcome.failures
     assert reason.startswith("its worker process failed: DagsterInvariantViolationError: Could not find job")
+
+
+def test_workers_started_before_the_launch_run_it_and_those_it_does_not_want_end():
+    """`edge-quant run` starts workers before it plans (they import the code location meanwhile): the launch takes
+    what it wants of them (here one, for its one run) and dismisses the others, which end without a run."""
+    run = PlannedRun("no_such_job")
+    started = [Worker(), Worker()]
+    processes = [worker.process for worker in started]
+    with dg.instance_for_test() as instance:
+        context = LaunchContext(instance.get_ref(), pipeline_config_from_env().model_dump(), conversion_only=False)
+        summary = launch([run], {run: 400.0}, context, jobs=1, started=started)
+    assert started == []
+    (outcome,) = summary.outcomes
+    assert outcome.failures[0].startswith("its worker process failed: DagsterInvariantViolationError")
+    for process in processes:
+        process.join(timeout=30)
+    assert sorted(process.exitcode for process in processes) == [0, 1]  # the dismissed one, the one that ran
 
 
 def test_a_step_that_records_why_it_did_not_fit_is_left_out_of_its_runs_estimate():

@@ -95,11 +95,13 @@ class _Launch:
         jobs: int,
         budget_mb: float,
         view: RunView,
+        started: list[Worker],
     ):
         self.pending, self.estimates, self.launch, self.jobs = list(runs), estimates, launch, jobs
         self.budget_mb, self.view = budget_mb, view
         self.instance = dg.DagsterInstance.from_ref(launch.instance_ref)
         self.workers: list[Worker] = []
+        self.started = started  # workers spawned before the launch, taken before new ones
         self.finished: dict[PlannedRun, bool] = {}  # run -> succeeded
         self.summary = LaunchSummary()
 
@@ -149,21 +151,36 @@ class _Launch:
             return self.jobs
         return max(0, int((self.budget_mb - self.in_flight_mb) // LITERT_PROCESS_MB))
 
-    def keep_workers_warm(self) -> None:
+    def keep_workers_warm(self, ready: list[PlannedRun]) -> None:
         """Workers started ahead of their runs, at most ``jobs`` besides those that exit after their run (a
         conversion's), and no more of them idle or loading than the budget has room for beside the runs going on:
         beside a conversion, by default, one, which resolves the recipes and then takes the first run after it."""
         retiring = sum(1 for w in self.workers if w.run and w.run.needs_torch(self.launch.conversion_only))
         spare = self.spare_workers()
         wanted = min(self.jobs + retiring, self.running + min(len(self.pending), spare))
-        self.workers += [Worker(self.launch) for _ in range(wanted - len(self.workers))]
+        while len(self.workers) < wanted:
+            self.workers.append(self.started.pop(0) if self.started else Worker(self.launch.verbose))
+        for worker in self.started:  # more than this launch wants
+            worker.dismiss()
+        self.started.clear()
+        self.assign_workers(ready)
         for worker in [w for w in self.workers if w.idle][spare:]:
             worker.dismiss()
             self.retire(worker)
 
+    def assign_workers(self, ready: list[PlannedRun]) -> None:
+        """Give the launch to the workers that have none yet: as many of them as there are ready runs that import
+        torch (conversions) load for those, the others for the rest."""
+        torch_runs = sum(1 for r in ready if r.needs_torch(self.launch.conversion_only))
+        waiting_for_torch = sum(1 for w in self.workers if w.for_torch and w.run is None)
+        for worker in (w for w in self.workers if not w.assigned):
+            for_torch = waiting_for_torch < torch_runs
+            worker.assign(self.launch, for_torch)
+            waiting_for_torch += for_torch
+
     def start_what_fits(self, ready: list[PlannedRun]) -> None:
         for run in ready:
-            worker = next((w for w in self.workers if w.idle), None)
+            worker = self.idle_worker_for(run)
             if worker is None or self.running >= self.jobs:
                 return
             estimate = self.estimates[run]
@@ -178,6 +195,12 @@ class _Launch:
             elif fits.needs_mb > fits.ever_mb:
                 self.pending.remove(run)
                 self.finish(RunOutcome(run, None, [not_started_reason(estimate, fits)]))
+
+    def idle_worker_for(self, run: PlannedRun) -> Worker | None:
+        """An idle worker, one loaded for what ``run`` imports (torch, or what evaluations use) if there is one."""
+        idle = [w for w in self.workers if w.idle]
+        matching = [w for w in idle if w.for_torch == run.needs_torch(self.launch.conversion_only)]
+        return next(iter(matching + idle), None)
 
     def collect(self) -> None:
         """Wait until a worker is ready, a run ends or a worker dies, and take note."""
@@ -256,12 +279,15 @@ def launch(
     jobs: int,
     budget_mb: float | None = None,
     refused: Sequence[RunOutcome] = (),
+    started: list[Worker] | None = None,
 ) -> LaunchSummary:
     """Run ``runs`` in dependency order, at most ``jobs`` at a time, and side by side only while their estimated
     peaks add up to at most ``budget_mb`` (by default ``default_budget_mb``) and fit in the memory available; show
-    them going on, and a line per finished run (first those ``refused`` up front)."""
+    them going on, and a line per finished run (first those ``refused`` up front). Workers ``started`` before are
+    taken (from the list) before new ones."""
     view = RunView(total=len(runs) + len(refused))
-    state = _Launch(runs, estimates, context, jobs, budget_mb or default_budget_mb(estimates), view)
+    budget = budget_mb or default_budget_mb(estimates)
+    state = _Launch(runs, estimates, context, jobs, budget, view, started if started is not None else [])
     for outcome in refused:
         view.finished(outcome.run, outcome.run.job, outcome.run.label, None, outcome.failures)
     state.summary.too_large = list(refused)
@@ -270,7 +296,7 @@ def launch(
         try:
             while state.busy:
                 ready = state.ready_runs()
-                state.keep_workers_warm()
+                state.keep_workers_warm(ready)
                 state.start_what_fits(ready)
                 if not state.busy:
                     break
@@ -283,7 +309,7 @@ def launch(
             state.stop(str(interrupt) or "SIGINT")
         finally:
             signal.signal(signal.SIGTERM, previous)
-            for worker in state.workers:
+            for worker in state.workers + state.started:
                 worker.dismiss()
     return state.summary
 
@@ -298,8 +324,10 @@ def materialize(
     conversion_only: bool = False,
     memory_budget_mb: float | None = None,
     verbose: bool = False,
+    started: list[Worker] | None = None,
 ) -> LaunchSummary:
-    """Rebuild what is out of date (everything with ``rebuild_all``), then the reports that it changed.
+    """Rebuild what is out of date (everything with ``rebuild_all``), then the reports that it changed, in workers
+    ``started`` before (they load while this plans) and more as needed.
 
     The same plan the nightly schedules follow; here the runs are launched right
     away instead of leaving the cascade to the automation daemon.
@@ -326,4 +354,4 @@ def materialize(
             runs = plan_runs(plan, models, recipes, reports, {(o.run.model, o.run.recipe) for o in refused})
             estimates = run_estimates(runs, pipeline, conversion_only)
     context = LaunchContext(instance.get_ref(), pipeline.model_dump(), conversion_only, verbose, distributed)
-    return launch(runs, estimates, context, jobs, memory_budget_mb, refused)
+    return launch(runs, estimates, context, jobs, memory_budget_mb, refused, started)

@@ -19,6 +19,7 @@ from edge_quant_pipeline.evaluate.litert_lm import start_task_server
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
 from edge_quant_pipeline.liveness import process_tags
 from edge_quant_pipeline.memory import Reservation, rss_mb
+from edge_quant_pipeline.processes import die_with_parent
 from edge_quant_pipeline.runs.plan import PlannedRun, RunOutcome
 from edge_quant_pipeline.toolchain import quiet_third_party_noise
 
@@ -28,6 +29,9 @@ WORKER_OOM_SCORE_ADJ = 500
 READY = "ready"  # what a worker sends once it has loaded the code location
 # A worker whose memory after a run exceeds what it held when ready by more than this is replaced.
 WORKER_GROWTH_MB = 256
+# The workers `edge-quant run` starts before it has a plan, to import the code location meanwhile: the first run's,
+# and one beside it (the room ``launch.default_budget_mb`` leaves).
+FIRST_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -127,15 +131,23 @@ def step_failure_reason(error: Any) -> str:
     return first.partition(": ")[2] or first if error.cls_name == "Failure" else first
 
 
-def _worker_main(connection: Connection, launch: LaunchContext) -> None:
-    """Load; then, while the launcher sends runs, execute each and send its outcome. The worker exits after a run
-    of steps that import torch and hold the model (a conversion's) and after any run that left its memory above
-    what it held when it was ready: the next run gets a process holding nothing of the last."""
+def _worker_main(connection: Connection, verbose: bool) -> None:
+    """Import the code location while the launcher plans; then load it for the launch it is assigned to and, while
+    the launcher sends runs, execute each and send its outcome. The worker exits after a run of steps that import
+    torch and hold the model (a conversion's) and after any run that left its memory above what it held when it
+    was ready: the next run gets a process holding nothing of the last."""
     Path("/proc/self/oom_score_adj").write_text(str(WORKER_OOM_SCORE_ADJ))
-    if not launch.verbose:
+    die_with_parent()  # a launcher that ends before assigning it work leaves nothing behind
+    if not verbose:
         _silence_terminal()
     try:
-        _serve_runs(connection, launch)
+        import edge_quant_pipeline.definitions  # noqa: F401  (its imports take most of a worker's start)
+
+        assignment = connection.recv()
+        if assignment is not None:
+            _serve_runs(connection, *assignment)
+    except EOFError:  # the launcher went before assigning it anything
+        pass
     except Exception as error:
         first = next(iter(str(error).strip().splitlines()), "")
         connection.send(WorkerCrash(f"{type(error).__name__}: {first}" if first else type(error).__name__))
@@ -146,10 +158,11 @@ def _worker_main(connection: Connection, launch: LaunchContext) -> None:
     os._exit(0)
 
 
-def _serve_runs(connection: Connection, launch: LaunchContext) -> None:
-    """Load the code location, say so, then execute runs until told to stop or until this worker should retire."""
+def _serve_runs(connection: Connection, launch: LaunchContext, for_torch: bool) -> None:
+    """Load the code location, say so, then execute runs until told to stop or until this worker should retire.
+    A worker ``for_torch`` (its first run converts, and it retires after it) imports none of what evaluations use."""
     lane = Lane(launch)
-    if not launch.distributed:
+    if not launch.distributed and not for_torch:
         import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
 
         if launch.pipeline().evaluation.tasks and not launch.conversion_only:
@@ -177,16 +190,19 @@ def _silence_terminal() -> None:
 
 
 class Worker:
-    """A spawned worker process, from its start to the outcome of its one run."""
+    """A spawned worker process, from its start to the outcome of its one run. It starts importing at once, and
+    loads the code location for a launch once ``assign``ed to it."""
 
-    def __init__(self, launch: LaunchContext):
+    def __init__(self, verbose: bool = False):
         self.connection, theirs = multiprocessing.Pipe()
         # spawn, not fork: a fork would copy the launcher's threads mid-flight
         self.process = multiprocessing.get_context("spawn").Process(
-            target=_worker_main, args=(theirs, launch), daemon=True
+            target=_worker_main, args=(theirs, verbose), daemon=True
         )
         self.process.start()
         theirs.close()
+        self.assigned = False
+        self.for_torch = False  # its first run imports torch (``assign``)
         self.ready = False
         self.run: PlannedRun | None = None
         self.run_id: str | None = None
@@ -195,6 +211,12 @@ class Worker:
         self.estimate_mb = LITERT_PROCESS_MB
         self.started = time.perf_counter()
         self.peak_mb = 0.0  # the largest RSS seen while it worked
+
+    def assign(self, launch: LaunchContext, for_torch: bool) -> None:
+        """Let it load the code location for ``launch``; ``for_torch``: its first run converts, so it need not
+        import what evaluations use (ai-edge-quantizer, lm-eval's task server) beside the export."""
+        self.connection.send((launch, for_torch))
+        self.assigned, self.for_torch = True, for_torch
 
     @property
     def idle(self) -> bool:
@@ -247,7 +269,7 @@ class Worker:
         return f"its worker process exited with status {code}"
 
     def dismiss(self) -> None:
-        """Tell an idle worker there is nothing to do; stop one that is still loading."""
+        """Tell an idle or unassigned worker there is nothing to do; stop one that is still loading."""
         try:
             self.connection.send(None)
         except OSError:
