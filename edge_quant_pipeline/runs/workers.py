@@ -1,8 +1,10 @@
 """A worker: a process of `edge-quant run` that loads Dagster and the code location once, then executes the runs
 the launcher sends it, each as the UI would launch it, and tells the launcher how each went."""
 
+import importlib
 import multiprocessing
 import os
+import pkgutil
 import signal
 import time
 import uuid
@@ -141,8 +143,7 @@ def _worker_main(connection: Connection, verbose: bool) -> None:
     if not verbose:
         _silence_terminal()
     try:
-        import edge_quant_pipeline.definitions  # noqa: F401  (its imports take most of a worker's start)
-
+        _import_code_location()
         assignment = connection.recv()
         if assignment is not None:
             _serve_runs(connection, *assignment)
@@ -158,15 +159,23 @@ def _worker_main(connection: Connection, verbose: bool) -> None:
     os._exit(0)
 
 
+def _import_code_location() -> None:
+    """What loading the code location imports, whatever the launch's settings (1.0 of the 1.3 s it takes): its
+    asset modules, and ai-edge-quantizer, which the recipes' code versions and most runs use."""
+    import ai_edge_quantizer.quantizer  # noqa: F401
+
+    from edge_quant_pipeline import defs
+
+    for module in pkgutil.iter_modules(defs.__path__):
+        importlib.import_module(f"{defs.__name__}.{module.name}")
+
+
 def _serve_runs(connection: Connection, launch: LaunchContext, for_torch: bool) -> None:
     """Load the code location, say so, then execute runs until told to stop or until this worker should retire.
-    A worker ``for_torch`` (its first run converts, and it retires after it) imports none of what evaluations use."""
+    A worker ``for_torch`` (its first run converts, and it retires after it) starts no server of task processes."""
     lane = Lane(launch)
-    if not launch.distributed and not for_torch:
-        import ai_edge_quantizer.quantizer  # noqa: F401  (most runs need it: imported while waiting for one)
-
-        if launch.pipeline().evaluation.tasks and not launch.conversion_only:
-            start_task_server()  # it imports lm-eval beside this process's work, once for the worker's evaluations
+    if launch.pipeline().evaluation.tasks and not (launch.distributed or launch.conversion_only or for_torch):
+        start_task_server()  # it imports lm-eval beside this process's work, once for the worker's evaluations
 
     baseline_mb = rss_mb()
     connection.send(READY)
@@ -213,8 +222,8 @@ class Worker:
         self.peak_mb = 0.0  # the largest RSS seen while it worked
 
     def assign(self, launch: LaunchContext, for_torch: bool) -> None:
-        """Let it load the code location for ``launch``; ``for_torch``: its first run converts, so it need not
-        import what evaluations use (ai-edge-quantizer, lm-eval's task server) beside the export."""
+        """Let it load the code location for ``launch``; ``for_torch``: its first run converts, so it starts no
+        server of task processes (lm-eval's imports, beside the export, for evaluations it will never run)."""
         self.connection.send((launch, for_torch))
         self.assigned, self.for_torch = True, for_torch
 
