@@ -74,8 +74,9 @@ _CHAT_FAILED = 3  # the child's exit status when the conversation failed
 # The children's result files.
 _RUN_FILE, _TASKS_FILE = "run.json", "tasks.json"
 NO_TASKS = TaskRequest((), 0)
-# What the server that forks task processes imports once (lm-eval's evaluator and task index take 1.2 s).
-TASK_PRELOAD = ("litert_lm", "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.api.model", __name__)
+# What the server that forks task processes imports once (lm-eval's evaluator and task index take 1.2 s; `datasets`
+# patches scipy.io for streaming as it loads a task's data, which imported it in each task process: 0.16 s).
+TASK_PRELOAD = ("litert_lm", "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.api.model", "scipy.io", __name__)
 # XNNPACK's packed weights, shared by the bundle's signatures, kept in memory rather than in a file ("" would write
 # one beside the bundle, as large as the packed model: 9 GB and more for a float 2B bundle, which filled the disk).
 # Measured on the Qwen2.5-0.5B shape's bundles: the same peak RSS as a file (0.76 GB int8, 10.46 GB weight-only
