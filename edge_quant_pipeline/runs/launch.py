@@ -151,7 +151,7 @@ class _Launch:
             return self.jobs
         return max(0, int((self.budget_mb - self.in_flight_mb) // LITERT_PROCESS_MB))
 
-    def keep_workers_warm(self, ready: list[PlannedRun]) -> None:
+    def keep_workers_warm(self) -> None:
         """Workers started ahead of their runs, at most ``jobs`` besides those that exit after their run (a
         conversion's), and no more of them idle or loading than the budget has room for beside the runs going on:
         beside a conversion, by default, one, which resolves the recipes and then takes the first run after it."""
@@ -163,24 +163,15 @@ class _Launch:
         for worker in self.started:  # more than this launch wants
             worker.dismiss()
         self.started.clear()
-        self.assign_workers(ready)
+        for worker in (w for w in self.workers if not w.assigned):
+            worker.assign(self.launch)
         for worker in [w for w in self.workers if w.idle][spare:]:
             worker.dismiss()
             self.retire(worker)
 
-    def assign_workers(self, ready: list[PlannedRun]) -> None:
-        """Give the launch to the workers that have none yet: as many of them as there are ready runs that import
-        torch (conversions) load for those, the others for the rest."""
-        torch_runs = sum(1 for r in ready if r.needs_torch(self.launch.conversion_only))
-        waiting_for_torch = sum(1 for w in self.workers if w.for_torch and w.run is None)
-        for worker in (w for w in self.workers if not w.assigned):
-            for_torch = waiting_for_torch < torch_runs
-            worker.assign(self.launch, for_torch)
-            waiting_for_torch += for_torch
-
     def start_what_fits(self, ready: list[PlannedRun]) -> None:
         for run in ready:
-            worker = self.idle_worker_for(run)
+            worker = next((w for w in self.workers if w.idle), None)
             if worker is None or self.running >= self.jobs:
                 return
             estimate = self.estimates[run]
@@ -195,12 +186,6 @@ class _Launch:
             elif fits.needs_mb > fits.ever_mb:
                 self.pending.remove(run)
                 self.finish(RunOutcome(run, None, [not_started_reason(estimate, fits)]))
-
-    def idle_worker_for(self, run: PlannedRun) -> Worker | None:
-        """An idle worker, one loaded for what ``run`` imports (torch, or what evaluations use) if there is one."""
-        idle = [w for w in self.workers if w.idle]
-        matching = [w for w in idle if w.for_torch == run.needs_torch(self.launch.conversion_only)]
-        return next(iter(matching + idle), None)
 
     def collect(self) -> None:
         """Wait until a worker is ready, a run ends or a worker dies, and take note."""
@@ -296,7 +281,7 @@ def launch(
         try:
             while state.busy:
                 ready = state.ready_runs()
-                state.keep_workers_warm(ready)
+                state.keep_workers_warm()
                 state.start_what_fits(ready)
                 if not state.busy:
                     break

@@ -144,9 +144,9 @@ def _worker_main(connection: Connection, verbose: bool) -> None:
         _silence_terminal()
     try:
         _import_code_location()
-        assignment = connection.recv()
-        if assignment is not None:
-            _serve_runs(connection, *assignment)
+        launch = connection.recv()
+        if launch is not None:
+            _serve_runs(connection, launch)
     except EOFError:  # the launcher went before assigning it anything
         pass
     except Exception as error:
@@ -170,12 +170,13 @@ def _import_code_location() -> None:
         importlib.import_module(f"{defs.__name__}.{module.name}")
 
 
-def _serve_runs(connection: Connection, launch: LaunchContext, for_torch: bool) -> None:
-    """Load the code location, say so, then execute runs until told to stop or until this worker should retire.
-    A worker ``for_torch`` (its first run converts, and it retires after it) starts no server of task processes."""
+def _serve_runs(connection: Connection, launch: LaunchContext) -> None:
+    """Load the code location, say so, then execute runs until told to stop or until this worker should retire."""
     lane = Lane(launch)
-    if launch.pipeline().evaluation.tasks and not (launch.distributed or launch.conversion_only or for_torch):
-        start_task_server()  # it imports lm-eval beside this process's work, once for the worker's evaluations
+    if launch.pipeline().evaluation.tasks and not (launch.distributed or launch.conversion_only):
+        # It imports lm-eval beside this process's work (a conversion's export, whose float baseline answers the
+        # tasks too), once for the worker's evaluations.
+        start_task_server()
 
     baseline_mb = rss_mb()
     connection.send(READY)
@@ -211,7 +212,6 @@ class Worker:
         self.process.start()
         theirs.close()
         self.assigned = False
-        self.for_torch = False  # its first run imports torch (``assign``)
         self.ready = False
         self.run: PlannedRun | None = None
         self.run_id: str | None = None
@@ -221,11 +221,10 @@ class Worker:
         self.started = time.perf_counter()
         self.peak_mb = 0.0  # the largest RSS seen while it worked
 
-    def assign(self, launch: LaunchContext, for_torch: bool) -> None:
-        """Let it load the code location for ``launch``; ``for_torch``: its first run converts, so it starts no
-        server of task processes (lm-eval's imports, beside the export, for evaluations it will never run)."""
-        self.connection.send((launch, for_torch))
-        self.assigned, self.for_torch = True, for_torch
+    def assign(self, launch: LaunchContext) -> None:
+        """Let it load the code location for ``launch``, and then take its runs."""
+        self.connection.send(launch)
+        self.assigned = True
 
     @property
     def idle(self) -> bool:
