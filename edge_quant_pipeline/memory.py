@@ -157,6 +157,21 @@ def admission(needs_mb: float, holders: list[Reservation], machine: MachineMemor
     return Admission(needs_mb <= free, needs_mb, free, ever, holders)
 
 
+def too_large_reason(estimate_mb: float, fits: Admission) -> str:
+    """Why a run estimated at ``estimate_mb`` can never start here, ``fits`` saying that it never could."""
+    return (
+        f"it needs about {estimate_mb / 1024:.1f} GB of memory (the estimated peak of its largest step), and this "
+        f"machine can give it at most {fits.ever_mb / 1024:.1f} GB ({machine_memory().total_mb / 1024:.1f} GB in "
+        "all). Run it on a machine with more memory."
+    )
+
+
+def never_fits(estimate_mb: float) -> str | None:
+    """Why a run estimated at ``estimate_mb`` could not start on this machine even alone; None when it could."""
+    fits = admission(estimate_mb, [], machine_memory())
+    return too_large_reason(estimate_mb, fits) if fits.needs_mb > fits.ever_mb else None
+
+
 class MemoryLedger:
     """Reservations of the steps running on this machine, in a JSON file under an exclusive lock.
 

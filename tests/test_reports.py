@@ -3,6 +3,7 @@ real published artifacts (the golden build); changes are made to a copy of it.""
 
 import base64
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,9 @@ import pytest
 from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
-from edge_quant_pipeline.publish.report import build_report, label_offsets, to_markdown
+from edge_quant_pipeline.config import pipeline_config_from_env
+from edge_quant_pipeline.defs.report import _never_fits
+from edge_quant_pipeline.publish.report import build_report, label_offsets, report_row, to_markdown
 from edge_quant_pipeline.publish.store import (
     CHAMPION,
     FAILURE_RECORD,
@@ -23,6 +26,7 @@ from edge_quant_pipeline.publish.store import (
     published_versions,
     record_failure,
 )
+from edge_quant_pipeline.synthetic import SHAPES
 
 
 @pytest.fixture
@@ -210,6 +214,31 @@ def test_report_shows_the_change_since_the_previous_version(copied):
     assert row["number"] == 2 and row["previous_version"] != current["version"]
     assert row["delta_file_bytes"] == -1000 and row["delta_perplexity_ratio"] == pytest.approx(-0.01)
     assert "Since the previous version:" in meta["report"] and "| fp16 " in meta["report"].split("Since")[1]
+
+
+def test_a_recipe_refused_for_memory_says_why_in_the_report(tmp_path, demo_checkpoint_dir):
+    """`edge-quant run` refuses up front a (model, recipe) run this machine could never fit (Gemma 4 E2B's float
+    recipes on 24 GB): the report says so in the recipe's row, from the checkpoint folder as the launcher plans, not
+    "not run" alone. Here 70B parameters declared by a safetensors header over a sparse file: nothing is read."""
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({**SHAPES["qwen2.5-0.5b"], "torch_dtype": "bfloat16"}))
+    count = 70_000_000_000
+    header = json.dumps(
+        {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [count], "data_offsets": [0, 2 * count]}}
+    )
+    with open(huge / "model.safetensors", "wb") as weights:
+        weights.write(len(header).to_bytes(8, "little") + header.encode())
+        weights.truncate(8 + len(header) + 2 * count)
+    pipeline = pipeline_config_from_env()
+    catalog = pipeline.recipe_catalog()
+    reason = _never_fits(SimpleNamespace(path=huge), pipeline, catalog, "dynamic_int8")
+    assert reason.startswith("it needs about") and reason.endswith("Run it on a machine with more memory.")
+    assert _never_fits(SimpleNamespace(path=demo_checkpoint_dir), pipeline, catalog, "dynamic_int8") is None
+
+    text = to_markdown(build_report([report_row("fp16", None, None, reason), report_row("int8", None, None)]))
+    assert re.search(r"\| fp16 +\| refused \(memory\) +\|", text) and f"- **fp16**: not run: {reason}" in text
+    assert re.search(r"\| int8 +\| not run +\|", text) and "**int8**" not in text
 
 
 def test_metrics_with_a_standard_error_show_it_in_their_cell():

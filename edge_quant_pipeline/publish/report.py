@@ -59,8 +59,11 @@ DELTA_COLUMNS = {
 }
 
 
-def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, Any] | None) -> dict[str, Any]:
-    """One row per recipe: metrics and the change since the previous version when published, the reason when not."""
+def report_row(
+    recipe: str, manifest: dict[str, Any] | None, failure: dict[str, Any] | None, refusal: str | None = None
+) -> dict[str, Any]:
+    """One row per recipe: metrics and the change since the previous version when published, the reason when not
+    (``refusal``: why it never ran, more memory than this machine has)."""
     if manifest is not None:
         metrics = manifest["metrics"]
         return {
@@ -78,6 +81,8 @@ def report_row(recipe: str, manifest: dict[str, Any] | None, failure: dict[str, 
         }
     if failure is not None:
         return {"recipe": recipe, "status": f"failed ({failure['stage']})", "error": failure["error"]}
+    if refusal is not None:
+        return {"recipe": recipe, "status": "refused (memory)", "error": f"not run: {refusal}"}
     return {"recipe": recipe, "status": "not run", "error": None}
 
 

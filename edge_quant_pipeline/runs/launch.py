@@ -28,7 +28,7 @@ from edge_quant_pipeline import deployment_settings, graph
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.footprint import LITERT_PROCESS_MB
 from edge_quant_pipeline.liveness import fail_runs_of_dead_processes
-from edge_quant_pipeline.memory import Admission, admission, machine_memory, rss_mb
+from edge_quant_pipeline.memory import admission, machine_memory, never_fits, rss_mb, too_large_reason
 from edge_quant_pipeline.processes import WAITING
 from edge_quant_pipeline.rebuild import rebuild_plan, sync_recipe_partitions
 from edge_quant_pipeline.runs.plan import PlannedRun, RunOutcome, plan_runs, reports_due, run_estimates
@@ -74,14 +74,6 @@ def current_activity(instance: dg.DagsterInstance, run_id: str) -> str | None:
 
 def _interrupt(signum, _frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def not_started_reason(estimate_mb: float, fits: Admission) -> str:
-    return (
-        f"not started: it needs about {estimate_mb / 1024:.1f} GB of memory (the estimated peak of its largest "
-        f"step), and this machine can give it at most {fits.ever_mb / 1024:.1f} GB "
-        f"({machine_memory().total_mb / 1024:.1f} GB in all). Run it on a machine with more memory."
-    )
 
 
 class _Launch:
@@ -185,7 +177,7 @@ class _Launch:
                 self.view.started(run, run.job, run.label)
             elif fits.needs_mb > fits.ever_mb:
                 self.pending.remove(run)
-                self.finish(RunOutcome(run, None, [not_started_reason(estimate, fits)]))
+                self.finish(RunOutcome(run, None, [f"not started: {too_large_reason(estimate, fits)}"]))
 
     def collect(self) -> None:
         """Wait until a worker is ready, a run ends or a worker dies, and take note."""
@@ -241,13 +233,8 @@ class _Launch:
 def too_large(runs: list[PlannedRun], estimates: dict[PlannedRun, float]) -> list[RunOutcome]:
     """The (model, recipe) runs this machine could never give their estimate, with the reason: refused before the
     launch, so that no report waits for them and a later `edge-quant run` does not rebuild one for them."""
-    machine = machine_memory()
-    outcomes = []
-    for run in (r for r in runs if r.model and r.recipe):
-        fits = admission(estimates[run], [], machine)
-        if fits.needs_mb > fits.ever_mb:
-            outcomes.append(RunOutcome(run, None, [not_started_reason(estimates[run], fits)]))
-    return outcomes
+    reasons = {run: never_fits(estimates[run]) for run in runs if run.model and run.recipe}
+    return [RunOutcome(run, None, [f"not started: {reason}"]) for run, reason in reasons.items() if reason]
 
 
 def default_budget_mb(estimates: dict[PlannedRun, float]) -> float:
