@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edge_quant_pipeline.checkpoints.validate import (
     Checkpoint,
+    CheckpointError,
     count_parameters,
     language_config,
     model_id_for,
@@ -22,8 +23,8 @@ from edge_quant_pipeline.checkpoints.validate import (
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.export.architectures import SUPPORTED_MODEL_TYPES
 from edge_quant_pipeline.export.exporters import EXPORT_HF_MODEL_TYPES
-from edge_quant_pipeline.graph import BY_ASSET
-from edge_quant_pipeline.memory import MB
+from edge_quant_pipeline.graph import BY_ASSET, QUANTIZE_JOB, assets_of
+from edge_quant_pipeline.memory import MB, never_fits
 from edge_quant_pipeline.quantize.catalog import CalibrationNeed
 from edge_quant_pipeline.quantize.recipes import Recipe
 from edge_quant_pipeline.settings import AUTO, EXPORT_HF, GENERATIVE_API
@@ -273,3 +274,16 @@ def steps_mb(
     no other is left."""
     sized = [step_mb(step, size, recipe, calibration) for step in steps if not BY_ASSET[step].skipped_when_too_big]
     return max(sized, default=LITERT_PROCESS_MB)
+
+
+def pair_never_fits(
+    checkpoint_dir: Path, pipeline: PipelineConfig, recipe: Recipe, calibration: CalibrationNeed
+) -> str | None:
+    """Why a (model, recipe) run could never start on this machine, as `edge-quant run` refuses it before its launch
+    (from the checkpoint folder, as it plans); None when it could, or when the folder cannot say how large the model
+    is."""
+    try:
+        size = folder_model_size(checkpoint_dir, pipeline)
+    except (CheckpointError, OSError):
+        return None
+    return never_fits(steps_mb(list(assets_of(QUANTIZE_JOB)), size, recipe, calibration))

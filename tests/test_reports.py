@@ -15,7 +15,7 @@ from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
 from edge_quant_pipeline.config import pipeline_config_from_env
-from edge_quant_pipeline.defs.report import _never_fits
+from edge_quant_pipeline.footprint import pair_never_fits
 from edge_quant_pipeline.publish.report import build_report, label_offsets, report_row, to_markdown
 from edge_quant_pipeline.publish.store import (
     CHAMPION,
@@ -232,9 +232,10 @@ def test_a_recipe_refused_for_memory_says_why_in_the_report(tmp_path, demo_check
         weights.truncate(8 + len(header) + 2 * count)
     pipeline = pipeline_config_from_env()
     catalog = pipeline.recipe_catalog()
-    reason = _never_fits(SimpleNamespace(path=huge), pipeline, catalog, "dynamic_int8")
+    recipe, need = catalog.recipes["dynamic_int8"], catalog.calibration_need
+    reason = pair_never_fits(huge, pipeline, recipe, need)
     assert reason.startswith("it needs about") and reason.endswith("Run it on a machine with more memory.")
-    assert _never_fits(SimpleNamespace(path=demo_checkpoint_dir), pipeline, catalog, "dynamic_int8") is None
+    assert pair_never_fits(demo_checkpoint_dir, pipeline, recipe, need) is None
 
     text = to_markdown(build_report([report_row("fp16", None, None, reason), report_row("int8", None, None)]))
     assert re.search(r"\| fp16 +\| refused \(memory\) +\|", text) and f"- **fp16**: not run: {reason}" in text

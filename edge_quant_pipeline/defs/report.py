@@ -5,13 +5,11 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from edge_quant_pipeline import graph
-from edge_quant_pipeline.checkpoints.validate import Checkpoint, CheckpointError
+from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.conditions import ON_ANY_OUTCOME
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions
-from edge_quant_pipeline.footprint import folder_model_size, steps_mb
-from edge_quant_pipeline.memory import never_fits
+from edge_quant_pipeline.footprint import pair_never_fits
 from edge_quant_pipeline.publish.objects import write_atomically
 from edge_quant_pipeline.publish.report import (
     PLOT_FILE,
@@ -30,7 +28,6 @@ from edge_quant_pipeline.publish.report import (
     write_parquet,
 )
 from edge_quant_pipeline.publish.store import latest_outcome, point_champion
-from edge_quant_pipeline.quantize.catalog import Catalog
 from edge_quant_pipeline.versions import artifact_inputs
 
 
@@ -70,9 +67,10 @@ def quantization_report(
         if name in catalog.errors:
             rows.append({"recipe": name, "status": "failed (recipe)", "error": catalog.errors[name]})
             continue
-        inputs = artifact_inputs(pipeline, checkpoint, catalog.recipes[name])
-        manifest, failure = latest_outcome(pipeline.store, inputs)
-        refusal = None if manifest or failure else _never_fits(checkpoint, pipeline, catalog, name)
+        recipe = catalog.recipes[name]
+        manifest, failure = latest_outcome(pipeline.store, artifact_inputs(pipeline, checkpoint, recipe))
+        never_ran = not (manifest or failure)
+        refusal = pair_never_fits(checkpoint.path, pipeline, recipe, catalog.calibration_need) if never_ran else None
         rows.append(report_row(name, manifest, failure, refusal))
         if manifest and manifest.get("search"):
             searches[name] = manifest["search"]
@@ -90,18 +88,6 @@ def quantization_report(
             **search_reports(searches, pipeline.store / checkpoint.model_id),
         },
     )
-
-
-def _never_fits(checkpoint: Checkpoint, pipeline: PipelineConfig, catalog: Catalog, recipe: str) -> str | None:
-    """Why a (model, recipe) run that never ran could not on this machine, as `edge-quant run` refuses it before
-    the launch (a run the daemon launches fails at its first step that does not fit, and says so); None when it
-    could, or when the checkpoint's folder can no longer say how large the model is."""
-    try:
-        size = folder_model_size(checkpoint.path, pipeline)
-    except (CheckpointError, OSError):
-        return None
-    steps = list(graph.assets_of(graph.QUANTIZE_JOB))
-    return never_fits(steps_mb(steps, size, catalog.recipes[recipe], catalog.calibration_need))
 
 
 def search_reports(searches: dict[str, dict], folder: UPath) -> dict[str, object]:
