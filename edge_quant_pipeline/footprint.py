@@ -276,14 +276,16 @@ def steps_mb(
     return max(sized, default=LITERT_PROCESS_MB)
 
 
-def pair_never_fits(
-    checkpoint_dir: Path, pipeline: PipelineConfig, recipe: Recipe, calibration: CalibrationNeed
-) -> str | None:
-    """Why a (model, recipe) run could never start on this machine, as `edge-quant run` refuses it before its launch
-    (from the checkpoint folder, as it plans); None when it could, or when the folder cannot say how large the model
-    is."""
+def planned_model_size(checkpoint_dir: Path, pipeline: PipelineConfig) -> ModelSize | None:
+    """``folder_model_size``, or None when the folder cannot say (its run fails at its checkpoint step, with the
+    reason)."""
     try:
-        size = folder_model_size(checkpoint_dir, pipeline)
+        return folder_model_size(checkpoint_dir, pipeline)
     except (CheckpointError, OSError):
         return None
+
+
+def pair_never_fits(size: ModelSize, recipe: Recipe, calibration: CalibrationNeed) -> str | None:
+    """Why a (model, recipe) run could never start on this machine, as `edge-quant run` refuses it before its
+    launch; None when it could."""
     return never_fits(steps_mb(list(assets_of(QUANTIZE_JOB)), size, recipe, calibration))

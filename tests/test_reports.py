@@ -15,7 +15,7 @@ from conftest import DEMO_MODEL, metadata, scramble_weights
 from upath import UPath
 
 from edge_quant_pipeline.config import pipeline_config_from_env
-from edge_quant_pipeline.footprint import pair_never_fits
+from edge_quant_pipeline.footprint import pair_never_fits, planned_model_size
 from edge_quant_pipeline.publish.report import build_report, label_offsets, report_row, to_markdown
 from edge_quant_pipeline.publish.store import (
     CHAMPION,
@@ -233,9 +233,9 @@ def test_a_recipe_refused_for_memory_says_why_in_the_report(tmp_path, demo_check
     pipeline = pipeline_config_from_env()
     catalog = pipeline.recipe_catalog()
     recipe, need = catalog.recipes["dynamic_int8"], catalog.calibration_need
-    reason = pair_never_fits(huge, pipeline, recipe, need)
+    reason = pair_never_fits(planned_model_size(huge, pipeline), recipe, need)
     assert reason.startswith("it needs about") and reason.endswith("Run it on a machine with more memory.")
-    assert pair_never_fits(demo_checkpoint_dir, pipeline, recipe, need) is None
+    assert pair_never_fits(planned_model_size(demo_checkpoint_dir, pipeline), recipe, need) is None
 
     text = to_markdown(build_report([report_row("fp16", None, None, reason), report_row("int8", None, None)]))
     assert re.search(r"\| fp16 +\| refused \(memory\) +\|", text) and f"- **fp16**: not run: {reason}" in text

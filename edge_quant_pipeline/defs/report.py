@@ -9,7 +9,7 @@ from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.conditions import ON_ANY_OUTCOME
 from edge_quant_pipeline.defs.partitions import BY_MODEL, model_partitions
-from edge_quant_pipeline.footprint import pair_never_fits
+from edge_quant_pipeline.footprint import pair_never_fits, planned_model_size
 from edge_quant_pipeline.publish.objects import write_atomically
 from edge_quant_pipeline.publish.report import (
     PLOT_FILE,
@@ -63,14 +63,15 @@ def quantization_report(
     it did not publish (or no longer passes); the champion (smallest published file) marked and pointed to by
     `<store>/<model>/champion.json`, which is removed when no recipe of this checkpoint is published."""
     rows, searches, catalog = [], {}, pipeline.recipe_catalog()
+    size = planned_model_size(checkpoint.path, pipeline)
     for name in catalog.names:
         if name in catalog.errors:
             rows.append({"recipe": name, "status": "failed (recipe)", "error": catalog.errors[name]})
             continue
         recipe = catalog.recipes[name]
         manifest, failure = latest_outcome(pipeline.store, artifact_inputs(pipeline, checkpoint, recipe))
-        never_ran = not (manifest or failure)
-        refusal = pair_never_fits(checkpoint.path, pipeline, recipe, catalog.calibration_need) if never_ran else None
+        never_ran = size is not None and not (manifest or failure)
+        refusal = pair_never_fits(size, recipe, catalog.calibration_need) if never_ran else None
         rows.append(report_row(name, manifest, failure, refusal))
         if manifest and manifest.get("search"):
             searches[name] = manifest["search"]

@@ -9,9 +9,8 @@ import dagster as dg
 
 from edge_quant_pipeline import graph
 from edge_quant_pipeline.checkpoints.folders import find_checkpoints
-from edge_quant_pipeline.checkpoints.validate import CheckpointError
 from edge_quant_pipeline.config import PipelineConfig
-from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, folder_model_size, steps_mb
+from edge_quant_pipeline.footprint import LITERT_PROCESS_MB, ModelSize, planned_model_size, steps_mb
 from edge_quant_pipeline.rebuild import latest_materialization
 from edge_quant_pipeline.staleness import RebuildPlan, as_selection
 
@@ -141,10 +140,7 @@ def run_estimates(runs: list[PlannedRun], pipeline: PipelineConfig, conversion_o
     folders = find_checkpoints(pipeline.checkpoint_dir_path)
     sizes: dict[str, ModelSize | None] = {}
     for model in {r.model for r in runs if r.model}:
-        try:
-            sizes[model] = folder_model_size(folders[model], pipeline) if model in folders else None
-        except (CheckpointError, OSError):
-            sizes[model] = None  # its run fails at the checkpoint step, with the reason
+        sizes[model] = planned_model_size(folders[model], pipeline) if model in folders else None
     estimates, catalog = {}, pipeline.recipe_catalog()
     for run in runs:
         size = sizes.get(run.model) if run.model else None
