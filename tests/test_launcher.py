@@ -127,6 +127,20 @@ def test_a_pair_that_could_never_fit_is_refused_before_the_launch_and_no_report_
     assert too_large(runs, dict.fromkeys(runs, 400.0)) == []
 
 
+def test_a_run_asks_the_instance_once_whether_a_partition_exists():
+    """Dagster asks it at every input of a (model, recipe) run (196 times): within a run the first answer stands, and
+    after the run the instance answers from its storage again."""
+    from edge_quant_pipeline.runs.workers import _partition_keys_checked_once
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("model", ["m1"])
+        with _partition_keys_checked_once(instance):
+            assert instance.has_dynamic_partition("model", "m1")
+            instance.delete_dynamic_partition("model", "m1")
+            assert instance.has_dynamic_partition("model", "m1")
+        assert not instance.has_dynamic_partition("model", "m1")
+
+
 def test_an_exception_that_ends_a_worker_is_named_in_the_summary():
     """What escapes a worker's run (here: a job the code location does not define) reaches the launcher by its
     type and first line, not only as the process's exit status."""
