@@ -7,10 +7,12 @@ a user copies would (the store is for others to read).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,3 +73,24 @@ def copy_hashing(source, target, chunk_bytes: int) -> str:
             digest.update(chunk)
             dst.write(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def locked_scratch_beside(output: Path) -> Iterator[Path]:
+    """A hidden folder beside ``output``, of this writer alone, locked while in use: for tools that pick their own
+    file names (litert-torch's export), and for files one step makes and removes, which another run making the same
+    file at the same time must not remove under it (the float bundle). Scratch folders whose lock is free were left
+    by killed writers (their partial files can be as large as the model), so they are removed first; a concurrent
+    writer's folder is locked and stays."""
+    pattern = f".{output.name}.tmp-*"
+    for stale in output.parent.glob(pattern):
+        try:
+            with (stale / ".lock").open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(stale)
+        except OSError:  # BlockingIOError: in use; FileNotFoundError: another run removed it first
+            continue
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=pattern[:-1]) as scratch:
+        with (Path(scratch) / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield Path(scratch)

@@ -344,7 +344,7 @@ def two_runs_at_once(home, killed_run) -> list[int]:
 @pytest.mark.graph
 def test_the_next_runs_finish_the_work_and_end_the_killed_run(home, killed_run, two_runs_at_once):
     logs = [(home / f"concurrent-{i}.log").read_text()[-3000:] for i in range(2)]
-    assert two_runs_at_once == [0, 0], logs
+    assert two_runs_at_once == [0, 0], "\n\n".join(logs)
     with instance_at(home) as instance:
         assert instance.get_run_by_id(killed_run).status == dg.DagsterRunStatus.FAILURE
         assert started_conversions(instance) == []

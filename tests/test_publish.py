@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from upath import UPath
 
-from edge_quant_pipeline.atomic import link_or_copy
+from edge_quant_pipeline.atomic import link_or_copy, locked_scratch_beside
 from edge_quant_pipeline.config import ArtifactStore
 from edge_quant_pipeline.publish.retention import prune_store, prune_versions
 from edge_quant_pipeline.publish.store import (
@@ -286,6 +286,22 @@ def test_linking_a_file_to_where_it_already_is_leaves_no_hidden_copy(tmp_path):
         link_or_copy(source, tmp_path / "float-recipe.tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float-recipe.tflite", "float.tflite"]
     assert (tmp_path / "float-recipe.tflite").samefile(source)
+
+
+def test_two_writers_of_one_file_get_scratch_folders_of_their_own_and_a_killed_ones_is_removed(tmp_path):
+    """Two runs converting one checkpoint at once each make, run and remove the float bundle: each in a folder of its
+    own, which the other's start does not remove (a shared path was removed under the other's runtime); a folder
+    whose writer was killed (its lock free) is removed by the next writer."""
+    bundle = tmp_path / "float.litertlm"
+    killed = tmp_path / ".float.litertlm.tmp-killed"
+    killed.mkdir()
+    (killed / ".lock").touch()
+    with locked_scratch_beside(bundle) as first:
+        assert not killed.exists()
+        (first / bundle.name).write_bytes(b"first")
+        with locked_scratch_beside(bundle) as second:
+            assert second != first and (first / bundle.name).read_bytes() == b"first"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_model_card_copies_only_what_the_checkpoint_declares(tmp_path):

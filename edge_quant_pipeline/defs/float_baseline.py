@@ -3,6 +3,7 @@ its long generations, what each recipe's are gated against there (``gates.py``).
 
 import dagster as dg
 
+from edge_quant_pipeline.atomic import locked_scratch_beside
 from edge_quant_pipeline.checkpoints.validate import Checkpoint
 from edge_quant_pipeline.config import PipelineConfig
 from edge_quant_pipeline.defs.admission import admitted
@@ -36,13 +37,13 @@ def float_baseline(
     try:
         with admitted(context, model_size(checkpoint, pipeline, float_tflite.model_bytes)) as usage, computing():
             spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.export_settings.kv_cache_len)
-            bundle = build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_path(float_tflite.path))
-            try:
+            # As large as the float file and needed for nothing else, so removed after; in a folder of this step's
+            # own, since a run converting the same checkpoint at the same time makes and removes the same bundle.
+            with locked_scratch_beside(bundle_path(float_tflite.path)) as scratch:
+                bundle_file = scratch / bundle_path(float_tflite.path).name
+                bundle = build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_file)
                 run, health = float_generations(bundle, spec, float_reference.tokens()["prompts"], tasks)
-                # the runtime's process, the largest of this step
-                usage.child_peak_rss_mb = max(run.peak_rss_mb, run.tasks_peak_rss_mb)
-            finally:
-                bundle.unlink()  # as large as the float file, and needed for nothing else
+            usage.child_peak_rss_mb = max(run.peak_rss_mb, run.tasks_peak_rss_mb)  # the runtime's, this step's largest
         baseline, metadata = FloatBaseline(run.tasks, health, run.tasks_error), usage.metadata()
     except (NotEnoughMemoryError, NotEnoughDiskError, BundleError, BundleRejectedError) as error:
         baseline, metadata = FloatBaseline((), None, f"the float model was not run in LiteRT-LM: {error}"), {}

@@ -14,19 +14,17 @@ or ``child_failed``: the child's last line on stderr is then its error, which th
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge_quant_pipeline.atomic import locked_scratch_beside
 from edge_quant_pipeline.memory import peak_rss_mb
 from edge_quant_pipeline.processes import die_with_parent
 from edge_quant_pipeline.shapes import ExportSettings
@@ -45,32 +43,13 @@ def error_line(error: BaseException) -> str:
 
 
 @contextmanager
-def export_scratch(output: Path) -> Iterator[Path]:
-    """A hidden folder beside ``output`` for litert-torch, which picks its own file names, locked while in use.
-    Scratch folders whose lock is free were left by killed exports (an export's partial files can be as large
-    as the model), so they are removed first; a concurrent export's folder is locked and stays."""
-    pattern = f".{output.name}.tmp-*"
-    for stale in output.parent.glob(pattern):
-        try:
-            with (stale / ".lock").open("a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(stale)
-        except OSError:  # BlockingIOError: in use; FileNotFoundError: another run removed it first
-            continue
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=pattern[:-1]) as scratch:
-        with (Path(scratch) / ".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield Path(scratch)
-
-
-@contextmanager
 def exported_by_child(
     exporter: str, module: str, checkpoint_dir: Path, settings: ExportSettings, output: Path, *options: str
 ) -> Iterator[tuple[Path, float]]:
     """``python -m <module> <checkpoint_dir> <scratch> --prefill-len .. --kv-cache-len .. <options>`` run to its
     end, its output passed on to the step's log; yields the scratch folder beside ``output`` holding what it wrote
     (removed after) and the child's peak RSS in MB, or raises ``ExportError`` with the child's own last word."""
-    with export_scratch(output) as scratch:
+    with locked_scratch_beside(output) as scratch:
         command = [sys.executable, "-m", module, str(checkpoint_dir), str(scratch)]
         command += ["--prefill-len", str(settings.prefill_len), "--kv-cache-len", str(settings.kv_cache_len), *options]
         returncode, last_line = _run_showing_progress(command)

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edge_quant_pipeline.atomic import locked_scratch_beside
 from edge_quant_pipeline.checkpoints.validate import Checkpoint, read_checkpoint
 from edge_quant_pipeline.export.child import (
     ExportError,
     child_done,
     child_failed,
     error_line,
-    export_scratch,
     exported_by_child,
     start_child,
 )
@@ -79,7 +79,7 @@ def export_float_tflite(
         # Logits on prefill let evaluation score every position of the eval text.
         export_config=converter.ExportConfig(output_logits_on_prefill=True),
     )
-    with export_scratch(output) as scratch:
+    with locked_scratch_beside(output) as scratch:
         signatures.convert(lightweight_conversion=lightweight).export(str(scratch / "model.tflite"))
         os.replace(scratch / "model.tflite", output)
     return output
