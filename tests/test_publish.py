@@ -288,7 +288,7 @@ def test_linking_a_file_to_where_it_already_is_leaves_no_hidden_copy(tmp_path):
     assert (tmp_path / "float-recipe.tflite").samefile(source)
 
 
-def test_two_writers_of_one_file_get_scratch_folders_of_their_own_and_a_killed_ones_is_removed(tmp_path):
+def test_two_writers_of_one_file_get_scratch_folders_of_their_own_and_a_killed_writers_is_removed(tmp_path):
     """Two runs converting one checkpoint at once each make, run and remove the float bundle: each in a folder of its
     own, which the other's start does not remove (a shared path was removed under the other's runtime); a folder
     whose writer was killed (its lock free) is removed by the next writer."""

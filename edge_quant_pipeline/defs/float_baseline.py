@@ -39,9 +39,9 @@ def float_baseline(
             spec = bundle_spec(checkpoint.path, checkpoint.hf_config, pipeline.export_settings.kv_cache_len)
             # As large as the float file and needed for nothing else, so removed after; in a folder of this step's
             # own, since a run converting the same checkpoint at the same time makes and removes the same bundle.
-            with locked_scratch_beside(bundle_path(float_tflite.path)) as scratch:
-                bundle_file = scratch / bundle_path(float_tflite.path).name
-                bundle = build_bundle(float_tflite.path, spec, checkpoint.exporter, bundle_file)
+            float_bundle = bundle_path(float_tflite.path)
+            with locked_scratch_beside(float_bundle) as scratch:
+                bundle = build_bundle(float_tflite.path, spec, checkpoint.exporter, scratch / float_bundle.name)
                 run, health = float_generations(bundle, spec, float_reference.tokens()["prompts"], tasks)
             usage.child_peak_rss_mb = max(run.peak_rss_mb, run.tasks_peak_rss_mb)  # the runtime's, this step's largest
         baseline, metadata = FloatBaseline(run.tasks, health, run.tasks_error), usage.metadata()
